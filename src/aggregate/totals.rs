@@ -1,0 +1,127 @@
+//! Merged absolute totals in the writer stage.
+//!
+//! Invariant: for every live point, `total` is the sum of all deltas received
+//! for it, and `written` the last total handed to the sink. A point is due when
+//! they differ; a never-written point whose total is 0 is not due (nothing to
+//! correct). Points of minutes before the final bound are written one last time
+//! if due, then forgotten: memory follows the lateness window, not the run.
+
+use ahash::AHashMap;
+
+use super::{Delta, SeriesKey};
+
+/// One upsert: the absolute total of a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Point {
+    pub key: SeriesKey,
+    pub minute: i64,
+    pub value: i64,
+}
+
+#[derive(Clone, Copy)]
+struct State {
+    total: i64,
+    written: Option<i64>,
+}
+
+#[derive(Default)]
+pub struct Totals {
+    points: AHashMap<(SeriesKey, i64), State>,
+    dirty: Vec<(SeriesKey, i64)>,
+}
+
+impl Totals {
+    pub fn new() -> Totals {
+        Totals::default()
+    }
+
+    pub fn apply(&mut self, deltas: &[Delta]) {
+        for d in deltas {
+            let k = (d.key, d.minute);
+            let st = self.points.entry(k).or_insert(State {
+                total: 0,
+                written: None,
+            });
+            if st.written.unwrap_or(0) == st.total {
+                // Was clean; may repeat in `dirty`, which `take_due` tolerates.
+                self.dirty.push(k);
+            }
+            st.total += d.delta;
+        }
+    }
+
+    /// Moves every due point into `out` (marking it written), then forgets the
+    /// points of minutes before `final_before`.
+    pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
+        for k in self.dirty.drain(..) {
+            let Some(st) = self.points.get_mut(&k) else {
+                continue;
+            };
+            if st.total != st.written.unwrap_or(0) {
+                out.push(Point {
+                    key: k.0,
+                    minute: k.1,
+                    value: st.total,
+                });
+                st.written = Some(st.total);
+            }
+        }
+        if final_before > i64::MIN {
+            self.points.retain(|&(_, m), _| m >= final_before);
+        }
+    }
+
+    /// Points held (live minutes only).
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::MetricKind;
+
+    fn d(key: SeriesKey, minute: i64, delta: i64) -> Delta {
+        Delta { key, minute, delta }
+    }
+
+    #[test]
+    fn writes_changed_totals_and_zero_after_correction() {
+        let k = SeriesKey::new(MetricKind::VisitFm, 1, 1, 1, 1);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        t.apply(&[d(k, 0, 2), d(k, 60_000, 1), d(k, 60_000, -1)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(
+            out,
+            vec![Point {
+                key: k,
+                minute: 0,
+                value: 2
+            }]
+        );
+        out.clear();
+        t.take_due(i64::MIN, &mut out);
+        assert!(out.is_empty(), "nothing changed");
+        t.apply(&[d(k, 0, -2)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(
+            out,
+            vec![Point {
+                key: k,
+                minute: 0,
+                value: 0
+            }]
+        );
+        out.clear();
+        t.apply(&[d(k, 0, 1), d(k, 0, -1)]);
+        t.take_due(60_000, &mut out);
+        assert!(out.is_empty(), "back to the written total");
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,229 @@
+//! [`Catalog`]: the checked [`Config`] compiled into dense ids for the hot path.
+//!
+//! Tenants, experiments and variations get dense indices; condition and `mps`
+//! strings are interned into the shared [`Names`] tables so that workers compare
+//! small integers, never strings. Attribute names and values are interned into
+//! catalog-private maps; an event attribute the catalog does not mention can never
+//! meet a condition and is dropped at routing.
+
+use ahash::AHashMap;
+use smallvec::SmallVec;
+use std::sync::Arc;
+
+use super::{Config, EngineConfig};
+use crate::names::{NameKind, Names};
+
+/// Most distinct measurement points (ids are `u16`; one value means "no mp").
+pub const MP_CAPACITY: usize = 0xFFFF;
+/// Most distinct device strings, and most distinct login strings.
+pub const TAG_CAPACITY: usize = 0xFFF;
+/// Most variations in one config (21 bits of a series key).
+pub const VARIATION_CAPACITY: usize = 1 << 21;
+
+/// A qualification condition over ids. `None` fields are unconstrained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledCondition {
+    pub mp: Option<u16>,
+    pub device: Option<u16>,
+    pub login: Option<u16>,
+    /// (attribute name id, value id), all of which must be present.
+    pub attrs: SmallVec<[(u32, u32); 1]>,
+}
+
+impl CompiledCondition {
+    /// Whether an event with these ids and attributes meets the condition.
+    #[inline]
+    pub fn matches(
+        &self,
+        mp: u16,
+        device: u16,
+        login: u16,
+        attrs: impl Fn(u32) -> Option<u32>,
+    ) -> bool {
+        self.mp.is_none_or(|m| m == mp)
+            && self.device.is_none_or(|d| d == device)
+            && self.login.is_none_or(|l| l == login)
+            && self.attrs.iter().all(|&(k, v)| attrs(k) == Some(v))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompiledExperiment {
+    pub id: u64,
+    pub tenant: u16,
+    /// Variation indices into [`Catalog::variations`].
+    pub variations: Vec<u32>,
+    /// Sorted mp ids reported; `None` = every mp.
+    pub mps: Option<Vec<u16>>,
+    pub conditions: Vec<CompiledCondition>,
+}
+
+impl CompiledExperiment {
+    #[inline]
+    pub fn reports(&self, mp: u16) -> bool {
+        match &self.mps {
+            None => true,
+            Some(list) => list.binary_search(&mp).is_ok(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct VariationInfo {
+    pub id: i64,
+    pub experiment: u32,
+}
+
+/// The compiled configuration, shared read-only by every stage.
+#[derive(Debug)]
+pub struct Catalog {
+    pub engine: EngineConfig,
+    pub tenants: Vec<String>,
+    pub experiments: Vec<CompiledExperiment>,
+    pub variations: Vec<VariationInfo>,
+    pub names: Arc<Names>,
+    tenant_index: AHashMap<String, u16>,
+    experiment_index: AHashMap<(u16, u64), u32>,
+    variation_index: AHashMap<i64, u32>,
+    attr_name_index: AHashMap<String, u32>,
+    attr_value_index: AHashMap<String, u32>,
+}
+
+/// What became of one `(experiment, variation)` pair of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignLookup {
+    Known { experiment: u32, variation: u32 },
+    UnknownExperiment,
+    UnknownVariation,
+}
+
+impl Catalog {
+    /// Compiles `config`, interning its names into `names`.
+    pub fn build(config: &Config, names: Arc<Names>) -> Result<Catalog, String> {
+        let mut mp = crate::names::Interner::new(names.clone(), NameKind::Mp, MP_CAPACITY);
+        let mut device = crate::names::Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY);
+        let mut login = crate::names::Interner::new(names.clone(), NameKind::Login, TAG_CAPACITY);
+        let full = |what: &str| format!("config names more than the supported number of {what}");
+        let mut cat = Catalog {
+            engine: config.engine.clone(),
+            tenants: Vec::new(),
+            experiments: Vec::new(),
+            variations: Vec::new(),
+            names: names.clone(),
+            tenant_index: AHashMap::new(),
+            experiment_index: AHashMap::new(),
+            variation_index: AHashMap::new(),
+            attr_name_index: AHashMap::new(),
+            attr_value_index: AHashMap::new(),
+        };
+        let total_variations: usize = config.experiments.iter().map(|x| x.variations.len()).sum();
+        if total_variations > VARIATION_CAPACITY {
+            return Err(full("variations"));
+        }
+        for x in &config.experiments {
+            let n = cat.tenant_index.len() as u16;
+            let tenant = *cat.tenant_index.entry(x.tenant.clone()).or_insert(n);
+            if tenant == n {
+                cat.tenants.push(x.tenant.clone());
+            }
+            let xi = cat.experiments.len() as u32;
+            cat.experiment_index.insert((tenant, x.id), xi);
+            let mut variations = Vec::new();
+            for &v in &x.variations {
+                let vi = cat.variations.len() as u32;
+                cat.variations.push(VariationInfo {
+                    id: v,
+                    experiment: xi,
+                });
+                cat.variation_index.insert(v, vi);
+                variations.push(vi);
+            }
+            let mps = match &x.mps {
+                None => None,
+                Some(list) => {
+                    let mut ids = Vec::new();
+                    for m in list {
+                        ids.push(mp.intern(m).ok_or_else(|| full("measurement points"))?);
+                    }
+                    ids.sort_unstable();
+                    Some(ids)
+                }
+            };
+            let mut conditions = Vec::new();
+            for c in &x.qualify {
+                let mut attrs = SmallVec::new();
+                for (k, v) in &c.attrs {
+                    let nk = cat.attr_name_index.len() as u32;
+                    let k = *cat.attr_name_index.entry(k.clone()).or_insert(nk);
+                    let nv = cat.attr_value_index.len() as u32;
+                    let v = *cat.attr_value_index.entry(v.clone()).or_insert(nv);
+                    attrs.push((k, v));
+                }
+                conditions.push(CompiledCondition {
+                    mp: c
+                        .mp
+                        .as_deref()
+                        .map(|s| mp.intern(s).ok_or_else(|| full("measurement points")))
+                        .transpose()?,
+                    device: c
+                        .device
+                        .as_deref()
+                        .map(|s| device.intern(s).ok_or_else(|| full("devices")))
+                        .transpose()?,
+                    login: c
+                        .login
+                        .as_deref()
+                        .map(|s| login.intern(s).ok_or_else(|| full("logins")))
+                        .transpose()?,
+                    attrs,
+                });
+            }
+            cat.experiments.push(CompiledExperiment {
+                id: x.id,
+                tenant,
+                variations,
+                mps,
+                conditions,
+            });
+        }
+        Ok(cat)
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<u16> {
+        self.tenant_index.get(name).copied()
+    }
+
+    /// Resolves one assignment of an event of `tenant`.
+    #[inline]
+    pub fn assignment(&self, tenant: u16, experiment_id: u64, variation_id: i64) -> AssignLookup {
+        let Some(&x) = self.experiment_index.get(&(tenant, experiment_id)) else {
+            return AssignLookup::UnknownExperiment;
+        };
+        match self.variation_index.get(&variation_id) {
+            Some(&v) if self.variations[v as usize].experiment == x => AssignLookup::Known {
+                experiment: x,
+                variation: v,
+            },
+            _ => AssignLookup::UnknownVariation,
+        }
+    }
+
+    /// The attribute (name id, value id) of an event attribute, if any condition
+    /// mentions that name; a value no condition mentions gets `u32::MAX`.
+    #[inline]
+    pub fn attribute(&self, name: &str, value: &str) -> Option<(u32, u32)> {
+        let k = *self.attr_name_index.get(name)?;
+        Some((
+            k,
+            self.attr_value_index
+                .get(value)
+                .copied()
+                .unwrap_or(u32::MAX),
+        ))
+    }
+
+    /// Whether any condition uses attributes (if not, routing skips them).
+    pub fn uses_attributes(&self) -> bool {
+        !self.attr_name_index.is_empty()
+    }
+}

@@ -1,0 +1,537 @@
+//! Configuration: TOML text → [`RawConfig`] (serde, unknown keys refused) →
+//! checked [`Config`].
+//!
+//! Invariants of a checked `Config`:
+//! - every experiment has at least one variation, and every variation id is
+//!   unique across the whole file (metric names carry only the variation id);
+//! - `(tenant, experiment id)` pairs are unique;
+//! - durations are positive (lateness may be zero) and fit in milliseconds;
+//! - every string that ends up in a metric name or tag is non-empty and at most
+//!   [`crate::event::MAX_NAME_BYTES`] bytes.
+//!
+//! A refused file gives a [`ConfigError`] whose message names the file, the line
+//! and the field, so an operator can fix it without guessing.
+
+mod catalog;
+mod duration;
+
+pub use catalog::{
+    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, MP_CAPACITY,
+    TAG_CAPACITY,
+};
+
+pub use duration::parse_duration_ms;
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use toml::Spanned;
+
+use crate::event::MAX_NAME_BYTES;
+
+/// The configuration used by `expmon run` with no `--config`: the blue/red
+/// button test from the SPEC plus a few more experiments on three tenants,
+/// matching the `demo` generator profile.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// Why a configuration was refused. The message is complete: it names the file,
+/// the line and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {field}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+/// Checked engine settings (the `[engine]` table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tag on every output point.
+    pub dc: String,
+    /// Watermark delay: `W = max ts seen - allowed_lateness_ms`.
+    pub allowed_lateness_ms: i64,
+    /// A session expires once `W > last event ts + session_gap_ms`.
+    pub session_gap_ms: i64,
+    /// Processing-time interval between writes of changed totals.
+    pub trigger_ms: u64,
+    /// KairosDB time-to-live of written points, in seconds.
+    pub ttl_s: u64,
+}
+
+/// One qualification condition: equalities on a single event. `None` fields are
+/// not constrained; an empty condition is met by every event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Condition {
+    pub mp: Option<String>,
+    pub device: Option<String>,
+    pub login: Option<String>,
+    pub attrs: Vec<(String, String)>,
+}
+
+/// A checked experiment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Experiment {
+    pub id: u64,
+    pub tenant: String,
+    pub variations: Vec<i64>,
+    /// Measurement points reported; `None` means every mp seen.
+    pub mps: Option<Vec<String>>,
+    pub qualify: Vec<Condition>,
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub experiments: Vec<Experiment>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    engine: Option<Spanned<RawEngine>>,
+    #[serde(default)]
+    experiment: Vec<Spanned<RawExperiment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    dc: Option<Spanned<String>>,
+    allowed_lateness: Option<Spanned<String>>,
+    session_gap: Option<Spanned<String>>,
+    trigger: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExperiment {
+    id: Spanned<i64>,
+    tenant: Spanned<String>,
+    variations: Spanned<Vec<Spanned<i64>>>,
+    mps: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    qualify: Vec<Spanned<RawCondition>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCondition {
+    mp: Option<String>,
+    device: Option<String>,
+    login: Option<String>,
+    #[serde(default)]
+    attrs: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks config text; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: origin.to_string(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        Checker { text, origin }.check(raw)
+    }
+
+    /// The embedded demo configuration.
+    pub fn demo() -> Config {
+        Config::parse(DEMO_CONFIG, "<embedded demo config>").expect("embedded demo config is valid")
+    }
+
+    /// A short human summary, as printed by `expmon check-config`.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let e = &self.engine;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "engine: dc={} allowed_lateness={}ms session_gap={}ms trigger={}ms ttl={}s",
+            e.dc, e.allowed_lateness_ms, e.session_gap_ms, e.trigger_ms, e.ttl_s
+        );
+        let mut tenants: BTreeMap<&str, usize> = BTreeMap::new();
+        for x in &self.experiments {
+            *tenants.entry(&x.tenant).or_default() += 1;
+        }
+        let variations: usize = self.experiments.iter().map(|x| x.variations.len()).sum();
+        let _ = writeln!(
+            s,
+            "{} experiments, {} variations, {} tenants",
+            self.experiments.len(),
+            variations,
+            tenants.len()
+        );
+        for (t, n) in tenants {
+            let _ = writeln!(s, "  tenant {t}: {n} experiments");
+        }
+        s
+    }
+}
+
+/// 1-based line and column of byte offset `pos` in `text`.
+fn line_col(text: &str, pos: usize) -> (usize, usize) {
+    let before = &text.as_bytes()[..pos.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, column)
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, span: std::ops::Range<usize>, field: String, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.origin.to_string(),
+            line: line_col(self.text, span.start).0,
+            field,
+            message,
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default_ms: i64,
+        allow_zero: bool,
+    ) -> Result<i64, ConfigError> {
+        let Some(v) = v else { return Ok(default_ms) };
+        let ms = parse_duration_ms(v.get_ref())
+            .map_err(|m| self.err(v.span(), format!("engine.{field}"), m))?;
+        if ms == 0 && !allow_zero {
+            return Err(self.err(
+                v.span(),
+                format!("engine.{field}"),
+                "must be greater than zero".into(),
+            ));
+        }
+        Ok(ms)
+    }
+
+    fn name(&self, s: &str, span: std::ops::Range<usize>, field: &str) -> Result<(), ConfigError> {
+        if s.is_empty() {
+            return Err(self.err(span, field.to_string(), "must not be empty".into()));
+        }
+        if s.len() > MAX_NAME_BYTES {
+            return Err(self.err(
+                span,
+                field.to_string(),
+                format!(
+                    "is {} bytes long, at most {MAX_NAME_BYTES} allowed",
+                    s.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let engine = match &raw.engine {
+            None => EngineConfig::default(),
+            Some(e) => {
+                let e = e.get_ref();
+                let dc = match &e.dc {
+                    None => EngineConfig::default().dc,
+                    Some(dc) => {
+                        self.name(dc.get_ref(), dc.span(), "engine.dc")?;
+                        dc.get_ref().clone()
+                    }
+                };
+                let d = EngineConfig::default();
+                EngineConfig {
+                    dc,
+                    allowed_lateness_ms: self.duration(
+                        &e.allowed_lateness,
+                        "allowed_lateness",
+                        d.allowed_lateness_ms,
+                        true,
+                    )?,
+                    session_gap_ms: self.duration(
+                        &e.session_gap,
+                        "session_gap",
+                        d.session_gap_ms,
+                        false,
+                    )?,
+                    trigger_ms: self.duration(&e.trigger, "trigger", d.trigger_ms as i64, false)?
+                        as u64,
+                    ttl_s: {
+                        let ms = self.duration(&e.ttl, "ttl", d.ttl_s as i64 * 1000, false)?;
+                        if ms % 1000 != 0 {
+                            let span = e.ttl.as_ref().map(|t| t.span()).unwrap_or(0..0);
+                            return Err(self.err(
+                                span,
+                                "engine.ttl".into(),
+                                "must be a whole number of seconds".into(),
+                            ));
+                        }
+                        (ms / 1000) as u64
+                    },
+                }
+            }
+        };
+
+        let mut experiments = Vec::with_capacity(raw.experiment.len());
+        // variation id -> (experiment id, line) of its first use
+        let mut variation_owner: HashMap<i64, (u64, usize)> = HashMap::new();
+        let mut seen_ids: HashMap<(String, u64), usize> = HashMap::new();
+        for (i, xs) in raw.experiment.iter().enumerate() {
+            let x = xs.get_ref();
+            let field = |f: &str| format!("experiment[{i}].{f}");
+            let id = *x.id.get_ref();
+            if id <= 0 {
+                return Err(self.err(
+                    x.id.span(),
+                    field("id"),
+                    format!("must be a positive integer, got {id}"),
+                ));
+            }
+            let id = id as u64;
+            self.name(x.tenant.get_ref(), x.tenant.span(), &field("tenant"))?;
+            let tenant = x.tenant.get_ref().clone();
+            let here = line_col(self.text, xs.span().start).0;
+            if let Some(prev) = seen_ids.insert((tenant.clone(), id), here) {
+                return Err(self.err(
+                    x.id.span(),
+                    field("id"),
+                    format!("experiment {id} of tenant {tenant} is already defined at line {prev}"),
+                ));
+            }
+            if x.variations.get_ref().is_empty() {
+                return Err(self.err(
+                    x.variations.span(),
+                    field("variations"),
+                    format!("experiment {id} has no variations; list at least one"),
+                ));
+            }
+            let mut variations = Vec::new();
+            for v in x.variations.get_ref() {
+                let vid = *v.get_ref();
+                if vid <= 0 {
+                    return Err(self.err(
+                        v.span(),
+                        field("variations"),
+                        format!("variation id must be a positive integer, got {vid}"),
+                    ));
+                }
+                let line = line_col(self.text, v.span().start).0;
+                if let Some((owner, at)) = variation_owner.insert(vid, (id, line)) {
+                    let whose = if owner == id {
+                        "this experiment".to_string()
+                    } else {
+                        format!("experiment {owner}")
+                    };
+                    return Err(self.err(
+                        v.span(),
+                        field("variations"),
+                        format!("variation id {vid} is already used by {whose} (line {at}); variation ids must be globally unique"),
+                    ));
+                }
+                variations.push(vid);
+            }
+            let mps = match &x.mps {
+                None => None,
+                Some(list) => {
+                    let mut out: Vec<String> = Vec::new();
+                    for m in list.get_ref() {
+                        self.name(m.get_ref(), m.span(), &field("mps"))?;
+                        if out.contains(m.get_ref()) {
+                            return Err(self.err(
+                                m.span(),
+                                field("mps"),
+                                format!("measurement point {:?} is listed twice", m.get_ref()),
+                            ));
+                        }
+                        out.push(m.get_ref().clone());
+                    }
+                    Some(out)
+                }
+            };
+            let mut qualify = Vec::new();
+            for (j, c) in x.qualify.iter().enumerate() {
+                let rc = c.get_ref();
+                let cf = field(&format!("qualify[{j}]"));
+                for (name, v) in [("mp", &rc.mp), ("device", &rc.device), ("login", &rc.login)] {
+                    if let Some(v) = v {
+                        self.name(v, c.span(), &format!("{cf}.{name}"))?;
+                    }
+                }
+                for (k, v) in &rc.attrs {
+                    if k.is_empty() || v.is_empty() {
+                        return Err(self.err(
+                            c.span(),
+                            format!("{cf}.attrs"),
+                            "attribute names and values must not be empty".into(),
+                        ));
+                    }
+                }
+                qualify.push(Condition {
+                    mp: rc.mp.clone(),
+                    device: rc.device.clone(),
+                    login: rc.login.clone(),
+                    attrs: rc
+                        .attrs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                });
+            }
+            experiments.push(Experiment {
+                id,
+                tenant,
+                variations,
+                mps,
+                qualify,
+            });
+        }
+        Ok(Config {
+            engine,
+            experiments,
+        })
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            dc: "dc1".to_string(),
+            allowed_lateness_ms: 10 * 60_000,
+            session_gap_ms: 30 * 60_000,
+            trigger_ms: 60_000,
+            ttl_s: 30 * 86_400,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let c = Config::parse(
+            r#"
+[engine]
+dc = "dc1"
+allowed_lateness = "10m"
+session_gap = "30m"
+trigger = "60s"
+ttl = "30d"
+
+[[experiment]]
+id = 123
+tenant = "uswm"
+variations = [1231, 1232]
+mps = ["home_page", "item_page", "checkout"]
+qualify = [ { mp = "home_page" } ]
+
+[[experiment]]
+id = 456
+tenant = "uswm"
+variations = [4561, 4562, 4563]
+qualify = [
+  { device = "mobile" },
+  { mp = "checkout", attrs = { payment = "paypal" } },
+]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.engine.allowed_lateness_ms, 600_000);
+        assert_eq!(c.engine.ttl_s, 30 * 86400);
+        assert_eq!(c.experiments.len(), 2);
+        assert_eq!(
+            c.experiments[1].qualify[1].attrs,
+            vec![("payment".into(), "paypal".into())]
+        );
+        assert_eq!(c.experiments[1].mps, None);
+    }
+
+    #[test]
+    fn duplicate_variation_names_line_and_field() {
+        let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\n\n[[experiment]]\nid = 2\ntenant = \"a\"\nvariations = [21, 11]\n");
+        assert!(e.starts_with("t.toml:9: experiment[1].variations:"), "{e}");
+        assert!(
+            e.contains("variation id 11 is already used by experiment 1 (line 4)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_variations_refused() {
+        let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = []\n");
+        assert!(e.starts_with("t.toml:4: experiment[0].variations:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_refused_with_line() {
+        let e = err("[engine]\ndc = \"x\"\nlatenes = \"5m\"\n");
+        assert!(e.starts_with("t.toml:3:"), "{e}");
+        assert!(e.contains("latenes"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_refused() {
+        let e = err("[engine]\n\nallowed_lateness = \"10 minutes\"\n");
+        assert!(e.starts_with("t.toml:3: engine.allowed_lateness:"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_refused() {
+        let e = err("[[experiment]]\nid = \"abc\"\ntenant = \"a\"\nvariations = [1]\n");
+        assert!(e.starts_with("t.toml:2:"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_experiment_refused() {
+        let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [1]\n[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [2]\n");
+        assert!(
+            e.contains("experiment[1].id") && e.contains("already defined at line 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = Config::demo();
+        assert!(c.experiments.iter().any(|x| x.id == 123));
+    }
+}

@@ -1,0 +1,561 @@
+//! The input event (SPEC §1) and its parsing from raw bytes.
+//!
+//! [`parse_event`] is a pure function from one line (or Kafka message value) to
+//! an [`Event`] that borrows its strings from the input where it can, or a
+//! [`Reject`] reason. It never panics on any input (fuzzed by a property test).
+//!
+//! Rules: unknown fields are ignored; `null` is the same as absent; of duplicate
+//! keys the last wins (also inside `assign` and `attrs`); empty names are
+//! refused because they cannot become a metric name part or a KairosDB tag.
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use smallvec::SmallVec;
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::fmt;
+
+/// Longest tenant, mp, device or login, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+/// Longest session id, in bytes.
+pub const MAX_SESSION_BYTES: usize = 256;
+/// Longest attribute name or value, in bytes.
+pub const MAX_ATTR_BYTES: usize = 256;
+/// Most assignments, and most attributes, on one event.
+pub const MAX_ENTRIES: usize = 64;
+/// 2000-01-01T00:00:00Z in ms: the earliest valid `ts`.
+pub const MIN_TS_MS: i64 = 946_684_800_000;
+/// Live sources refuse events more than this far in the future.
+pub const MAX_FUTURE_MS: i64 = 86_400_000;
+
+/// Experiment id of an assignment key too large for `u64`; never configured.
+pub const UNKNOWN_EXPERIMENT_ID: u64 = u64::MAX;
+
+/// A valid event, borrowing from the input line where no unescaping was needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub ts: i64,
+    pub tenant: Cow<'a, str>,
+    pub session: Cow<'a, str>,
+    pub mp: Cow<'a, str>,
+    pub device: Cow<'a, str>,
+    pub login: Cow<'a, str>,
+    /// experiment id → variation id, in input order, keys unique.
+    pub assign: SmallVec<[(u64, i64); 8]>,
+    /// attribute name → value, in input order, keys unique.
+    pub attrs: SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>,
+}
+
+/// Why an input was rejected. Each reason is counted separately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reject {
+    /// Not valid UTF-8.
+    NotUtf8,
+    /// Not JSON (syntax error, trailing garbage, truncated).
+    NotJson,
+    /// JSON, but not an object.
+    NotObject,
+    /// A required field (`ts`, `tenant`, `session`, `mp`) is absent or null.
+    MissingField,
+    /// A field has the wrong JSON type (e.g. `ts` a string or a float).
+    WrongType,
+    /// An `assign` key that is not ASCII digits.
+    BadAssignKey,
+    /// `ts` before 2000-01-01, or (live sources) more than a day ahead.
+    TsOutOfRange,
+    /// A string over its bound, or an over-long line.
+    TooLong,
+    /// More than [`MAX_ENTRIES`] assignments or attributes.
+    TooMany,
+    /// An empty tenant, session, mp, device or login.
+    EmptyField,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 10] = [
+        Reject::NotUtf8,
+        Reject::NotJson,
+        Reject::NotObject,
+        Reject::MissingField,
+        Reject::WrongType,
+        Reject::BadAssignKey,
+        Reject::TsOutOfRange,
+        Reject::TooLong,
+        Reject::TooMany,
+        Reject::EmptyField,
+    ];
+
+    /// Stable snake_case name, used in health metrics and dead-letter records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::NotUtf8 => "not_utf8",
+            Reject::NotJson => "not_json",
+            Reject::NotObject => "not_object",
+            Reject::MissingField => "missing_field",
+            Reject::WrongType => "wrong_type",
+            Reject::BadAssignKey => "bad_assign_key",
+            Reject::TsOutOfRange => "ts_out_of_range",
+            Reject::TooLong => "too_long",
+            Reject::TooMany => "too_many",
+            Reject::EmptyField => "empty_field",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses one event. `now_ms` is `Some` for live sources, which refuse events
+/// more than a day in the future; replays pass `None`.
+pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
+    let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
+    let reason = Cell::new(None);
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw = match (EventSeed { reason: &reason }).deserialize(&mut de) {
+        Ok(raw) => raw,
+        Err(e) => return Err(classify(&e, &reason)),
+    };
+    if let Err(e) = de.end() {
+        return Err(classify(&e, &reason));
+    }
+    let RawEvent {
+        ts,
+        tenant,
+        session,
+        mp,
+        device,
+        login,
+        assign,
+        attrs,
+    } = raw;
+    let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
+        return Err(Reject::MissingField);
+    };
+    let device = device.unwrap_or(Cow::Borrowed("unknown"));
+    let login = login.unwrap_or(Cow::Borrowed("unknown"));
+    for name in [&tenant, &mp, &device, &login] {
+        if name.len() > MAX_NAME_BYTES {
+            return Err(Reject::TooLong);
+        }
+    }
+    if session.len() > MAX_SESSION_BYTES {
+        return Err(Reject::TooLong);
+    }
+    if [&tenant, &session, &mp, &device, &login]
+        .iter()
+        .any(|s| s.is_empty())
+    {
+        return Err(Reject::EmptyField);
+    }
+    if ts < MIN_TS_MS || now_ms.is_some_and(|now| ts > now.saturating_add(MAX_FUTURE_MS)) {
+        return Err(Reject::TsOutOfRange);
+    }
+    Ok(Event {
+        ts,
+        tenant,
+        session,
+        mp,
+        device,
+        login,
+        assign: assign.unwrap_or_default(),
+        attrs: attrs.unwrap_or_default(),
+    })
+}
+
+fn classify(e: &serde_json::Error, reason: &Cell<Option<Reject>>) -> Reject {
+    if let Some(r) = reason.get() {
+        return r;
+    }
+    match e.classify() {
+        serde_json::error::Category::Data => Reject::WrongType,
+        _ => Reject::NotJson,
+    }
+}
+
+type Assign = SmallVec<[(u64, i64); 8]>;
+type Attrs<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>;
+
+#[derive(Default)]
+struct RawEvent<'a> {
+    ts: Option<i64>,
+    tenant: Option<Cow<'a, str>>,
+    session: Option<Cow<'a, str>>,
+    mp: Option<Cow<'a, str>>,
+    device: Option<Cow<'a, str>>,
+    login: Option<Cow<'a, str>>,
+    assign: Option<Assign>,
+    attrs: Option<Attrs<'a>>,
+}
+
+/// Deserializes the top-level object; records our own rejection reasons in
+/// `reason` so they are not confused with serde's type errors.
+struct EventSeed<'r> {
+    reason: &'r Cell<Option<Reject>>,
+}
+
+impl EventSeed<'_> {
+    fn fail<E: de::Error>(&self, r: Reject) -> E {
+        self.reason.set(Some(r));
+        E::custom(r.as_str())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for EventSeed<'_> {
+    type Value = RawEvent<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+macro_rules! not_object {
+    ($($name:ident: $t:ty),*) => {$(
+        fn $name<E: de::Error>(self, _: $t) -> Result<Self::Value, E> {
+            Err(self.fail(Reject::NotObject))
+        }
+    )*};
+}
+
+impl<'de> Visitor<'de> for EventSeed<'_> {
+    type Value = RawEvent<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an event object")
+    }
+
+    not_object!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(self.fail(Reject::NotObject))
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(self.fail(Reject::NotObject))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut ev = RawEvent::default();
+        while let Some(key) = map.next_key::<Str<'de>>()? {
+            match &*key.0 {
+                "ts" => ev.ts = map.next_value()?,
+                "tenant" => ev.tenant = map.next_value::<Option<Str>>()?.map(|s| s.0),
+                "session" => ev.session = map.next_value::<Option<Str>>()?.map(|s| s.0),
+                "mp" => ev.mp = map.next_value::<Option<Str>>()?.map(|s| s.0),
+                "device" => ev.device = map.next_value::<Option<Str>>()?.map(|s| s.0),
+                "login" => ev.login = map.next_value::<Option<Str>>()?.map(|s| s.0),
+                "assign" => {
+                    ev.assign = map.next_value_seed(OptionSeed(AssignSeed {
+                        reason: self.reason,
+                    }))?
+                }
+                "attrs" => {
+                    ev.attrs = map.next_value_seed(OptionSeed(AttrsSeed {
+                        reason: self.reason,
+                    }))?
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(ev)
+    }
+}
+
+/// A string that borrows from the input when it contains no escapes.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for Str<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `null` → `None`, otherwise the inner seed.
+struct OptionSeed<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for OptionSeed<S> {
+    type Value = Option<S::Value>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        struct V<S>(S);
+        impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for V<S> {
+            type Value = Option<S::Value>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object or null")
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+                self.0.deserialize(d).map(Some)
+            }
+        }
+        d.deserialize_option(V(self.0))
+    }
+}
+
+/// Parses an `assign` key: ASCII digits, leading zeros allowed. Keys too large
+/// for `u64` are valid but can never name a configured experiment.
+fn parse_experiment_id(key: &str) -> Option<u64> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(key.parse::<u64>().unwrap_or(UNKNOWN_EXPERIMENT_ID))
+}
+
+/// A JSON integer of any size; those outside `i64` can never be configured.
+struct Variation(Option<i64>);
+
+impl<'de> de::Deserialize<'de> for Variation {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Variation;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer variation id")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Variation, E> {
+                Ok(Variation(Some(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Variation, E> {
+                Ok(Variation(i64::try_from(v).ok().or(Some(i64::MIN))))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Variation, E> {
+                Ok(Variation(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Variation, E> {
+                Ok(Variation(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct AssignSeed<'r> {
+    reason: &'r Cell<Option<Reject>>,
+}
+
+impl<'de> DeserializeSeed<'de> for AssignSeed<'_> {
+    type Value = Assign;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Assign, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AssignSeed<'_> {
+    type Value = Assign;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of experiment id to variation id")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Assign, A::Error> {
+        let mut out = Assign::new();
+        while let Some(key) = map.next_key::<Str<'de>>()? {
+            let Some(exp) = parse_experiment_id(&key.0) else {
+                self.reason.set(Some(Reject::BadAssignKey));
+                return Err(de::Error::custom(Reject::BadAssignKey.as_str()));
+            };
+            let Variation(var) = map.next_value()?;
+            out.retain(|(e, _)| *e != exp || exp == UNKNOWN_EXPERIMENT_ID);
+            if let Some(var) = var {
+                if out.len() == MAX_ENTRIES {
+                    self.reason.set(Some(Reject::TooMany));
+                    return Err(de::Error::custom(Reject::TooMany.as_str()));
+                }
+                out.push((exp, var));
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct AttrsSeed<'r> {
+    reason: &'r Cell<Option<Reject>>,
+}
+
+impl<'de> DeserializeSeed<'de> for AttrsSeed<'_> {
+    type Value = Attrs<'de>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for AttrsSeed<'_> {
+    type Value = Attrs<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of string to string")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = Attrs::new();
+        while let Some(key) = map.next_key::<Str<'de>>()? {
+            let value: Option<Str<'de>> = map.next_value()?;
+            let fail = |r: Reject| {
+                self.reason.set(Some(r));
+                de::Error::custom(r.as_str())
+            };
+            if key.0.len() > MAX_ATTR_BYTES
+                || value.as_ref().is_some_and(|v| v.0.len() > MAX_ATTR_BYTES)
+            {
+                return Err(fail(Reject::TooLong));
+            }
+            out.retain(|(k, _)| *k != key.0);
+            if let Some(v) = value {
+                if out.len() == MAX_ENTRIES {
+                    return Err(fail(Reject::TooMany));
+                }
+                out.push((key.0, v.0));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> Event<'_> {
+        parse_event(s.as_bytes(), None).unwrap()
+    }
+    fn rej(s: &[u8]) -> Reject {
+        parse_event(s, None).unwrap_err()
+    }
+
+    #[test]
+    fn spec_example() {
+        let e = ok(
+            r#"{"ts":1525356185123,"tenant":"uswm","session":"s-9f2c","mp":"home_page","device":"desktop","login":"in","assign":{"123":1231,"77":771}}"#,
+        );
+        assert_eq!(e.ts, 1525356185123);
+        assert_eq!(e.tenant, "uswm");
+        assert!(matches!(e.tenant, Cow::Borrowed(_)));
+        assert_eq!(&e.assign[..], &[(123, 1231), (77, 771)]);
+    }
+
+    #[test]
+    fn defaults_nulls_duplicates_unknown_fields() {
+        let e = ok(
+            r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"x","mp":"y","device":null,"extra":{"deep":[1,2]},"assign":{"0123":5,"123":6,"9":null},"attrs":{"k":"v","k":"w","z":null}}"#,
+        );
+        assert_eq!(e.mp, "y");
+        assert_eq!(e.device, "unknown");
+        assert_eq!(e.login, "unknown");
+        assert_eq!(&e.assign[..], &[(123, 6)]);
+        assert_eq!(e.attrs.len(), 1);
+        assert_eq!(e.attrs[0].1, "w");
+    }
+
+    #[test]
+    fn escapes_are_unescaped() {
+        let e = ok(r#"{"ts":1525356185123,"tenant":"a","session":"s\"1","mp":"caf\u00e9"}"#);
+        assert_eq!(e.session, "s\"1");
+        assert_eq!(e.mp, "café");
+    }
+
+    #[test]
+    fn every_rejection_reason() {
+        let base = |rest: &str| {
+            format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m"{rest}}}"#)
+        };
+        assert_eq!(rej(b"\xff\xfe{}"), Reject::NotUtf8);
+        assert_eq!(rej(b"{\"ts\":"), Reject::NotJson);
+        assert_eq!(rej(b"not json"), Reject::NotJson);
+        assert_eq!(rej(base("").replace('}', "}}").as_bytes()), Reject::NotJson);
+        assert_eq!(rej(b"[1,2]"), Reject::NotObject);
+        assert_eq!(rej(b"42"), Reject::NotObject);
+        assert_eq!(
+            rej(br#"{"tenant":"a","session":"s","mp":"m"}"#),
+            Reject::MissingField
+        );
+        assert_eq!(
+            rej(br#"{"ts":null,"tenant":"a","session":"s","mp":"m"}"#),
+            Reject::MissingField
+        );
+        assert_eq!(
+            rej(br#"{"ts":"1525356185123","tenant":"a","session":"s","mp":"m"}"#),
+            Reject::WrongType
+        );
+        assert_eq!(
+            rej(br#"{"ts":1525356185123.5,"tenant":"a","session":"s","mp":"m"}"#),
+            Reject::WrongType
+        );
+        assert_eq!(rej(base(r#","device":7"#).as_bytes()), Reject::WrongType);
+        assert_eq!(
+            rej(base(r#","assign":{"1":"x"}"#).as_bytes()),
+            Reject::WrongType
+        );
+        assert_eq!(
+            rej(base(r#","assign":{"1":1.5}"#).as_bytes()),
+            Reject::WrongType
+        );
+        assert_eq!(rej(base(r#","assign":[1]"#).as_bytes()), Reject::WrongType);
+        assert_eq!(
+            rej(base(r#","attrs":{"k":1}"#).as_bytes()),
+            Reject::WrongType
+        );
+        assert_eq!(
+            rej(base(r#","assign":{"x1":1}"#).as_bytes()),
+            Reject::BadAssignKey
+        );
+        assert_eq!(
+            rej(base(r#","assign":{"":1}"#).as_bytes()),
+            Reject::BadAssignKey
+        );
+        assert_eq!(
+            rej(br#"{"ts":946684799999,"tenant":"a","session":"s","mp":"m"}"#),
+            Reject::TsOutOfRange
+        );
+        let long = "x".repeat(65);
+        assert_eq!(
+            rej(base(&format!(r#","device":"{long}""#)).as_bytes()),
+            Reject::TooLong
+        );
+        let many: Vec<String> = (0..65).map(|i| format!("\"{i}\":1")).collect();
+        assert_eq!(
+            rej(base(&format!(r#","assign":{{{}}}"#, many.join(","))).as_bytes()),
+            Reject::TooMany
+        );
+        assert_eq!(rej(base(r#","login":"""#).as_bytes()), Reject::EmptyField);
+    }
+
+    #[test]
+    fn future_ts_only_refused_live() {
+        let line = br#"{"ts":1800000000000,"tenant":"a","session":"s","mp":"m"}"#;
+        assert!(parse_event(line, None).is_ok());
+        assert_eq!(
+            parse_event(line, Some(1_700_000_000_000)),
+            Err(Reject::TsOutOfRange)
+        );
+    }
+
+    #[test]
+    fn huge_assign_key_is_valid_but_unknown() {
+        let e = ok(
+            r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{"123456789012345678901234567890":1}}"#,
+        );
+        assert_eq!(e.assign[0].0, UNKNOWN_EXPERIMENT_ID);
+    }
+}

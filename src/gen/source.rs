@@ -1,0 +1,156 @@
+//! The generator as an in-process source (`--source gen:PROFILE?...`), and the
+//! open-loop [`Pacer`] shared with `expmon gen --rate`.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use super::{Generator, Profile, REPLAY_START_MS};
+use crate::config::Config;
+use crate::health::now_ms;
+use crate::source::{Fill, LineBatch, Source};
+
+/// Lines per batch handed to the router.
+const LINES_PER_FILL: u64 = 4096;
+
+/// Open-loop schedule: event `i` is due at `start + i / rate`, whatever
+/// happened before, so a stalled consumer shows up as time behind schedule
+/// instead of a silently lower rate.
+#[derive(Debug)]
+pub struct Pacer {
+    start: Instant,
+    rate: f64,
+    /// Greatest lateness of a send against its intended time.
+    pub max_behind: Duration,
+}
+
+impl Pacer {
+    pub fn new(rate: f64) -> Pacer {
+        Pacer {
+            start: Instant::now(),
+            rate,
+            max_behind: Duration::ZERO,
+        }
+    }
+
+    /// How many of the first `total` events are due by now.
+    pub fn due(&self, total: u64) -> u64 {
+        ((self.start.elapsed().as_secs_f64() * self.rate) as u64).min(total)
+    }
+
+    /// Intended send time of event `i`.
+    pub fn intended(&self, i: u64) -> Instant {
+        self.start + Duration::from_secs_f64(i as f64 / self.rate)
+    }
+
+    /// Notes that event `i` is being sent now.
+    pub fn sent(&mut self, i: u64) {
+        let behind = Instant::now().saturating_duration_since(self.intended(i));
+        self.max_behind = self.max_behind.max(behind);
+    }
+}
+
+pub struct GenSource {
+    generator: Generator,
+    limit: Option<u64>,
+    produced: u64,
+    pacer: Option<Pacer>,
+    line: Vec<u8>,
+    spec: String,
+}
+
+impl GenSource {
+    /// Parses `PROFILE[?rate=EPS&events=N&seed=S]`. `config` is the config the
+    /// engine runs with; the profile's own experiments shape the traffic.
+    pub fn from_spec(spec: &str, _config: &Config) -> Result<GenSource, String> {
+        let (name, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let profile = Profile::by_name(name)?;
+        let (mut rate, mut events, mut seed) = (None, None, 1u64);
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("bad generator option {kv:?} in gen:{spec}"))?;
+            let bad = || format!("bad value for {k} in gen:{spec}: {v:?}");
+            match k {
+                "rate" => rate = Some(v.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(bad)?),
+                "events" => events = Some(v.parse::<u64>().map_err(|_| bad())?),
+                "seed" => seed = v.parse::<u64>().map_err(|_| bad())?,
+                _ => return Err(format!(
+                    "unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"
+                )),
+            }
+        }
+        Ok(GenSource::new(
+            profile,
+            rate,
+            events,
+            seed,
+            format!("gen:{spec}"),
+        ))
+    }
+
+    pub fn new(
+        mut profile: Profile,
+        rate: Option<f64>,
+        events: Option<u64>,
+        seed: u64,
+        spec: String,
+    ) -> GenSource {
+        let start = if let Some(r) = rate {
+            profile.event_time_rate = r;
+            now_ms()
+        } else {
+            REPLAY_START_MS
+        };
+        GenSource {
+            generator: Generator::new(profile, seed, start),
+            limit: events,
+            produced: 0,
+            pacer: rate.map(Pacer::new),
+            line: Vec::with_capacity(512),
+            spec,
+        }
+    }
+}
+
+impl Source for GenSource {
+    fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill> {
+        batch.clear();
+        let limit = self.limit.unwrap_or(u64::MAX);
+        let mut n = (limit - self.produced).min(LINES_PER_FILL);
+        if let Some(p) = &self.pacer {
+            let due = p.due(limit).saturating_sub(self.produced);
+            if due == 0 {
+                let next = p.intended(self.produced + 1);
+                std::thread::sleep(
+                    next.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(5)),
+                );
+                return Ok(Fill::Lines);
+            }
+            n = n.min(due);
+            self.generator.set_clock(now_ms().max(0));
+        }
+        for _ in 0..n {
+            if let Some(p) = &mut self.pacer {
+                p.sent(self.produced);
+            }
+            self.line.clear();
+            self.generator.next_line(&mut self.line);
+            batch.push_line(&self.line);
+            self.produced += 1;
+        }
+        Ok(if self.produced >= limit {
+            Fill::End
+        } else {
+            Fill::Lines
+        })
+    }
+
+    fn is_live(&self) -> bool {
+        self.pacer.is_some()
+    }
+
+    fn describe(&self) -> String {
+        self.spec.clone()
+    }
+}

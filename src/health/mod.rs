@@ -1,0 +1,206 @@
+//! The engine's own figures (SPEC §6): counted in plain per-stage fields on the
+//! hot path, published in batches into [`Live`] atomics for the status line,
+//! and summed into a [`Summary`] at the end of a run.
+
+use std::fmt;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::event::Reject;
+
+/// Counted by the router, per event, in plain fields.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Non-blank input lines.
+    pub events_in: u64,
+    /// Valid events of known tenants sent to a shard.
+    pub routed: u64,
+    /// Rejected lines, indexed by [`Reject::index`].
+    pub rejected: [u64; Reject::ALL.len()],
+    pub late_dropped: u64,
+    pub unknown_tenant: u64,
+    /// Assignments naming an experiment not configured for the event's tenant.
+    pub unknown_experiment: u64,
+    /// Assignments naming a variation not configured for their experiment.
+    pub unknown_variation: u64,
+    /// Valid events dropped because a name table was full.
+    pub name_capacity_dropped: u64,
+}
+
+impl RouterStats {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().sum()
+    }
+}
+
+/// Reported by each shard at every flush; summed over shards.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStats {
+    pub events: u64,
+    pub active_sessions: u64,
+    pub sessions_started: u64,
+    pub sessions_evicted: u64,
+    pub conflicts: u64,
+    pub overflow_dropped: u64,
+    pub series: u64,
+}
+
+impl std::ops::AddAssign for ShardStats {
+    fn add_assign(&mut self, o: ShardStats) {
+        self.events += o.events;
+        self.active_sessions += o.active_sessions;
+        self.sessions_started += o.sessions_started;
+        self.sessions_evicted += o.sessions_evicted;
+        self.conflicts += o.conflicts;
+        self.overflow_dropped += o.overflow_dropped;
+        self.series += o.series;
+    }
+}
+
+/// Counted by the writer stage.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriterStats {
+    pub upserts_written: u64,
+    pub active_points: u64,
+    pub flushes: u64,
+}
+
+/// Figures published for the status line, a batch at a time.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub events_in: AtomicU64,
+    pub rejected: AtomicU64,
+    pub late_dropped: AtomicU64,
+    pub watermark: AtomicI64,
+    pub max_ts: AtomicI64,
+    pub active_sessions: AtomicU64,
+    pub upserts_written: AtomicU64,
+    pub active_points: AtomicU64,
+}
+
+impl Live {
+    pub fn publish_router(&self, s: &RouterStats, watermark: i64, max_ts: i64) {
+        self.max_ts.store(max_ts, Relaxed);
+        self.events_in.store(s.events_in, Relaxed);
+        self.rejected.store(s.rejected_total(), Relaxed);
+        self.late_dropped.store(s.late_dropped, Relaxed);
+        self.watermark.store(watermark, Relaxed);
+    }
+}
+
+/// What a run did, printed at its end.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub router: RouterStats,
+    pub shards: ShardStats,
+    pub writer: WriterStats,
+    pub threads: usize,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn events_per_sec(&self) -> f64 {
+        self.router.events_in as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.router;
+        writeln!(
+            f,
+            "expmon: {} events in {:.3}s ({:.0} events/s, {} shard threads)",
+            r.events_in,
+            self.elapsed.as_secs_f64(),
+            self.events_per_sec(),
+            self.threads
+        )?;
+        write!(f, "  rejected {}", r.rejected_total())?;
+        let reasons: Vec<String> = Reject::ALL
+            .iter()
+            .filter(|x| r.rejected[x.index()] > 0)
+            .map(|x| format!("{}={}", x.as_str(), r.rejected[x.index()]))
+            .collect();
+        if !reasons.is_empty() {
+            write!(f, " ({})", reasons.join(", "))?;
+        }
+        writeln!(
+            f,
+            ", late dropped {}, unknown tenant {}, unknown experiment {}, unknown variation {}",
+            r.late_dropped, r.unknown_tenant, r.unknown_experiment, r.unknown_variation
+        )?;
+        let s = &self.shards;
+        writeln!(
+            f,
+            "  sessions started {}, evicted {}, assignment conflicts {}, dropped (session over {} events) {}",
+            s.sessions_started,
+            s.sessions_evicted,
+            s.conflicts,
+            crate::session::MAX_EVENTS_PER_SESSION,
+            s.overflow_dropped
+        )?;
+        write!(
+            f,
+            "  upserts written {} in {} flushes",
+            self.writer.upserts_written, self.writer.flushes
+        )
+    }
+}
+
+/// Prints a one-line status every second until `stop`: refreshed in place on a
+/// terminal, plain lines otherwise.
+pub fn spawn_status(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("expmon-status".into())
+        .spawn(move || {
+            let tty = std::io::stderr().is_terminal();
+            let start = Instant::now();
+            let mut last = (0u64, Instant::now());
+            while !stop.load(Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                if last.1.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                let n = live.events_in.load(Relaxed);
+                let rate = (n - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                last = (n, Instant::now());
+                let max_ts = live.max_ts.load(Relaxed);
+                let wm = live.watermark.load(Relaxed);
+                let behind = if max_ts > 0 { (now_ms() - max_ts) as f64 / 1000.0 } else { 0.0 };
+                let line = format!(
+                    "[{:>5.0}s] {:>9.0} ev/s  in {}  rejected {}  late {}  sessions {}  points {}  upserts {}  event-time lag {:.1}s  wm {}",
+                    start.elapsed().as_secs_f64(),
+                    rate,
+                    n,
+                    live.rejected.load(Relaxed),
+                    live.late_dropped.load(Relaxed),
+                    live.active_sessions.load(Relaxed),
+                    live.active_points.load(Relaxed),
+                    live.upserts_written.load(Relaxed),
+                    behind,
+                    wm.max(0),
+                );
+                let mut err = std::io::stderr().lock();
+                if tty {
+                    let _ = write!(err, "\r\x1b[2K{line}");
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+                let _ = err.flush();
+            }
+            if tty {
+                let _ = writeln!(std::io::stderr());
+            }
+        })
+        .expect("spawn status thread")
+}
+
+/// Wall-clock now, in ms since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,185 @@
+//! The `expmon` command line: parse flags, load config, start the engine,
+//! print errors as one clear line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use expmon::config::{parse_duration_ms, Catalog, Config};
+use expmon::names::Names;
+use expmon::shard::{self, RunOptions};
+use expmon::source::{FileSource, Source};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "expmon",
+    version,
+    about = "Real-time A/B-experiment monitoring engine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine. With no flags: the embedded demo (built-in config,
+    /// generator source, file sink under ./expmon-out/, live status).
+    Run(RunArgs),
+    /// Generate events (seeded, reproducible).
+    Gen(GenArgs),
+    /// Check a config file and print what it holds, or the error.
+    CheckConfig { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Config file (TOML); default: the embedded demo config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// file:PATH (`-` = stdin), gen:PROFILE[?rate=EPS&events=N&seed=S].
+    #[arg(long, default_value = "gen:demo?rate=2000")]
+    source: String,
+    /// file:PATH or null.
+    #[arg(long, default_value = "file:expmon-out/points.jsonl")]
+    sink: String,
+    /// Shard worker threads (default: available cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pin shard workers to cores.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pin: bool,
+    /// Stop after this long (e.g. 30s, 5m); default: until the source ends or Ctrl-C.
+    #[arg(long)]
+    duration: Option<String>,
+    /// Override the config's trigger interval (e.g. 5s).
+    #[arg(long)]
+    trigger: Option<String>,
+    /// Checkpoint directory (not available yet).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Show the live status line (default: when stderr is a terminal).
+    #[arg(long)]
+    status: Option<bool>,
+}
+
+#[derive(clap::Args)]
+struct GenArgs {
+    /// demo or peak.
+    #[arg(long, default_value = "demo")]
+    profile: String,
+    /// Number of lines to write.
+    #[arg(long)]
+    events: u64,
+    /// Events per second, open loop (timestamps follow the wall clock); default: as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// file:PATH or `-`.
+    #[arg(long)]
+    out: String,
+    /// Also write the profile's experiment config (TOML) here.
+    #[arg(long)]
+    write_config: Option<PathBuf>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Gen(a) => expmon::gen::cli::run_gen(
+            &a.profile,
+            a.events,
+            a.rate,
+            a.seed,
+            &a.out,
+            a.write_config.as_deref(),
+        ),
+        Command::CheckConfig { file } => cmd_check(&file),
+    };
+    if let Err(e) = result {
+        eprintln!("expmon: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn cmd_check(file: &std::path::Path) -> Result<()> {
+    let config = Config::load(file)?;
+    print!("{}: ok\n{}", file.display(), config.summary());
+    Ok(())
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    if a.checkpoint.is_some() {
+        bail!("--checkpoint is not available yet in this build");
+    }
+    let config = match &a.config {
+        Some(path) => Config::load(path)?,
+        None => Config::demo(),
+    };
+    let catalog =
+        Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
+    let source = open_source(&a.source, &config)?;
+    let sink = expmon::sink::open(&a.sink)?;
+    let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
+    opts.pin = a.pin;
+    if let Some(t) = &a.trigger {
+        opts.trigger = Duration::from_millis(
+            parse_duration_ms(t)
+                .map_err(anyhow::Error::msg)
+                .context("--trigger")? as u64,
+        );
+    }
+    if let Some(d) = &a.duration {
+        opts.max_duration = Some(Duration::from_millis(
+            parse_duration_ms(d)
+                .map_err(anyhow::Error::msg)
+                .context("--duration")? as u64,
+        ));
+    }
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, opts.stop.clone()).context("installing signal handler")?;
+    }
+    let show_status = a
+        .status
+        .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    eprintln!(
+        "expmon: {} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
+        source.describe(),
+        opts.threads,
+        sink.describe(),
+        opts.trigger
+    );
+    let status_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let status =
+        show_status.then(|| expmon::health::spawn_status(opts.live.clone(), status_stop.clone()));
+    let result = shard::run(catalog, source, sink, opts);
+    status_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = status {
+        let _ = h.join();
+    }
+    let summary = result?;
+    eprintln!("{summary}");
+    Ok(())
+}
+
+fn open_source(spec: &str, config: &Config) -> Result<Box<dyn Source>> {
+    if let Some(path) = spec.strip_prefix("file:") {
+        return Ok(Box::new(FileSource::open(path)?));
+    }
+    if let Some(rest) = spec.strip_prefix("gen:") {
+        return Ok(Box::new(
+            expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?,
+        ));
+    }
+    if spec.starts_with("kafka://") {
+        bail!("kafka sources are not available yet in this build: {spec}");
+    }
+    bail!("bad source {spec:?}: expected file:PATH, gen:PROFILE[?rate=EPS&events=N&seed=S]")
+}

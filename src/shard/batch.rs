@@ -1,0 +1,87 @@
+//! Messages that cross threads: event batches to shards, flush markers, and
+//! shard reports to the writer. Always batches, never one message per event.
+
+use crate::aggregate::Delta;
+use crate::health::ShardStats;
+use crate::session::{SessionEvent, SessionKey};
+
+/// One routed event; its assignments and attributes live in the batch's flat
+/// side arrays as `(start, len)` ranges, so a batch is three allocations.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchEvent {
+    pub key: SessionKey,
+    pub ts: i64,
+    pub watermark: i64,
+    pub mp: u16,
+    pub device: u16,
+    pub login: u16,
+    pub assigns: (u32, u16),
+    pub attrs: (u32, u16),
+}
+
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    pub events: Vec<BatchEvent>,
+    pub assigns: Vec<(u32, u32)>,
+    pub attrs: Vec<(u32, u32)>,
+}
+
+impl EventBatch {
+    pub fn with_capacity(n: usize) -> EventBatch {
+        EventBatch {
+            events: Vec::with_capacity(n),
+            assigns: Vec::with_capacity(n),
+            attrs: Vec::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.events.clear();
+        self.assigns.clear();
+        self.attrs.clear();
+    }
+
+    pub fn session_event(&self, e: &BatchEvent) -> SessionEvent<'_> {
+        let (a0, an) = e.assigns;
+        let (t0, tn) = e.attrs;
+        SessionEvent {
+            key: e.key,
+            ts: e.ts,
+            watermark: e.watermark,
+            mp: e.mp,
+            device: e.device,
+            login: e.login,
+            assigns: &self.assigns[a0 as usize..a0 as usize + an as usize],
+            attrs: &self.attrs[t0 as usize..t0 as usize + tn as usize],
+        }
+    }
+}
+
+/// A consistent cut: every event routed before the marker is in the shards'
+/// state when they report for it.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushMarker {
+    pub epoch: u64,
+    pub watermark: i64,
+    /// End of input: the watermark is past every event; shards exit after.
+    pub last: bool,
+}
+
+pub enum ShardMsg {
+    Events(EventBatch),
+    Flush(FlushMarker),
+}
+
+/// A shard's answer to a flush marker.
+pub struct ShardReport {
+    pub shard: usize,
+    pub marker: FlushMarker,
+    pub deltas: Vec<crate::aggregate::Delta>,
+    pub stats: ShardStats,
+}
+
+impl ShardReport {
+    pub fn deltas(&self) -> &[Delta] {
+        &self.deltas
+    }
+}

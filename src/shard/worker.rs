@@ -1,0 +1,95 @@
+//! A shard worker: owns a [`SessionTable`] and [`MinuteCounters`] outright,
+//! built on its own (pinned) thread. It applies event batches; on a flush marker
+//! it expires sessions, drains its deltas, and reports to the writer.
+
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::Arc;
+
+use super::batch::{EventBatch, ShardMsg, ShardReport};
+use crate::aggregate::{minute_of, MinuteCounters};
+use crate::config::Catalog;
+use crate::health::ShardStats;
+use crate::session::SessionTable;
+
+/// The first minute that is not final at watermark `wm` (SPEC §4).
+pub fn final_before(wm: i64) -> i64 {
+    if wm == i64::MIN {
+        i64::MIN
+    } else {
+        minute_of(wm)
+    }
+}
+
+pub struct Worker {
+    shard: usize,
+    sessions: SessionTable,
+    counters: MinuteCounters,
+    events: u64,
+}
+
+impl Worker {
+    pub fn new(shard: usize, catalog: Arc<Catalog>) -> Worker {
+        Worker {
+            shard,
+            sessions: SessionTable::new(catalog),
+            counters: MinuteCounters::new(),
+            events: 0,
+        }
+    }
+
+    pub fn apply(&mut self, batch: &EventBatch) {
+        for e in &batch.events {
+            self.sessions
+                .add(&batch.session_event(e), &mut self.counters);
+        }
+        self.events += batch.events.len() as u64;
+    }
+
+    /// Runs until the last flush marker: batches in, reports out, emptied
+    /// batches back to the router for reuse.
+    pub fn run(
+        mut self,
+        rx: Receiver<ShardMsg>,
+        reports: Sender<ShardReport>,
+        recycle: Sender<EventBatch>,
+    ) {
+        for msg in rx {
+            match msg {
+                ShardMsg::Events(mut batch) => {
+                    self.apply(&batch);
+                    batch.clear();
+                    let _ = recycle.try_send(batch);
+                }
+                ShardMsg::Flush(marker) => {
+                    self.sessions.expire(marker.watermark);
+                    let mut deltas = Vec::new();
+                    self.counters
+                        .drain(final_before(marker.watermark), &mut deltas);
+                    let s = self.sessions.stats();
+                    let stats = ShardStats {
+                        events: self.events,
+                        active_sessions: self.sessions.len() as u64,
+                        sessions_started: s.started,
+                        sessions_evicted: s.evicted,
+                        conflicts: s.conflicts,
+                        overflow_dropped: s.overflow_dropped,
+                        series: self.counters.series() as u64,
+                    };
+                    let last = marker.last;
+                    if reports
+                        .send(ShardReport {
+                            shard: self.shard,
+                            marker,
+                            deltas,
+                            stats,
+                        })
+                        .is_err()
+                        || last
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

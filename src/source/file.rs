@@ -1,0 +1,167 @@
+//! JSON Lines from a file or stdin. File order is arrival order. Blank lines
+//! are skipped; a trailing `\r` is removed; a line over [`MAX_LINE_BYTES`] is
+//! skipped whole and counted, never buffered.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use super::{Fill, LineBatch, Source, MAX_LINE_BYTES};
+
+const READ_CHUNK: usize = 256 * 1024;
+
+pub struct FileSource {
+    input: Box<dyn Read + Send>,
+    name: String,
+    /// Bytes read but not yet cut into lines (the start of a partial line).
+    pending: Vec<u8>,
+    /// Inside an over-long line: drop bytes up to the next newline.
+    skipping: bool,
+    done: bool,
+}
+
+impl FileSource {
+    /// `-` reads stdin.
+    pub fn open(path: &str) -> io::Result<FileSource> {
+        let input: Box<dyn Read + Send> = if path == "-" {
+            Box::new(io::stdin())
+        } else {
+            Box::new(
+                File::open(Path::new(path))
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?,
+            )
+        };
+        Ok(FileSource::from_reader(input, format!("file:{path}")))
+    }
+
+    pub fn from_reader(input: Box<dyn Read + Send>, name: String) -> FileSource {
+        FileSource {
+            input,
+            name,
+            pending: Vec::with_capacity(READ_CHUNK),
+            skipping: false,
+            done: false,
+        }
+    }
+
+    fn cut_lines(&mut self, batch: &mut LineBatch, at_end: bool) {
+        let mut start = 0;
+        let data = &self.pending;
+        while start < data.len() {
+            let Some(nl) = data[start..].iter().position(|&b| b == b'\n') else {
+                break;
+            };
+            let line = &data[start..start + nl];
+            if self.skipping {
+                self.skipping = false;
+            } else {
+                push_trimmed(batch, line);
+            }
+            start += nl + 1;
+        }
+        let rest = self.pending.len() - start;
+        if at_end && rest > 0 && !self.skipping {
+            let line = self.pending[start..].to_vec();
+            push_trimmed(batch, &line);
+            start = self.pending.len();
+        } else if rest > MAX_LINE_BYTES || (self.skipping && rest > 0) {
+            if !self.skipping {
+                batch.overlong += 1;
+            }
+            self.skipping = true;
+            start = self.pending.len();
+        }
+        self.pending.drain(..start);
+    }
+}
+
+fn push_trimmed(batch: &mut LineBatch, line: &[u8]) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    if line.len() > MAX_LINE_BYTES {
+        batch.overlong += 1;
+        return;
+    }
+    batch.push_line(line);
+}
+
+impl Source for FileSource {
+    fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill> {
+        batch.clear();
+        if self.done {
+            return Ok(Fill::End);
+        }
+        loop {
+            let old = self.pending.len();
+            self.pending.resize(old + READ_CHUNK, 0);
+            let n = loop {
+                match self.input.read(&mut self.pending[old..]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        self.pending.truncate(old);
+                        return Err(e);
+                    }
+                }
+            };
+            self.pending.truncate(old + n);
+            if n == 0 {
+                self.cut_lines(batch, true);
+                self.done = true;
+                return Ok(Fill::End);
+            }
+            self.cut_lines(batch, false);
+            if !batch.is_empty() || batch.overlong > 0 {
+                return Ok(Fill::Lines);
+            }
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        false
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_lines(data: Vec<u8>) -> (Vec<Vec<u8>>, u64) {
+        let mut s = FileSource::from_reader(Box::new(io::Cursor::new(data)), "t".into());
+        let mut b = LineBatch::default();
+        let mut out = Vec::new();
+        let mut overlong = 0;
+        loop {
+            let f = s.fill(&mut b).unwrap();
+            overlong += b.overlong;
+            for i in 0..b.len() {
+                out.push(b.line(i).to_vec());
+            }
+            if f == Fill::End {
+                return (out, overlong);
+            }
+        }
+    }
+
+    #[test]
+    fn lines_blank_crlf_and_no_final_newline() {
+        let (lines, _) = all_lines(b"a\r\n\n  \nb\nc".to_vec());
+        assert_eq!(lines, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
+    fn overlong_line_is_skipped_whole() {
+        let mut data = b"first\n".to_vec();
+        data.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES * 2 + 7));
+        data.extend_from_slice(b"\nlast\n");
+        let (lines, overlong) = all_lines(data);
+        assert_eq!(lines, vec![b"first".to_vec(), b"last".to_vec()]);
+        assert_eq!(overlong, 1);
+    }
+}
