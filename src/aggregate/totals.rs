@@ -122,6 +122,8 @@ mod tests {
         t.apply(&[d(k, 0, 1), d(k, 0, -1)]);
         t.take_due(60_000, &mut out);
         assert!(out.is_empty(), "back to the written total");
+        assert_eq!(t.len(), 1, "minute 0 is final and forgotten");
+        t.take_due(120_000, &mut out);
         assert!(t.is_empty());
     }
 }

@@ -74,9 +74,11 @@ impl GenSource {
                 "rate" => rate = Some(v.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(bad)?),
                 "events" => events = Some(v.parse::<u64>().map_err(|_| bad())?),
                 "seed" => seed = v.parse::<u64>().map_err(|_| bad())?,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"
-                )),
+                ))
+                }
             }
         }
         Ok(GenSource::new(
