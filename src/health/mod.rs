@@ -168,9 +168,11 @@ pub fn spawn_status(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::Join
                 last = (n, Instant::now());
                 let max_ts = live.max_ts.load(Relaxed);
                 let wm = live.watermark.load(Relaxed);
-                let behind = if max_ts > 0 { (now_ms() - max_ts) as f64 / 1000.0 } else { 0.0 };
+                let now = now_ms();
+                let behind = if max_ts > 0 { (now - max_ts) as f64 / 1000.0 } else { 0.0 };
+                let wm_delay = if wm > 0 { (now - wm) as f64 / 1000.0 } else { 0.0 };
                 let line = format!(
-                    "[{:>5.0}s] {:>9.0} ev/s  in {}  rejected {}  late {}  sessions {}  points {}  upserts {}  event-time lag {:.1}s  wm {}",
+                    "[{:>5.0}s] {:>9.0} ev/s  in {}  rejected {}  late {}  sessions {}  points {}  upserts {}  event-time lag {:.1}s  watermark delay {:.1}s",
                     start.elapsed().as_secs_f64(),
                     rate,
                     n,
@@ -180,7 +182,7 @@ pub fn spawn_status(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::Join
                     live.active_points.load(Relaxed),
                     live.upserts_written.load(Relaxed),
                     behind,
-                    wm.max(0),
+                    wm_delay,
                 );
                 let mut err = std::io::stderr().lock();
                 if tty {
