@@ -15,8 +15,13 @@ use crate::names::{NameKind, Names};
 
 /// Most distinct measurement points (ids are `u16`; one value means "no mp").
 pub const MP_CAPACITY: usize = 0xFFFF;
-/// Most distinct device strings, and most distinct login strings.
-pub const TAG_CAPACITY: usize = 0xFFF;
+/// Most distinct device strings, and most distinct login strings (ids are
+/// stored in one byte per kept event).
+pub const TAG_CAPACITY: usize = 0xFF;
+/// Most experiments in one config (session state stores a `u16` index).
+pub const EXPERIMENT_CAPACITY: usize = 0xFFFF;
+/// Most variations of one experiment (session state stores a `u8` slot).
+pub const VARIATIONS_PER_EXPERIMENT: usize = 0xFF;
 /// Most variations in one config (21 bits of a series key).
 pub const VARIATION_CAPACITY: usize = 1 << 21;
 
@@ -119,6 +124,19 @@ impl Catalog {
         let total_variations: usize = config.experiments.iter().map(|x| x.variations.len()).sum();
         if total_variations > VARIATION_CAPACITY {
             return Err(full("variations"));
+        }
+        if config.experiments.len() > EXPERIMENT_CAPACITY {
+            return Err(full("experiments"));
+        }
+        if let Some(x) = config
+            .experiments
+            .iter()
+            .find(|x| x.variations.len() > VARIATIONS_PER_EXPERIMENT)
+        {
+            return Err(format!(
+                "experiment {} has more than {VARIATIONS_PER_EXPERIMENT} variations",
+                x.id
+            ));
         }
         for x in &config.experiments {
             let n = cat.tenant_index.len() as u16;

@@ -1,11 +1,13 @@
 //! Per-session state, expiry, and out-of-order correction (SPEC §3–4).
 //!
 //! A [`SessionTable`] belongs to one shard: every session key lives on exactly
-//! one shard, so no state here is shared. For each session it keeps the events
-//! (ts, mp, device, login, and the few attributes conditions look at) and, per
-//! assigned experiment, the winning assignment and the first time each
-//! qualification condition was met. From that state the six metrics of SPEC §3
-//! follow.
+//! one shard, so no state here is shared. For each session it keeps its events
+//! (8 bytes each: ts offset, mp, device, login; plus the few attributes that
+//! conditions look at) and, per assigned experiment, 8 bytes: the winning
+//! variation and *which event* carries it, and per qualification condition the
+//! event that first met it. Times and tags are read from the events, so a
+//! session assigned to 20 experiments costs a few hundred bytes. From that
+//! state the six metrics of SPEC §3 follow.
 //!
 //! Correction protocol, for an arriving event `e` with timestamp `t`:
 //! 1. Note each experiment's view (variation, assignment key, F) before `e`.
@@ -19,29 +21,23 @@
 //! unchanged and `e` is later than every event seen, which is the common case.
 
 use ahash::AHashMap;
-use smallvec::SmallVec;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
 use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment};
 
-/// Identity of a session: tenant index and a 128-bit hash of the session id
-/// (xxh3). Two distinct ids of one tenant collide with probability ~n²/2¹²⁹ —
-/// about 10⁻²¹ for a billion live sessions — which we accept to keep the id
-/// bytes off the hot path and out of memory.
+/// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
+/// the tenant index so that ids are scoped by tenant. Two distinct ids collide
+/// with probability ~n²/2¹²⁹ — about 10⁻²¹ for a billion live sessions — which
+/// we accept to keep the id bytes off the hot path and out of memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SessionKey {
-    pub tenant: u16,
-    pub id: u128,
-}
+pub struct SessionKey(pub [u64; 2]);
 
 impl SessionKey {
     pub fn new(tenant: u16, session: &str) -> SessionKey {
-        SessionKey {
-            tenant,
-            id: xxhash_rust::xxh3::xxh3_128(session.as_bytes()),
-        }
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(session.as_bytes(), tenant as u64);
+        SessionKey([h as u64, (h >> 64) as u64])
     }
 }
 
@@ -61,9 +57,13 @@ pub struct SessionEvent<'a> {
     pub attrs: &'a [(u32, u32)],
 }
 
-/// Most events kept for one session; later events of such a session (a bot, in
-/// practice) are dropped and counted.
-pub const MAX_EVENTS_PER_SESSION: usize = 4096;
+/// Most events kept for one session (event indices are `u8`); later events of
+/// such a session (a bot, in practice) are dropped and counted.
+pub const MAX_EVENTS_PER_SESSION: usize = 254;
+/// Longest time span of one session's events (ts offsets are `u32` ms).
+pub const MAX_SESSION_SPAN_MS: i64 = u32::MAX as i64;
+
+const NONE: u8 = u8::MAX;
 
 /// Event order of SPEC §3: by ts, then device, then login, strings bytewise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,35 +73,28 @@ struct OrderKey {
     login: u16,
 }
 
+/// A kept event: 8 bytes.
 #[derive(Debug, Clone, Copy)]
 struct EvRec {
-    ts: i64,
+    /// ts − session base, in ms.
+    off: u32,
     mp: u16,
-    device: u16,
-    login: u16,
+    device: u8,
+    login: u8,
 }
 
-impl EvRec {
-    fn key(&self) -> OrderKey {
-        OrderKey {
-            ts: self.ts,
-            device: self.device,
-            login: self.login,
-        }
-    }
-}
-
-const NEVER: i64 = i64::MAX;
-
-#[derive(Debug, Clone)]
+/// An experiment the session is assigned to: 8 bytes.
+#[derive(Debug, Clone, Copy)]
 struct ExpState {
-    experiment: u32,
-    variation: u32,
-    /// Order key of the least event carrying this experiment's assignment.
-    assigned_at: OrderKey,
+    experiment: u16,
+    /// Start of this experiment's conditions in `Session::first_met`.
+    cond_start: u16,
+    /// Winning variation, as a slot of the experiment's variation list.
+    slot: u8,
+    /// Index of the least event carrying this experiment's assignment (of the
+    /// winning variation).
+    assigned: u8,
     conflict: bool,
-    /// Per condition, ts of the first event meeting it, or NEVER.
-    first_met: SmallVec<[i64; 2]>,
 }
 
 /// What the contributions of one experiment depend on, besides the events.
@@ -113,38 +106,102 @@ struct View {
     fm_at: Option<i64>,
 }
 
-impl ExpState {
-    fn view(&self) -> View {
-        let a = self.assigned_at.ts;
-        let fm_at = if self.first_met.contains(&NEVER) {
-            None
-        } else {
-            Some(self.first_met.iter().copied().fold(a, i64::max))
-        };
-        View {
-            variation: self.variation,
-            assigned_at: self.assigned_at,
-            fm_at,
-        }
-    }
-}
-
 #[derive(Debug, Default)]
 struct Session {
+    /// ts of offset 0: the least ts of the session's events.
+    base: i64,
     max_ts: i64,
-    events: SmallVec<[EvRec; 4]>,
-    experiments: SmallVec<[ExpState; 2]>,
+    events: Vec<EvRec>,
+    experiments: Vec<ExpState>,
+    /// Per condition of each assigned experiment: the index of the first event
+    /// meeting it (least ts), or NONE.
+    first_met: Vec<u8>,
     /// (event index, attribute name id, value id): the attributes conditions
     /// look at, kept to evaluate experiments assigned later.
-    attrs: Vec<(u16, u32, u32)>,
+    attrs: Vec<(u8, u32, u32)>,
 }
 
 impl Session {
+    #[inline]
+    fn ts(&self, i: u8) -> i64 {
+        self.base + self.events[i as usize].off as i64
+    }
+
+    #[inline]
+    fn key(&self, i: u8) -> OrderKey {
+        let e = self.events[i as usize];
+        OrderKey {
+            ts: self.base + e.off as i64,
+            device: e.device as u16,
+            login: e.login as u16,
+        }
+    }
+
     fn attr_of(&self, event: usize, name: u32) -> Option<u32> {
         self.attrs
             .iter()
             .find(|a| a.0 as usize == event && a.1 == name)
             .map(|a| a.2)
+    }
+
+    fn view(&self, s: &ExpState, x: &CompiledExperiment) -> View {
+        let assigned_at = self.key(s.assigned);
+        let conds =
+            &self.first_met[s.cond_start as usize..s.cond_start as usize + x.conditions.len()];
+        let fm_at = if conds.contains(&NONE) {
+            None
+        } else {
+            Some(
+                conds
+                    .iter()
+                    .map(|&i| self.ts(i))
+                    .fold(assigned_at.ts, i64::max),
+            )
+        };
+        View {
+            variation: x.variations[s.slot as usize],
+            assigned_at,
+            fm_at,
+        }
+    }
+
+    /// Records an event; `None` if it would not fit (too many events, or a
+    /// time span beyond what offsets hold).
+    fn push_event(&mut self, ts: i64, mp: u16, device: u16, login: u16) -> Option<u8> {
+        if self.events.len() >= MAX_EVENTS_PER_SESSION || device > 0xFF || login > 0xFF {
+            return None;
+        }
+        if self.events.is_empty() {
+            self.base = ts;
+            self.max_ts = ts;
+        } else if ts < self.base {
+            let shift = self.base - ts;
+            if self.max_ts - ts > MAX_SESSION_SPAN_MS {
+                return None;
+            }
+            for e in &mut self.events {
+                e.off += shift as u32;
+            }
+            self.base = ts;
+        } else if ts - self.base > MAX_SESSION_SPAN_MS {
+            return None;
+        }
+        self.max_ts = self.max_ts.max(ts);
+        self.events.push(EvRec {
+            off: (ts - self.base) as u32,
+            mp,
+            device: device as u8,
+            login: login as u8,
+        });
+        Some((self.events.len() - 1) as u8)
+    }
+
+    /// Approximate heap bytes owned (for the bytes-per-session figure).
+    fn heap_bytes(&self) -> usize {
+        self.events.capacity() * size_of::<EvRec>()
+            + self.experiments.capacity() * size_of::<ExpState>()
+            + self.first_met.capacity()
+            + self.attrs.capacity() * size_of::<(u8, u32, u32)>()
     }
 }
 
@@ -157,7 +214,7 @@ pub struct SessionStats {
     pub evicted: u64,
     /// (session, experiment) pairs seen with conflicting variations.
     pub conflicts: u64,
-    /// Events dropped because their session reached [`MAX_EVENTS_PER_SESSION`].
+    /// Events dropped because their session was full (see [`MAX_EVENTS_PER_SESSION`]).
     pub overflow_dropped: u64,
 }
 
@@ -194,16 +251,34 @@ impl Order<'_> {
             }
         })
     }
+}
 
-    /// Whether `events[i]` is the first of those with its mp and `ts >= bound`
+/// The events of a session as [`emit_from`] reads them.
+struct Events<'a> {
+    base: i64,
+    list: &'a [EvRec],
+}
+
+impl Events<'_> {
+    #[inline]
+    fn key(&self, e: &EvRec) -> OrderKey {
+        OrderKey {
+            ts: self.base + e.off as i64,
+            device: e.device as u16,
+            login: e.login as u16,
+        }
+    }
+
+    /// Whether event `i` is the first of those with its mp and `ts >= bound`
     /// (ties of equal keys go to the lower index, consistently).
-    fn is_first_visit(&self, events: &[EvRec], i: usize, bound: i64) -> bool {
-        let e = events[i];
-        events.iter().enumerate().all(|(j, g)| {
+    fn is_first_visit(&self, ord: &Order, i: usize, bound: i64) -> bool {
+        let e = self.list[i];
+        let ek = self.key(&e);
+        self.list.iter().enumerate().all(|(j, g)| {
             j == i
                 || g.mp != e.mp
-                || g.ts < bound
-                || match self.cmp(g.key(), e.key()) {
+                || self.base + (g.off as i64) < bound
+                || match ord.cmp(self.key(g), ek) {
                     Ordering::Less => false,
                     Ordering::Equal => j > i,
                     Ordering::Greater => true,
@@ -212,11 +287,12 @@ impl Order<'_> {
     }
 
     /// The least event with `ts >= bound`.
-    fn first_from(&self, events: &[EvRec], bound: i64) -> Option<EvRec> {
-        let mut best: Option<EvRec> = None;
-        for e in events.iter().filter(|e| e.ts >= bound) {
-            if best.is_none_or(|b| self.cmp(e.key(), b.key()) == Ordering::Less) {
-                best = Some(*e);
+    fn first_from(&self, ord: &Order, bound: i64) -> Option<OrderKey> {
+        let mut best: Option<OrderKey> = None;
+        for e in self.list {
+            let k = self.key(e);
+            if k.ts >= bound && best.is_none_or(|b| ord.cmp(k, b) == Ordering::Less) {
+                best = Some(k);
             }
         }
         best
@@ -228,7 +304,7 @@ fn emit_from(
     ord: &Order,
     x: &CompiledExperiment,
     view: View,
-    events: &[EvRec],
+    events: &Events,
     from: i64,
     sign: i64,
     out: &mut MinuteCounters,
@@ -243,7 +319,7 @@ fn emit_from(
         );
     }
     if let Some(f) = view.fm_at {
-        if let Some(first) = ord.first_from(events, f) {
+        if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
                 out.add(
                     SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
@@ -253,32 +329,30 @@ fn emit_from(
             }
         }
     }
-    for (i, e) in events.iter().enumerate() {
-        if e.ts < from || e.ts < a.ts || !x.reports(e.mp) {
+    for (i, e) in events.list.iter().enumerate() {
+        let ts = events.base + e.off as i64;
+        if ts < from || ts < a.ts || !x.reports(e.mp) {
             continue;
         }
+        let (mp, d, l) = (e.mp, e.device as u16, e.login as u16);
         out.add(
-            SeriesKey::new(MetricKind::VisitAssigned, v, e.mp, e.device, e.login),
-            e.ts,
+            SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l),
+            ts,
             sign,
         );
-        if ord.is_first_visit(events, i, a.ts) {
+        if events.is_first_visit(ord, i, a.ts) {
             out.add(
-                SeriesKey::new(MetricKind::VisitAssignedBeta, v, e.mp, e.device, e.login),
-                e.ts,
+                SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l),
+                ts,
                 sign,
             );
         }
-        if let Some(f) = view.fm_at.filter(|&f| e.ts >= f) {
-            out.add(
-                SeriesKey::new(MetricKind::VisitFm, v, e.mp, e.device, e.login),
-                e.ts,
-                sign,
-            );
-            if ord.is_first_visit(events, i, f) {
+        if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
+            out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
+            if events.is_first_visit(ord, i, f) {
                 out.add(
-                    SeriesKey::new(MetricKind::VisitFmBeta, v, e.mp, e.device, e.login),
-                    e.ts,
+                    SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l),
+                    ts,
                     sign,
                 );
             }
@@ -320,12 +394,27 @@ impl SessionTable {
         self.sessions.is_empty()
     }
 
+    /// Bytes held for sessions: the table's slots (key, value, control byte,
+    /// at its capacity) plus each session's heap allocations.
+    pub fn state_bytes(&self) -> usize {
+        let slot = size_of::<SessionKey>() + size_of::<Session>() + 1;
+        self.sessions.capacity() * slot
+            + self
+                .sessions
+                .values()
+                .map(Session::heap_bytes)
+                .sum::<usize>()
+    }
+
     /// Frees every session that has expired at watermark `wm`.
     pub fn expire(&mut self, wm: i64) {
         let gap = self.gap_ms;
         let before = self.sessions.len();
         self.sessions.retain(|_, s| !expired(s.max_ts, gap, wm));
         self.stats.evicted += (before - self.sessions.len()) as u64;
+        if self.sessions.capacity() > 4 * self.sessions.len().max(1024) {
+            self.sessions.shrink_to_fit();
+        }
     }
 
     /// Adds one event, emitting the resulting metric deltas into `out`.
@@ -347,88 +436,92 @@ impl SessionTable {
                 v.insert(Session::default())
             }
         };
-        if session.events.len() >= MAX_EVENTS_PER_SESSION {
+        let in_order = session.events.is_empty() || ev.ts > session.max_ts;
+        let Some(idx) = session.push_event(ev.ts, ev.mp, ev.device, ev.login) else {
             self.stats.overflow_dropped += 1;
             return;
-        }
-        let fresh = session.events.is_empty();
-        let in_order = fresh || ev.ts > session.max_ts;
-        session.max_ts = if fresh {
-            ev.ts
-        } else {
-            session.max_ts.max(ev.ts)
         };
+        for &(name, value) in ev.attrs {
+            session.attrs.push((idx, name, value));
+        }
 
         let catalog = &*self.catalog;
         let ord = Order { catalog };
-        let idx = session.events.len();
-        let rec = EvRec {
-            ts: ev.ts,
-            mp: ev.mp,
-            device: ev.device,
-            login: ev.login,
-        };
-        session.events.push(rec);
-        for &(name, value) in ev.attrs {
-            session.attrs.push((idx as u16, name, value));
-        }
 
-        // 1. Views before the event.
+        // 1. Views before the event (the event is pushed but not yet used).
         self.before.clear();
-        self.before
-            .extend(session.experiments.iter().map(|s| Some(s.view())));
+        for s in &session.experiments {
+            self.before.push(Some(
+                session.view(s, &catalog.experiments[s.experiment as usize]),
+            ));
+        }
+        let known = session.experiments.len();
 
         // 2a. Assignments: the least (order key, variation id) wins.
-        let key = rec.key();
+        let key = session.key(idx);
+        let new_assigns = ev
+            .assigns
+            .iter()
+            .filter(|a| {
+                !session
+                    .experiments
+                    .iter()
+                    .any(|s| s.experiment as u32 == a.0)
+            })
+            .count();
+        session.experiments.reserve_exact(new_assigns);
         for &(experiment, variation) in ev.assigns {
+            let x = &catalog.experiments[experiment as usize];
+            let slot = x
+                .variations
+                .iter()
+                .position(|&v| v == variation)
+                .expect("variation of its experiment") as u8;
             match session
                 .experiments
-                .iter_mut()
-                .find(|s| s.experiment == experiment)
+                .iter()
+                .position(|s| s.experiment as u32 == experiment)
             {
-                Some(s) => {
-                    if s.variation != variation && !s.conflict {
-                        s.conflict = true;
+                Some(i) => {
+                    let s = session.experiments[i];
+                    if s.slot != slot && !s.conflict {
+                        session.experiments[i].conflict = true;
                         self.stats.conflicts += 1;
                     }
-                    let wins = match ord.cmp(key, s.assigned_at) {
+                    let wins = match ord.cmp(key, session.key(s.assigned)) {
                         Ordering::Less => true,
                         Ordering::Equal => {
                             catalog.variations[variation as usize].id
-                                < catalog.variations[s.variation as usize].id
+                                < catalog.variations[x.variations[s.slot as usize] as usize].id
                         }
                         Ordering::Greater => false,
                     };
                     if wins {
-                        s.variation = variation;
-                        s.assigned_at = key;
+                        session.experiments[i].slot = slot;
+                        session.experiments[i].assigned = idx;
                     }
                 }
                 None => {
                     // Newly assigned: conditions over every event so far.
-                    let x = &catalog.experiments[experiment as usize];
-                    let first_met = x
-                        .conditions
-                        .iter()
-                        .map(|c| {
-                            session
-                                .events
-                                .iter()
-                                .enumerate()
-                                .filter(|(i, e)| {
-                                    c.matches(e.mp, e.device, e.login, |k| session.attr_of(*i, k))
-                                })
-                                .map(|(_, e)| e.ts)
-                                .min()
-                                .unwrap_or(NEVER)
-                        })
-                        .collect();
+                    let cond_start = session.first_met.len() as u16;
+                    for c in &x.conditions {
+                        let mut first = NONE;
+                        for (i, e) in session.events.iter().enumerate() {
+                            if c.matches(e.mp, e.device as u16, e.login as u16, |k| {
+                                session.attr_of(i, k)
+                            }) && (first == NONE || e.off < session.events[first as usize].off)
+                            {
+                                first = i as u8;
+                            }
+                        }
+                        session.first_met.push(first);
+                    }
                     session.experiments.push(ExpState {
-                        experiment,
-                        variation,
-                        assigned_at: key,
+                        experiment: experiment as u16,
+                        cond_start,
+                        slot,
+                        assigned: idx,
                         conflict: false,
-                        first_met,
                     });
                     self.before.push(None);
                 }
@@ -437,29 +530,42 @@ impl SessionTable {
         // 2b. Conditions met by this event, for experiments assigned before it.
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
-        let known = self.before.iter().take_while(|b| b.is_some()).count();
-        for s in session.experiments[..known].iter_mut() {
+        let off = session.events[idx as usize].off;
+        for s in &session.experiments[..known] {
             let x = &catalog.experiments[s.experiment as usize];
-            for (c, first) in x.conditions.iter().zip(s.first_met.iter_mut()) {
-                if ev.ts < *first && c.matches(ev.mp, ev.device, ev.login, lookup) {
-                    *first = ev.ts;
+            for (c, first) in x
+                .conditions
+                .iter()
+                .zip(session.first_met[s.cond_start as usize..].iter_mut())
+            {
+                if (*first == NONE || off < session.events[*first as usize].off)
+                    && c.matches(ev.mp, ev.device, ev.login, lookup)
+                {
+                    *first = idx;
                 }
             }
         }
 
         // 3. Deltas at >= t.
-        let events = &session.events[..];
+        let events = Events {
+            base: session.base,
+            list: &session.events,
+        };
+        let before_events = Events {
+            base: session.base,
+            list: &session.events[..idx as usize],
+        };
         for (s, before) in session.experiments.iter().zip(self.before.iter()) {
             let x = &catalog.experiments[s.experiment as usize];
-            let after = s.view();
+            let after = session.view(s, x);
             if in_order && *before == Some(after) {
-                fast_in_order(x, after, events, out);
+                fast_in_order(x, after, &events, out);
                 continue;
             }
             if let Some(b) = *before {
-                emit_from(&ord, x, b, &events[..idx], ev.ts, -1, out);
+                emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
             }
-            emit_from(&ord, x, after, events, ev.ts, 1, out);
+            emit_from(&ord, x, after, &events, ev.ts, 1, out);
         }
     }
 }
@@ -469,40 +575,37 @@ impl SessionTable {
 /// before, and F is the ts of an earlier event, so `session.fm` cannot move:
 /// only the event's own visits (and betas, if first) are new.
 #[inline]
-fn fast_in_order(x: &CompiledExperiment, view: View, events: &[EvRec], out: &mut MinuteCounters) {
-    let i = events.len() - 1;
-    let e = events[i];
+fn fast_in_order(x: &CompiledExperiment, view: View, events: &Events, out: &mut MinuteCounters) {
+    let i = events.list.len() - 1;
+    let e = events.list[i];
+    let ts = events.base + e.off as i64;
     let a = view.assigned_at.ts;
-    if e.ts < a || !x.reports(e.mp) {
+    if ts < a || !x.reports(e.mp) {
         return;
     }
-    let v = view.variation;
+    let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
     out.add(
-        SeriesKey::new(MetricKind::VisitAssigned, v, e.mp, e.device, e.login),
-        e.ts,
+        SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l),
+        ts,
         1,
     );
     // In order, e is the greatest event: it is first iff no other visit of its mp counts.
-    let prior_since = |bound: i64| events[..i].iter().any(|g| g.mp == e.mp && g.ts >= bound);
+    let prior_since = |bound: i64| {
+        events.list[..i]
+            .iter()
+            .any(|g| g.mp == mp && events.base + g.off as i64 >= bound)
+    };
     if !prior_since(a) {
         out.add(
-            SeriesKey::new(MetricKind::VisitAssignedBeta, v, e.mp, e.device, e.login),
-            e.ts,
+            SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l),
+            ts,
             1,
         );
     }
-    if let Some(f) = view.fm_at.filter(|&f| e.ts >= f) {
-        out.add(
-            SeriesKey::new(MetricKind::VisitFm, v, e.mp, e.device, e.login),
-            e.ts,
-            1,
-        );
+    if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
+        out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
         if !prior_since(f) {
-            out.add(
-                SeriesKey::new(MetricKind::VisitFmBeta, v, e.mp, e.device, e.login),
-                e.ts,
-                1,
-            );
+            out.add(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
         }
     }
 }
@@ -510,4 +613,28 @@ fn fast_in_order(x: &CompiledExperiment, view: View, events: &[EvRec], out: &mut
 #[inline]
 fn expired(max_ts: i64, gap_ms: i64, wm: i64) -> bool {
     wm > max_ts.saturating_add(gap_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_sizes() {
+        assert_eq!(size_of::<EvRec>(), 8);
+        assert_eq!(size_of::<ExpState>(), 8);
+        assert_eq!(size_of::<SessionKey>(), 16);
+    }
+
+    #[test]
+    fn earlier_event_rebases_offsets() {
+        let mut s = Session::default();
+        assert_eq!(s.push_event(10_000, 1, 0, 0), Some(0));
+        assert_eq!(s.push_event(4_000, 2, 0, 0), Some(1));
+        assert_eq!(
+            (s.ts(0), s.ts(1), s.base, s.max_ts),
+            (10_000, 4_000, 4_000, 10_000)
+        );
+        assert_eq!(s.push_event(4_000 + MAX_SESSION_SPAN_MS + 1, 2, 0, 0), None);
+    }
 }

@@ -37,7 +37,7 @@ pub struct Router {
 /// Where an event goes: the shard owning `key`, by multiply-shift of its hash.
 #[inline]
 pub fn shard_of(key: &SessionKey, shards: usize) -> usize {
-    (((key.id as u64) as u128 * shards as u128) >> 64) as usize
+    ((key.0[0] as u128 * shards as u128) >> 64) as usize
 }
 
 impl Router {
