@@ -16,11 +16,7 @@ use expmon::source::{FileSource, Source};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "expmon",
-    version,
-    about = "Real-time A/B-experiment monitoring engine"
-)]
+#[command(name = "expmon", version, about = "Real-time A/B-experiment monitoring engine")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -93,14 +89,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd_run(a),
-        Command::Gen(a) => expmon::gen::cli::run_gen(
-            &a.profile,
-            a.events,
-            a.rate,
-            a.seed,
-            &a.out,
-            a.write_config.as_deref(),
-        ),
+        Command::Gen(a) => {
+            expmon::gen::cli::run_gen(&a.profile, a.events, a.rate, a.seed, &a.out, a.write_config.as_deref())
+        }
         Command::CheckConfig { file } => cmd_check(&file),
     };
     if let Err(e) = result {
@@ -123,32 +114,23 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::demo(),
     };
-    let catalog =
-        Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
+    let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
     let source = open_source(&a.source, &config)?;
     let sink = expmon::sink::open(&a.sink)?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
     opts.pin = a.pin;
     if let Some(t) = &a.trigger {
-        opts.trigger = Duration::from_millis(
-            parse_duration_ms(t)
-                .map_err(anyhow::Error::msg)
-                .context("--trigger")? as u64,
-        );
+        opts.trigger =
+            Duration::from_millis(parse_duration_ms(t).map_err(anyhow::Error::msg).context("--trigger")? as u64);
     }
     if let Some(d) = &a.duration {
-        opts.max_duration = Some(Duration::from_millis(
-            parse_duration_ms(d)
-                .map_err(anyhow::Error::msg)
-                .context("--duration")? as u64,
-        ));
+        opts.max_duration =
+            Some(Duration::from_millis(parse_duration_ms(d).map_err(anyhow::Error::msg).context("--duration")? as u64));
     }
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, opts.stop.clone()).context("installing signal handler")?;
     }
-    let show_status = a
-        .status
-        .unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let show_status = a.status.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
     eprintln!(
         "expmon: {} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
         source.describe(),
@@ -157,8 +139,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         opts.trigger
     );
     let status_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let status =
-        show_status.then(|| expmon::health::spawn_status(opts.live.clone(), status_stop.clone()));
+    let status = show_status.then(|| expmon::health::spawn_status(opts.live.clone(), status_stop.clone()));
     let result = shard::run(catalog, source, sink, opts);
     status_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(h) = status {
@@ -174,9 +155,7 @@ fn open_source(spec: &str, config: &Config) -> Result<Box<dyn Source>> {
         return Ok(Box::new(FileSource::open(path)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {
-        return Ok(Box::new(
-            expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?,
-        ));
+        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?));
     }
     if spec.starts_with("kafka://") {
         bail!("kafka sources are not available yet in this build: {spec}");

@@ -62,12 +62,7 @@ pub struct Interner {
 
 impl Interner {
     pub fn new(shared: Arc<Names>, kind: NameKind, capacity: usize) -> Interner {
-        let mut me = Interner {
-            index: AHashMap::new(),
-            shared,
-            kind,
-            capacity,
-        };
+        let mut me = Interner { index: AHashMap::new(), shared, kind, capacity };
         // Ids already in the table (from the catalog) stay valid.
         let existing: Vec<Arc<str>> = me.table().read().clone();
         for (i, n) in existing.iter().enumerate() {
@@ -94,11 +89,7 @@ impl Interner {
             return None;
         }
         let id = self.index.len() as u16;
-        self.table()
-            .names
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::from(name));
+        self.table().names.write().unwrap_or_else(|e| e.into_inner()).push(Arc::from(name));
         self.index.insert(name.into(), id);
         Some(id)
     }

@@ -15,9 +15,7 @@ struct Expmon {
 
 impl Expmon {
     fn new() -> Expmon {
-        Expmon {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Expmon { dir: tempfile::tempdir().unwrap() }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -25,11 +23,7 @@ impl Expmon {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_expmon"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_expmon")).args(args).current_dir(self.dir.path()).output().unwrap()
     }
 
     /// Runs and asserts success, returning stderr.
@@ -49,12 +43,7 @@ impl Expmon {
 }
 
 fn lines_of(path: &Path) -> Vec<Vec<u8>> {
-    std::fs::read(path)
-        .unwrap()
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect()
+    std::fs::read(path).unwrap().split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
 }
 
 #[test]
@@ -74,11 +63,7 @@ fn generated_replay_equals_reference_at_every_width() {
     ]);
     let config = Config::demo();
     let expected = reference(&config, &lines_of(&events));
-    assert!(
-        expected.len() > 500,
-        "a meaningful amount of output: {}",
-        expected.len()
-    );
+    assert!(expected.len() > 500, "a meaningful amount of output: {}", expected.len());
     let mut summaries = Vec::new();
     for threads in ["1", "2", "4", "8"] {
         let out = x.path(&format!("out-{threads}.jsonl"));
@@ -141,20 +126,13 @@ fn stdin_source_and_null_sink() {
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        writeln!(
-            stdin,
-            r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}}"#
-        )
-        .unwrap();
+        writeln!(stdin, r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}}"#).unwrap();
         writeln!(stdin, "garbage").unwrap();
     }
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("2 events in") && err.contains("not_json=1"),
-        "{err}"
-    );
+    assert!(err.contains("2 events in") && err.contains("not_json=1"), "{err}");
 }
 
 #[test]
@@ -163,17 +141,13 @@ fn check_config_prints_summary_or_a_located_error() {
     std::fs::write(x.path("good.toml"), expmon::config::DEMO_CONFIG).unwrap();
     let out = x.run(&["check-config", "good.toml"]);
     assert!(out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("5 experiments, 12 variations, 3 tenants")
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 experiments, 12 variations, 3 tenants"));
 
     std::fs::write(x.path("bad.toml"), "[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [5]\n\n[[experiment]]\nid = 2\ntenant = \"a\"\nvariations = [5]\n").unwrap();
     let err = x.fails(&["check-config", "bad.toml"]);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(
-        err.contains(
-            "bad.toml:9: experiment[1].variations: variation id 5 is already used by experiment 1"
-        ),
+        err.contains("bad.toml:9: experiment[1].variations: variation id 5 is already used by experiment 1"),
         "{err}"
     );
 
@@ -186,34 +160,10 @@ fn bad_flags_give_one_clear_line() {
     let x = Expmon::new();
     for (args, needle) in [
         (vec!["run", "--source", "nope:x"], "bad source"),
-        (
-            vec![
-                "run",
-                "--source",
-                "file:/does/not/exist.jsonl",
-                "--sink",
-                "null",
-            ],
-            "cannot open /does/not/exist.jsonl",
-        ),
-        (
-            vec![
-                "run",
-                "--source",
-                "gen:demo?events=10",
-                "--sink",
-                "carrier-pigeon",
-            ],
-            "bad sink",
-        ),
-        (
-            vec!["run", "--source", "gen:nosuch?events=10"],
-            "unknown generator profile",
-        ),
-        (
-            vec!["check-config", "/does/not/exist.toml"],
-            "cannot read config file",
-        ),
+        (vec!["run", "--source", "file:/does/not/exist.jsonl", "--sink", "null"], "cannot open /does/not/exist.jsonl"),
+        (vec!["run", "--source", "gen:demo?events=10", "--sink", "carrier-pigeon"], "bad sink"),
+        (vec!["run", "--source", "gen:nosuch?events=10"], "unknown generator profile"),
+        (vec!["check-config", "/does/not/exist.toml"], "cannot read config file"),
     ] {
         let err = x.fails(&args);
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
@@ -224,54 +174,13 @@ fn bad_flags_give_one_clear_line() {
 #[test]
 fn generator_is_reproducible_and_in_process_source_matches_it() {
     let x = Expmon::new();
-    x.ok(&[
-        "gen",
-        "--profile",
-        "demo",
-        "--events",
-        "5000",
-        "--seed",
-        "3",
-        "--out",
-        "file:a.jsonl",
-    ]);
-    x.ok(&[
-        "gen",
-        "--profile",
-        "demo",
-        "--events",
-        "5000",
-        "--seed",
-        "3",
-        "--out",
-        "file:b.jsonl",
-    ]);
-    assert_eq!(
-        std::fs::read(x.path("a.jsonl")).unwrap(),
-        std::fs::read(x.path("b.jsonl")).unwrap()
-    );
-    x.ok(&[
-        "run",
-        "--source",
-        "file:a.jsonl",
-        "--sink",
-        "file:from-file.jsonl",
-    ]);
-    x.ok(&[
-        "run",
-        "--source",
-        "gen:demo?events=5000&seed=3",
-        "--sink",
-        "file:from-gen.jsonl",
-    ]);
-    let a = totals_from_jsonl(
-        &std::fs::read_to_string(x.path("from-file.jsonl")).unwrap(),
-        "dc1",
-    );
-    let b = totals_from_jsonl(
-        &std::fs::read_to_string(x.path("from-gen.jsonl")).unwrap(),
-        "dc1",
-    );
+    x.ok(&["gen", "--profile", "demo", "--events", "5000", "--seed", "3", "--out", "file:a.jsonl"]);
+    x.ok(&["gen", "--profile", "demo", "--events", "5000", "--seed", "3", "--out", "file:b.jsonl"]);
+    assert_eq!(std::fs::read(x.path("a.jsonl")).unwrap(), std::fs::read(x.path("b.jsonl")).unwrap());
+    x.ok(&["run", "--source", "file:a.jsonl", "--sink", "file:from-file.jsonl"]);
+    x.ok(&["run", "--source", "gen:demo?events=5000&seed=3", "--sink", "file:from-gen.jsonl"]);
+    let a = totals_from_jsonl(&std::fs::read_to_string(x.path("from-file.jsonl")).unwrap(), "dc1");
+    let b = totals_from_jsonl(&std::fs::read_to_string(x.path("from-gen.jsonl")).unwrap(), "dc1");
     assert!(!a.is_empty());
     assert!(diff(&a, &b).is_empty());
 }

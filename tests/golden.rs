@@ -42,15 +42,7 @@ fn config() -> Config {
 }
 
 fn p(name: &str, device: &str, login: &str, minute: i64, value: i64) -> (PointId, i64) {
-    (
-        (
-            name.to_string(),
-            device.to_string(),
-            login.to_string(),
-            T0 + minute * MIN,
-        ),
-        value,
-    )
+    ((name.to_string(), device.to_string(), login.to_string(), T0 + minute * MIN), value)
 }
 
 /// Runs at 1 and 3 threads; both must equal `expected` and the reference.
@@ -65,41 +57,16 @@ fn check(lines: &[Vec<u8>], expected: &[(PointId, i64)]) {
     );
     for threads in [1, 3] {
         let got = engine_totals(&c, lines, threads);
-        assert!(
-            diff(&expected, &got).is_empty(),
-            "threads={threads}: {:#?}",
-            diff(&expected, &got)
-        );
+        assert!(diff(&expected, &got).is_empty(), "threads={threads}: {:#?}", diff(&expected, &got));
     }
 }
 
 #[test]
 fn spec_worked_example() {
     let lines = vec![
-        ev(
-            T0 + 5 * SEC,
-            "s1",
-            "home_page",
-            "desktop",
-            "in",
-            &[(123, 1231)],
-        ),
-        ev(
-            T0 + 2 * MIN + 30 * SEC,
-            "s1",
-            "item_page",
-            "desktop",
-            "in",
-            &[],
-        ),
-        ev(
-            T0 + 4 * MIN + 10 * SEC,
-            "s1",
-            "item_page",
-            "desktop",
-            "in",
-            &[],
-        ),
+        ev(T0 + 5 * SEC, "s1", "home_page", "desktop", "in", &[(123, 1231)]),
+        ev(T0 + 2 * MIN + 30 * SEC, "s1", "item_page", "desktop", "in", &[]),
+        ev(T0 + 4 * MIN + 10 * SEC, "s1", "item_page", "desktop", "in", &[]),
     ];
     let d = "desktop";
     check(
@@ -166,10 +133,7 @@ fn qualification_completed_by_a_later_condition() {
     let lines = vec![
         ev(T0, "s1", "home_page", "mobile", "in", &[(456, 4562)]),
         ev(T0 + 2 * MIN, "s1", "cart", "mobile", "in", &[]),
-        with_attrs(
-            ev(T0 + 5 * MIN, "s1", "checkout", "mobile", "in", &[]),
-            &[("payment", "paypal")],
-        ),
+        with_attrs(ev(T0 + 5 * MIN, "s1", "checkout", "mobile", "in", &[]), &[("payment", "paypal")]),
         ev(T0 + 6 * MIN, "s1", "cart", "mobile", "in", &[]),
     ];
     let m = "mobile";
@@ -252,24 +216,16 @@ fn run_in_two_epochs(
     use std::sync::Arc;
     // A trigger of zero flushes after every source read; a pipe delivers the
     // two halves in two reads.
-    let catalog = Arc::new(
-        expmon::config::Catalog::build(c, Arc::new(expmon::names::Names::default())).unwrap(),
-    );
+    let catalog = Arc::new(expmon::config::Catalog::build(c, Arc::new(expmon::names::Names::default())).unwrap());
     let (r, mut w) = std::io::pipe().unwrap();
     let mut opts = expmon::shard::RunOptions::new(&catalog, 2);
     opts.trigger = std::time::Duration::ZERO;
     let sink = expmon::sink::MemorySink::default();
     let points = sink.points.clone();
     let src = expmon::source::FileSource::from_reader(Box::new(r), "pipe".into());
-    let engine = std::thread::spawn(move || {
-        expmon::shard::run(catalog, Box::new(src), Box::new(sink), opts).unwrap()
-    });
+    let engine = std::thread::spawn(move || expmon::shard::run(catalog, Box::new(src), Box::new(sink), opts).unwrap());
     use std::io::Write;
-    let text = |ls: &[Vec<u8>]| {
-        ls.iter()
-            .flat_map(|l| l.iter().copied().chain([b'\n']))
-            .collect::<Vec<u8>>()
-    };
+    let text = |ls: &[Vec<u8>]| ls.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect::<Vec<u8>>();
     w.write_all(&text(a)).unwrap();
     // Wait until the first half has been written out.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -287,14 +243,7 @@ fn run_in_two_epochs(
 fn conflicting_assignments_first_event_wins_and_is_counted() {
     // The 10:01 event (variation 1231) arrives first; the 10:00 one (1232) wins.
     let lines = vec![
-        ev(
-            T0 + MIN,
-            "s1",
-            "item_page",
-            "desktop",
-            "out",
-            &[(123, 1231)],
-        ),
+        ev(T0 + MIN, "s1", "item_page", "desktop", "out", &[(123, 1231)]),
         ev(T0, "s1", "item_page", "desktop", "out", &[(123, 1232)]),
     ];
     let d = "desktop";
@@ -326,13 +275,7 @@ fn tie_at_one_timestamp_goes_to_smaller_variation_and_first_tags() {
             p("uswm.session.assigned.1231", "desktop", "in", 0, 1),
             p("uswm.visit.assigned.1231.item_page", "desktop", "in", 0, 2),
             p("uswm.visit.assigned.1231.item_page", "mobile", "in", 0, 1),
-            p(
-                "uswm.visit.assigned.1231.item_page.beta",
-                "desktop",
-                "in",
-                0,
-                1,
-            ),
+            p("uswm.visit.assigned.1231.item_page.beta", "desktop", "in", 0, 1),
         ],
     );
 }
@@ -340,18 +283,8 @@ fn tie_at_one_timestamp_goes_to_smaller_variation_and_first_tags() {
 #[test]
 fn mps_filter_and_every_mp_when_omitted() {
     let lines = vec![
-        ev(
-            T0,
-            "s1",
-            "cart",
-            "mobile",
-            "in",
-            &[(123, 1231), (456, 4561)],
-        ),
-        with_attrs(
-            ev(T0 + MIN, "s1", "checkout", "mobile", "in", &[]),
-            &[("payment", "card")],
-        ),
+        ev(T0, "s1", "cart", "mobile", "in", &[(123, 1231), (456, 4561)]),
+        with_attrs(ev(T0 + MIN, "s1", "checkout", "mobile", "in", &[]), &[("payment", "card")]),
     ];
     let m = "mobile";
     check(
@@ -372,35 +305,18 @@ fn mps_filter_and_every_mp_when_omitted() {
 #[test]
 fn unknown_experiment_and_variation_are_ignored_and_counted() {
     let lines = vec![
-        ev(
-            T0,
-            "s1",
-            "home_page",
-            "desktop",
-            "in",
-            &[(999, 1), (123, 4561)],
-        ),
+        ev(T0, "s1", "home_page", "desktop", "in", &[(999, 1), (123, 4561)]),
         ev(T0 + MIN, "s1", "home_page", "desktop", "in", &[]),
     ];
     check(&lines, &[]);
     let (_, s) = run_engine(&config(), &lines, 1);
-    assert_eq!(
-        (s.router.unknown_experiment, s.router.unknown_variation),
-        (1, 1)
-    );
+    assert_eq!((s.router.unknown_experiment, s.router.unknown_variation), (1, 1));
 }
 
 #[test]
 fn event_beyond_the_lateness_is_dropped() {
     let lines = vec![
-        ev(
-            T0 + 40 * MIN,
-            "s1",
-            "home_page",
-            "desktop",
-            "in",
-            &[(123, 1231)],
-        ),
+        ev(T0 + 40 * MIN, "s1", "home_page", "desktop", "in", &[(123, 1231)]),
         // 40 minutes late with 10 minutes allowed: dropped.
         ev(T0, "s2", "home_page", "desktop", "in", &[(123, 1232)]),
     ];
@@ -426,22 +342,12 @@ fn session_resumed_after_a_long_gap_counts_beta_again() {
     // Other traffic moves the watermark on (an unknown tenant counts too).
     for m in (5..=90).step_by(5) {
         let mut tick = ev(T0 + m * MIN, "t", "home_page", "desktop", "in", &[]);
-        tick = String::from_utf8(tick)
-            .unwrap()
-            .replace("\"uswm\"", "\"other_site\"")
-            .into_bytes();
+        tick = String::from_utf8(tick).unwrap().replace("\"uswm\"", "\"other_site\"").into_bytes();
         lines.push(tick);
     }
     // 90 minutes later: > 2 × 30m + 10m, so the first session has expired.
     lines.push(ev(T0 + 90 * MIN, "s1", "home_page", "desktop", "in", &[]));
-    lines.push(ev(
-        T0 + 91 * MIN,
-        "s1",
-        "home_page",
-        "desktop",
-        "in",
-        &[(123, 1231)],
-    ));
+    lines.push(ev(T0 + 91 * MIN, "s1", "home_page", "desktop", "in", &[(123, 1231)]));
     let d = "desktop";
     check(
         &lines,
@@ -468,38 +374,21 @@ fn session_resumed_after_a_long_gap_counts_beta_again() {
 #[test]
 fn malformed_lines_of_every_reason_are_counted_and_skipped() {
     let good = ev(T0, "s1", "home_page", "desktop", "in", &[(123, 1231)]);
-    let base = |rest: &str| {
-        format!(r#"{{"ts":{T0},"tenant":"uswm","session":"s","mp":"m"{rest}}}"#).into_bytes()
-    };
+    let base = |rest: &str| format!(r#"{{"ts":{T0},"tenant":"uswm","session":"s","mp":"m"{rest}}}"#).into_bytes();
     let bad: Vec<(Reject, Vec<u8>)> = vec![
-        (
-            Reject::NotUtf8,
-            b"{\"ts\":1525341600000,\"tenant\":\"\xff\"}".to_vec(),
-        ),
+        (Reject::NotUtf8, b"{\"ts\":1525341600000,\"tenant\":\"\xff\"}".to_vec()),
         (Reject::NotJson, b"{\"ts\": 15".to_vec()),
         (Reject::NotObject, b"[\"ts\"]".to_vec()),
-        (
-            Reject::MissingField,
-            br#"{"ts":1525341600000,"tenant":"uswm","mp":"m"}"#.to_vec(),
-        ),
+        (Reject::MissingField, br#"{"ts":1525341600000,"tenant":"uswm","mp":"m"}"#.to_vec()),
         (Reject::WrongType, base(r#","login":true"#)),
         (Reject::BadAssignKey, base(r#","assign":{"-1":3}"#)),
-        (
-            Reject::TsOutOfRange,
-            br#"{"ts":5,"tenant":"uswm","session":"s","mp":"m"}"#.to_vec(),
-        ),
-        (
-            Reject::TooLong,
-            base(&format!(r#","session":"{}""#, "s".repeat(300))),
-        ),
+        (Reject::TsOutOfRange, br#"{"ts":5,"tenant":"uswm","session":"s","mp":"m"}"#.to_vec()),
+        (Reject::TooLong, base(&format!(r#","session":"{}""#, "s".repeat(300)))),
         (
             Reject::TooMany,
             base(&format!(
                 r#","attrs":{{{}}}"#,
-                (0..70)
-                    .map(|i| format!("\"k{i}\":\"v\""))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                (0..70).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",")
             )),
         ),
         (Reject::EmptyField, base(r#","device":"""#)),

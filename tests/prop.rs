@@ -20,19 +20,12 @@ const DEVICES: [&str; 2] = ["d1", "d2"];
 const LOGINS: [Option<&str>; 3] = [Some("in"), Some("out"), None];
 
 fn condition() -> impl Strategy<Value = Condition> {
-    (
-        prop::option::of(0..4usize),
-        prop::option::of(0..2usize),
-        prop::option::of(0..2usize),
-        prop::option::of(0..2usize),
-    )
+    (prop::option::of(0..4usize), prop::option::of(0..2usize), prop::option::of(0..2usize), prop::option::of(0..2usize))
         .prop_map(|(mp, dev, login, pay)| Condition {
             mp: mp.map(|i| MPS[i].to_string()),
             device: dev.map(|i| DEVICES[i].to_string()),
             login: login.map(|i| ["in", "out"][i].to_string()),
-            attrs: pay
-                .map(|i| vec![("pay".to_string(), ["x", "y"][i].to_string())])
-                .unwrap_or_default(),
+            attrs: pay.map(|i| vec![("pay".to_string(), ["x", "y"][i].to_string())]).unwrap_or_default(),
         })
 }
 
@@ -103,18 +96,8 @@ struct GenSession {
 }
 
 fn session() -> impl Strategy<Value = GenSession> {
-    (
-        0..2usize,
-        0..4usize,
-        0..600i64,
-        prop::collection::vec(prop::collection::vec(event(), 1..7), 1..3),
-    )
-        .prop_map(|(tenant, id, start_s, bursts)| GenSession {
-            tenant,
-            id,
-            start_s,
-            bursts,
-        })
+    (0..2usize, 0..4usize, 0..600i64, prop::collection::vec(prop::collection::vec(event(), 1..7), 1..3))
+        .prop_map(|(tenant, id, start_s, bursts)| GenSession { tenant, id, start_s, bursts })
 }
 
 /// Builds the arrival-ordered lines of a world.
@@ -142,8 +125,7 @@ fn world_lines(experiments: &[Experiment], sessions: &[GenSession]) -> Vec<Vec<u
                 if let Some(l) = LOGINS[e.login] {
                     o["login"] = l.into();
                 }
-                let mine: Vec<&Experiment> =
-                    experiments.iter().filter(|x| x.tenant == tenant).collect();
+                let mine: Vec<&Experiment> = experiments.iter().filter(|x| x.tenant == tenant).collect();
                 let mut assign = serde_json::Map::new();
                 for &(xs, vs) in &e.assign {
                     match mine.get(xs) {
@@ -173,11 +155,7 @@ fn world_lines(experiments: &[Experiment], sessions: &[GenSession]) -> Vec<Vec<u
     // A steady clock of other traffic moves the watermark (unknown tenant).
     let mut t = T0;
     while t <= max_arrival + MIN {
-        timed.push((
-            t,
-            seq,
-            format!(r#"{{"ts":{t},"tenant":"zz","session":"tick","mp":"a"}}"#).into_bytes(),
-        ));
+        timed.push((t, seq, format!(r#"{{"ts":{t},"tenant":"zz","session":"tick","mp":"a"}}"#).into_bytes()));
         seq += 1;
         t += 30 * SEC;
     }

@@ -95,22 +95,13 @@ impl MinuteCounters {
 
     #[inline]
     fn bucket(&mut self, minute: i64) -> usize {
-        if self
-            .buckets
-            .get(self.last_bucket)
-            .is_some_and(|b| b.minute == minute)
-        {
+        if self.buckets.get(self.last_bucket).is_some_and(|b| b.minute == minute) {
             return self.last_bucket;
         }
         let i = match self.buckets.iter().rposition(|b| b.minute == minute) {
             Some(i) => i,
             None => {
-                self.buckets.push(MinuteBucket {
-                    minute,
-                    counts: Vec::new(),
-                    touched: Vec::new(),
-                    marked: Vec::new(),
-                });
+                self.buckets.push(MinuteBucket { minute, counts: Vec::new(), touched: Vec::new(), marked: Vec::new() });
                 self.buckets.len() - 1
             }
         };
@@ -144,16 +135,9 @@ impl MinuteCounters {
             for &block in &b.touched {
                 let block = block as usize;
                 b.marked[block] = false;
-                for (o, c) in b.counts[block * BLOCK..(block + 1) * BLOCK]
-                    .iter_mut()
-                    .enumerate()
-                {
+                for (o, c) in b.counts[block * BLOCK..(block + 1) * BLOCK].iter_mut().enumerate() {
                     if *c != 0 {
-                        out.push(Delta {
-                            key: series_at(self.block_keys[block], o),
-                            minute: b.minute,
-                            delta: *c,
-                        });
+                        out.push(Delta { key: series_at(self.block_keys[block], o), minute: b.minute, delta: *c });
                         *c = 0;
                     }
                 }
@@ -195,18 +179,7 @@ mod tests {
         let mut out = Vec::new();
         c.drain(0, &mut out);
         out.sort_by_key(|d| d.key);
-        let mut want = vec![
-            Delta {
-                key: k,
-                minute: 600_000,
-                delta: 2,
-            },
-            Delta {
-                key: kb,
-                minute: 600_000,
-                delta: 1,
-            },
-        ];
+        let mut want = vec![Delta { key: k, minute: 600_000, delta: 2 }, Delta { key: kb, minute: 600_000, delta: 1 }];
         want.sort_by_key(|d| d.key);
         assert_eq!(out, want);
         assert_eq!(c.series(), 2, "one visit block, one session block");
@@ -228,11 +201,7 @@ mod tests {
             MetricKind::VisitFm,
             MetricKind::VisitFmBeta,
         ] {
-            let mp = if matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm) {
-                NO_MP
-            } else {
-                7
-            };
+            let mp = if matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm) { NO_MP } else { 7 };
             let key = SeriesKey::new(kind, 9, mp, 1, 2);
             assert_eq!(series_at(key.0 & !KIND_MASK, offset(kind)), key);
         }

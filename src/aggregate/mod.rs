@@ -64,11 +64,7 @@ impl SeriesKey {
     pub fn new(kind: MetricKind, variation: u32, mp: u16, device: u16, login: u16) -> SeriesKey {
         debug_assert!(variation < 1 << 21 && device < 1 << 12 && login < 1 << 12);
         SeriesKey(
-            (kind as u64) << 61
-                | (variation as u64) << 40
-                | (mp as u64) << 24
-                | (device as u64) << 12
-                | login as u64,
+            (kind as u64) << 61 | (variation as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64,
         )
     }
     pub fn kind(self) -> MetricKind {
@@ -90,15 +86,7 @@ impl SeriesKey {
 
 impl fmt::Debug for SeriesKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:?}(v{} mp{} d{} l{})",
-            self.kind(),
-            self.variation(),
-            self.mp(),
-            self.device(),
-            self.login()
-        )
+        write!(f, "{:?}(v{} mp{} d{} l{})", self.kind(), self.variation(), self.mp(), self.device(), self.login())
     }
 }
 

@@ -38,10 +38,7 @@ impl Totals {
     pub fn apply(&mut self, deltas: &[Delta]) {
         for d in deltas {
             let k = (d.key, d.minute);
-            let st = self.points.entry(k).or_insert(State {
-                total: 0,
-                written: None,
-            });
+            let st = self.points.entry(k).or_insert(State { total: 0, written: None });
             if st.written.unwrap_or(0) == st.total {
                 // Was clean; may repeat in `dirty`, which `take_due` tolerates.
                 self.dirty.push(k);
@@ -58,11 +55,7 @@ impl Totals {
                 continue;
             };
             if st.total != st.written.unwrap_or(0) {
-                out.push(Point {
-                    key: k.0,
-                    minute: k.1,
-                    value: st.total,
-                });
+                out.push(Point { key: k.0, minute: k.1, value: st.total });
                 st.written = Some(st.total);
             }
         }
@@ -97,27 +90,13 @@ mod tests {
         let mut out = Vec::new();
         t.apply(&[d(k, 0, 2), d(k, 60_000, 1), d(k, 60_000, -1)]);
         t.take_due(i64::MIN, &mut out);
-        assert_eq!(
-            out,
-            vec![Point {
-                key: k,
-                minute: 0,
-                value: 2
-            }]
-        );
+        assert_eq!(out, vec![Point { key: k, minute: 0, value: 2 }]);
         out.clear();
         t.take_due(i64::MIN, &mut out);
         assert!(out.is_empty(), "nothing changed");
         t.apply(&[d(k, 0, -2)]);
         t.take_due(i64::MIN, &mut out);
-        assert_eq!(
-            out,
-            vec![Point {
-                key: k,
-                minute: 0,
-                value: 0
-            }]
-        );
+        assert_eq!(out, vec![Point { key: k, minute: 0, value: 0 }]);
         out.clear();
         t.apply(&[d(k, 0, 1), d(k, 0, -1)]);
         t.take_due(60_000, &mut out);

@@ -38,13 +38,7 @@ pub struct CompiledCondition {
 impl CompiledCondition {
     /// Whether an event with these ids and attributes meets the condition.
     #[inline]
-    pub fn matches(
-        &self,
-        mp: u16,
-        device: u16,
-        login: u16,
-        attrs: impl Fn(u32) -> Option<u32>,
-    ) -> bool {
+    pub fn matches(&self, mp: u16, device: u16, login: u16, attrs: impl Fn(u32) -> Option<u32>) -> bool {
         self.mp.is_none_or(|m| m == mp)
             && self.device.is_none_or(|d| d == device)
             && self.login.is_none_or(|l| l == login)
@@ -128,15 +122,8 @@ impl Catalog {
         if config.experiments.len() > EXPERIMENT_CAPACITY {
             return Err(full("experiments"));
         }
-        if let Some(x) = config
-            .experiments
-            .iter()
-            .find(|x| x.variations.len() > VARIATIONS_PER_EXPERIMENT)
-        {
-            return Err(format!(
-                "experiment {} has more than {VARIATIONS_PER_EXPERIMENT} variations",
-                x.id
-            ));
+        if let Some(x) = config.experiments.iter().find(|x| x.variations.len() > VARIATIONS_PER_EXPERIMENT) {
+            return Err(format!("experiment {} has more than {VARIATIONS_PER_EXPERIMENT} variations", x.id));
         }
         for x in &config.experiments {
             let n = cat.tenant_index.len() as u16;
@@ -149,10 +136,7 @@ impl Catalog {
             let mut variations = Vec::new();
             for &v in &x.variations {
                 let vi = cat.variations.len() as u32;
-                cat.variations.push(VariationInfo {
-                    id: v,
-                    experiment: xi,
-                });
+                cat.variations.push(VariationInfo { id: v, experiment: xi });
                 cat.variation_index.insert(v, vi);
                 variations.push(vi);
             }
@@ -178,31 +162,13 @@ impl Catalog {
                     attrs.push((k, v));
                 }
                 conditions.push(CompiledCondition {
-                    mp: c
-                        .mp
-                        .as_deref()
-                        .map(|s| mp.intern(s).ok_or_else(|| full("measurement points")))
-                        .transpose()?,
-                    device: c
-                        .device
-                        .as_deref()
-                        .map(|s| device.intern(s).ok_or_else(|| full("devices")))
-                        .transpose()?,
-                    login: c
-                        .login
-                        .as_deref()
-                        .map(|s| login.intern(s).ok_or_else(|| full("logins")))
-                        .transpose()?,
+                    mp: c.mp.as_deref().map(|s| mp.intern(s).ok_or_else(|| full("measurement points"))).transpose()?,
+                    device: c.device.as_deref().map(|s| device.intern(s).ok_or_else(|| full("devices"))).transpose()?,
+                    login: c.login.as_deref().map(|s| login.intern(s).ok_or_else(|| full("logins"))).transpose()?,
                     attrs,
                 });
             }
-            cat.experiments.push(CompiledExperiment {
-                id: x.id,
-                tenant,
-                variations,
-                mps,
-                conditions,
-            });
+            cat.experiments.push(CompiledExperiment { id: x.id, tenant, variations, mps, conditions });
         }
         Ok(cat)
     }
@@ -218,10 +184,9 @@ impl Catalog {
             return AssignLookup::UnknownExperiment;
         };
         match self.variation_index.get(&variation_id) {
-            Some(&v) if self.variations[v as usize].experiment == x => AssignLookup::Known {
-                experiment: x,
-                variation: v,
-            },
+            Some(&v) if self.variations[v as usize].experiment == x => {
+                AssignLookup::Known { experiment: x, variation: v }
+            }
             _ => AssignLookup::UnknownVariation,
         }
     }
@@ -231,13 +196,7 @@ impl Catalog {
     #[inline]
     pub fn attribute(&self, name: &str, value: &str) -> Option<(u32, u32)> {
         let k = *self.attr_name_index.get(name)?;
-        Some((
-            k,
-            self.attr_value_index
-                .get(value)
-                .copied()
-                .unwrap_or(u32::MAX),
-        ))
+        Some((k, self.attr_value_index.get(value).copied().unwrap_or(u32::MAX)))
     }
 
     /// Whether any condition uses attributes (if not, routing skips them).

@@ -6,11 +6,7 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
     let t = s.trim();
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = t.split_at(digits);
-    let bad = || {
-        format!(
-            "{s:?} is not a duration; write an integer and a unit: ms, s, m, h or d (e.g. \"10m\")"
-        )
-    };
+    let bad = || format!("{s:?} is not a duration; write an integer and a unit: ms, s, m, h or d (e.g. \"10m\")");
     if num.is_empty() {
         return Err(bad());
     }
@@ -23,8 +19,7 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
         "d" => 86_400_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(scale)
-        .ok_or_else(|| format!("{s:?} is too long a duration"))
+    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too long a duration"))
 }
 
 #[cfg(test)]
@@ -43,16 +38,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        for s in [
-            "",
-            "m",
-            "10",
-            "10 m",
-            "-5m",
-            "1.5h",
-            "10w",
-            "99999999999999999999d",
-        ] {
+        for s in ["", "m", "10", "10 m", "-5m", "1.5h", "10w", "99999999999999999999d"] {
             assert!(parse_duration_ms(s).is_err(), "{s}");
         }
     }

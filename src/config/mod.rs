@@ -16,8 +16,7 @@ mod catalog;
 mod duration;
 
 pub use catalog::{
-    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, MP_CAPACITY,
-    TAG_CAPACITY,
+    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, MP_CAPACITY, TAG_CAPACITY,
 };
 
 pub use duration::parse_duration_ms;
@@ -39,24 +38,11 @@ pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
-    Syntax {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Syntax { path: String, line: usize, column: usize, message: String },
     #[error("{path}:{line}: {field}: {message}")]
-    Invalid {
-        path: String,
-        line: usize,
-        field: String,
-        message: String,
-    },
+    Invalid { path: String, line: usize, field: String, message: String },
 }
 
 /// Checked engine settings (the `[engine]` table).
@@ -145,10 +131,8 @@ struct RawCondition {
 impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Config::parse(&text, &path.display().to_string())
     }
 
@@ -156,12 +140,7 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Syntax {
-                path: origin.to_string(),
-                line,
-                column,
-                message: e.message().trim().to_string(),
-            }
+            ConfigError::Syntax { path: origin.to_string(), line, column, message: e.message().trim().to_string() }
         })?;
         Checker { text, origin }.check(raw)
     }
@@ -186,13 +165,8 @@ impl Config {
             *tenants.entry(&x.tenant).or_default() += 1;
         }
         let variations: usize = self.experiments.iter().map(|x| x.variations.len()).sum();
-        let _ = writeln!(
-            s,
-            "{} experiments, {} variations, {} tenants",
-            self.experiments.len(),
-            variations,
-            tenants.len()
-        );
+        let _ =
+            writeln!(s, "{} experiments, {} variations, {} tenants", self.experiments.len(), variations, tenants.len());
         for (t, n) in tenants {
             let _ = writeln!(s, "  tenant {t}: {n} experiments");
         }
@@ -215,12 +189,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn err(&self, span: std::ops::Range<usize>, field: String, message: String) -> ConfigError {
-        ConfigError::Invalid {
-            path: self.origin.to_string(),
-            line: line_col(self.text, span.start).0,
-            field,
-            message,
-        }
+        ConfigError::Invalid { path: self.origin.to_string(), line: line_col(self.text, span.start).0, field, message }
     }
 
     fn duration(
@@ -231,14 +200,9 @@ impl Checker<'_> {
         allow_zero: bool,
     ) -> Result<i64, ConfigError> {
         let Some(v) = v else { return Ok(default_ms) };
-        let ms = parse_duration_ms(v.get_ref())
-            .map_err(|m| self.err(v.span(), format!("engine.{field}"), m))?;
+        let ms = parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span(), format!("engine.{field}"), m))?;
         if ms == 0 && !allow_zero {
-            return Err(self.err(
-                v.span(),
-                format!("engine.{field}"),
-                "must be greater than zero".into(),
-            ));
+            return Err(self.err(v.span(), format!("engine.{field}"), "must be greater than zero".into()));
         }
         Ok(ms)
     }
@@ -251,10 +215,7 @@ impl Checker<'_> {
             return Err(self.err(
                 span,
                 field.to_string(),
-                format!(
-                    "is {} bytes long, at most {MAX_NAME_BYTES} allowed",
-                    s.len()
-                ),
+                format!("is {} bytes long, at most {MAX_NAME_BYTES} allowed", s.len()),
             ));
         }
         Ok(())
@@ -281,14 +242,8 @@ impl Checker<'_> {
                         d.allowed_lateness_ms,
                         true,
                     )?,
-                    session_gap_ms: self.duration(
-                        &e.session_gap,
-                        "session_gap",
-                        d.session_gap_ms,
-                        false,
-                    )?,
-                    trigger_ms: self.duration(&e.trigger, "trigger", d.trigger_ms as i64, false)?
-                        as u64,
+                    session_gap_ms: self.duration(&e.session_gap, "session_gap", d.session_gap_ms, false)?,
+                    trigger_ms: self.duration(&e.trigger, "trigger", d.trigger_ms as i64, false)? as u64,
                     ttl_s: {
                         let ms = self.duration(&e.ttl, "ttl", d.ttl_s as i64 * 1000, false)?;
                         if ms % 1000 != 0 {
@@ -314,11 +269,7 @@ impl Checker<'_> {
             let field = |f: &str| format!("experiment[{i}].{f}");
             let id = *x.id.get_ref();
             if id <= 0 {
-                return Err(self.err(
-                    x.id.span(),
-                    field("id"),
-                    format!("must be a positive integer, got {id}"),
-                ));
+                return Err(self.err(x.id.span(), field("id"), format!("must be a positive integer, got {id}")));
             }
             let id = id as u64;
             self.name(x.tenant.get_ref(), x.tenant.span(), &field("tenant"))?;
@@ -350,11 +301,7 @@ impl Checker<'_> {
                 }
                 let line = line_col(self.text, v.span().start).0;
                 if let Some((owner, at)) = variation_owner.insert(vid, (id, line)) {
-                    let whose = if owner == id {
-                        "this experiment".to_string()
-                    } else {
-                        format!("experiment {owner}")
-                    };
+                    let whose = if owner == id { "this experiment".to_string() } else { format!("experiment {owner}") };
                     return Err(self.err(
                         v.span(),
                         field("variations"),
@@ -403,25 +350,12 @@ impl Checker<'_> {
                     mp: rc.mp.clone(),
                     device: rc.device.clone(),
                     login: rc.login.clone(),
-                    attrs: rc
-                        .attrs
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    attrs: rc.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 });
             }
-            experiments.push(Experiment {
-                id,
-                tenant,
-                variations,
-                mps,
-                qualify,
-            });
+            experiments.push(Experiment { id, tenant, variations, mps, qualify });
         }
-        Ok(Config {
-            engine,
-            experiments,
-        })
+        Ok(Config { engine, experiments })
     }
 }
 
@@ -478,10 +412,7 @@ qualify = [
         assert_eq!(c.engine.allowed_lateness_ms, 600_000);
         assert_eq!(c.engine.ttl_s, 30 * 86400);
         assert_eq!(c.experiments.len(), 2);
-        assert_eq!(
-            c.experiments[1].qualify[1].attrs,
-            vec![("payment".into(), "paypal".into())]
-        );
+        assert_eq!(c.experiments[1].qualify[1].attrs, vec![("payment".into(), "paypal".into())]);
         assert_eq!(c.experiments[1].mps, None);
     }
 
@@ -489,10 +420,7 @@ qualify = [
     fn duplicate_variation_names_line_and_field() {
         let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\n\n[[experiment]]\nid = 2\ntenant = \"a\"\nvariations = [21, 11]\n");
         assert!(e.starts_with("t.toml:9: experiment[1].variations:"), "{e}");
-        assert!(
-            e.contains("variation id 11 is already used by experiment 1 (line 4)"),
-            "{e}"
-        );
+        assert!(e.contains("variation id 11 is already used by experiment 1 (line 4)"), "{e}");
     }
 
     #[test]
@@ -523,10 +451,7 @@ qualify = [
     #[test]
     fn duplicate_experiment_refused() {
         let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [1]\n[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [2]\n");
-        assert!(
-            e.contains("experiment[1].id") && e.contains("already defined at line 1"),
-            "{e}"
-        );
+        assert!(e.contains("experiment[1].id") && e.contains("already defined at line 1"), "{e}");
     }
 
     #[test]

@@ -124,16 +124,7 @@ pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject
     if let Err(e) = de.end() {
         return Err(classify(&e, &reason));
     }
-    let RawEvent {
-        ts,
-        tenant,
-        session,
-        mp,
-        device,
-        login,
-        assign,
-        attrs,
-    } = raw;
+    let RawEvent { ts, tenant, session, mp, device, login, assign, attrs } = raw;
     let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
         return Err(Reject::MissingField);
     };
@@ -147,10 +138,7 @@ pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject
     if session.len() > MAX_SESSION_BYTES {
         return Err(Reject::TooLong);
     }
-    if [&tenant, &session, &mp, &device, &login]
-        .iter()
-        .any(|s| s.is_empty())
-    {
+    if [&tenant, &session, &mp, &device, &login].iter().any(|s| s.is_empty()) {
         return Err(Reject::EmptyField);
     }
     if ts < MIN_TS_MS || now_ms.is_some_and(|now| ts > now.saturating_add(MAX_FUTURE_MS)) {
@@ -248,16 +236,8 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
                 "mp" => ev.mp = map.next_value::<Option<Str>>()?.map(|s| s.0),
                 "device" => ev.device = map.next_value::<Option<Str>>()?.map(|s| s.0),
                 "login" => ev.login = map.next_value::<Option<Str>>()?.map(|s| s.0),
-                "assign" => {
-                    ev.assign = map.next_value_seed(OptionSeed(AssignSeed {
-                        reason: self.reason,
-                    }))?
-                }
-                "attrs" => {
-                    ev.attrs = map.next_value_seed(OptionSeed(AttrsSeed {
-                        reason: self.reason,
-                    }))?
-                }
+                "assign" => ev.assign = map.next_value_seed(OptionSeed(AssignSeed { reason: self.reason }))?,
+                "attrs" => ev.attrs = map.next_value_seed(OptionSeed(AttrsSeed { reason: self.reason }))?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -416,9 +396,7 @@ impl<'de> Visitor<'de> for AttrsSeed<'_> {
                 self.reason.set(Some(r));
                 de::Error::custom(r.as_str())
             };
-            if key.0.len() > MAX_ATTR_BYTES
-                || value.as_ref().is_some_and(|v| v.0.len() > MAX_ATTR_BYTES)
-            {
+            if key.0.len() > MAX_ATTR_BYTES || value.as_ref().is_some_and(|v| v.0.len() > MAX_ATTR_BYTES) {
                 return Err(fail(Reject::TooLong));
             }
             out.retain(|(k, _)| *k != key.0);
@@ -477,67 +455,29 @@ mod tests {
 
     #[test]
     fn every_rejection_reason() {
-        let base = |rest: &str| {
-            format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m"{rest}}}"#)
-        };
+        let base = |rest: &str| format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m"{rest}}}"#);
         assert_eq!(rej(b"\xff\xfe{}"), Reject::NotUtf8);
         assert_eq!(rej(b"{\"ts\":"), Reject::NotJson);
         assert_eq!(rej(b"not json"), Reject::NotJson);
         assert_eq!(rej(base("").replace('}', "}}").as_bytes()), Reject::NotJson);
         assert_eq!(rej(b"[1,2]"), Reject::NotObject);
         assert_eq!(rej(b"42"), Reject::NotObject);
-        assert_eq!(
-            rej(br#"{"tenant":"a","session":"s","mp":"m"}"#),
-            Reject::MissingField
-        );
-        assert_eq!(
-            rej(br#"{"ts":null,"tenant":"a","session":"s","mp":"m"}"#),
-            Reject::MissingField
-        );
-        assert_eq!(
-            rej(br#"{"ts":"1525356185123","tenant":"a","session":"s","mp":"m"}"#),
-            Reject::WrongType
-        );
-        assert_eq!(
-            rej(br#"{"ts":1525356185123.5,"tenant":"a","session":"s","mp":"m"}"#),
-            Reject::WrongType
-        );
+        assert_eq!(rej(br#"{"tenant":"a","session":"s","mp":"m"}"#), Reject::MissingField);
+        assert_eq!(rej(br#"{"ts":null,"tenant":"a","session":"s","mp":"m"}"#), Reject::MissingField);
+        assert_eq!(rej(br#"{"ts":"1525356185123","tenant":"a","session":"s","mp":"m"}"#), Reject::WrongType);
+        assert_eq!(rej(br#"{"ts":1525356185123.5,"tenant":"a","session":"s","mp":"m"}"#), Reject::WrongType);
         assert_eq!(rej(base(r#","device":7"#).as_bytes()), Reject::WrongType);
-        assert_eq!(
-            rej(base(r#","assign":{"1":"x"}"#).as_bytes()),
-            Reject::WrongType
-        );
-        assert_eq!(
-            rej(base(r#","assign":{"1":1.5}"#).as_bytes()),
-            Reject::WrongType
-        );
+        assert_eq!(rej(base(r#","assign":{"1":"x"}"#).as_bytes()), Reject::WrongType);
+        assert_eq!(rej(base(r#","assign":{"1":1.5}"#).as_bytes()), Reject::WrongType);
         assert_eq!(rej(base(r#","assign":[1]"#).as_bytes()), Reject::WrongType);
-        assert_eq!(
-            rej(base(r#","attrs":{"k":1}"#).as_bytes()),
-            Reject::WrongType
-        );
-        assert_eq!(
-            rej(base(r#","assign":{"x1":1}"#).as_bytes()),
-            Reject::BadAssignKey
-        );
-        assert_eq!(
-            rej(base(r#","assign":{"":1}"#).as_bytes()),
-            Reject::BadAssignKey
-        );
-        assert_eq!(
-            rej(br#"{"ts":946684799999,"tenant":"a","session":"s","mp":"m"}"#),
-            Reject::TsOutOfRange
-        );
+        assert_eq!(rej(base(r#","attrs":{"k":1}"#).as_bytes()), Reject::WrongType);
+        assert_eq!(rej(base(r#","assign":{"x1":1}"#).as_bytes()), Reject::BadAssignKey);
+        assert_eq!(rej(base(r#","assign":{"":1}"#).as_bytes()), Reject::BadAssignKey);
+        assert_eq!(rej(br#"{"ts":946684799999,"tenant":"a","session":"s","mp":"m"}"#), Reject::TsOutOfRange);
         let long = "x".repeat(65);
-        assert_eq!(
-            rej(base(&format!(r#","device":"{long}""#)).as_bytes()),
-            Reject::TooLong
-        );
+        assert_eq!(rej(base(&format!(r#","device":"{long}""#)).as_bytes()), Reject::TooLong);
         let many: Vec<String> = (0..65).map(|i| format!("\"{i}\":1")).collect();
-        assert_eq!(
-            rej(base(&format!(r#","assign":{{{}}}"#, many.join(","))).as_bytes()),
-            Reject::TooMany
-        );
+        assert_eq!(rej(base(&format!(r#","assign":{{{}}}"#, many.join(","))).as_bytes()), Reject::TooMany);
         assert_eq!(rej(base(r#","login":"""#).as_bytes()), Reject::EmptyField);
     }
 
@@ -545,10 +485,7 @@ mod tests {
     fn future_ts_only_refused_live() {
         let line = br#"{"ts":1800000000000,"tenant":"a","session":"s","mp":"m"}"#;
         assert!(parse_event(line, None).is_ok());
-        assert_eq!(
-            parse_event(line, Some(1_700_000_000_000)),
-            Err(Reject::TsOutOfRange)
-        );
+        assert_eq!(parse_event(line, Some(1_700_000_000_000)), Err(Reject::TsOutOfRange));
     }
 
     #[test]

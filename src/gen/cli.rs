@@ -18,8 +18,7 @@ pub fn run_gen(
 ) -> Result<()> {
     let mut profile = Profile::by_name(profile).map_err(anyhow::Error::msg)?;
     if let Some(path) = write_config {
-        std::fs::write(path, profile.config_toml())
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, profile.config_toml()).with_context(|| format!("writing {}", path.display()))?;
     }
     let sink: Box<dyn Write> = if out == "-" {
         Box::new(std::io::stdout().lock())
@@ -71,15 +70,9 @@ pub fn run_gen(
     if progress {
         eprintln!();
     }
-    eprint!(
-        "expmon gen: wrote {events} events in {secs:.2}s ({:.0} events/s)",
-        events as f64 / secs.max(1e-9)
-    );
+    eprint!("expmon gen: wrote {events} events in {secs:.2}s ({:.0} events/s)", events as f64 / secs.max(1e-9));
     if let Some(p) = pacer {
-        eprint!(
-            "; max behind schedule {:.1} ms",
-            p.max_behind.as_secs_f64() * 1000.0
-        );
+        eprint!("; max behind schedule {:.1} ms", p.max_behind.as_secs_f64() * 1000.0);
     }
     eprintln!();
     Ok(())

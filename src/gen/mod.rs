@@ -98,10 +98,8 @@ impl Generator {
         let p = &self.profile;
         let tenant = pick_weighted(&mut self.rng, p.tenants.iter().map(|t| t.weight));
         let t = &p.tenants[tenant];
-        let device = ["desktop", "mobile", "tablet"]
-            [pick_weighted(&mut self.rng, [0.45, 0.45, 0.10].into_iter())];
-        let login = [Some("in"), Some("out"), None]
-            [pick_weighted(&mut self.rng, [0.3, 0.6, 0.1].into_iter())];
+        let device = ["desktop", "mobile", "tablet"][pick_weighted(&mut self.rng, [0.45, 0.45, 0.10].into_iter())];
+        let login = [Some("in"), Some("out"), None][pick_weighted(&mut self.rng, [0.3, 0.6, 0.1].into_iter())];
         let mut assign = Vec::new();
         for x in &t.experiments {
             if self.rng.gen_bool(p.assign_probability) {
@@ -116,28 +114,11 @@ impl Generator {
             remaining += 1;
         }
         let conflict = (!assign.is_empty() && self.rng.gen_bool(p.conflict_fraction)).then(|| {
-            let x = t
-                .experiments
-                .iter()
-                .find(|x| x.id == assign[0].0)
-                .expect("assigned experiment");
-            x.variations
-                .iter()
-                .copied()
-                .find(|&v| v != assign[0].1)
-                .unwrap_or(assign[0].1)
+            let x = t.experiments.iter().find(|x| x.id == assign[0].0).expect("assigned experiment");
+            x.variations.iter().copied().find(|&v| v != assign[0].1).unwrap_or(assign[0].1)
         });
         self.next_session += 1;
-        SimSession {
-            id: self.next_session,
-            tenant,
-            device,
-            login,
-            assign,
-            remaining,
-            emitted: 0,
-            conflict,
-        }
+        SimSession { id: self.next_session, tenant, device, login, assign, remaining, emitted: 0, conflict }
     }
 
     /// Appends the next released line (without newline) to `out`.
@@ -172,14 +153,8 @@ impl Generator {
             self.pool[slot] = s;
         }
         let slot = self.rng.gen_range(0..self.pool.len());
-        let (malformed, unknown_tenant) = (
-            self.profile.malformed_fraction,
-            self.profile.unknown_tenant_fraction,
-        );
-        let (late, out_of_order) = (
-            self.profile.late_fraction,
-            self.profile.out_of_order_fraction,
-        );
+        let (malformed, unknown_tenant) = (self.profile.malformed_fraction, self.profile.unknown_tenant_fraction);
+        let (late, out_of_order) = (self.profile.late_fraction, self.profile.out_of_order_fraction);
         let lateness = self.profile.lateness_ms as f64;
         let r: f64 = self.rng.gen();
         self.line.clear();
@@ -245,8 +220,7 @@ impl Generator {
             line.push('}');
         }
         if mp == "checkout" {
-            let pay = ["paypal", "card", "giftcard"]
-                [pick_weighted(&mut self.rng, [0.3, 0.6, 0.1].into_iter())];
+            let pay = ["paypal", "card", "giftcard"][pick_weighted(&mut self.rng, [0.3, 0.6, 0.1].into_iter())];
             let _ = write!(line, r#","attrs":{{"payment":"{pay}"}}"#);
         }
         line.push('}');
@@ -272,13 +246,8 @@ impl Generator {
             format!(r#"{{"ts":{now},"tenant":"uswm","session":"x""#),
             format!(r#"{{"tenant":"uswm","session":"x","mp":"home_page","ts":"{now}"}}"#),
             r#"{"tenant":"uswm","session":"x","mp":"home_page"}"#.to_string(),
-            format!(
-                r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","assign":{{"12a":1}}}}"#
-            ),
-            format!(
-                r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","device":"{}"}}"#,
-                "d".repeat(80)
-            ),
+            format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","assign":{{"12a":1}}}}"#),
+            format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","device":"{}"}}"#, "d".repeat(80)),
             "[1,2,3]".to_string(),
             "GET /index.html HTTP/1.1".to_string(),
         ];

@@ -76,11 +76,7 @@ const PEAK_MPS: [&str; 20] = [
 ];
 
 fn zipf(names: &[&str]) -> Vec<(String, f64)> {
-    names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.to_string(), 1.0 / (i as f64 + 1.0)))
-        .collect()
+    names.iter().enumerate().map(|(i, n)| (n.to_string(), 1.0 / (i as f64 + 1.0))).collect()
 }
 
 impl Profile {
@@ -88,9 +84,7 @@ impl Profile {
         match name {
             "demo" => Ok(Profile::demo()),
             "peak" => Ok(Profile::peak()),
-            _ => Err(format!(
-                "unknown generator profile {name:?}: expected demo or peak"
-            )),
+            _ => Err(format!("unknown generator profile {name:?}: expected demo or peak")),
         }
     }
 
@@ -105,10 +99,7 @@ impl Profile {
                     .experiments
                     .iter()
                     .filter(|x| x.tenant == *t)
-                    .map(|x| ExpGen {
-                        id: x.id,
-                        variations: x.variations.clone(),
-                    })
+                    .map(|x| ExpGen { id: x.id, variations: x.variations.clone() })
                     .collect(),
             })
             .collect();
@@ -135,31 +126,13 @@ impl Profile {
     }
 
     pub fn demo() -> Profile {
-        let web: &[&str] = &[
-            "home_page",
-            "item_page",
-            "search",
-            "cart",
-            "checkout",
-            "account",
-        ];
-        let grocery: &[&str] = &[
-            "home_page",
-            "search",
-            "item_page",
-            "cart",
-            "checkout",
-            "substitutions",
-        ];
+        let web: &[&str] = &["home_page", "item_page", "search", "cart", "checkout", "account"];
+        let grocery: &[&str] = &["home_page", "search", "item_page", "cart", "checkout", "substitutions"];
         let app: &[&str] = &["home_page", "item_page", "search", "checkout"];
         Profile::from_config(
             "demo",
             Config::demo(),
-            &[
-                ("uswm", 0.6, web),
-                ("grocery", 0.25, grocery),
-                ("app_ios", 0.15, app),
-            ],
+            &[("uswm", 0.6, web), ("grocery", 0.25, grocery), ("app_ios", 0.15, app)],
         )
     }
 
@@ -202,53 +175,25 @@ impl Profile {
                 for _ in 0..nconds {
                     let page = PEAK_MPS[(rng.gen::<f64>().powi(2) * 10.0) as usize].to_string();
                     qualify.push(match rng.gen_range(0..5) {
-                        0 => Condition {
-                            device: Some("mobile".into()),
-                            ..Condition::default()
-                        },
-                        1 => Condition {
-                            login: Some("in".into()),
-                            ..Condition::default()
-                        },
+                        0 => Condition { device: Some("mobile".into()), ..Condition::default() },
+                        1 => Condition { login: Some("in".into()), ..Condition::default() },
                         2 => Condition {
                             mp: Some("checkout".into()),
                             attrs: vec![(
                                 "payment".into(),
-                                ["paypal", "card"]
-                                    .choose(&mut rng)
-                                    .expect("non-empty")
-                                    .to_string(),
+                                ["paypal", "card"].choose(&mut rng).expect("non-empty").to_string(),
                             )],
                             ..Condition::default()
                         },
-                        3 => Condition {
-                            mp: Some(page),
-                            device: Some("desktop".into()),
-                            ..Condition::default()
-                        },
-                        _ => Condition {
-                            mp: Some(page),
-                            ..Condition::default()
-                        },
+                        3 => Condition { mp: Some(page), device: Some("desktop".into()), ..Condition::default() },
+                        _ => Condition { mp: Some(page), ..Condition::default() },
                     });
                 }
-                experiments.push(Experiment {
-                    id: next_id,
-                    tenant: t.to_string(),
-                    variations,
-                    mps,
-                    qualify,
-                });
+                experiments.push(Experiment { id: next_id, tenant: t.to_string(), variations, mps, qualify });
             }
         }
-        let config = Config {
-            engine: EngineConfig::default(),
-            experiments,
-        };
-        let weights: Vec<(&str, f64, &[&str])> = tenants
-            .iter()
-            .map(|(t, w)| (*t, *w, &PEAK_MPS[..]))
-            .collect();
+        let config = Config { engine: EngineConfig::default(), experiments };
+        let weights: Vec<(&str, f64, &[&str])> = tenants.iter().map(|(t, w)| (*t, *w, &PEAK_MPS[..])).collect();
         let mut p = Profile::from_config("peak", config, &weights);
         p.event_time_rate = 60_000.0;
         p.concurrent_sessions = 100_000;
@@ -260,22 +205,15 @@ impl Profile {
     pub fn config_toml(&self) -> String {
         let mut s = String::new();
         let e = &self.config.engine;
-        let _ = writeln!(
-            s,
-            "# generated by `expmon gen --profile {} --write-config`",
-            self.name
-        );
+        let _ = writeln!(s, "# generated by `expmon gen --profile {} --write-config`", self.name);
         let _ = writeln!(
             s,
             "[engine]\ndc = {:?}\nallowed_lateness = \"{}ms\"\nsession_gap = \"{}ms\"\ntrigger = \"{}ms\"\nttl = \"{}s\"\n",
             e.dc, e.allowed_lateness_ms, e.session_gap_ms, e.trigger_ms, e.ttl_s
         );
         for x in &self.config.experiments {
-            let _ = writeln!(
-                s,
-                "[[experiment]]\nid = {}\ntenant = {:?}\nvariations = {:?}",
-                x.id, x.tenant, x.variations
-            );
+            let _ =
+                writeln!(s, "[[experiment]]\nid = {}\ntenant = {:?}\nvariations = {:?}", x.id, x.tenant, x.variations);
             if let Some(mps) = &x.mps {
                 let _ = writeln!(s, "mps = {mps:?}");
             }
@@ -290,11 +228,7 @@ impl Profile {
                         }
                     }
                     if !c.attrs.is_empty() {
-                        let a: Vec<String> = c
-                            .attrs
-                            .iter()
-                            .map(|(k, v)| format!("{k} = {v:?}"))
-                            .collect();
+                        let a: Vec<String> = c.attrs.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
                         parts.push(format!("attrs = {{ {} }}", a.join(", ")));
                     }
                     format!("{{ {} }}", parts.join(", "))
@@ -325,9 +259,6 @@ mod tests {
     fn demo_matches_embedded_config() {
         let p = Profile::demo();
         assert_eq!(p.config, Config::demo());
-        assert_eq!(
-            p.tenants.iter().map(|t| t.experiments.len()).sum::<usize>(),
-            p.config.experiments.len()
-        );
+        assert_eq!(p.tenants.iter().map(|t| t.experiments.len()).sum::<usize>(), p.config.experiments.len());
     }
 }

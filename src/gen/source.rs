@@ -25,11 +25,7 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(rate: f64) -> Pacer {
-        Pacer {
-            start: Instant::now(),
-            rate,
-            max_behind: Duration::ZERO,
-        }
+        Pacer { start: Instant::now(), rate, max_behind: Duration::ZERO }
     }
 
     /// How many of the first `total` events are due by now.
@@ -66,37 +62,21 @@ impl GenSource {
         let profile = Profile::by_name(name)?;
         let (mut rate, mut events, mut seed) = (None, None, 1u64);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("bad generator option {kv:?} in gen:{spec}"))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("bad generator option {kv:?} in gen:{spec}"))?;
             let bad = || format!("bad value for {k} in gen:{spec}: {v:?}");
             match k {
                 "rate" => rate = Some(v.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(bad)?),
                 "events" => events = Some(v.parse::<u64>().map_err(|_| bad())?),
                 "seed" => seed = v.parse::<u64>().map_err(|_| bad())?,
                 _ => {
-                    return Err(format!(
-                    "unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"
-                ))
+                    return Err(format!("unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"))
                 }
             }
         }
-        Ok(GenSource::new(
-            profile,
-            rate,
-            events,
-            seed,
-            format!("gen:{spec}"),
-        ))
+        Ok(GenSource::new(profile, rate, events, seed, format!("gen:{spec}")))
     }
 
-    pub fn new(
-        mut profile: Profile,
-        rate: Option<f64>,
-        events: Option<u64>,
-        seed: u64,
-        spec: String,
-    ) -> GenSource {
+    pub fn new(mut profile: Profile, rate: Option<f64>, events: Option<u64>, seed: u64, spec: String) -> GenSource {
         let start = if let Some(r) = rate {
             profile.event_time_rate = r;
             now_ms()
@@ -123,10 +103,7 @@ impl Source for GenSource {
             let due = p.due(limit).saturating_sub(self.produced);
             if due == 0 {
                 let next = p.intended(self.produced + 1);
-                std::thread::sleep(
-                    next.saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(5)),
-                );
+                std::thread::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(5)));
                 return Ok(Fill::Lines);
             }
             n = n.min(due);
@@ -141,11 +118,7 @@ impl Source for GenSource {
             batch.push_line(&self.line);
             self.produced += 1;
         }
-        Ok(if self.produced >= limit {
-            Fill::End
-        } else {
-            Fill::Lines
-        })
+        Ok(if self.produced >= limit { Fill::End } else { Fill::Lines })
     }
 
     fn is_live(&self) -> bool {

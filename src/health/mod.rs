@@ -141,11 +141,7 @@ impl fmt::Display for Summary {
             crate::session::MAX_EVENTS_PER_SESSION,
             s.overflow_dropped
         )?;
-        write!(
-            f,
-            "  upserts written {} in {} flushes",
-            self.writer.upserts_written, self.writer.flushes
-        )
+        write!(f, "  upserts written {} in {} flushes", self.writer.upserts_written, self.writer.flushes)
     }
 }
 
@@ -201,8 +197,5 @@ pub fn spawn_status(live: Arc<Live>, stop: Arc<AtomicBool>) -> std::thread::Join
 
 /// Wall-clock now, in ms since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

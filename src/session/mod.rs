@@ -130,39 +130,22 @@ impl Session {
     #[inline]
     fn key(&self, i: u8) -> OrderKey {
         let e = self.events[i as usize];
-        OrderKey {
-            ts: self.base + e.off as i64,
-            device: e.device as u16,
-            login: e.login as u16,
-        }
+        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
     }
 
     fn attr_of(&self, event: usize, name: u32) -> Option<u32> {
-        self.attrs
-            .iter()
-            .find(|a| a.0 as usize == event && a.1 == name)
-            .map(|a| a.2)
+        self.attrs.iter().find(|a| a.0 as usize == event && a.1 == name).map(|a| a.2)
     }
 
     fn view(&self, s: &ExpState, x: &CompiledExperiment) -> View {
         let assigned_at = self.key(s.assigned);
-        let conds =
-            &self.first_met[s.cond_start as usize..s.cond_start as usize + x.conditions.len()];
+        let conds = &self.first_met[s.cond_start as usize..s.cond_start as usize + x.conditions.len()];
         let fm_at = if conds.contains(&NONE) {
             None
         } else {
-            Some(
-                conds
-                    .iter()
-                    .map(|&i| self.ts(i))
-                    .fold(assigned_at.ts, i64::max),
-            )
+            Some(conds.iter().map(|&i| self.ts(i)).fold(assigned_at.ts, i64::max))
         };
-        View {
-            variation: x.variations[s.slot as usize],
-            assigned_at,
-            fm_at,
-        }
+        View { variation: x.variations[s.slot as usize], assigned_at, fm_at }
     }
 
     /// Records an event; `None` if it would not fit (too many events, or a
@@ -187,12 +170,7 @@ impl Session {
             return None;
         }
         self.max_ts = self.max_ts.max(ts);
-        self.events.push(EvRec {
-            off: (ts - self.base) as u32,
-            mp,
-            device: device as u8,
-            login: login as u8,
-        });
+        self.events.push(EvRec { off: (ts - self.base) as u32, mp, device: device as u8, login: login as u8 });
         Some((self.events.len() - 1) as u8)
     }
 
@@ -236,18 +214,14 @@ impl Order<'_> {
             Ordering::Equal
         } else {
             let t = names.device.read();
-            t[a.device as usize]
-                .as_bytes()
-                .cmp(t[b.device as usize].as_bytes())
+            t[a.device as usize].as_bytes().cmp(t[b.device as usize].as_bytes())
         };
         dev.then_with(|| {
             if a.login == b.login {
                 Ordering::Equal
             } else {
                 let t = names.login.read();
-                t[a.login as usize]
-                    .as_bytes()
-                    .cmp(t[b.login as usize].as_bytes())
+                t[a.login as usize].as_bytes().cmp(t[b.login as usize].as_bytes())
             }
         })
     }
@@ -262,11 +236,7 @@ struct Events<'a> {
 impl Events<'_> {
     #[inline]
     fn key(&self, e: &EvRec) -> OrderKey {
-        OrderKey {
-            ts: self.base + e.off as i64,
-            device: e.device as u16,
-            login: e.login as u16,
-        }
+        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
     }
 
     /// Whether event `i` is the first of those with its mp and `ts >= bound`
@@ -312,20 +282,12 @@ fn emit_from(
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.add(
-            SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login),
-            a.ts,
-            sign,
-        );
+        out.add(SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.add(
-                    SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
-                    first.ts,
-                    sign,
-                );
+                out.add(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login), first.ts, sign);
             }
         }
     }
@@ -335,26 +297,14 @@ fn emit_from(
             continue;
         }
         let (mp, d, l) = (e.mp, e.device as u16, e.login as u16);
-        out.add(
-            SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l),
-            ts,
-            sign,
-        );
+        out.add(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.add(
-                SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l),
-                ts,
-                sign,
-            );
+            out.add(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
         }
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
             out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
             if events.is_first_visit(ord, i, f) {
-                out.add(
-                    SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l),
-                    ts,
-                    sign,
-                );
+                out.add(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
             }
         }
     }
@@ -372,13 +322,7 @@ pub struct SessionTable {
 impl SessionTable {
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable {
-            sessions: AHashMap::new(),
-            catalog,
-            gap_ms,
-            stats: SessionStats::default(),
-            before: Vec::new(),
-        }
+        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, stats: SessionStats::default(), before: Vec::new() }
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -398,12 +342,7 @@ impl SessionTable {
     /// at its capacity) plus each session's heap allocations.
     pub fn state_bytes(&self) -> usize {
         let slot = size_of::<SessionKey>() + size_of::<Session>() + 1;
-        self.sessions.capacity() * slot
-            + self
-                .sessions
-                .values()
-                .map(Session::heap_bytes)
-                .sum::<usize>()
+        self.sessions.capacity() * slot + self.sessions.values().map(Session::heap_bytes).sum::<usize>()
     }
 
     /// Frees every session that has expired at watermark `wm`.
@@ -451,37 +390,19 @@ impl SessionTable {
         // 1. Views before the event (the event is pushed but not yet used).
         self.before.clear();
         for s in &session.experiments {
-            self.before.push(Some(
-                session.view(s, &catalog.experiments[s.experiment as usize]),
-            ));
+            self.before.push(Some(session.view(s, &catalog.experiments[s.experiment as usize])));
         }
         let known = session.experiments.len();
 
         // 2a. Assignments: the least (order key, variation id) wins.
         let key = session.key(idx);
-        let new_assigns = ev
-            .assigns
-            .iter()
-            .filter(|a| {
-                !session
-                    .experiments
-                    .iter()
-                    .any(|s| s.experiment as u32 == a.0)
-            })
-            .count();
+        let new_assigns =
+            ev.assigns.iter().filter(|a| !session.experiments.iter().any(|s| s.experiment as u32 == a.0)).count();
         session.experiments.reserve_exact(new_assigns);
         for &(experiment, variation) in ev.assigns {
             let x = &catalog.experiments[experiment as usize];
-            let slot = x
-                .variations
-                .iter()
-                .position(|&v| v == variation)
-                .expect("variation of its experiment") as u8;
-            match session
-                .experiments
-                .iter()
-                .position(|s| s.experiment as u32 == experiment)
-            {
+            let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
+            match session.experiments.iter().position(|s| s.experiment as u32 == experiment) {
                 Some(i) => {
                     let s = session.experiments[i];
                     if s.slot != slot && !s.conflict {
@@ -507,9 +428,8 @@ impl SessionTable {
                     for c in &x.conditions {
                         let mut first = NONE;
                         for (i, e) in session.events.iter().enumerate() {
-                            if c.matches(e.mp, e.device as u16, e.login as u16, |k| {
-                                session.attr_of(i, k)
-                            }) && (first == NONE || e.off < session.events[first as usize].off)
+                            if c.matches(e.mp, e.device as u16, e.login as u16, |k| session.attr_of(i, k))
+                                && (first == NONE || e.off < session.events[first as usize].off)
                             {
                                 first = i as u8;
                             }
@@ -533,11 +453,7 @@ impl SessionTable {
         let off = session.events[idx as usize].off;
         for s in &session.experiments[..known] {
             let x = &catalog.experiments[s.experiment as usize];
-            for (c, first) in x
-                .conditions
-                .iter()
-                .zip(session.first_met[s.cond_start as usize..].iter_mut())
-            {
+            for (c, first) in x.conditions.iter().zip(session.first_met[s.cond_start as usize..].iter_mut()) {
                 if (*first == NONE || off < session.events[*first as usize].off)
                     && c.matches(ev.mp, ev.device, ev.login, lookup)
                 {
@@ -547,14 +463,8 @@ impl SessionTable {
         }
 
         // 3. Deltas at >= t.
-        let events = Events {
-            base: session.base,
-            list: &session.events,
-        };
-        let before_events = Events {
-            base: session.base,
-            list: &session.events[..idx as usize],
-        };
+        let events = Events { base: session.base, list: &session.events };
+        let before_events = Events { base: session.base, list: &session.events[..idx as usize] };
         for (s, before) in session.experiments.iter().zip(self.before.iter()) {
             let x = &catalog.experiments[s.experiment as usize];
             let after = session.view(s, x);
@@ -584,23 +494,11 @@ fn fast_in_order(x: &CompiledExperiment, view: View, events: &Events, out: &mut 
         return;
     }
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
-    out.add(
-        SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l),
-        ts,
-        1,
-    );
+    out.add(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of its mp counts.
-    let prior_since = |bound: i64| {
-        events.list[..i]
-            .iter()
-            .any(|g| g.mp == mp && events.base + g.off as i64 >= bound)
-    };
+    let prior_since = |bound: i64| events.list[..i].iter().any(|g| g.mp == mp && events.base + g.off as i64 >= bound);
     if !prior_since(a) {
-        out.add(
-            SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l),
-            ts,
-            1,
-        );
+        out.add(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
     }
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
         out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
@@ -631,10 +529,7 @@ mod tests {
         let mut s = Session::default();
         assert_eq!(s.push_event(10_000, 1, 0, 0), Some(0));
         assert_eq!(s.push_event(4_000, 2, 0, 0), Some(1));
-        assert_eq!(
-            (s.ts(0), s.ts(1), s.base, s.max_ts),
-            (10_000, 4_000, 4_000, 10_000)
-        );
+        assert_eq!((s.ts(0), s.ts(1), s.base, s.max_ts), (10_000, 4_000, 4_000, 10_000));
         assert_eq!(s.push_event(4_000 + MAX_SESSION_SPAN_MS + 1, 2, 0, 0), None);
     }
 }

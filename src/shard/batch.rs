@@ -28,11 +28,7 @@ pub struct EventBatch {
 
 impl EventBatch {
     pub fn with_capacity(n: usize) -> EventBatch {
-        EventBatch {
-            events: Vec::with_capacity(n),
-            assigns: Vec::with_capacity(n),
-            attrs: Vec::new(),
-        }
+        EventBatch { events: Vec::with_capacity(n), assigns: Vec::with_capacity(n), attrs: Vec::new() }
     }
 
     pub fn clear(&mut self) {

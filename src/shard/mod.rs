@@ -44,10 +44,7 @@ const SHARD_QUEUE: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("reading {source_name}: {error}")]
-    Source {
-        source_name: String,
-        error: std::io::Error,
-    },
+    Source { source_name: String, error: std::io::Error },
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("a {0} thread panicked")]
@@ -86,9 +83,7 @@ impl RunOptions {
 
 /// The default number of shard threads: one per available core.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Runs the engine until the source ends or `opts.stop` is set.
@@ -102,11 +97,7 @@ pub fn run(
     let n = opts.threads;
     let (report_tx, report_rx) = bounded::<ShardReport>(n * 4);
     let (recycle_tx, recycle_rx) = bounded::<EventBatch>(n * (SHARD_QUEUE + 2));
-    let cores = if opts.pin {
-        core_affinity::get_core_ids().unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let cores = if opts.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
 
     let mut shard_txs: Vec<Sender<ShardMsg>> = Vec::with_capacity(n);
     let mut workers = Vec::with_capacity(n);
@@ -146,11 +137,7 @@ pub fn run(
     for (i, tx) in shard_txs.iter().enumerate() {
         let batch = router.take_batch(i, None);
         let _ = tx.send(ShardMsg::Events(batch));
-        let _ = tx.send(ShardMsg::Flush(FlushMarker {
-            epoch: u64::MAX,
-            watermark: i64::MAX,
-            last: true,
-        }));
+        let _ = tx.send(ShardMsg::Flush(FlushMarker { epoch: u64::MAX, watermark: i64::MAX, last: true }));
     }
     drop(shard_txs);
     for w in workers {
@@ -184,10 +171,8 @@ fn route_loop(
         if opts.stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
-        let fill = source.fill(&mut lines).map_err(|error| RunError::Source {
-            source_name: source.describe(),
-            error,
-        })?;
+        let fill =
+            source.fill(&mut lines).map_err(|error| RunError::Source { source_name: source.describe(), error })?;
         router.count_overlong(lines.overlong);
         let now = live_source.then(now_ms);
         for i in 0..lines.len() {
@@ -199,8 +184,7 @@ fn route_loop(
             }
         }
         let wm = router.watermark();
-        opts.live
-            .publish_router(&router.stats, wm, router.max_ts().unwrap_or(0));
+        opts.live.publish_router(&router.stats, wm, router.max_ts().unwrap_or(0));
         if fill == Fill::End {
             return Ok(());
         }
@@ -213,14 +197,7 @@ fn route_loop(
                         return Ok(());
                     }
                 }
-                if tx
-                    .send(ShardMsg::Flush(FlushMarker {
-                        epoch,
-                        watermark: wm,
-                        last: false,
-                    }))
-                    .is_err()
-                {
+                if tx.send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false })).is_err() {
                     return Ok(());
                 }
             }

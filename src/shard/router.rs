@@ -51,17 +51,14 @@ impl Router {
             catalog,
             max_ts: None,
             shards,
-            batches: (0..shards)
-                .map(|_| EventBatch::with_capacity(BATCH_EVENTS))
-                .collect(),
+            batches: (0..shards).map(|_| EventBatch::with_capacity(BATCH_EVENTS)).collect(),
             stats: RouterStats::default(),
         }
     }
 
     /// The current watermark; `i64::MIN` before any event.
     pub fn watermark(&self) -> i64 {
-        self.max_ts
-            .map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms))
+        self.max_ts.map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms))
     }
 
     /// Routes one line. Returns the shard whose batch just became full, if any;
@@ -85,11 +82,9 @@ impl Router {
             self.stats.unknown_tenant += 1;
             return None;
         };
-        let (Some(mp), Some(device), Some(login)) = (
-            self.mp.intern(&ev.mp),
-            self.device.intern(&ev.device),
-            self.login.intern(&ev.login),
-        ) else {
+        let (Some(mp), Some(device), Some(login)) =
+            (self.mp.intern(&ev.mp), self.device.intern(&ev.device), self.login.intern(&ev.login))
+        else {
             self.stats.name_capacity_dropped += 1;
             return None;
         };
@@ -99,10 +94,7 @@ impl Router {
         let assign_start = batch.assigns.len() as u32;
         for &(x, v) in &ev.assign {
             match self.catalog.assignment(tenant, x, v) {
-                AssignLookup::Known {
-                    experiment,
-                    variation,
-                } => batch.assigns.push((experiment, variation)),
+                AssignLookup::Known { experiment, variation } => batch.assigns.push((experiment, variation)),
                 AssignLookup::UnknownExperiment => self.stats.unknown_experiment += 1,
                 AssignLookup::UnknownVariation => self.stats.unknown_variation += 1,
             }
@@ -122,10 +114,7 @@ impl Router {
             mp,
             device,
             login,
-            assigns: (
-                assign_start,
-                (batch.assigns.len() as u32 - assign_start) as u16,
-            ),
+            assigns: (assign_start, (batch.assigns.len() as u32 - assign_start) as u16),
             attrs: (attr_start, (batch.attrs.len() as u32 - attr_start) as u16),
         });
         self.stats.routed += 1;

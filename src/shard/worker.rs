@@ -29,30 +29,19 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(shard: usize, catalog: Arc<Catalog>) -> Worker {
-        Worker {
-            shard,
-            sessions: SessionTable::new(catalog),
-            counters: MinuteCounters::new(),
-            events: 0,
-        }
+        Worker { shard, sessions: SessionTable::new(catalog), counters: MinuteCounters::new(), events: 0 }
     }
 
     pub fn apply(&mut self, batch: &EventBatch) {
         for e in &batch.events {
-            self.sessions
-                .add(&batch.session_event(e), &mut self.counters);
+            self.sessions.add(&batch.session_event(e), &mut self.counters);
         }
         self.events += batch.events.len() as u64;
     }
 
     /// Runs until the last flush marker: batches in, reports out, emptied
     /// batches back to the router for reuse.
-    pub fn run(
-        mut self,
-        rx: Receiver<ShardMsg>,
-        reports: Sender<ShardReport>,
-        recycle: Sender<EventBatch>,
-    ) {
+    pub fn run(mut self, rx: Receiver<ShardMsg>, reports: Sender<ShardReport>, recycle: Sender<EventBatch>) {
         for msg in rx {
             match msg {
                 ShardMsg::Events(mut batch) => {
@@ -63,8 +52,7 @@ impl Worker {
                 ShardMsg::Flush(marker) => {
                     self.sessions.expire(marker.watermark);
                     let mut deltas = Vec::new();
-                    self.counters
-                        .drain(final_before(marker.watermark), &mut deltas);
+                    self.counters.drain(final_before(marker.watermark), &mut deltas);
                     let s = self.sessions.stats();
                     let stats = ShardStats {
                         events: self.events,
@@ -76,16 +64,7 @@ impl Worker {
                         series: self.counters.series() as u64,
                     };
                     let last = marker.last;
-                    if reports
-                        .send(ShardReport {
-                            shard: self.shard,
-                            marker,
-                            deltas,
-                            stats,
-                        })
-                        .is_err()
-                        || last
-                    {
+                    if reports.send(ShardReport { shard: self.shard, marker, deltas, stats }).is_err() || last {
                         return;
                     }
                 }

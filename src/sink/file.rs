@@ -16,21 +16,14 @@ pub struct FileSink {
 
 impl FileSink {
     pub fn create(path: &str) -> Result<FileSink, SinkError> {
-        let io = |source| SinkError::Io {
-            sink: format!("file:{path}"),
-            source,
-        };
+        let io = |source| SinkError::Io { sink: format!("file:{path}"), source };
         if let Some(dir) = std::path::Path::new(path).parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
         }
         let f = File::create(path).map_err(io)?;
-        Ok(FileSink {
-            out: BufWriter::with_capacity(1 << 20, f),
-            path: path.to_string(),
-            line: String::new(),
-        })
+        Ok(FileSink { out: BufWriter::with_capacity(1 << 20, f), path: path.to_string(), line: String::new() })
     }
 }
 
@@ -61,10 +54,7 @@ pub fn format_point(out: &mut String, p: &Point, namer: &Namer) {
     let start = out.len();
     namer.write_name(p.key, out);
     // Metric names come from config and input names; escape if needed.
-    if out[start..]
-        .bytes()
-        .any(|b| b == b'"' || b == b'\\' || b < 0x20)
-    {
+    if out[start..].bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
         let name = out.split_off(start);
         out.pop();
         push_json_str(out, &name);
@@ -87,19 +77,13 @@ impl Sink for FileSink {
             format_point(&mut self.line, p, namer);
             self.out
                 .write_all(self.line.as_bytes())
-                .map_err(|source| SinkError::Io {
-                    sink: format!("file:{}", self.path),
-                    source,
-                })?;
+                .map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.out.flush().map_err(|source| SinkError::Io {
-            sink: format!("file:{}", self.path),
-            source,
-        })
+        self.out.flush().map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })
     }
 
     fn describe(&self) -> String {

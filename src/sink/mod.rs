@@ -15,10 +15,7 @@ use crate::aggregate::{Namer, Point};
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("sink {sink}: {source}")]
-    Io {
-        sink: String,
-        source: std::io::Error,
-    },
+    Io { sink: String, source: std::io::Error },
     #[error("bad sink {0:?}: expected file:PATH or null")]
     BadSpec(String),
 }

@@ -35,13 +35,7 @@ impl FileSource {
     }
 
     pub fn from_reader(input: Box<dyn Read + Send>, name: String) -> FileSource {
-        FileSource {
-            input,
-            name,
-            pending: Vec::with_capacity(READ_CHUNK),
-            skipping: false,
-            done: false,
-        }
+        FileSource { input, name, pending: Vec::with_capacity(READ_CHUNK), skipping: false, done: false }
     }
 
     fn cut_lines(&mut self, batch: &mut LineBatch, at_end: bool) {

@@ -96,16 +96,7 @@ fn ref_parse(line: &[u8]) -> Option<RefEvent> {
             return None;
         }
     }
-    Some(RefEvent {
-        ts,
-        tenant,
-        session,
-        mp,
-        device,
-        login,
-        assign,
-        attrs,
-    })
+    Some(RefEvent { ts, tenant, session, mp, device, login, assign, attrs })
 }
 
 fn minute(ts: i64) -> i64 {
@@ -146,20 +137,10 @@ pub fn reference(config: &Config, lines: &[Vec<u8>]) -> Totals {
         kept.push(e);
     }
     // 2. Sessions: by (tenant, session), split on gaps over session_gap.
-    let tenants: BTreeSet<&str> = config
-        .experiments
-        .iter()
-        .map(|x| x.tenant.as_str())
-        .collect();
+    let tenants: BTreeSet<&str> = config.experiments.iter().map(|x| x.tenant.as_str()).collect();
     let mut by_id: BTreeMap<(String, String), Vec<RefEvent>> = BTreeMap::new();
-    for e in kept
-        .into_iter()
-        .filter(|e| tenants.contains(e.tenant.as_str()))
-    {
-        by_id
-            .entry((e.tenant.clone(), e.session.clone()))
-            .or_default()
-            .push(e);
+    for e in kept.into_iter().filter(|e| tenants.contains(e.tenant.as_str())) {
+        by_id.entry((e.tenant.clone(), e.session.clone())).or_default().push(e);
     }
     let mut out = Totals::new();
     for ((tenant, _), mut events) in by_id {
@@ -180,39 +161,24 @@ fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mu
     let dc = &config.engine.dc;
     let _ = dc;
     let mut add = |name: String, e: &RefEvent| {
-        *out.entry((name, e.device.clone(), e.login.clone(), minute(e.ts)))
-            .or_default() += 1;
+        *out.entry((name, e.device.clone(), e.login.clone(), minute(e.ts))).or_default() += 1;
     };
     for x in config.experiments.iter().filter(|x| x.tenant == tenant) {
         let carriers: Vec<(&RefEvent, i64)> = s
             .iter()
-            .filter_map(|e| {
-                e.assign
-                    .get(&x.id)
-                    .filter(|v| x.variations.contains(v))
-                    .map(|v| (e, *v))
-            })
+            .filter_map(|e| e.assign.get(&x.id).filter(|v| x.variations.contains(v)).map(|v| (e, *v)))
             .collect();
-        let Some(&(_, v)) = carriers
-            .iter()
-            .min_by(|a, b| key(a.0).cmp(&key(b.0)).then(a.1.cmp(&b.1)))
-        else {
+        let Some(&(_, v)) = carriers.iter().min_by(|a, b| key(a.0).cmp(&key(b.0)).then(a.1.cmp(&b.1))) else {
             continue;
         };
         let a_ev = first(carriers.iter().filter(|c| c.1 == v).map(|c| c.0)).unwrap();
         let a = a_ev.ts;
         add(format!("{tenant}.session.assigned.{v}"), a_ev);
-        let firsts: Option<Vec<i64>> = x
-            .qualify
-            .iter()
-            .map(|c| s.iter().filter(|e| meets(c, e)).map(|e| e.ts).min())
-            .collect();
+        let firsts: Option<Vec<i64>> =
+            x.qualify.iter().map(|c| s.iter().filter(|e| meets(c, e)).map(|e| e.ts).min()).collect();
         let f = firsts.map(|fs| fs.into_iter().fold(a, i64::max));
         if let Some(f) = f {
-            add(
-                format!("{tenant}.session.fm.{v}"),
-                first(s.iter().filter(|e| e.ts >= f)).unwrap(),
-            );
+            add(format!("{tenant}.session.fm.{v}"), first(s.iter().filter(|e| e.ts >= f)).unwrap());
         }
         let mps: BTreeSet<String> = match &x.mps {
             Some(list) => list.iter().cloned().collect(),
@@ -227,8 +193,7 @@ fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mu
                 add(format!("{tenant}.visit.assigned.{v}.{m}.beta"), b);
             }
             if let Some(f) = f {
-                let visits_f: Vec<&RefEvent> =
-                    s.iter().filter(|e| e.mp == *m && e.ts >= f).collect();
+                let visits_f: Vec<&RefEvent> = s.iter().filter(|e| e.mp == *m && e.ts >= f).collect();
                 for e in &visits_f {
                     add(format!("{tenant}.visit.fm.{v}.{m}"), e);
                 }
@@ -246,15 +211,7 @@ pub fn final_totals(points: &[RenderedPoint], dc: &str) -> Totals {
     let mut out = Totals::new();
     for p in points {
         assert_eq!(p.dc, dc, "every point carries the dc tag");
-        out.insert(
-            (
-                p.name.clone(),
-                p.device.clone(),
-                p.login.clone(),
-                p.timestamp,
-            ),
-            p.value,
-        );
+        out.insert((p.name.clone(), p.device.clone(), p.login.clone(), p.timestamp), p.value);
     }
     out.retain(|_, v| *v != 0);
     out
@@ -262,11 +219,7 @@ pub fn final_totals(points: &[RenderedPoint], dc: &str) -> Totals {
 
 /// Runs the engine in-process over `lines` (arrival order) and returns every
 /// upsert it wrote, in order.
-pub fn run_engine(
-    config: &Config,
-    lines: &[Vec<u8>],
-    threads: usize,
-) -> (Vec<RenderedPoint>, expmon::health::Summary) {
+pub fn run_engine(config: &Config, lines: &[Vec<u8>], threads: usize) -> (Vec<RenderedPoint>, expmon::health::Summary) {
     let mut data = Vec::new();
     for l in lines {
         data.extend_from_slice(l);
@@ -325,20 +278,12 @@ pub fn diff(expected: &Totals, actual: &Totals) -> Vec<String> {
 }
 
 /// Builds one event line.
-pub fn ev(
-    ts: i64,
-    session: &str,
-    mp: &str,
-    device: &str,
-    login: &str,
-    assign: &[(u64, i64)],
-) -> Vec<u8> {
-    let mut o = serde_json::json!({"ts": ts, "tenant": "uswm", "session": session, "mp": mp, "device": device, "login": login});
+pub fn ev(ts: i64, session: &str, mp: &str, device: &str, login: &str, assign: &[(u64, i64)]) -> Vec<u8> {
+    let mut o =
+        serde_json::json!({"ts": ts, "tenant": "uswm", "session": session, "mp": mp, "device": device, "login": login});
     if !assign.is_empty() {
-        let a: serde_json::Map<String, serde_json::Value> = assign
-            .iter()
-            .map(|(x, v)| (x.to_string(), (*v).into()))
-            .collect();
+        let a: serde_json::Map<String, serde_json::Value> =
+            assign.iter().map(|(x, v)| (x.to_string(), (*v).into())).collect();
         o["assign"] = a.into();
     }
     serde_json::to_vec(&o).unwrap()
