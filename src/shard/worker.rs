@@ -39,6 +39,15 @@ impl Worker {
         self.events += batch.events.len() as u64;
     }
 
+    /// Expires sessions at `watermark`, and returns the deltas since the last
+    /// drain, freeing the minutes that became final.
+    pub fn drain_deltas(&mut self, watermark: i64) -> Vec<crate::aggregate::Delta> {
+        self.sessions.expire(watermark);
+        let mut deltas = Vec::new();
+        self.counters.drain(final_before(watermark), &mut deltas);
+        deltas
+    }
+
     /// Runs until the last flush marker: batches in, reports out, emptied
     /// batches back to the router for reuse.
     pub fn run(mut self, rx: Receiver<ShardMsg>, reports: Sender<ShardReport>, recycle: Sender<EventBatch>) {
@@ -50,9 +59,7 @@ impl Worker {
                     let _ = recycle.try_send(batch);
                 }
                 ShardMsg::Flush(marker) => {
-                    self.sessions.expire(marker.watermark);
-                    let mut deltas = Vec::new();
-                    self.counters.drain(final_before(marker.watermark), &mut deltas);
+                    let deltas = self.drain_deltas(marker.watermark);
                     let s = self.sessions.stats();
                     let stats = ShardStats {
                         events: self.events,

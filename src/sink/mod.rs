@@ -6,7 +6,7 @@
 
 mod file;
 
-pub use file::FileSink;
+pub use file::{format_point, FileSink};
 
 use std::sync::{Arc, Mutex};
 
