@@ -177,17 +177,21 @@ impl Catalog {
         self.tenant_index.get(name).copied()
     }
 
-    /// Resolves one assignment of an event of `tenant`.
+    /// Resolves one assignment of an event of `tenant`. Variation ids are
+    /// globally unique, so the common case is one lookup.
     #[inline]
     pub fn assignment(&self, tenant: u16, experiment_id: u64, variation_id: i64) -> AssignLookup {
-        let Some(&x) = self.experiment_index.get(&(tenant, experiment_id)) else {
-            return AssignLookup::UnknownExperiment;
-        };
-        match self.variation_index.get(&variation_id) {
-            Some(&v) if self.variations[v as usize].experiment == x => {
-                AssignLookup::Known { experiment: x, variation: v }
+        if let Some(&v) = self.variation_index.get(&variation_id) {
+            let x = self.variations[v as usize].experiment;
+            let e = &self.experiments[x as usize];
+            if e.id == experiment_id && e.tenant == tenant {
+                return AssignLookup::Known { experiment: x, variation: v };
             }
-            _ => AssignLookup::UnknownVariation,
+        }
+        if self.experiment_index.contains_key(&(tenant, experiment_id)) {
+            AssignLookup::UnknownVariation
+        } else {
+            AssignLookup::UnknownExperiment
         }
     }
 

@@ -14,6 +14,8 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::fmt;
 
+mod fast;
+
 /// Longest tenant, mp, device or login, in bytes.
 pub const MAX_NAME_BYTES: usize = 64;
 /// Longest session id, in bytes.
@@ -115,6 +117,15 @@ impl fmt::Display for Reject {
 /// more than a day in the future; replays pass `None`.
 pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
     let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
+    let raw = match fast::parse_fast(text) {
+        Some(raw) => raw,
+        None => parse_event_serde(text)?,
+    };
+    finish(raw, now_ms)
+}
+
+/// The general path: any JSON, through serde_json, with exact rejection reasons.
+fn parse_event_serde(text: &str) -> Result<RawEvent<'_>, Reject> {
     let reason = Cell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
     let raw = match (EventSeed { reason: &reason }).deserialize(&mut de) {
@@ -124,6 +135,11 @@ pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject
     if let Err(e) = de.end() {
         return Err(classify(&e, &reason));
     }
+    Ok(raw)
+}
+
+/// Required fields, defaults, bounds and the ts range, common to both paths.
+fn finish(raw: RawEvent<'_>, now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
     let RawEvent { ts, tenant, session, mp, device, login, assign, attrs } = raw;
     let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
         return Err(Reject::MissingField);
@@ -169,7 +185,7 @@ fn classify(e: &serde_json::Error, reason: &Cell<Option<Reject>>) -> Reject {
 type Assign = SmallVec<[(u64, i64); 8]>;
 type Attrs<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>;
 
-#[derive(Default)]
+#[derive(Default, Debug, PartialEq)]
 struct RawEvent<'a> {
     ts: Option<i64>,
     tenant: Option<Cow<'a, str>>,
@@ -486,6 +502,51 @@ mod tests {
         let line = br#"{"ts":1800000000000,"tenant":"a","session":"s","mp":"m"}"#;
         assert!(parse_event(line, None).is_ok());
         assert_eq!(parse_event(line, Some(1_700_000_000_000)), Err(Reject::TsOutOfRange));
+    }
+
+    /// The fast path's contract: when it accepts, serde agrees exactly.
+    fn same_as_serde(line: &str) {
+        if let Some(fast) = fast::parse_fast(line) {
+            assert_eq!(Ok(fast), parse_event_serde(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn fast_path_takes_common_events_and_agrees_with_serde() {
+        let common = r#"{"ts":1525356185123,"tenant":"uswm","session":"s-9f2c","mp":"home_page","device":"desktop","login":"in","assign":{"123":1231,"77":771},"attrs":{"payment":"paypal"}}"#;
+        assert!(fast::parse_fast(common).is_some());
+        same_as_serde(common);
+        for line in [
+            r#" { "ts" : 1525356185123 , "tenant":"a","session":"s","mp":"m","x":true,"y":null,"z":-5,"w":"q" } "#,
+            r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{"0123":5,"123":6,"9":null},"attrs":{"k":"v","k":"w","z":null}}"#,
+            r#"{"ts":null,"tenant":"a","session":"s","mp":"m","assign":null,"attrs":{}}"#,
+            r#"{}"#,
+        ] {
+            assert!(fast::parse_fast(line).is_some(), "{line}");
+            same_as_serde(line);
+        }
+        for line in [
+            r#"{"ts":1.5,"tenant":"a"}"#,
+            r#"{"ts":01,"tenant":"a"}"#,
+            r#"{"ts":-0,"tenant":"a"}"#,
+            r#"{"tenant":"a\"b"}"#,
+            r#"{"x":{"nested":1}}"#,
+            r#"{"assign":{"x":1}}"#,
+            r#"{"ts":1,}"#,
+            r#"{"ts":1} x"#,
+            r#"{"ts":12345678901234567890}"#,
+        ] {
+            assert!(fast::parse_fast(line).is_none(), "{line}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+        /// Generated JSON-ish events: whenever the fast path accepts, serde agrees.
+        #[test]
+        fn fast_path_contract(s in r#" ?\{ ?(("(ts|tenant|session|mp|device|login|assign|attrs|x)" ?: ?(-?[0-9]{1,20}(\.5)?|"[a-z0-9\\"\t]{0,5}"|null|true|\{ ?("[0-9a-z]{0,3}" ?: ?(-?0?[0-9]{1,20}|"[a-z]{0,3}"|null|1e3) ?,? ?){0,3}\}|\[\]) ?,? ?){0,9})\} ?x?"#) {
+            same_as_serde(&s);
+        }
     }
 
     #[test]

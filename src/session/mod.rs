@@ -316,7 +316,7 @@ pub struct SessionTable {
     catalog: Arc<Catalog>,
     gap_ms: i64,
     stats: SessionStats,
-    before: Vec<Option<View>>,
+    before: Vec<Before>,
 }
 
 impl SessionTable {
@@ -387,37 +387,47 @@ impl SessionTable {
         let catalog = &*self.catalog;
         let ord = Order { catalog };
 
-        // 1. Views before the event (the event is pushed but not yet used).
+        // 1. Until an experiment's state changes, its view before the event is
+        //    its view after it; a changed one snapshots its view first.
         self.before.clear();
-        for s in &session.experiments {
-            self.before.push(Some(session.view(s, &catalog.experiments[s.experiment as usize])));
-        }
+        self.before.resize(session.experiments.len(), Before::Same);
         let known = session.experiments.len();
 
         // 2a. Assignments: the least (order key, variation id) wins.
         let key = session.key(idx);
-        let new_assigns =
-            ev.assigns.iter().filter(|a| !session.experiments.iter().any(|s| s.experiment as u32 == a.0)).count();
-        session.experiments.reserve_exact(new_assigns);
+        if session.experiments.is_empty() {
+            session.experiments.reserve_exact(ev.assigns.len());
+        }
+        let mut cursor = 0;
         for &(experiment, variation) in ev.assigns {
             let x = &catalog.experiments[experiment as usize];
             let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
-            match session.experiments.iter().position(|s| s.experiment as u32 == experiment) {
+            // Producers repeat assignments in the same order: try the next slot first.
+            let found = match session.experiments.get(cursor) {
+                Some(s) if s.experiment as u32 == experiment => Some(cursor),
+                _ => session.experiments.iter().position(|s| s.experiment as u32 == experiment),
+            };
+            match found {
                 Some(i) => {
+                    cursor = i + 1;
                     let s = session.experiments[i];
                     if s.slot != slot && !s.conflict {
                         session.experiments[i].conflict = true;
                         self.stats.conflicts += 1;
                     }
-                    let wins = match ord.cmp(key, session.key(s.assigned)) {
-                        Ordering::Less => true,
-                        Ordering::Equal => {
-                            catalog.variations[variation as usize].id
-                                < catalog.variations[x.variations[s.slot as usize] as usize].id
-                        }
-                        Ordering::Greater => false,
-                    };
+                    let wins = !in_order
+                        && match ord.cmp(key, session.key(s.assigned)) {
+                            Ordering::Less => true,
+                            Ordering::Equal => {
+                                catalog.variations[variation as usize].id
+                                    < catalog.variations[x.variations[s.slot as usize] as usize].id
+                            }
+                            Ordering::Greater => false,
+                        };
                     if wins {
+                        if let Before::Same = self.before[i] {
+                            self.before[i] = Before::Was(session.view(&s, x));
+                        }
                         session.experiments[i].slot = slot;
                         session.experiments[i].assigned = idx;
                     }
@@ -443,7 +453,7 @@ impl SessionTable {
                         assigned: idx,
                         conflict: false,
                     });
-                    self.before.push(None);
+                    self.before.push(Before::New);
                 }
             }
         }
@@ -451,13 +461,18 @@ impl SessionTable {
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.events[idx as usize].off;
-        for s in &session.experiments[..known] {
+        for i in 0..known {
+            let s = session.experiments[i];
             let x = &catalog.experiments[s.experiment as usize];
-            for (c, first) in x.conditions.iter().zip(session.first_met[s.cond_start as usize..].iter_mut()) {
-                if (*first == NONE || off < session.events[*first as usize].off)
+            for (j, c) in x.conditions.iter().enumerate() {
+                let first = session.first_met[s.cond_start as usize + j];
+                if (first == NONE || off < session.events[first as usize].off)
                     && c.matches(ev.mp, ev.device, ev.login, lookup)
                 {
-                    *first = idx;
+                    if let Before::Same = self.before[i] {
+                        self.before[i] = Before::Was(session.view(&s, x));
+                    }
+                    session.first_met[s.cond_start as usize + j] = idx;
                 }
             }
         }
@@ -467,17 +482,37 @@ impl SessionTable {
         let before_events = Events { base: session.base, list: &session.events[..idx as usize] };
         for (s, before) in session.experiments.iter().zip(self.before.iter()) {
             let x = &catalog.experiments[s.experiment as usize];
-            let after = session.view(s, x);
-            if in_order && *before == Some(after) {
-                fast_in_order(x, after, &events, out);
-                continue;
+            match *before {
+                Before::Same if in_order => fast_in_order(x, session, s, out),
+                Before::Same => {
+                    let view = session.view(s, x);
+                    emit_from(&ord, x, view, &before_events, ev.ts, -1, out);
+                    emit_from(&ord, x, view, &events, ev.ts, 1, out);
+                }
+                Before::Was(b) => {
+                    let after = session.view(s, x);
+                    if in_order && b == after {
+                        fast_in_order(x, session, s, out);
+                    } else {
+                        emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
+                        emit_from(&ord, x, after, &events, ev.ts, 1, out);
+                    }
+                }
+                Before::New => emit_from(&ord, x, session.view(s, x), &events, ev.ts, 1, out),
             }
-            if let Some(b) = *before {
-                emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
-            }
-            emit_from(&ord, x, after, &events, ev.ts, 1, out);
         }
     }
+}
+
+/// An experiment's view before the current event, when it differs from after.
+#[derive(Debug, Clone, Copy)]
+enum Before {
+    /// The event did not touch this experiment's state.
+    Same,
+    /// The event changed it; this was the view before.
+    Was(View),
+    /// The event assigned it.
+    New,
 }
 
 /// Deltas of an event later than every other event of its session, for an
@@ -485,18 +520,23 @@ impl SessionTable {
 /// before, and F is the ts of an earlier event, so `session.fm` cannot move:
 /// only the event's own visits (and betas, if first) are new.
 #[inline]
-fn fast_in_order(x: &CompiledExperiment, view: View, events: &Events, out: &mut MinuteCounters) {
-    let i = events.list.len() - 1;
-    let e = events.list[i];
-    let ts = events.base + e.off as i64;
-    let a = view.assigned_at.ts;
-    if ts < a || !x.reports(e.mp) {
+fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &mut MinuteCounters) {
+    let i = session.events.len() - 1;
+    let e = session.events[i];
+    if !x.reports(e.mp) {
         return;
     }
+    let ts = session.base + e.off as i64;
+    let a = session.ts(s.assigned);
+    if ts < a {
+        return;
+    }
+    let view = session.view(s, x);
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
     out.add(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of its mp counts.
-    let prior_since = |bound: i64| events.list[..i].iter().any(|g| g.mp == mp && events.base + g.off as i64 >= bound);
+    let prior_since =
+        |bound: i64| session.events[..i].iter().any(|g| g.mp == mp && session.base + g.off as i64 >= bound);
     if !prior_since(a) {
         out.add(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
     }
