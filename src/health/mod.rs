@@ -45,6 +45,10 @@ pub struct ShardStats {
     pub conflicts: u64,
     pub overflow_dropped: u64,
     pub series: u64,
+    /// Sessions held when the flush began (before its expiry).
+    pub held_sessions: u64,
+    /// Bytes of session state at that moment (table slots and session heap).
+    pub state_bytes: u64,
 }
 
 impl std::ops::AddAssign for ShardStats {
@@ -56,6 +60,8 @@ impl std::ops::AddAssign for ShardStats {
         self.conflicts += o.conflicts;
         self.overflow_dropped += o.overflow_dropped;
         self.series += o.series;
+        self.held_sessions += o.held_sessions;
+        self.state_bytes += o.state_bytes;
     }
 }
 
@@ -65,6 +71,12 @@ pub struct WriterStats {
     pub upserts_written: u64,
     pub active_points: u64,
     pub flushes: u64,
+    /// Most session-state bytes seen at a flush, over all shards, and the
+    /// sessions held at that moment.
+    pub peak_state_bytes: u64,
+    pub peak_state_sessions: u64,
+    /// Most points held by the writer at once.
+    pub peak_points: u64,
 }
 
 /// Figures published for the status line, a batch at a time.
@@ -98,6 +110,16 @@ pub struct Summary {
     pub writer: WriterStats,
     pub threads: usize,
     pub elapsed: Duration,
+    /// Peak resident memory of the process (VmHWM), if known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Peak resident set size of this process, from /proc/self/status.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 impl Summary {
@@ -141,7 +163,25 @@ impl fmt::Display for Summary {
             crate::session::MAX_EVENTS_PER_SESSION,
             s.overflow_dropped
         )?;
-        write!(f, "  upserts written {} in {} flushes", self.writer.upserts_written, self.writer.flushes)
+        let w = &self.writer;
+        write!(
+            f,
+            "  upserts written {} in {} flushes, peak points held {}",
+            w.upserts_written, w.flushes, w.peak_points
+        )?;
+        if w.peak_state_sessions > 0 {
+            write!(
+                f,
+                "\n  peak session state {:.1} MiB for {} sessions ({} bytes/session)",
+                w.peak_state_bytes as f64 / (1 << 20) as f64,
+                w.peak_state_sessions,
+                w.peak_state_bytes / w.peak_state_sessions
+            )?;
+        }
+        if let Some(rss) = self.peak_rss_bytes {
+            write!(f, "\n  peak RSS {:.1} MiB", rss as f64 / (1 << 20) as f64)?;
+        }
+        Ok(())
     }
 }
 

@@ -152,6 +152,7 @@ pub fn run(
         writer: writer_stats,
         threads: n,
         elapsed: started.elapsed(),
+        peak_rss_bytes: crate::health::peak_rss_bytes(),
     })
 }
 
@@ -234,6 +235,7 @@ fn write_loop(
                 last_stats[r.shard] = r.stats;
             }
             points.clear();
+            stats.peak_points = stats.peak_points.max(totals.len() as u64);
             totals.take_due(final_before(marker.watermark), &mut points);
             if !points.is_empty() {
                 let namer = Namer::new(catalog);
@@ -246,6 +248,10 @@ fn write_loop(
             let mut sum = ShardStats::default();
             for s in &last_stats {
                 sum += *s;
+            }
+            if sum.state_bytes > stats.peak_state_bytes {
+                stats.peak_state_bytes = sum.state_bytes;
+                stats.peak_state_sessions = sum.held_sessions;
             }
             live.active_sessions.store(sum.active_sessions, Relaxed);
             live.active_points.store(stats.active_points, Relaxed);

@@ -59,6 +59,9 @@ impl Worker {
                     let _ = recycle.try_send(batch);
                 }
                 ShardMsg::Flush(marker) => {
+                    // State size before this flush's expiry: at the end of a
+                    // replay that is the whole state, just before it is freed.
+                    let (held_sessions, state_bytes) = (self.sessions.len() as u64, self.sessions.state_bytes() as u64);
                     let deltas = self.drain_deltas(marker.watermark);
                     let s = self.sessions.stats();
                     let stats = ShardStats {
@@ -69,6 +72,8 @@ impl Worker {
                         conflicts: s.conflicts,
                         overflow_dropped: s.overflow_dropped,
                         series: self.counters.series() as u64,
+                        held_sessions,
+                        state_bytes,
                     };
                     let last = marker.last;
                     if reports.send(ShardReport { shard: self.shard, marker, deltas, stats }).is_err() || last {
