@@ -4,10 +4,10 @@
 //! A [`Generator`] keeps a pool of concurrent simulated sessions on an
 //! event-time clock. Each step advances the clock and emits the next event of a
 //! random pooled session; finished sessions are replaced, and a few go dormant
-//! to resume after a long gap (a new session under the same id). Events are
-//! released in arrival order: most at once, ~2% held back within half the
-//! lateness (out of order), ~0.2% held back beyond three times the lateness
-//! (late, dropped by the engine), ~0.1% replaced by malformed lines.
+//! to resume after a long gap (a new session under the same id). Events arrive
+//! in clock order, but ~2% carry a time up to half the lateness earlier (out of
+//! order, kept), ~0.2% a time three to four lateness periods earlier (late,
+//! dropped by the engine), and ~0.1% are malformed lines.
 //!
 //! Timing: replays run on a simulated clock from a fixed start; with a rate the
 //! generator is open-loop on the wall clock ([`Pacer`]) and timestamps are now.
@@ -21,8 +21,7 @@ pub use source::{GenSource, Pacer};
 
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::Write;
 
 /// Simulated-clock start for replays: 2026-01-01T00:00:00Z.
@@ -42,9 +41,6 @@ struct SimSession {
     conflict: Option<i64>,
 }
 
-/// An event waiting to be released: ordered by arrival time, then sequence.
-type Held = Reverse<(i64, u64, Vec<u8>)>;
-
 pub struct Generator {
     profile: Profile,
     rng: Pcg64Mcg,
@@ -53,9 +49,7 @@ pub struct Generator {
     pool: Vec<SimSession>,
     /// Sessions waiting out a long gap, by wake time (pushed in time order).
     dormant: VecDeque<(i64, SimSession)>,
-    held: BinaryHeap<Held>,
     next_session: u64,
-    seq: u64,
     seed: u64,
     line: String,
 }
@@ -71,9 +65,7 @@ impl Generator {
             step_ms,
             pool: Vec::new(),
             dormant: VecDeque::new(),
-            held: BinaryHeap::new(),
             next_session: 0,
-            seq: 0,
             seed,
             line: String::with_capacity(512),
             profile,
@@ -121,29 +113,9 @@ impl Generator {
         SimSession { id: self.next_session, tenant, device, login, assign, remaining, emitted: 0, conflict }
     }
 
-    /// Appends the next released line (without newline) to `out`.
+    /// Advances the clock one step and appends the next line (without
+    /// newline) to `out`.
     pub fn next_line(&mut self, out: &mut Vec<u8>) {
-        loop {
-            if let Some(Reverse((arrival, _, _))) = self.held.peek() {
-                if *arrival as f64 <= self.clock_ms {
-                    let Reverse((_, _, line)) = self.held.pop().expect("peeked");
-                    out.extend_from_slice(&line);
-                    return;
-                }
-            }
-            self.step();
-        }
-    }
-
-    /// Releases every held event (end of a finite run), in arrival order.
-    pub fn drain_held(&mut self, mut each: impl FnMut(&[u8])) {
-        while let Some(Reverse((_, _, line))) = self.held.pop() {
-            each(&line);
-        }
-    }
-
-    /// Advances the clock one step and produces one event (held until due).
-    fn step(&mut self) {
         self.clock_ms += self.step_ms;
         let now = self.clock_ms as i64;
         // Wake a dormant session whose long gap is over.
@@ -158,32 +130,35 @@ impl Generator {
         let lateness = self.profile.lateness_ms as f64;
         let r: f64 = self.rng.gen();
         self.line.clear();
-        let mut arrival = now;
-        let mut bytes = None;
         if r < malformed {
-            bytes = Some(self.malformed(now));
-        } else if r < malformed + unknown_tenant {
+            out.extend_from_slice(&self.malformed(now));
+            return;
+        }
+        if r < malformed + unknown_tenant {
             let _ = write!(
                 self.line,
                 r#"{{"ts":{now},"tenant":"unknown_site","session":"u-{:x}","mp":"home_page"}}"#,
                 self.rng.gen::<u32>()
             );
         } else {
-            self.event(slot, now);
-            // Delays keep clear of the lateness bound (SPEC §4 test data).
+            // An event arriving now may carry an earlier time: within half the
+            // lateness (out of order, kept) or beyond three times it (late,
+            // dropped), never near the bound (SPEC §4 test data).
             let d: f64 = self.rng.gen();
-            if d < late {
-                arrival = now + (lateness * self.rng.gen_range(3.0..4.0)) as i64;
+            let delay = if d < late {
+                (lateness * self.rng.gen_range(3.0..4.0)) as i64
             } else if d < late + out_of_order {
-                arrival = now + (lateness * self.rng.gen_range(0.0..0.45)) as i64;
-            }
+                (lateness * self.rng.gen_range(0.0..0.45)) as i64
+            } else {
+                0
+            };
+            self.event(slot, now - delay, now);
         }
-        self.seq += 1;
-        let bytes = bytes.unwrap_or_else(|| self.line.as_bytes().to_vec());
-        self.held.push(Reverse((arrival, self.seq, bytes)));
+        out.extend_from_slice(self.line.as_bytes());
     }
 
-    fn event(&mut self, slot: usize, now: i64) {
+    /// Writes the next event of pooled session `slot`, stamped `ts`, to `line`.
+    fn event(&mut self, slot: usize, ts: i64, now: i64) {
         let p = &self.profile;
         let s = &mut self.pool[slot];
         let t = &p.tenants[s.tenant];
@@ -198,7 +173,7 @@ impl Generator {
         let line = &mut self.line;
         let _ = write!(
             line,
-            r#"{{"ts":{now},"tenant":"{}","session":"{:x}-{:x}","mp":"{mp}","device":"{}""#,
+            r#"{{"ts":{ts},"tenant":"{}","session":"{:x}-{:x}","mp":"{mp}","device":"{}""#,
             t.name, self.seed, s.id, s.device
         );
         if let Some(l) = s.login {
