@@ -1,19 +1,21 @@
-//! Per-shard, per-minute delta counters.
+//! Per-shard, per-minute delta counters in dense regions.
 //!
-//! Series are interned in blocks: a block is a variation's metrics for one
-//! (mp, device, login) — the 4 visit kinds — or for no mp — the 2 session
-//! kinds. An event's contributions to one experiment land in one block, so they
-//! cost one interner lookup (the last block is cached) and touch one cache line
-//! of the minute's counter array, instead of one random access per metric.
+//! A region holds the counters of one (tenant, mp, device, login, minute) for
+//! every variation of the tenant: 4 `i64` per variation, at the variation's
+//! `tenant_slot` — the 4 visit kinds, or for the no-mp region the 2 session
+//! kinds. All of an event's contributions share its mp, tags and minute, so
+//! they land in one region: one lookup per event (the last region is cached)
+//! and plain array increments, in memory that popular pages keep hot.
 //!
-//! Each live minute holds an `i64` per series id (`block * 4 + kind offset`);
-//! `drain` walks only the blocks touched since the last drain. Minutes older
-//! than the final-minute bound given to `drain` are freed after their last
-//! deltas are handed out.
+//! Counters hold deltas since the last drain. A drain hands out every non-zero
+//! counter and then frees all regions — they are all zero — so memory follows
+//! the traffic of one trigger interval, not the run.
 
 use ahash::AHashMap;
+use std::sync::Arc;
 
 use super::{minute_of, MetricKind, SeriesKey, NO_MP};
+use crate::config::Catalog;
 
 /// A change of one point, as sent from a shard to the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,10 +25,10 @@ pub struct Delta {
     pub delta: i64,
 }
 
-const BLOCK: usize = 4;
-const KIND_MASK: u64 = 0b111 << 61;
+/// Counters per variation in a region.
+const PER_VARIATION: usize = 4;
 
-/// Offset of a kind inside its block.
+/// Offset of a kind inside its variation's counters.
 #[inline]
 fn offset(kind: MetricKind) -> usize {
     match kind {
@@ -37,162 +39,140 @@ fn offset(kind: MetricKind) -> usize {
     }
 }
 
-/// The series key at `offset` of a block whose key (kind bits clear) is `block`.
-fn series_at(block: u64, offset: usize) -> SeriesKey {
-    let session = SeriesKey(block).mp() == NO_MP;
-    let kind = match (session, offset) {
+/// The kind at `offset` of a region (session regions have no mp).
+fn kind_at(session: bool, offset: usize) -> MetricKind {
+    match (session, offset) {
         (true, 0) => MetricKind::SessionAssigned,
         (true, _) => MetricKind::SessionFm,
         (false, 0) => MetricKind::VisitAssigned,
         (false, 1) => MetricKind::VisitAssignedBeta,
         (false, 2) => MetricKind::VisitFm,
         (false, _) => MetricKind::VisitFmBeta,
-    };
-    SeriesKey(block | (kind as u64) << 61)
+    }
 }
 
-struct MinuteBucket {
+/// (tenant, mp, device, login) packed: 16 + 16 + 12 + 12 bits.
+#[inline]
+fn region_key(tenant: u16, key: SeriesKey) -> u64 {
+    (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
+}
+
+struct Region {
+    key: u64,
     minute: i64,
-    counts: Vec<i64>,
-    /// Blocks touched since the last drain (may repeat).
-    touched: Vec<u32>,
-    /// Per block: touched since the last drain.
-    marked: Vec<bool>,
+    counts: Box<[i64]>,
 }
 
-#[derive(Default)]
 pub struct MinuteCounters {
-    blocks: AHashMap<u64, u32>,
-    block_keys: Vec<u64>,
-    /// Live minutes, few (lateness window / 1 minute + 1), in no fixed order.
-    buckets: Vec<MinuteBucket>,
-    /// Last block looked up: (block key, id).
-    last_block: Option<(u64, u32)>,
-    /// Index into `buckets` of the last minute used.
-    last_bucket: usize,
+    catalog: Arc<Catalog>,
+    /// (region key, minute) → index into `regions`.
+    index: AHashMap<(u64, i64), u32>,
+    regions: Vec<Region>,
+    /// The last region used: (region key, minute, index).
+    last: Option<(u64, i64, u32)>,
 }
 
 impl MinuteCounters {
-    pub fn new() -> MinuteCounters {
-        MinuteCounters::default()
+    pub fn new(catalog: Arc<Catalog>) -> MinuteCounters {
+        MinuteCounters { catalog, index: AHashMap::new(), regions: Vec::new(), last: None }
     }
 
     #[inline]
-    fn block(&mut self, block_key: u64) -> u32 {
-        if let Some((k, id)) = self.last_block {
-            if k == block_key {
-                return id;
+    fn region(&mut self, rkey: u64, tenant: u16, minute: i64) -> usize {
+        if let Some((k, m, i)) = self.last {
+            if k == rkey && m == minute {
+                return i as usize;
             }
         }
-        let next = self.block_keys.len() as u32;
-        let id = *self.blocks.entry(block_key).or_insert(next);
-        if id == next {
-            self.block_keys.push(block_key);
+        let next = self.regions.len() as u32;
+        let i = *self.index.entry((rkey, minute)).or_insert(next);
+        if i == next {
+            let n = self.catalog.tenant_variations[tenant as usize].len() * PER_VARIATION;
+            self.regions.push(Region { key: rkey, minute, counts: vec![0; n].into_boxed_slice() });
         }
-        self.last_block = Some((block_key, id));
-        id
-    }
-
-    #[inline]
-    fn bucket(&mut self, minute: i64) -> usize {
-        if self.buckets.get(self.last_bucket).is_some_and(|b| b.minute == minute) {
-            return self.last_bucket;
-        }
-        let i = match self.buckets.iter().rposition(|b| b.minute == minute) {
-            Some(i) => i,
-            None => {
-                self.buckets.push(MinuteBucket { minute, counts: Vec::new(), touched: Vec::new(), marked: Vec::new() });
-                self.buckets.len() - 1
-            }
-        };
-        self.last_bucket = i;
-        i
+        self.last = Some((rkey, minute, i));
+        i as usize
     }
 
     /// Adds `delta` to the point `(key, minute(ts))`.
     #[inline]
     pub fn add(&mut self, key: SeriesKey, ts: i64, delta: i64) {
-        let block = self.block(key.0 & !KIND_MASK) as usize;
-        let bi = self.bucket(minute_of(ts));
-        let blocks = self.block_keys.len();
-        let b = &mut self.buckets[bi];
-        if b.marked.len() <= block {
-            b.marked.resize(blocks.max(block + 1), false);
-            b.counts.resize(b.marked.len() * BLOCK, 0);
-        }
-        if !b.marked[block] {
-            b.marked[block] = true;
-            b.touched.push(block as u32);
-        }
-        b.counts[block * BLOCK + offset(key.kind())] += delta;
+        let var = self.catalog.variations[key.variation() as usize];
+        let r = self.region(region_key(var.tenant, key), var.tenant, minute_of(ts));
+        self.regions[r].counts[var.tenant_slot as usize * PER_VARIATION + offset(key.kind())] += delta;
     }
 
-    /// Appends every non-zero delta since the last drain to `out`, resetting
-    /// them, and frees minutes older than `final_before` (they can no longer
-    /// change).
-    pub fn drain(&mut self, final_before: i64, out: &mut Vec<Delta>) {
-        for b in &mut self.buckets {
-            for &block in &b.touched {
-                let block = block as usize;
-                b.marked[block] = false;
-                for (o, c) in b.counts[block * BLOCK..(block + 1) * BLOCK].iter_mut().enumerate() {
-                    if *c != 0 {
-                        out.push(Delta { key: series_at(self.block_keys[block], o), minute: b.minute, delta: *c });
-                        *c = 0;
+    /// Appends every non-zero delta since the last drain to `out` and frees
+    /// all counters (they are zero again).
+    pub fn drain(&mut self, out: &mut Vec<Delta>) {
+        for r in &self.regions {
+            let tenant = (r.key >> 40) as usize;
+            let (mp, device, login) =
+                (((r.key >> 24) & 0xFFFF) as u16, ((r.key >> 12) & 0xFFF) as u16, (r.key & 0xFFF) as u16);
+            let vars = &self.catalog.tenant_variations[tenant];
+            for (slot, c) in r.counts.chunks_exact(PER_VARIATION).enumerate() {
+                for (o, &d) in c.iter().enumerate() {
+                    if d != 0 {
+                        let key = SeriesKey::new(kind_at(mp == NO_MP, o), vars[slot], mp, device, login);
+                        out.push(Delta { key, minute: r.minute, delta: d });
                     }
                 }
             }
-            b.touched.clear();
         }
-        self.buckets.retain(|b| b.minute >= final_before);
-        self.last_bucket = usize::MAX;
+        self.regions.clear();
+        self.index.clear();
+        self.last = None;
     }
 
-    /// Live minutes held.
-    pub fn live_minutes(&self) -> usize {
-        self.buckets.len()
-    }
-
-    /// Distinct series blocks interned so far.
-    pub fn series(&self) -> usize {
-        self.block_keys.len()
+    /// Regions held (one per tenant, mp, device, login and minute touched
+    /// since the last drain).
+    pub fn regions(&self) -> usize {
+        self.regions.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::names::Names;
+
+    fn catalog() -> Arc<Catalog> {
+        let c = Config::parse(
+            "[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\n[[experiment]]\nid = 2\ntenant = \"b\"\nvariations = [21]\n",
+            "t",
+        )
+        .unwrap();
+        Arc::new(Catalog::build(&c, Arc::new(Names::default())).unwrap())
+    }
 
     #[test]
     fn add_drain_and_free() {
-        let mut c = MinuteCounters::new();
+        let mut c = MinuteCounters::new(catalog());
         let k = SeriesKey::new(MetricKind::VisitAssigned, 1, 2, 3, 4);
         let kb = SeriesKey::new(MetricKind::VisitFmBeta, 1, 2, 3, 4);
-        let k2 = SeriesKey::new(MetricKind::SessionFm, 1, NO_MP, 3, 4);
+        let k2 = SeriesKey::new(MetricKind::SessionFm, 2, NO_MP, 3, 4);
         c.add(k, 60_000 * 10 + 5, 1);
         c.add(kb, 60_000 * 10 + 5, 1);
         c.add(k, 60_000 * 10 + 6, 1);
         c.add(k2, 60_000 * 11, 1);
         c.add(k2, 60_000 * 11, -1);
-        c.add(k2, 60_000 * 11, 1);
-        c.add(k2, 60_000 * 11, -1);
+        assert_eq!(c.regions(), 2);
         let mut out = Vec::new();
-        c.drain(0, &mut out);
+        c.drain(&mut out);
         out.sort_by_key(|d| d.key);
         let mut want = vec![Delta { key: k, minute: 600_000, delta: 2 }, Delta { key: kb, minute: 600_000, delta: 1 }];
         want.sort_by_key(|d| d.key);
         assert_eq!(out, want);
-        assert_eq!(c.series(), 2, "one visit block, one session block");
+        assert_eq!(c.regions(), 0);
         out.clear();
-        c.drain(0, &mut out);
+        c.drain(&mut out);
         assert!(out.is_empty());
-        assert_eq!(c.live_minutes(), 2);
-        c.drain(660_000, &mut out);
-        assert_eq!(c.live_minutes(), 1);
     }
 
     #[test]
-    fn every_kind_round_trips_through_its_block() {
+    fn every_kind_round_trips_through_its_region() {
+        let cat = catalog();
         for kind in [
             MetricKind::SessionAssigned,
             MetricKind::SessionFm,
@@ -202,8 +182,14 @@ mod tests {
             MetricKind::VisitFmBeta,
         ] {
             let mp = if matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm) { NO_MP } else { 7 };
-            let key = SeriesKey::new(kind, 9, mp, 1, 2);
-            assert_eq!(series_at(key.0 & !KIND_MASK, offset(kind)), key);
+            for v in 0..3 {
+                let mut c = MinuteCounters::new(cat.clone());
+                let key = SeriesKey::new(kind, v, mp, 1, 2);
+                c.add(key, 120_000, 3);
+                let mut out = Vec::new();
+                c.drain(&mut out);
+                assert_eq!(out, vec![Delta { key, minute: 120_000, delta: 3 }]);
+            }
         }
     }
 }

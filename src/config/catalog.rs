@@ -71,6 +71,9 @@ impl CompiledExperiment {
 pub struct VariationInfo {
     pub id: i64,
     pub experiment: u32,
+    pub tenant: u16,
+    /// Position among the tenant's variations (see [`Catalog::tenant_variations`]).
+    pub tenant_slot: u32,
 }
 
 /// The compiled configuration, shared read-only by every stage.
@@ -80,6 +83,8 @@ pub struct Catalog {
     pub tenants: Vec<String>,
     pub experiments: Vec<CompiledExperiment>,
     pub variations: Vec<VariationInfo>,
+    /// Per tenant, its variations' indices, in `tenant_slot` order.
+    pub tenant_variations: Vec<Vec<u32>>,
     pub names: Arc<Names>,
     tenant_index: AHashMap<String, u16>,
     experiment_index: AHashMap<(u16, u64), u32>,
@@ -108,6 +113,7 @@ impl Catalog {
             tenants: Vec::new(),
             experiments: Vec::new(),
             variations: Vec::new(),
+            tenant_variations: Vec::new(),
             names: names.clone(),
             tenant_index: AHashMap::new(),
             experiment_index: AHashMap::new(),
@@ -130,13 +136,16 @@ impl Catalog {
             let tenant = *cat.tenant_index.entry(x.tenant.clone()).or_insert(n);
             if tenant == n {
                 cat.tenants.push(x.tenant.clone());
+                cat.tenant_variations.push(Vec::new());
             }
             let xi = cat.experiments.len() as u32;
             cat.experiment_index.insert((tenant, x.id), xi);
             let mut variations = Vec::new();
             for &v in &x.variations {
                 let vi = cat.variations.len() as u32;
-                cat.variations.push(VariationInfo { id: v, experiment: xi });
+                let tenant_slot = cat.tenant_variations[tenant as usize].len() as u32;
+                cat.tenant_variations[tenant as usize].push(vi);
+                cat.variations.push(VariationInfo { id: v, experiment: xi, tenant, tenant_slot });
                 cat.variation_index.insert(v, vi);
                 variations.push(vi);
             }

@@ -44,7 +44,6 @@ pub struct ShardStats {
     pub sessions_evicted: u64,
     pub conflicts: u64,
     pub overflow_dropped: u64,
-    pub series: u64,
     /// Sessions held when the flush began (before its expiry).
     pub held_sessions: u64,
     /// Bytes of session state at that moment (table slots and session heap).
@@ -59,7 +58,6 @@ impl std::ops::AddAssign for ShardStats {
         self.sessions_evicted += o.sessions_evicted;
         self.conflicts += o.conflicts;
         self.overflow_dropped += o.overflow_dropped;
-        self.series += o.series;
         self.held_sessions += o.held_sessions;
         self.state_bytes += o.state_bytes;
     }

@@ -29,7 +29,12 @@ pub struct Worker {
 
 impl Worker {
     pub fn new(shard: usize, catalog: Arc<Catalog>) -> Worker {
-        Worker { shard, sessions: SessionTable::new(catalog), counters: MinuteCounters::new(), events: 0 }
+        Worker {
+            shard,
+            sessions: SessionTable::new(catalog.clone()),
+            counters: MinuteCounters::new(catalog),
+            events: 0,
+        }
     }
 
     pub fn apply(&mut self, batch: &EventBatch) {
@@ -40,11 +45,11 @@ impl Worker {
     }
 
     /// Expires sessions at `watermark`, and returns the deltas since the last
-    /// drain, freeing the minutes that became final.
+    /// drain (the counters are then empty).
     pub fn drain_deltas(&mut self, watermark: i64) -> Vec<crate::aggregate::Delta> {
         self.sessions.expire(watermark);
         let mut deltas = Vec::new();
-        self.counters.drain(final_before(watermark), &mut deltas);
+        self.counters.drain(&mut deltas);
         deltas
     }
 
@@ -71,7 +76,6 @@ impl Worker {
                         sessions_evicted: s.evicted,
                         conflicts: s.conflicts,
                         overflow_dropped: s.overflow_dropped,
-                        series: self.counters.series() as u64,
                         held_sessions,
                         state_bytes,
                     };
