@@ -1,10 +1,14 @@
 //! Per-shard, per-minute delta counters in dense regions.
 //!
-//! A region holds the counters of one (tenant, mp, device, login, minute) for
-//! every variation of the tenant: 4 `i64` per variation, at the variation's
-//! `tenant_slot` — the 4 visit kinds, or for the no-mp region the 2 session
-//! kinds. All of an event's contributions share its mp, tags and minute, so
-//! they land in one region: one lookup per event (the last region is cached)
+//! A region holds the counters of one (tenant, mp, device, login, minute):
+//! - a visit region has 4 `i64` (the visit kinds) for each variation that
+//!   reports the mp, at its [`VisitSlot`] (experiments listing the mp first,
+//!   then those reporting every mp);
+//! - the no-mp region has 2 (the session kinds) for each variation of the
+//!   tenant, at its `tenant_slot`.
+//!
+//! All of an event's visit contributions share its mp, tags and minute, so they
+//! land in one small region: one lookup per event (the last region is cached)
 //! and plain array increments, in memory that popular pages keep hot.
 //!
 //! Counters hold deltas since the last drain. A drain hands out every non-zero
@@ -15,7 +19,7 @@ use ahash::AHashMap;
 use std::sync::Arc;
 
 use super::{minute_of, MetricKind, SeriesKey, NO_MP};
-use crate::config::Catalog;
+use crate::config::{Catalog, VisitSlot};
 
 /// A change of one point, as sent from a shard to the writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,10 +29,10 @@ pub struct Delta {
     pub delta: i64,
 }
 
-/// Counters per variation in a region.
-const PER_VARIATION: usize = 4;
+const VISIT_KINDS: usize = 4;
+const SESSION_KINDS: usize = 2;
 
-/// Offset of a kind inside its variation's counters.
+/// Offset of a kind among its variation's counters.
 #[inline]
 fn offset(kind: MetricKind) -> usize {
     match kind {
@@ -60,6 +64,8 @@ fn region_key(tenant: u16, key: SeriesKey) -> u64 {
 struct Region {
     key: u64,
     minute: i64,
+    /// Size of the listed part (visit regions).
+    listed: u32,
     counts: Box<[i64]>,
 }
 
@@ -78,7 +84,8 @@ impl MinuteCounters {
     }
 
     #[inline]
-    fn region(&mut self, rkey: u64, tenant: u16, minute: i64) -> usize {
+    fn region(&mut self, tenant: u16, key: SeriesKey, minute: i64) -> usize {
+        let rkey = region_key(tenant, key);
         if let Some((k, m, i)) = self.last {
             if k == rkey && m == minute {
                 return i as usize;
@@ -87,33 +94,60 @@ impl MinuteCounters {
         let next = self.regions.len() as u32;
         let i = *self.index.entry((rkey, minute)).or_insert(next);
         if i == next {
-            let n = self.catalog.tenant_variations[tenant as usize].len() * PER_VARIATION;
-            self.regions.push(Region { key: rkey, minute, counts: vec![0; n].into_boxed_slice() });
+            let (listed, len) = if key.mp() == NO_MP {
+                (0, self.catalog.tenant_variations[tenant as usize].len() * SESSION_KINDS)
+            } else {
+                let (listed, every) = self.catalog.visit_region(tenant, key.mp());
+                (listed.len() as u32, (listed.len() + every.len()) * VISIT_KINDS)
+            };
+            self.regions.push(Region { key: rkey, minute, listed, counts: vec![0; len].into_boxed_slice() });
         }
         self.last = Some((rkey, minute, i));
         i as usize
     }
 
-    /// Adds `delta` to the point `(key, minute(ts))`.
+    /// Adds `delta` to the session-kind point `(key, minute(ts))`.
     #[inline]
-    pub fn add(&mut self, key: SeriesKey, ts: i64, delta: i64) {
+    pub fn add_session(&mut self, key: SeriesKey, ts: i64, delta: i64) {
+        debug_assert_eq!(key.mp(), NO_MP);
         let var = self.catalog.variations[key.variation() as usize];
-        let r = self.region(region_key(var.tenant, key), var.tenant, minute_of(ts));
-        self.regions[r].counts[var.tenant_slot as usize * PER_VARIATION + offset(key.kind())] += delta;
+        let r = self.region(var.tenant, key, minute_of(ts));
+        self.regions[r].counts[var.tenant_slot as usize * SESSION_KINDS + offset(key.kind())] += delta;
+    }
+
+    /// Adds `delta` to the visit-kind point `(key, minute(ts))`, whose
+    /// variation sits at `slot` of its mp's region.
+    #[inline]
+    pub fn add_visit(&mut self, key: SeriesKey, slot: VisitSlot, ts: i64, delta: i64) {
+        let tenant = self.catalog.variations[key.variation() as usize].tenant;
+        let i = self.region(tenant, key, minute_of(ts));
+        let r = &mut self.regions[i];
+        let s = match slot {
+            VisitSlot::Listed(s) => s,
+            VisitSlot::Every(s) => r.listed + s,
+        };
+        r.counts[s as usize * VISIT_KINDS + offset(key.kind())] += delta;
     }
 
     /// Appends every non-zero delta since the last drain to `out` and frees
     /// all counters (they are zero again).
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
         for r in &self.regions {
-            let tenant = (r.key >> 40) as usize;
+            let tenant = (r.key >> 40) as u16;
             let (mp, device, login) =
                 (((r.key >> 24) & 0xFFFF) as u16, ((r.key >> 12) & 0xFFF) as u16, (r.key & 0xFFF) as u16);
-            let vars = &self.catalog.tenant_variations[tenant];
-            for (slot, c) in r.counts.chunks_exact(PER_VARIATION).enumerate() {
+            let session = mp == NO_MP;
+            let (first, second) = if session {
+                (&self.catalog.tenant_variations[tenant as usize][..], &[][..])
+            } else {
+                self.catalog.visit_region(tenant, mp)
+            };
+            let per = if session { SESSION_KINDS } else { VISIT_KINDS };
+            for (slot, c) in r.counts.chunks_exact(per).enumerate() {
                 for (o, &d) in c.iter().enumerate() {
                     if d != 0 {
-                        let key = SeriesKey::new(kind_at(mp == NO_MP, o), vars[slot], mp, device, login);
+                        let var = if slot < first.len() { first[slot] } else { second[slot - first.len()] };
+                        let key = SeriesKey::new(kind_at(session, o), var, mp, device, login);
                         out.push(Delta { key, minute: r.minute, delta: d });
                     }
                 }
@@ -139,24 +173,36 @@ mod tests {
 
     fn catalog() -> Arc<Catalog> {
         let c = Config::parse(
-            "[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\n[[experiment]]\nid = 2\ntenant = \"b\"\nvariations = [21]\n",
+            "[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\nmps = [\"m2\", \"m7\"]\n\
+             [[experiment]]\nid = 2\ntenant = \"b\"\nvariations = [21]\n\
+             [[experiment]]\nid = 3\ntenant = \"a\"\nvariations = [31, 32]\n",
             "t",
         )
         .unwrap();
         Arc::new(Catalog::build(&c, Arc::new(Names::default())).unwrap())
     }
 
+    fn add(c: &mut MinuteCounters, key: SeriesKey, ts: i64, delta: i64) {
+        if key.mp() == NO_MP {
+            c.add_session(key, ts, delta);
+        } else {
+            let cat = c.catalog.clone();
+            let x = &cat.experiments[cat.variations[key.variation() as usize].experiment as usize];
+            c.add_visit(key, x.visit_slot(key.mp(), key.variation()).unwrap(), ts, delta);
+        }
+    }
+
     #[test]
     fn add_drain_and_free() {
         let mut c = MinuteCounters::new(catalog());
-        let k = SeriesKey::new(MetricKind::VisitAssigned, 1, 2, 3, 4);
-        let kb = SeriesKey::new(MetricKind::VisitFmBeta, 1, 2, 3, 4);
+        let k = SeriesKey::new(MetricKind::VisitAssigned, 1, 0, 3, 4);
+        let kb = SeriesKey::new(MetricKind::VisitFmBeta, 1, 0, 3, 4);
         let k2 = SeriesKey::new(MetricKind::SessionFm, 2, NO_MP, 3, 4);
-        c.add(k, 60_000 * 10 + 5, 1);
-        c.add(kb, 60_000 * 10 + 5, 1);
-        c.add(k, 60_000 * 10 + 6, 1);
-        c.add(k2, 60_000 * 11, 1);
-        c.add(k2, 60_000 * 11, -1);
+        add(&mut c, k, 60_000 * 10 + 5, 1);
+        add(&mut c, kb, 60_000 * 10 + 5, 1);
+        add(&mut c, k, 60_000 * 10 + 6, 1);
+        add(&mut c, k2, 60_000 * 11, 1);
+        add(&mut c, k2, 60_000 * 11, -1);
         assert_eq!(c.regions(), 2);
         let mut out = Vec::new();
         c.drain(&mut out);
@@ -181,11 +227,13 @@ mod tests {
             MetricKind::VisitFm,
             MetricKind::VisitFmBeta,
         ] {
-            let mp = if matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm) { NO_MP } else { 7 };
-            for v in 0..3 {
+            let session = matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm);
+            // Variations 0, 1 list mps 0 and 1; 3, 4 report every mp (e.g. 9).
+            for (v, mp) in [(0, 0), (1, 1), (3, 9), (4, 0)] {
+                let mp = if session { NO_MP } else { mp };
                 let mut c = MinuteCounters::new(cat.clone());
                 let key = SeriesKey::new(kind, v, mp, 1, 2);
-                c.add(key, 120_000, 3);
+                add(&mut c, key, 120_000, 3);
                 let mut out = Vec::new();
                 c.drain(&mut out);
                 assert_eq!(out, vec![Delta { key, minute: 120_000, delta: 3 }]);

@@ -55,6 +55,28 @@ pub struct CompiledExperiment {
     /// Sorted mp ids reported; `None` = every mp.
     pub mps: Option<Vec<u16>>,
     pub conditions: Vec<CompiledCondition>,
+    /// Where its variations' visit counters sit in a per-mp counter region.
+    pub visit_layout: VisitLayout,
+}
+
+/// Layout of an experiment's visit counters in the per-(tenant, mp) regions of
+/// [`crate::aggregate::MinuteCounters`]: a region holds first the variations of
+/// experiments that list the mp, then those of experiments reporting every mp.
+#[derive(Debug, Clone)]
+pub enum VisitLayout {
+    /// Parallel to `mps`: the slot of the first variation in that mp's region.
+    Listed(Vec<u32>),
+    /// Reports every mp: the first variation's slot after the listed part.
+    Every(u32),
+}
+
+/// Where one visit counter lives in its region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VisitSlot {
+    /// Slot in the listed part.
+    Listed(u32),
+    /// Slot after the listed part.
+    Every(u32),
 }
 
 impl CompiledExperiment {
@@ -63,6 +85,20 @@ impl CompiledExperiment {
         match &self.mps {
             None => true,
             Some(list) => list.binary_search(&mp).is_ok(),
+        }
+    }
+
+    /// Where the visit counters of variation `variation` (a catalog index of
+    /// this experiment) for `mp` live, if `mp` is reported.
+    #[inline]
+    pub fn visit_slot(&self, mp: u16, variation: u32) -> Option<VisitSlot> {
+        let k = variation - self.variations[0];
+        match (&self.mps, &self.visit_layout) {
+            (Some(list), VisitLayout::Listed(bases)) => {
+                list.binary_search(&mp).ok().map(|i| VisitSlot::Listed(bases[i] + k))
+            }
+            (_, VisitLayout::Every(base)) => Some(VisitSlot::Every(base + k)),
+            (None, VisitLayout::Listed(_)) => None,
         }
     }
 }
@@ -85,6 +121,12 @@ pub struct Catalog {
     pub variations: Vec<VariationInfo>,
     /// Per tenant, its variations' indices, in `tenant_slot` order.
     pub tenant_variations: Vec<Vec<u32>>,
+    /// Per (tenant, mp): variations of the experiments that list the mp, in
+    /// slot order ([`VisitSlot::Listed`]).
+    listed_variations: AHashMap<(u16, u16), Vec<u32>>,
+    /// Per tenant: variations of experiments reporting every mp, in slot order
+    /// ([`VisitSlot::Every`]).
+    every_mp_variations: Vec<Vec<u32>>,
     pub names: Arc<Names>,
     tenant_index: AHashMap<String, u16>,
     experiment_index: AHashMap<(u16, u64), u32>,
@@ -114,6 +156,8 @@ impl Catalog {
             experiments: Vec::new(),
             variations: Vec::new(),
             tenant_variations: Vec::new(),
+            listed_variations: AHashMap::new(),
+            every_mp_variations: Vec::new(),
             names: names.clone(),
             tenant_index: AHashMap::new(),
             experiment_index: AHashMap::new(),
@@ -137,6 +181,7 @@ impl Catalog {
             if tenant == n {
                 cat.tenants.push(x.tenant.clone());
                 cat.tenant_variations.push(Vec::new());
+                cat.every_mp_variations.push(Vec::new());
             }
             let xi = cat.experiments.len() as u32;
             cat.experiment_index.insert((tenant, x.id), xi);
@@ -177,9 +222,34 @@ impl Catalog {
                     attrs,
                 });
             }
-            cat.experiments.push(CompiledExperiment { id: x.id, tenant, variations, mps, conditions });
+            let visit_layout = match &mps {
+                Some(list) => VisitLayout::Listed(
+                    list.iter()
+                        .map(|&mp| {
+                            let region = cat.listed_variations.entry((tenant, mp)).or_default();
+                            let base = region.len() as u32;
+                            region.extend(&variations);
+                            base
+                        })
+                        .collect(),
+                ),
+                None => {
+                    let region = &mut cat.every_mp_variations[tenant as usize];
+                    let base = region.len() as u32;
+                    region.extend(&variations);
+                    VisitLayout::Every(base)
+                }
+            };
+            cat.experiments.push(CompiledExperiment { id: x.id, tenant, variations, mps, conditions, visit_layout });
         }
         Ok(cat)
+    }
+
+    /// The variations of the visit region of (tenant, mp), in slot order: the
+    /// listed part, then the every-mp part.
+    pub fn visit_region(&self, tenant: u16, mp: u16) -> (&[u32], &[u32]) {
+        let listed = self.listed_variations.get(&(tenant, mp)).map_or(&[][..], Vec::as_slice);
+        (listed, &self.every_mp_variations[tenant as usize])
     }
 
     pub fn tenant(&self, name: &str) -> Option<u16> {

@@ -16,7 +16,8 @@ mod catalog;
 mod duration;
 
 pub use catalog::{
-    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, MP_CAPACITY, TAG_CAPACITY,
+    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, VisitLayout, VisitSlot, MP_CAPACITY,
+    TAG_CAPACITY,
 };
 
 pub use duration::parse_duration_ms;

@@ -282,29 +282,34 @@ fn emit_from(
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.add(SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
+        out.add_session(SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.add(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login), first.ts, sign);
+                out.add_session(
+                    SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
+                    first.ts,
+                    sign,
+                );
             }
         }
     }
     for (i, e) in events.list.iter().enumerate() {
         let ts = events.base + e.off as i64;
-        if ts < from || ts < a.ts || !x.reports(e.mp) {
+        if ts < from || ts < a.ts {
             continue;
         }
+        let Some(slot) = x.visit_slot(e.mp, v) else { continue };
         let (mp, d, l) = (e.mp, e.device as u16, e.login as u16);
-        out.add(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
+        out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.add(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
+            out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, sign);
         }
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-            out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
+            out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, sign);
             if events.is_first_visit(ord, i, f) {
-                out.add(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
+                out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, sign);
             }
         }
     }
@@ -523,9 +528,7 @@ enum Before {
 fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &mut MinuteCounters) {
     let i = session.events.len() - 1;
     let e = session.events[i];
-    if !x.reports(e.mp) {
-        return;
-    }
+    let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };
     let ts = session.base + e.off as i64;
     let a = session.ts(s.assigned);
     if ts < a {
@@ -533,17 +536,17 @@ fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &
     }
     let view = session.view(s, x);
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
-    out.add(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
+    out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of its mp counts.
     let prior_since =
         |bound: i64| session.events[..i].iter().any(|g| g.mp == mp && session.base + g.off as i64 >= bound);
     if !prior_since(a) {
-        out.add(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
+        out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
     }
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-        out.add(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
+        out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, 1);
         if !prior_since(f) {
-            out.add(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
+            out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, 1);
         }
     }
 }
