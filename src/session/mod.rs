@@ -24,8 +24,13 @@ use ahash::AHashMap;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
+mod state;
+
+pub use state::{MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
+
 use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment};
+use state::{EvRec, ExpState, OrderKey, Session, NONE};
 
 /// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
 /// the tenant index so that ids are scoped by tenant. Two distinct ids collide
@@ -57,46 +62,6 @@ pub struct SessionEvent<'a> {
     pub attrs: &'a [(u32, u32)],
 }
 
-/// Most events kept for one session (event indices are `u8`); later events of
-/// such a session (a bot, in practice) are dropped and counted.
-pub const MAX_EVENTS_PER_SESSION: usize = 254;
-/// Longest time span of one session's events (ts offsets are `u32` ms).
-pub const MAX_SESSION_SPAN_MS: i64 = u32::MAX as i64;
-
-const NONE: u8 = u8::MAX;
-
-/// Event order of SPEC §3: by ts, then device, then login, strings bytewise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct OrderKey {
-    ts: i64,
-    device: u16,
-    login: u16,
-}
-
-/// A kept event: 8 bytes.
-#[derive(Debug, Clone, Copy)]
-struct EvRec {
-    /// ts − session base, in ms.
-    off: u32,
-    mp: u16,
-    device: u8,
-    login: u8,
-}
-
-/// An experiment the session is assigned to: 8 bytes.
-#[derive(Debug, Clone, Copy)]
-struct ExpState {
-    experiment: u16,
-    /// Start of this experiment's conditions in `Session::first_met`.
-    cond_start: u16,
-    /// Winning variation, as a slot of the experiment's variation list.
-    slot: u8,
-    /// Index of the least event carrying this experiment's assignment (of the
-    /// winning variation).
-    assigned: u8,
-    conflict: bool,
-}
-
 /// What the contributions of one experiment depend on, besides the events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct View {
@@ -106,80 +71,19 @@ struct View {
     fm_at: Option<i64>,
 }
 
-#[derive(Debug, Default)]
-struct Session {
-    /// ts of offset 0: the least ts of the session's events.
-    base: i64,
-    max_ts: i64,
-    events: Vec<EvRec>,
-    experiments: Vec<ExpState>,
-    /// Per condition of each assigned experiment: the index of the first event
-    /// meeting it (least ts), or NONE.
-    first_met: Vec<u8>,
-    /// (event index, attribute name id, value id): the attributes conditions
-    /// look at, kept to evaluate experiments assigned later.
-    attrs: Vec<(u8, u32, u32)>,
-}
-
 impl Session {
-    #[inline]
-    fn ts(&self, i: u8) -> i64 {
-        self.base + self.events[i as usize].off as i64
-    }
-
-    #[inline]
-    fn key(&self, i: u8) -> OrderKey {
-        let e = self.events[i as usize];
-        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
-    }
-
-    fn attr_of(&self, event: usize, name: u32) -> Option<u32> {
-        self.attrs.iter().find(|a| a.0 as usize == event && a.1 == name).map(|a| a.2)
-    }
-
     fn view(&self, s: &ExpState, x: &CompiledExperiment) -> View {
         let assigned_at = self.key(s.assigned);
-        let conds = &self.first_met[s.cond_start as usize..s.cond_start as usize + x.conditions.len()];
-        let fm_at = if conds.contains(&NONE) {
-            None
-        } else {
-            Some(conds.iter().map(|&i| self.ts(i)).fold(assigned_at.ts, i64::max))
-        };
+        let mut fm_at = Some(assigned_at.ts);
+        for j in 0..x.conditions.len() {
+            let e = self.first_met(s.cond_start as usize + j);
+            if e == NONE {
+                fm_at = None;
+                break;
+            }
+            fm_at = fm_at.map(|f| f.max(self.ts(e)));
+        }
         View { variation: x.variations[s.slot as usize], assigned_at, fm_at }
-    }
-
-    /// Records an event; `None` if it would not fit (too many events, or a
-    /// time span beyond what offsets hold).
-    fn push_event(&mut self, ts: i64, mp: u16, device: u16, login: u16) -> Option<u8> {
-        if self.events.len() >= MAX_EVENTS_PER_SESSION || device > 0xFF || login > 0xFF {
-            return None;
-        }
-        if self.events.is_empty() {
-            self.base = ts;
-            self.max_ts = ts;
-        } else if ts < self.base {
-            let shift = self.base - ts;
-            if self.max_ts - ts > MAX_SESSION_SPAN_MS {
-                return None;
-            }
-            for e in &mut self.events {
-                e.off += shift as u32;
-            }
-            self.base = ts;
-        } else if ts - self.base > MAX_SESSION_SPAN_MS {
-            return None;
-        }
-        self.max_ts = self.max_ts.max(ts);
-        self.events.push(EvRec { off: (ts - self.base) as u32, mp, device: device as u8, login: login as u8 });
-        Some((self.events.len() - 1) as u8)
-    }
-
-    /// Approximate heap bytes owned (for the bytes-per-session figure).
-    fn heap_bytes(&self) -> usize {
-        self.events.capacity() * size_of::<EvRec>()
-            + self.experiments.capacity() * size_of::<ExpState>()
-            + self.first_met.capacity()
-            + self.attrs.capacity() * size_of::<(u8, u32, u32)>()
     }
 }
 
@@ -227,28 +131,43 @@ impl Order<'_> {
     }
 }
 
-/// The events of a session as [`emit_from`] reads them.
+/// The events of a session (or a prefix of them) as [`emit_from`] reads them.
 struct Events<'a> {
     base: i64,
-    list: &'a [EvRec],
+    cells: &'a [u64],
 }
 
 impl Events<'_> {
     #[inline]
+    fn get(&self, i: usize) -> EvRec {
+        EvRec::from_cell(self.cells[i])
+    }
+
+    #[inline]
+    fn iter(&self) -> impl Iterator<Item = EvRec> + '_ {
+        self.cells.iter().map(|&c| EvRec::from_cell(c))
+    }
+
+    #[inline]
+    fn ts(&self, e: &EvRec) -> i64 {
+        self.base + e.off as i64
+    }
+
+    #[inline]
     fn key(&self, e: &EvRec) -> OrderKey {
-        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
+        OrderKey { ts: self.ts(e), device: e.device as u16, login: e.login as u16 }
     }
 
     /// Whether event `i` is the first of those with its mp and `ts >= bound`
     /// (ties of equal keys go to the lower index, consistently).
     fn is_first_visit(&self, ord: &Order, i: usize, bound: i64) -> bool {
-        let e = self.list[i];
+        let e = self.get(i);
         let ek = self.key(&e);
-        self.list.iter().enumerate().all(|(j, g)| {
+        self.iter().enumerate().all(|(j, g)| {
             j == i
                 || g.mp != e.mp
-                || self.base + (g.off as i64) < bound
-                || match ord.cmp(self.key(g), ek) {
+                || self.ts(&g) < bound
+                || match ord.cmp(self.key(&g), ek) {
                     Ordering::Less => false,
                     Ordering::Equal => j > i,
                     Ordering::Greater => true,
@@ -259,8 +178,8 @@ impl Events<'_> {
     /// The least event with `ts >= bound`.
     fn first_from(&self, ord: &Order, bound: i64) -> Option<OrderKey> {
         let mut best: Option<OrderKey> = None;
-        for e in self.list {
-            let k = self.key(e);
+        for e in self.iter() {
+            let k = self.key(&e);
             if k.ts >= bound && best.is_none_or(|b| ord.cmp(k, b) == Ordering::Less) {
                 best = Some(k);
             }
@@ -295,8 +214,8 @@ fn emit_from(
             }
         }
     }
-    for (i, e) in events.list.iter().enumerate() {
-        let ts = events.base + e.off as i64;
+    for (i, e) in events.iter().enumerate() {
+        let ts = events.ts(&e);
         if ts < from || ts < a.ts {
             continue;
         }
@@ -380,44 +299,48 @@ impl SessionTable {
                 v.insert(Session::default())
             }
         };
-        let in_order = session.events.is_empty() || ev.ts > session.max_ts;
+        let fresh = session.n_events() == 0;
+        let in_order = fresh || ev.ts > session.max_ts;
+        let catalog = &*self.catalog;
+        if fresh {
+            let conditions = ev.assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
+            session.reserve_first(ev.assigns.len(), conditions);
+        }
         let Some(idx) = session.push_event(ev.ts, ev.mp, ev.device, ev.login) else {
             self.stats.overflow_dropped += 1;
             return;
         };
         for &(name, value) in ev.attrs {
-            session.attrs.push((idx, name, value));
+            session.push_attr(idx, name, value);
         }
-
-        let catalog = &*self.catalog;
         let ord = Order { catalog };
 
         // 1. Until an experiment's state changes, its view before the event is
         //    its view after it; a changed one snapshots its view first.
+        let known = session.n_exps();
         self.before.clear();
-        self.before.resize(session.experiments.len(), Before::Same);
-        let known = session.experiments.len();
+        self.before.resize(known, Before::Same);
 
         // 2a. Assignments: the least (order key, variation id) wins.
         let key = session.key(idx);
-        if session.experiments.is_empty() {
-            session.experiments.reserve_exact(ev.assigns.len());
-        }
         let mut cursor = 0;
+        let mut first_met = Vec::new();
         for &(experiment, variation) in ev.assigns {
             let x = &catalog.experiments[experiment as usize];
             let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
             // Producers repeat assignments in the same order: try the next slot first.
-            let found = match session.experiments.get(cursor) {
-                Some(s) if s.experiment as u32 == experiment => Some(cursor),
-                _ => session.experiments.iter().position(|s| s.experiment as u32 == experiment),
+            let found = if cursor < session.n_exps() && session.exp(cursor).experiment as u32 == experiment {
+                Some(cursor)
+            } else {
+                (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
             };
             match found {
                 Some(i) => {
                     cursor = i + 1;
-                    let s = session.experiments[i];
+                    let mut s = session.exp(i);
                     if s.slot != slot && !s.conflict {
-                        session.experiments[i].conflict = true;
+                        s.conflict = true;
+                        session.set_exp(i, s);
                         self.stats.conflicts += 1;
                     }
                     let wins = !in_order
@@ -433,31 +356,27 @@ impl SessionTable {
                         if let Before::Same = self.before[i] {
                             self.before[i] = Before::Was(session.view(&s, x));
                         }
-                        session.experiments[i].slot = slot;
-                        session.experiments[i].assigned = idx;
+                        session.set_exp(i, ExpState { slot, assigned: idx, ..s });
                     }
                 }
                 None => {
                     // Newly assigned: conditions over every event so far.
-                    let cond_start = session.first_met.len() as u16;
+                    first_met.clear();
                     for c in &x.conditions {
                         let mut first = NONE;
-                        for (i, e) in session.events.iter().enumerate() {
+                        for i in 0..session.n_events() {
+                            let e = session.event(i);
                             if c.matches(e.mp, e.device as u16, e.login as u16, |k| session.attr_of(i, k))
-                                && (first == NONE || e.off < session.events[first as usize].off)
+                                && (first == NONE || e.off < session.event(first as usize).off)
                             {
                                 first = i as u8;
                             }
                         }
-                        session.first_met.push(first);
+                        first_met.push(first);
                     }
-                    session.experiments.push(ExpState {
-                        experiment: experiment as u16,
-                        cond_start,
-                        slot,
-                        assigned: idx,
-                        conflict: false,
-                    });
+                    let s =
+                        ExpState { experiment: experiment as u16, cond_start: 0, slot, assigned: idx, conflict: false };
+                    session.push_exp(s, &first_met);
                     self.before.push(Before::New);
                 }
             }
@@ -465,45 +384,47 @@ impl SessionTable {
         // 2b. Conditions met by this event, for experiments assigned before it.
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
-        let off = session.events[idx as usize].off;
+        let off = session.event(idx as usize).off;
         for i in 0..known {
-            let s = session.experiments[i];
+            let s = session.exp(i);
             let x = &catalog.experiments[s.experiment as usize];
             for (j, c) in x.conditions.iter().enumerate() {
-                let first = session.first_met[s.cond_start as usize + j];
-                if (first == NONE || off < session.events[first as usize].off)
+                let first = session.first_met(s.cond_start as usize + j);
+                if (first == NONE || off < session.event(first as usize).off)
                     && c.matches(ev.mp, ev.device, ev.login, lookup)
                 {
                     if let Before::Same = self.before[i] {
                         self.before[i] = Before::Was(session.view(&s, x));
                     }
-                    session.first_met[s.cond_start as usize + j] = idx;
+                    session.set_first_met(s.cond_start as usize + j, idx);
                 }
             }
         }
 
         // 3. Deltas at >= t.
-        let events = Events { base: session.base, list: &session.events };
-        let before_events = Events { base: session.base, list: &session.events[..idx as usize] };
-        for (s, before) in session.experiments.iter().zip(self.before.iter()) {
+        let cells = session.event_cells();
+        let events = Events { base: session.base, cells };
+        let before_events = Events { base: session.base, cells: &cells[..idx as usize] };
+        for (i, before) in self.before.iter().enumerate() {
+            let s = session.exp(i);
             let x = &catalog.experiments[s.experiment as usize];
             match *before {
-                Before::Same if in_order => fast_in_order(x, session, s, out),
+                Before::Same if in_order => fast_in_order(x, session, &s, out),
                 Before::Same => {
-                    let view = session.view(s, x);
+                    let view = session.view(&s, x);
                     emit_from(&ord, x, view, &before_events, ev.ts, -1, out);
                     emit_from(&ord, x, view, &events, ev.ts, 1, out);
                 }
                 Before::Was(b) => {
-                    let after = session.view(s, x);
+                    let after = session.view(&s, x);
                     if in_order && b == after {
-                        fast_in_order(x, session, s, out);
+                        fast_in_order(x, session, &s, out);
                     } else {
                         emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
                         emit_from(&ord, x, after, &events, ev.ts, 1, out);
                     }
                 }
-                Before::New => emit_from(&ord, x, session.view(s, x), &events, ev.ts, 1, out),
+                Before::New => emit_from(&ord, x, session.view(&s, x), &events, ev.ts, 1, out),
             }
         }
     }
@@ -526,8 +447,9 @@ enum Before {
 /// only the event's own visits (and betas, if first) are new.
 #[inline]
 fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &mut MinuteCounters) {
-    let i = session.events.len() - 1;
-    let e = session.events[i];
+    let events = session.event_cells();
+    let i = events.len() - 1;
+    let e = EvRec::from_cell(events[i]);
     let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };
     let ts = session.base + e.off as i64;
     let a = session.ts(s.assigned);
@@ -538,8 +460,12 @@ fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
     out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of its mp counts.
-    let prior_since =
-        |bound: i64| session.events[..i].iter().any(|g| g.mp == mp && session.base + g.off as i64 >= bound);
+    let prior_since = |bound: i64| {
+        events[..i].iter().any(|&c| {
+            let g = EvRec::from_cell(c);
+            g.mp == mp && session.base + g.off as i64 >= bound
+        })
+    };
     if !prior_since(a) {
         out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
     }
@@ -562,17 +488,7 @@ mod tests {
 
     #[test]
     fn compact_sizes() {
-        assert_eq!(size_of::<EvRec>(), 8);
-        assert_eq!(size_of::<ExpState>(), 8);
         assert_eq!(size_of::<SessionKey>(), 16);
-    }
-
-    #[test]
-    fn earlier_event_rebases_offsets() {
-        let mut s = Session::default();
-        assert_eq!(s.push_event(10_000, 1, 0, 0), Some(0));
-        assert_eq!(s.push_event(4_000, 2, 0, 0), Some(1));
-        assert_eq!((s.ts(0), s.ts(1), s.base, s.max_ts), (10_000, 4_000, 4_000, 10_000));
-        assert_eq!(s.push_event(4_000 + MAX_SESSION_SPAN_MS + 1, 2, 0, 0), None);
+        assert!(size_of::<Session>() <= 56, "{}", size_of::<Session>());
     }
 }

@@ -1,0 +1,283 @@
+//! One session's state in a single allocation of 8-byte cells:
+//!
+//! ```text
+//! [ experiments: n_exps cells | first-met event index per condition, 8 per cell | events ]
+//! ```
+//!
+//! One allocation means one cache miss to reach everything a session holds
+//! after its table slot, and no per-vector headers or slack. Experiments and
+//! condition bytes are inserted before the events (a short memmove, only when
+//! an experiment is first assigned); events are appended.
+
+/// Index of "no event".
+pub(super) const NONE: u8 = u8::MAX;
+
+/// Event order of SPEC §3: by ts, then device, then login, strings bytewise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct OrderKey {
+    pub ts: i64,
+    pub device: u16,
+    pub login: u16,
+}
+
+/// A kept event, packed in one cell: ts offset 32 bits, mp 16, device 8, login 8.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct EvRec {
+    /// ts − session base, in ms.
+    pub off: u32,
+    pub mp: u16,
+    pub device: u8,
+    pub login: u8,
+}
+
+impl EvRec {
+    #[inline]
+    pub fn from_cell(c: u64) -> EvRec {
+        EvRec { off: c as u32, mp: (c >> 32) as u16, device: (c >> 48) as u8, login: (c >> 56) as u8 }
+    }
+
+    #[inline]
+    fn cell(self) -> u64 {
+        self.off as u64 | (self.mp as u64) << 32 | (self.device as u64) << 48 | (self.login as u64) << 56
+    }
+}
+
+/// An experiment the session is assigned to, packed in one cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ExpState {
+    pub experiment: u16,
+    /// Index of this experiment's first condition byte.
+    pub cond_start: u16,
+    /// Winning variation, as a slot of the experiment's variation list.
+    pub slot: u8,
+    /// Index of the least event carrying the winning assignment.
+    pub assigned: u8,
+    pub conflict: bool,
+}
+
+impl ExpState {
+    #[inline]
+    fn from_cell(c: u64) -> ExpState {
+        ExpState {
+            experiment: c as u16,
+            cond_start: (c >> 16) as u16,
+            slot: (c >> 32) as u8,
+            assigned: (c >> 40) as u8,
+            conflict: (c >> 48) & 1 == 1,
+        }
+    }
+
+    #[inline]
+    fn cell(self) -> u64 {
+        self.experiment as u64
+            | (self.cond_start as u64) << 16
+            | (self.slot as u64) << 32
+            | (self.assigned as u64) << 40
+            | (self.conflict as u64) << 48
+    }
+}
+
+/// Most events kept for one session (event indices are `u8`).
+pub const MAX_EVENTS_PER_SESSION: usize = 254;
+/// Longest time span of one session's events (ts offsets are `u32` ms).
+pub const MAX_SESSION_SPAN_MS: i64 = u32::MAX as i64;
+
+#[derive(Debug, Default)]
+pub(super) struct Session {
+    /// ts of offset 0: the least ts of the session's events.
+    pub base: i64,
+    pub max_ts: i64,
+    n_exps: u16,
+    n_conds: u16,
+    /// (event index, attribute name id, value id): the attributes conditions
+    /// look at, kept to evaluate experiments assigned later. Rare.
+    attrs: Option<Box<Vec<(u8, u32, u32)>>>,
+    cells: Vec<u64>,
+}
+
+#[inline]
+fn cond_cells(n: usize) -> usize {
+    n.div_ceil(8)
+}
+
+impl Session {
+    #[inline]
+    fn events_start(&self) -> usize {
+        self.n_exps as usize + cond_cells(self.n_conds as usize)
+    }
+
+    /// The event cells, oldest first.
+    #[inline]
+    pub fn event_cells(&self) -> &[u64] {
+        &self.cells[self.events_start()..]
+    }
+
+    #[inline]
+    pub fn n_events(&self) -> usize {
+        self.cells.len() - self.events_start()
+    }
+
+    #[inline]
+    pub fn event(&self, i: usize) -> EvRec {
+        EvRec::from_cell(self.cells[self.events_start() + i])
+    }
+
+    #[inline]
+    pub fn ts(&self, i: u8) -> i64 {
+        self.base + self.event(i as usize).off as i64
+    }
+
+    #[inline]
+    pub fn key(&self, i: u8) -> OrderKey {
+        let e = self.event(i as usize);
+        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
+    }
+
+    #[inline]
+    pub fn n_exps(&self) -> usize {
+        self.n_exps as usize
+    }
+
+    #[inline]
+    pub fn exp(&self, i: usize) -> ExpState {
+        ExpState::from_cell(self.cells[i])
+    }
+
+    #[inline]
+    pub fn set_exp(&mut self, i: usize, s: ExpState) {
+        self.cells[i] = s.cell();
+    }
+
+    #[inline]
+    pub fn first_met(&self, j: usize) -> u8 {
+        (self.cells[self.n_exps as usize + j / 8] >> (8 * (j % 8))) as u8
+    }
+
+    #[inline]
+    pub fn set_first_met(&mut self, j: usize, event: u8) {
+        let c = &mut self.cells[self.n_exps as usize + j / 8];
+        let shift = 8 * (j % 8);
+        *c = (*c & !(0xFF << shift)) | (event as u64) << shift;
+    }
+
+    pub fn attr_of(&self, event: usize, name: u32) -> Option<u32> {
+        self.attrs.as_ref()?.iter().find(|a| a.0 as usize == event && a.1 == name).map(|a| a.2)
+    }
+
+    pub fn push_attr(&mut self, event: u8, name: u32, value: u32) {
+        self.attrs.get_or_insert_with(Default::default).push((event, name, value));
+    }
+
+    /// Reserves room for a new session's first event and its assignments.
+    pub fn reserve_first(&mut self, assignments: usize, conditions: usize) {
+        self.cells.reserve_exact(assignments + cond_cells(conditions) + 1);
+    }
+
+    /// Records an event; `None` if it would not fit (too many events, a tag id
+    /// over a byte, or a time span beyond what offsets hold).
+    pub fn push_event(&mut self, ts: i64, mp: u16, device: u16, login: u16) -> Option<u8> {
+        let n = self.n_events();
+        if n >= MAX_EVENTS_PER_SESSION || device > 0xFF || login > 0xFF {
+            return None;
+        }
+        if n == 0 {
+            self.base = ts;
+            self.max_ts = ts;
+        } else if ts < self.base {
+            if self.max_ts - ts > MAX_SESSION_SPAN_MS {
+                return None;
+            }
+            // Offsets are the low 32 bits and stay below 2³²: add in place.
+            let shift = (self.base - ts) as u64;
+            let start = self.events_start();
+            for c in &mut self.cells[start..] {
+                *c += shift;
+            }
+            self.base = ts;
+        } else if ts - self.base > MAX_SESSION_SPAN_MS {
+            return None;
+        }
+        self.max_ts = self.max_ts.max(ts);
+        self.grow(1);
+        self.cells.push(EvRec { off: (ts - self.base) as u32, mp, device: device as u8, login: login as u8 }.cell());
+        Some(n as u8)
+    }
+
+    /// Makes room for `n` more cells, growing by a quarter at most: sessions
+    /// are many and small, so slack costs more than the odd reallocation.
+    #[inline]
+    fn grow(&mut self, n: usize) {
+        let free = self.cells.capacity() - self.cells.len();
+        if free < n {
+            self.cells.reserve_exact(n.max(self.cells.len() / 4).max(2));
+        }
+    }
+
+    /// Adds an experiment with its conditions' first-met events.
+    pub fn push_exp(&mut self, mut s: ExpState, first_met: &[u8]) {
+        self.grow(1 + cond_cells(first_met.len() + 8));
+        s.cond_start = self.n_conds;
+        self.cells.insert(self.n_exps as usize, s.cell());
+        self.n_exps += 1;
+        let old = cond_cells(self.n_conds as usize);
+        let new = cond_cells(self.n_conds as usize + first_met.len());
+        let at = self.n_exps as usize + old;
+        self.cells.splice(at..at, std::iter::repeat_n(0, new - old));
+        for &e in first_met {
+            self.n_conds += 1;
+            self.set_first_met(self.n_conds as usize - 1, e);
+        }
+    }
+
+    /// Heap bytes owned (for the bytes-per-session figure).
+    pub fn heap_bytes(&self) -> usize {
+        self.cells.capacity() * 8 + self.attrs.as_ref().map_or(0, |a| 24 + a.capacity() * size_of::<(u8, u32, u32)>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_round_trip() {
+        let e = EvRec { off: 0xDEAD_BEEF, mp: 0xFFFE, device: 7, login: 255 };
+        let back = EvRec::from_cell(e.cell());
+        assert_eq!((back.off, back.mp, back.device, back.login), (e.off, e.mp, e.device, e.login));
+        let x = ExpState { experiment: 65535, cond_start: 300, slot: 2, assigned: 254, conflict: true };
+        assert_eq!(ExpState::from_cell(x.cell()), x);
+    }
+
+    #[test]
+    fn earlier_event_rebases_offsets() {
+        let mut s = Session::default();
+        assert_eq!(s.push_event(10_000, 1, 0, 0), Some(0));
+        assert_eq!(s.push_event(4_000, 2, 0, 0), Some(1));
+        assert_eq!((s.ts(0), s.ts(1), s.base, s.max_ts), (10_000, 4_000, 4_000, 10_000));
+        assert_eq!(s.push_event(4_000 + MAX_SESSION_SPAN_MS + 1, 2, 0, 0), None);
+    }
+
+    #[test]
+    fn experiments_and_conditions_insert_before_events() {
+        let mut s = Session::default();
+        s.push_event(1_000, 5, 1, 2);
+        let x = ExpState { experiment: 9, cond_start: 0, slot: 1, assigned: 0, conflict: false };
+        for i in 0..10u16 {
+            s.push_exp(ExpState { experiment: i, ..x }, &[0, NONE]);
+        }
+        s.push_event(2_000, 6, 1, 2);
+        assert_eq!(s.n_exps(), 10);
+        assert_eq!(s.n_events(), 2);
+        assert_eq!(s.event(0).mp, 5);
+        assert_eq!(s.event(1).mp, 6);
+        for i in 0..10 {
+            let e = s.exp(i);
+            assert_eq!((e.experiment, e.cond_start), (i as u16, 2 * i as u16));
+            assert_eq!((s.first_met(2 * i), s.first_met(2 * i + 1)), (0, NONE));
+        }
+        s.set_first_met(19, 1);
+        assert_eq!(s.first_met(19), 1);
+        assert_eq!(s.first_met(18), 0);
+        assert_eq!(s.event(0).mp, 5);
+    }
+}
