@@ -90,7 +90,9 @@ pub(super) struct Session {
     n_exps: u16,
     n_conds: u16,
     /// (event index, attribute name id, value id): the attributes conditions
-    /// look at, kept to evaluate experiments assigned later. Rare.
+    /// look at, kept to evaluate experiments assigned later. Rare, so boxed:
+    /// 8 bytes in every session instead of a 24-byte `Vec` header.
+    #[allow(clippy::box_collection)]
     attrs: Option<Box<Vec<(u8, u32, u32)>>>,
     cells: Vec<u64>,
 }
