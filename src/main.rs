@@ -12,6 +12,9 @@ use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
 use expmon::source::{FileSource, Source};
 
+/// mimalloc: faster than glibc malloc on the peak replay (see README,
+/// "Allocator"); `--no-default-features` builds with the system allocator.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
