@@ -15,6 +15,15 @@ use expmon::gen::{Generator, Profile, REPLAY_START_MS};
 use expmon::names::Names;
 use expmon::shard::{EventBatch, Router, Worker};
 
+/// The binary's allocator, so stage costs match `expmon run`.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Events per iteration: a window of a steady `peak` stream, after a warm-up
+/// of the same length. Most sessions of the window start inside it, so the
+/// sessionize figure is weighted towards first events (assignment of ~20
+/// experiments each), the most expensive kind.
 const EVENTS: usize = 50_000;
 
 fn peak_lines() -> (Profile, Vec<Vec<u8>>) {
