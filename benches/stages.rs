@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use expmon::aggregate::{Delta, Namer, Point, Totals};
 use expmon::config::Catalog;
-use expmon::event::parse_event;
+use expmon::event::{parse_event, ParseScratch};
 use expmon::gen::{Generator, Profile, REPLAY_START_MS};
 use expmon::names::Names;
 use expmon::shard::{EventBatch, Router, Worker};
@@ -69,7 +69,8 @@ fn stages(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse");
     g.throughput(Throughput::Elements(lines.len() as u64));
     g.bench_function("parse_event", |b| {
-        b.iter(|| lines.iter().filter(|l| parse_event(l, None).is_ok()).count());
+        let mut scratch = ParseScratch::default();
+        b.iter(|| lines.iter().filter(|l| parse_event(l, None, &mut scratch).is_ok()).count());
     });
     g.finish();
 

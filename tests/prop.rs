@@ -229,14 +229,14 @@ proptest! {
 
     #[test]
     fn parser_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-        let _ = expmon::event::parse_event(&bytes, None);
-        let _ = expmon::event::parse_event(&bytes, Some(T0));
+        let _ = expmon::event::parse_event(&bytes, None, &mut Default::default());
+        let _ = expmon::event::parse_event(&bytes, Some(T0), &mut Default::default());
     }
 
     #[test]
     fn parser_never_panics_on_json_like_text(
         s in r#"\{("(ts|tenant|session|mp|device|login|assign|attrs|x)":(-?[0-9]{1,20}|"[a-z0-9\\"]{0,5}"|null|true|\{("[0-9a-z]{0,3}":(-?[0-9]{1,20}|"[a-z]{0,3}"|null|1\.5),?){0,3}\}|\[\]),?){0,9}\}"#
     ) {
-        let _ = expmon::event::parse_event(s.as_bytes(), None);
+        let _ = expmon::event::parse_event(s.as_bytes(), None, &mut Default::default());
     }
 }

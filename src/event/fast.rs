@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use super::{Assign, Attrs, RawEvent, MAX_ATTR_BYTES, MAX_ENTRIES, UNKNOWN_EXPERIMENT_ID};
+use super::{Attrs, RawEvent, MAX_ATTR_BYTES, MAX_ENTRIES, UNKNOWN_EXPERIMENT_ID};
 
 struct Scan<'a> {
     s: &'a str,
@@ -131,11 +131,13 @@ impl<'a> Scan<'a> {
         }
     }
 
-    fn assign(&mut self) -> Option<Option<Assign>> {
+    /// An `assign` value into `out` (emptied first: a later key replaces an
+    /// earlier one, and null empties it).
+    fn assign(&mut self, out: &mut Vec<(u64, i64)>) -> Option<()> {
+        out.clear();
         if self.null() {
-            return Some(None);
+            return Some(());
         }
-        let mut out = Assign::new();
         // Bit (id mod 64) set for every id pushed: duplicates are rare, so
         // most keys skip the scan for an earlier entry.
         let mut seen = 0u64;
@@ -159,8 +161,7 @@ impl<'a> Scan<'a> {
                 out.push((exp, v));
             }
             Some(())
-        })?;
-        Some(Some(out))
+        })
     }
 
     fn attrs(&mut self) -> Option<Option<Attrs<'a>>> {
@@ -198,7 +199,7 @@ impl<'a> Scan<'a> {
 }
 
 /// Parses a well-formed event in the fast subset, or `None` (use the serde path).
-pub(super) fn parse_fast(text: &str) -> Option<RawEvent<'_>> {
+pub(super) fn parse_fast<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Option<RawEvent<'a>> {
     let mut sc = Scan { s: text, b: text.as_bytes(), i: 0 };
     let mut ev = RawEvent::default();
     sc.object(|sc, key| {
@@ -209,7 +210,7 @@ pub(super) fn parse_fast(text: &str) -> Option<RawEvent<'_>> {
             "mp" => ev.mp = sc.opt_string()?,
             "device" => ev.device = sc.opt_string()?,
             "login" => ev.login = sc.opt_string()?,
-            "assign" => ev.assign = sc.assign()?,
+            "assign" => sc.assign(assign)?,
             "attrs" => ev.attrs = sc.attrs()?,
             _ => sc.skip_scalar()?,
         }

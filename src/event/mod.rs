@@ -41,8 +41,9 @@ pub struct Event<'a> {
     pub mp: Cow<'a, str>,
     pub device: Cow<'a, str>,
     pub login: Cow<'a, str>,
-    /// experiment id → variation id, in input order, keys unique.
-    pub assign: SmallVec<[(u64, i64); 8]>,
+    /// experiment id → variation id, in input order, keys unique (held in
+    /// the caller's [`ParseScratch`], so parsing allocates nothing per event).
+    pub assign: &'a [(u64, i64)],
     /// attribute name → value, in input order, keys unique.
     pub attrs: SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>,
 }
@@ -113,22 +114,36 @@ impl fmt::Display for Reject {
     }
 }
 
+/// Storage reused across [`parse_event`] calls: the assignments of the event
+/// being parsed.
+#[derive(Debug, Default)]
+pub struct ParseScratch {
+    assign: Vec<(u64, i64)>,
+}
+
 /// Parses one event. `now_ms` is `Some` for live sources, which refuse events
 /// more than a day in the future; replays pass `None`.
-pub fn parse_event(line: &[u8], now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
+pub fn parse_event<'a>(
+    line: &'a [u8],
+    now_ms: Option<i64>,
+    scratch: &'a mut ParseScratch,
+) -> Result<Event<'a>, Reject> {
     let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
-    let raw = match fast::parse_fast(text) {
+    let assign = &mut scratch.assign;
+    assign.clear();
+    let raw = match fast::parse_fast(text, assign) {
         Some(raw) => raw,
-        None => parse_event_serde(text)?,
+        None => parse_event_serde(text, assign)?,
     };
-    finish(raw, now_ms)
+    finish(raw, &scratch.assign, now_ms)
 }
 
 /// The general path: any JSON, through serde_json, with exact rejection reasons.
-fn parse_event_serde(text: &str) -> Result<RawEvent<'_>, Reject> {
+fn parse_event_serde<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Result<RawEvent<'a>, Reject> {
+    assign.clear();
     let reason = Cell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
-    let raw = match (EventSeed { reason: &reason }).deserialize(&mut de) {
+    let raw = match (EventSeed { reason: &reason, assign }).deserialize(&mut de) {
         Ok(raw) => raw,
         Err(e) => return Err(classify(&e, &reason)),
     };
@@ -139,8 +154,8 @@ fn parse_event_serde(text: &str) -> Result<RawEvent<'_>, Reject> {
 }
 
 /// Required fields, defaults, bounds and the ts range, common to both paths.
-fn finish(raw: RawEvent<'_>, now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
-    let RawEvent { ts, tenant, session, mp, device, login, assign, attrs } = raw;
+fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], now_ms: Option<i64>) -> Result<Event<'a>, Reject> {
+    let RawEvent { ts, tenant, session, mp, device, login, attrs } = raw;
     let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
         return Err(Reject::MissingField);
     };
@@ -160,16 +175,7 @@ fn finish(raw: RawEvent<'_>, now_ms: Option<i64>) -> Result<Event<'_>, Reject> {
     if ts < MIN_TS_MS || now_ms.is_some_and(|now| ts > now.saturating_add(MAX_FUTURE_MS)) {
         return Err(Reject::TsOutOfRange);
     }
-    Ok(Event {
-        ts,
-        tenant,
-        session,
-        mp,
-        device,
-        login,
-        assign: assign.unwrap_or_default(),
-        attrs: attrs.unwrap_or_default(),
-    })
+    Ok(Event { ts, tenant, session, mp, device, login, assign, attrs: attrs.unwrap_or_default() })
 }
 
 fn classify(e: &serde_json::Error, reason: &Cell<Option<Reject>>) -> Reject {
@@ -182,7 +188,6 @@ fn classify(e: &serde_json::Error, reason: &Cell<Option<Reject>>) -> Reject {
     }
 }
 
-type Assign = SmallVec<[(u64, i64); 8]>;
 type Attrs<'a> = SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>;
 
 #[derive(Default, Debug, PartialEq)]
@@ -193,7 +198,6 @@ struct RawEvent<'a> {
     mp: Option<Cow<'a, str>>,
     device: Option<Cow<'a, str>>,
     login: Option<Cow<'a, str>>,
-    assign: Option<Assign>,
     attrs: Option<Attrs<'a>>,
 }
 
@@ -201,6 +205,8 @@ struct RawEvent<'a> {
 /// `reason` so they are not confused with serde's type errors.
 struct EventSeed<'r> {
     reason: &'r Cell<Option<Reject>>,
+    /// Where the assignments go.
+    assign: &'r mut Vec<(u64, i64)>,
 }
 
 impl EventSeed<'_> {
@@ -252,7 +258,11 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
                 "mp" => ev.mp = map.next_value::<Option<Str>>()?.map(|s| s.0),
                 "device" => ev.device = map.next_value::<Option<Str>>()?.map(|s| s.0),
                 "login" => ev.login = map.next_value::<Option<Str>>()?.map(|s| s.0),
-                "assign" => ev.assign = map.next_value_seed(OptionSeed(AssignSeed { reason: self.reason }))?,
+                "assign" => {
+                    // A later `assign` key replaces an earlier one; null empties it.
+                    self.assign.clear();
+                    map.next_value_seed(OptionSeed(AssignSeed { reason: self.reason, out: &mut *self.assign }))?;
+                }
                 "attrs" => ev.attrs = map.next_value_seed(OptionSeed(AttrsSeed { reason: self.reason }))?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -353,22 +363,23 @@ impl<'de> de::Deserialize<'de> for Variation {
 
 struct AssignSeed<'r> {
     reason: &'r Cell<Option<Reject>>,
+    out: &'r mut Vec<(u64, i64)>,
 }
 
 impl<'de> DeserializeSeed<'de> for AssignSeed<'_> {
-    type Value = Assign;
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Assign, D::Error> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for AssignSeed<'_> {
-    type Value = Assign;
+    type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object of experiment id to variation id")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Assign, A::Error> {
-        let mut out = Assign::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let out = self.out;
         while let Some(key) = map.next_key::<Str<'de>>()? {
             let Some(exp) = parse_experiment_id(&key.0) else {
                 self.reason.set(Some(Reject::BadAssignKey));
@@ -384,7 +395,7 @@ impl<'de> Visitor<'de> for AssignSeed<'_> {
                 out.push((exp, var));
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -432,10 +443,11 @@ mod tests {
     use super::*;
 
     fn ok(s: &str) -> Event<'_> {
-        parse_event(s.as_bytes(), None).unwrap()
+        let scratch = Box::leak(Box::default());
+        parse_event(s.as_bytes(), None, scratch).unwrap()
     }
     fn rej(s: &[u8]) -> Reject {
-        parse_event(s, None).unwrap_err()
+        parse_event(s, None, &mut ParseScratch::default()).unwrap_err()
     }
 
     #[test]
@@ -500,21 +512,24 @@ mod tests {
     #[test]
     fn future_ts_only_refused_live() {
         let line = br#"{"ts":1800000000000,"tenant":"a","session":"s","mp":"m"}"#;
-        assert!(parse_event(line, None).is_ok());
-        assert_eq!(parse_event(line, Some(1_700_000_000_000)), Err(Reject::TsOutOfRange));
+        let mut scratch = ParseScratch::default();
+        assert!(parse_event(line, None, &mut scratch).is_ok());
+        assert_eq!(parse_event(line, Some(1_700_000_000_000), &mut scratch), Err(Reject::TsOutOfRange));
     }
 
     /// The fast path's contract: when it accepts, serde agrees exactly.
     fn same_as_serde(line: &str) {
-        if let Some(fast) = fast::parse_fast(line) {
-            assert_eq!(Ok(fast), parse_event_serde(line), "{line}");
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        if let Some(fast) = fast::parse_fast(line, &mut a) {
+            assert_eq!(Ok(fast), parse_event_serde(line, &mut b), "{line}");
+            assert_eq!(a, b, "{line}");
         }
     }
 
     #[test]
     fn fast_path_takes_common_events_and_agrees_with_serde() {
         let common = r#"{"ts":1525356185123,"tenant":"uswm","session":"s-9f2c","mp":"home_page","device":"desktop","login":"in","assign":{"123":1231,"77":771},"attrs":{"payment":"paypal"}}"#;
-        assert!(fast::parse_fast(common).is_some());
+        assert!(fast::parse_fast(common, &mut Vec::new()).is_some());
         same_as_serde(common);
         for line in [
             r#" { "ts" : 1525356185123 , "tenant":"a","session":"s","mp":"m","x":true,"y":null,"z":-5,"w":"q" } "#,
@@ -522,7 +537,7 @@ mod tests {
             r#"{"ts":null,"tenant":"a","session":"s","mp":"m","assign":null,"attrs":{}}"#,
             r#"{}"#,
         ] {
-            assert!(fast::parse_fast(line).is_some(), "{line}");
+            assert!(fast::parse_fast(line, &mut Vec::new()).is_some(), "{line}");
             same_as_serde(line);
         }
         for line in [
@@ -536,7 +551,7 @@ mod tests {
             r#"{"ts":1} x"#,
             r#"{"ts":12345678901234567890}"#,
         ] {
-            assert!(fast::parse_fast(line).is_none(), "{line}");
+            assert!(fast::parse_fast(line, &mut Vec::new()).is_none(), "{line}");
         }
     }
 

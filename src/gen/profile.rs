@@ -170,7 +170,7 @@ impl Profile {
                     }
                     Some(picked)
                 };
-                let nconds = [0, 1, 1, 1, 2, 2, 3][rng.gen_range(0..7)];
+                let nconds = [1, 1, 1, 2, 2, 3][rng.gen_range(0..6)];
                 let mut qualify = Vec::new();
                 for _ in 0..nconds {
                     let page = PEAK_MPS[(rng.gen::<f64>().powi(2) * 10.0) as usize].to_string();

@@ -240,13 +240,23 @@ pub struct SessionTable {
     catalog: Arc<Catalog>,
     gap_ms: i64,
     stats: SessionStats,
+    /// Scratch, reused per event: views before it, first-met events of a newly
+    /// assigned experiment.
     before: Vec<Before>,
+    first_met: Vec<u8>,
 }
 
 impl SessionTable {
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, stats: SessionStats::default(), before: Vec::new() }
+        SessionTable {
+            sessions: AHashMap::new(),
+            catalog,
+            gap_ms,
+            stats: SessionStats::default(),
+            before: Vec::new(),
+            first_met: Vec::new(),
+        }
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -324,7 +334,7 @@ impl SessionTable {
         // 2a. Assignments: the least (order key, variation id) wins.
         let key = session.key(idx);
         let mut cursor = 0;
-        let mut first_met = Vec::new();
+        let mut first_met = std::mem::take(&mut self.first_met);
         for &(experiment, variation) in ev.assigns {
             let x = &catalog.experiments[experiment as usize];
             let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
@@ -381,6 +391,7 @@ impl SessionTable {
                 }
             }
         }
+        self.first_met = first_met;
         // 2b. Conditions met by this event, for experiments assigned before it.
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);

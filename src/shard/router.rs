@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::batch::{BatchEvent, EventBatch};
 use crate::config::{AssignLookup, Catalog, MP_CAPACITY, TAG_CAPACITY};
-use crate::event::{parse_event, Reject};
+use crate::event::{parse_event, Event, ParseScratch, Reject};
 use crate::health::RouterStats;
 use crate::names::{Interner, NameKind};
 use crate::session::SessionKey;
@@ -31,6 +31,7 @@ pub struct Router {
     max_ts: Option<i64>,
     shards: usize,
     batches: Vec<EventBatch>,
+    scratch: ParseScratch,
     pub stats: RouterStats,
 }
 
@@ -52,6 +53,7 @@ impl Router {
             max_ts: None,
             shards,
             batches: (0..shards).map(|_| EventBatch::with_capacity(BATCH_EVENTS)).collect(),
+            scratch: ParseScratch::default(),
             stats: RouterStats::default(),
         }
     }
@@ -65,13 +67,19 @@ impl Router {
     /// the caller must then [`Router::take_batch`] it.
     pub fn route(&mut self, line: &[u8], now_ms: Option<i64>) -> Option<usize> {
         self.stats.events_in += 1;
-        let ev = match parse_event(line, now_ms) {
-            Ok(ev) => ev,
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let full = match parse_event(line, now_ms, &mut scratch) {
+            Ok(ev) => self.route_event(ev),
             Err(r) => {
                 self.stats.rejected[r.index()] += 1;
-                return None;
+                None
             }
         };
+        self.scratch = scratch;
+        full
+    }
+
+    fn route_event(&mut self, ev: Event<'_>) -> Option<usize> {
         let wm = self.watermark();
         if ev.ts < wm {
             self.stats.late_dropped += 1;
@@ -92,7 +100,7 @@ impl Router {
         let shard = shard_of(&key, self.shards);
         let batch = &mut self.batches[shard];
         let assign_start = batch.assigns.len() as u32;
-        for &(x, v) in &ev.assign {
+        for &(x, v) in ev.assign {
             match self.catalog.assignment(tenant, x, v) {
                 AssignLookup::Known { experiment, variation } => batch.assigns.push((experiment, variation)),
                 AssignLookup::UnknownExperiment => self.stats.unknown_experiment += 1,
