@@ -458,7 +458,7 @@ mod tests {
         assert_eq!(e.ts, 1525356185123);
         assert_eq!(e.tenant, "uswm");
         assert!(matches!(e.tenant, Cow::Borrowed(_)));
-        assert_eq!(&e.assign[..], &[(123, 1231), (77, 771)]);
+        assert_eq!(e.assign, &[(123, 1231), (77, 771)]);
     }
 
     #[test]
@@ -469,7 +469,7 @@ mod tests {
         assert_eq!(e.mp, "y");
         assert_eq!(e.device, "unknown");
         assert_eq!(e.login, "unknown");
-        assert_eq!(&e.assign[..], &[(123, 6)]);
+        assert_eq!(e.assign, &[(123, 6)]);
         assert_eq!(e.attrs.len(), 1);
         assert_eq!(e.attrs[0].1, "w");
     }
