@@ -42,7 +42,7 @@ impl FileSource {
         let mut start = 0;
         let data = &self.pending;
         while start < data.len() {
-            let Some(nl) = data[start..].iter().position(|&b| b == b'\n') else {
+            let Some(nl) = memchr::memchr(b'\n', &data[start..]) else {
                 break;
             };
             let line = &data[start..start + nl];
