@@ -56,6 +56,7 @@ done
 
 if [ "${FLAME:-0}" = 1 ]; then
   command -v inferno-flamegraph >/dev/null || cargo install inferno --locked
+  mkdir -p flamegraphs
   svg=flamegraphs/peak-threads2-$commit.svg
   cmd="./target/release/expmon run --config $config --source file:$data --sink null --threads 2"
   $cmd 2>/dev/null &
