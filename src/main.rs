@@ -44,7 +44,7 @@ struct RunArgs {
     /// file:PATH (`-` = stdin), gen:PROFILE[?rate=EPS&events=N&seed=S].
     #[arg(long, default_value = "gen:demo?rate=2000")]
     source: String,
-    /// file:PATH or null.
+    /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH], or null.
     #[arg(long, default_value = "file:expmon-out/points.jsonl")]
     sink: String,
     /// Shard worker threads (default: available cores).
@@ -119,7 +119,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     };
     let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
     let source = open_source(&a.source, &config)?;
-    let sink = expmon::sink::open(&a.sink)?;
+    let sink = expmon::sink::open(&a.sink, &catalog)?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
     opts.pin = a.pin;
     if let Some(t) = &a.trigger {
@@ -150,6 +150,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     }
     let summary = result?;
     eprintln!("{summary}");
+    if summary.sink.undelivered > 0 {
+        bail!("{} upserts could not be delivered to {} before the drain deadline", summary.sink.undelivered, a.sink);
+    }
     Ok(())
 }
 

@@ -110,6 +110,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Peak resident memory of the process (VmHWM), if known.
     pub peak_rss_bytes: Option<u64>,
+    /// What the sink reported when closed.
+    pub sink: crate::sink::SinkReport,
 }
 
 /// Peak resident set size of this process, from /proc/self/status.
@@ -178,6 +180,9 @@ impl fmt::Display for Summary {
         }
         if let Some(rss) = self.peak_rss_bytes {
             write!(f, "\n  peak RSS {:.1} MiB", rss as f64 / (1 << 20) as f64)?;
+        }
+        if !self.sink.summary.is_empty() {
+            write!(f, "\n  {}", self.sink.summary)?;
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::aggregate::{Namer, Totals};
 use crate::config::Catalog;
 use crate::health::{now_ms, Live, ShardStats, Summary, WriterStats};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Sink, SinkError, SinkReport};
 use crate::source::{Fill, LineBatch, Source};
 
 /// Batches queued per shard before the router blocks.
@@ -143,7 +143,7 @@ pub fn run(
     for w in workers {
         w.join().map_err(|_| RunError::Panicked("shard"))?;
     }
-    let (writer_stats, shard_stats) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
+    let (writer_stats, shard_stats, sink_report) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
     source_result?;
     opts.live.publish_router(&router.stats, i64::MAX, 0);
     Ok(Summary {
@@ -153,6 +153,7 @@ pub fn run(
         threads: n,
         elapsed: started.elapsed(),
         peak_rss_bytes: crate::health::peak_rss_bytes(),
+        sink: sink_report,
     })
 }
 
@@ -215,7 +216,7 @@ fn write_loop(
     reports: Receiver<ShardReport>,
     shards: usize,
     live: &Live,
-) -> Result<(WriterStats, ShardStats), SinkError> {
+) -> Result<(WriterStats, ShardStats, SinkReport), SinkError> {
     let mut totals = Totals::new();
     let mut pending: BTreeMap<u64, Vec<ShardReport>> = BTreeMap::new();
     let mut last_stats = vec![ShardStats::default(); shards];
@@ -257,13 +258,16 @@ fn write_loop(
             live.active_points.store(stats.active_points, Relaxed);
             live.upserts_written.store(stats.upserts_written, Relaxed);
             if marker.last {
-                return Ok((stats, sum));
+                let report = sink.close()?;
+                return Ok((stats, sum, report));
             }
         }
     }
+    // The shards stopped without a last marker (one of them failed).
     let mut sum = ShardStats::default();
     for s in &last_stats {
         sum += *s;
     }
-    Ok((stats, sum))
+    let report = sink.close()?;
+    Ok((stats, sum, report))
 }

@@ -28,7 +28,7 @@ impl FileSink {
 }
 
 /// Appends `s` as a JSON string literal.
-fn push_json_str(out: &mut String, s: &str) {
+pub fn push_json_str(out: &mut String, s: &str) {
     use std::fmt::Write;
     out.push('"');
     for c in s.chars() {

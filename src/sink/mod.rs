@@ -5,8 +5,10 @@
 //! with the same value is harmless, which is what makes retries exact.
 
 mod file;
+pub mod kairosdb;
 
-pub use file::{format_point, FileSink};
+pub use file::{format_point, push_json_str, FileSink};
+pub use kairosdb::{KairosOptions, KairosSink};
 
 use std::sync::{Arc, Mutex};
 
@@ -16,8 +18,19 @@ use crate::aggregate::{Namer, Point};
 pub enum SinkError {
     #[error("sink {sink}: {source}")]
     Io { sink: String, source: std::io::Error },
-    #[error("bad sink {0:?}: expected file:PATH or null")]
+    #[error("bad sink {0:?}: expected file:PATH, kairosdb:http[s]://HOST:PORT or null")]
     BadSpec(String),
+    #[error("kairosdb sink: {0}")]
+    Kairos(String),
+}
+
+/// What a sink reports when it is closed.
+#[derive(Debug, Default, Clone)]
+pub struct SinkReport {
+    /// Upserts that could not be delivered before the drain deadline.
+    pub undelivered: u64,
+    /// One line for the run summary; empty if the sink has nothing to add.
+    pub summary: String,
 }
 
 /// A destination of upserts, driven by the writer stage.
@@ -25,14 +38,24 @@ pub trait Sink: Send {
     /// Writes one batch of changed totals.
     fn write(&mut self, points: &[Point], namer: &Namer) -> Result<(), SinkError>;
 
-    /// Makes everything written so far durable (end of a trigger, end of run).
+    /// Makes everything written so far durable (end of a trigger).
     fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// End of the run: deliver what is left (within the sink's deadline) and
+    /// report.
+    fn close(&mut self) -> Result<SinkReport, SinkError> {
+        self.flush().map(|()| SinkReport::default())
+    }
 
     fn describe(&self) -> String;
 }
 
-/// Parses `file:PATH` or `null`.
-pub fn open(spec: &str) -> Result<Box<dyn Sink>, SinkError> {
+/// Parses `file:PATH`, `kairosdb:URL` or `null`; a KairosDB sink checks its
+/// server before returning.
+pub fn open(spec: &str, catalog: &std::sync::Arc<crate::config::Catalog>) -> Result<Box<dyn Sink>, SinkError> {
+    if let Some(url) = spec.strip_prefix("kairosdb:") {
+        return Ok(Box::new(KairosSink::connect(KairosOptions::parse(url)?, catalog.clone())?));
+    }
     if spec == "null" {
         return Ok(Box::new(NullSink::default()));
     }

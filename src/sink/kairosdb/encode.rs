@@ -1,0 +1,63 @@
+//! Encoding a batch for `POST /api/v1/datapoints`: one entry per series (same
+//! name and tags) with all its points, an explicit `"type":"long"` (a long and
+//! a double at one timestamp would be two points), the configured TTL, then
+//! gzip.
+//!
+//! ```json
+//! [{"name":"uswm.visit.fm.1231.item_page.beta","tags":{"dc":"dc1","device":"desktop","login":"in"},
+//!   "type":"long","ttl":2592000,"datapoints":[[1525356120000,10000],[1525356180000,9000]]}]
+//! ```
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use std::io::Write;
+
+use crate::aggregate::{Namer, Point};
+use crate::sink::push_json_str;
+
+/// Returns the gzipped body and the length of the JSON before compression.
+pub fn encode_batch(points: &[Point], namer: &Namer, ttl_s: u64) -> (Vec<u8>, usize) {
+    let mut sorted: Vec<&Point> = points.iter().collect();
+    sorted.sort_unstable_by_key(|p| (p.key, p.minute));
+    let mut json = String::with_capacity(points.len() * 64 + 64);
+    json.push('[');
+    let mut name = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let key = sorted[i].key;
+        if i > 0 {
+            json.push(',');
+        }
+        name.clear();
+        namer.write_name(key, &mut name);
+        json.push_str("{\"name\":");
+        push_json_str(&mut json, &name);
+        json.push_str(",\"tags\":{\"dc\":");
+        push_json_str(&mut json, namer.dc());
+        json.push_str(",\"device\":");
+        push_json_str(&mut json, namer.device(key));
+        json.push_str(",\"login\":");
+        push_json_str(&mut json, namer.login(key));
+        json.push_str("},\"type\":\"long\",\"ttl\":");
+        json.push_str(&ttl_s.to_string());
+        json.push_str(",\"datapoints\":[");
+        let mut first = true;
+        while i < sorted.len() && sorted[i].key == key {
+            if !first {
+                json.push(',');
+            }
+            first = false;
+            json.push('[');
+            json.push_str(&sorted[i].minute.to_string());
+            json.push(',');
+            json.push_str(&sorted[i].value.to_string());
+            json.push(']');
+            i += 1;
+        }
+        json.push_str("]}");
+    }
+    json.push(']');
+    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 8 + 64), Compression::fast());
+    gz.write_all(json.as_bytes()).expect("writing to memory");
+    (gz.finish().expect("writing to memory"), json.len())
+}

@@ -1,0 +1,395 @@
+//! KairosDB sink (`kairosdb:http[s]://[user:pass@]HOST:PORT[?options]`):
+//! batch → encode (JSON, gzip) → send (HTTP POST) → retry.
+//!
+//! Data path: the writer stage `put`s changed totals into a bounded
+//! [`CoalescingQueue`]; `inflight` sender threads take batches (by points,
+//! bytes and linger time), encode them grouped by series, and POST them to
+//! `/api/v1/datapoints`. Protocol facts respected (from KairosDB's docs):
+//! `204` means queued; `400` returns `{"errors":[…]}` and may have stored the
+//! valid part, so it is never retried (the points are counted, logged and
+//! written to a dead-letter file); `5xx`, `429`, timeouts and transport errors
+//! are retried with exponential backoff and full jitter. Writing the same
+//! metric, tags and timestamp again overwrites, so re-sending is harmless.
+//!
+//! Shutdown protocol:
+//! 1. `close` marks the queue closing: senders stop lingering and drain.
+//! 2. It waits until nothing is outstanding or the drain deadline passes.
+//! 3. Senders are told to stop; what was not delivered is reported.
+
+mod encode;
+mod queue;
+
+pub use encode::encode_batch;
+pub use queue::CoalescingQueue;
+
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64Mcg;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{Sink, SinkError, SinkReport};
+use crate::aggregate::{Namer, Point};
+use crate::config::{parse_duration_ms, Catalog};
+
+/// Options of the KairosDB sink, from the query string of its spec.
+#[derive(Debug, Clone)]
+pub struct KairosOptions {
+    /// Base URL without credentials, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    pub user: Option<(String, String)>,
+    /// Most points in one request (`batch`).
+    pub batch_points: usize,
+    /// Most uncompressed JSON bytes in one request (`batch_bytes`).
+    pub batch_bytes: usize,
+    /// How long a point may wait for a fuller batch (`linger`).
+    pub linger: Duration,
+    /// Requests in flight at once (`inflight`).
+    pub in_flight: usize,
+    /// Request timeout (`timeout`).
+    pub timeout: Duration,
+    /// Most points waiting before the engine is held back (`queue`).
+    pub queue_points: usize,
+    /// Backoff bounds (`backoff`, `backoff_max`).
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    /// How long shutdown may spend delivering what is left (`drain`).
+    pub drain: Duration,
+    /// Where rejected points are written (`dead_letter`).
+    pub dead_letter: String,
+}
+
+impl KairosOptions {
+    /// Parses `http[s]://[user:pass@]host:port[?k=v&…]`.
+    pub fn parse(spec: &str) -> Result<KairosOptions, SinkError> {
+        let bad = |why: String| SinkError::BadSpec(format!("kairosdb:{spec}: {why}"));
+        let (base, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let (scheme, rest) = base.split_once("://").ok_or_else(|| bad("expected http://HOST:PORT".into()))?;
+        if scheme != "http" && scheme != "https" {
+            return Err(bad(format!("scheme {scheme:?} is not http or https")));
+        }
+        let (user, host) = match rest.rsplit_once('@') {
+            Some((cred, host)) => {
+                let (u, p) = cred.split_once(':').unwrap_or((cred, ""));
+                (Some((u.to_string(), p.to_string())), host)
+            }
+            None => (None, rest),
+        };
+        let host = host.trim_end_matches('/');
+        if host.is_empty() {
+            return Err(bad("no host".into()));
+        }
+        let mut o = KairosOptions {
+            url: format!("{scheme}://{host}"),
+            user,
+            batch_points: 5_000,
+            batch_bytes: 4 << 20,
+            linger: Duration::from_millis(100),
+            in_flight: 4,
+            timeout: Duration::from_secs(10),
+            queue_points: 2_000_000,
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            drain: Duration::from_secs(30),
+            dead_letter: "expmon-out/kairosdb-rejected.jsonl".into(),
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("option {kv:?} is not k=v")))?;
+            let num = || {
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad(format!("{k}={v} is not a positive number")))
+            };
+            let dur = || {
+                parse_duration_ms(v).map(|ms| Duration::from_millis(ms as u64)).map_err(|e| bad(format!("{k}: {e}")))
+            };
+            match k {
+                "batch" => o.batch_points = num()?,
+                "batch_bytes" => o.batch_bytes = num()?,
+                "linger" => o.linger = dur()?,
+                "inflight" => o.in_flight = num()?,
+                "timeout" => o.timeout = dur()?,
+                "queue" => o.queue_points = num()?,
+                "backoff" => o.backoff = dur()?,
+                "backoff_max" => o.backoff_max = dur()?,
+                "drain" => o.drain = dur()?,
+                "dead_letter" => o.dead_letter = v.to_string(),
+                _ => return Err(bad(format!("unknown option {k:?}"))),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// Counters of the sink, shared by its threads; updated per request.
+#[derive(Debug, Default)]
+pub struct KairosStats {
+    pub requests: AtomicU64,
+    pub points_delivered: AtomicU64,
+    pub points_rejected: AtomicU64,
+    /// Failed attempts that will be retried.
+    pub retries: AtomicU64,
+}
+
+struct Shared {
+    opts: KairosOptions,
+    catalog: Arc<Catalog>,
+    queue: CoalescingQueue,
+    client: reqwest::blocking::Client,
+    stats: KairosStats,
+    latency_us: Mutex<Histogram<u64>>,
+    stop: AtomicBool,
+    dead_letter: Mutex<Option<BufWriter<File>>>,
+}
+
+pub struct KairosSink {
+    shared: Arc<Shared>,
+    senders: Vec<JoinHandle<()>>,
+}
+
+impl KairosSink {
+    /// Checks that `opts.url` answers as KairosDB, then starts the senders.
+    pub fn connect(opts: KairosOptions, catalog: Arc<Catalog>) -> Result<KairosSink, SinkError> {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(opts.timeout)
+            .pool_max_idle_per_host(opts.in_flight)
+            .build()
+            .map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
+        check_version(&client, &opts)?;
+        let shared = Arc::new(Shared {
+            queue: CoalescingQueue::new(opts.queue_points),
+            client,
+            catalog,
+            stats: KairosStats::default(),
+            latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
+            stop: AtomicBool::new(false),
+            dead_letter: Mutex::new(None),
+            opts,
+        });
+        let senders = (0..shared.opts.in_flight)
+            .map(|i| {
+                let s = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("expmon-kairos-{i}"))
+                    .spawn(move || send_loop(&s, crate::health::now_ms() as u64 ^ i as u64))
+                    .expect("spawn kairosdb sender")
+            })
+            .collect();
+        Ok(KairosSink { shared, senders })
+    }
+
+    pub fn stats(&self) -> &KairosStats {
+        &self.shared.stats
+    }
+}
+
+/// `GET /api/v1/version` must answer `{"version":"KairosDB …"}`.
+fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Result<(), SinkError> {
+    let url = format!("{}/api/v1/version", opts.url);
+    let mut req = client.get(&url);
+    if let Some((u, p)) = &opts.user {
+        req = req.basic_auth(u, Some(p));
+    }
+    let resp = req.send().map_err(|e| SinkError::Kairos(format!("cannot reach KairosDB at {}: {e}", opts.url)))?;
+    let status = resp.status();
+    let body = resp.text().unwrap_or_default();
+    let version = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_string));
+    match version {
+        Some(v) if status.is_success() && v.starts_with("KairosDB") => Ok(()),
+        _ => Err(SinkError::Kairos(format!(
+            "{} is not KairosDB: GET /api/v1/version answered {status} {:?}",
+            opts.url,
+            body.chars().take(120).collect::<String>()
+        ))),
+    }
+}
+
+/// What became of one request.
+enum Outcome {
+    Delivered,
+    /// A 4xx other than 429: the server refused the points; never retried.
+    Rejected(String),
+    /// Worth retrying: transport error, timeout, 5xx, 429.
+    Retry(String),
+}
+
+fn post(s: &Shared, body: Vec<u8>) -> Outcome {
+    let mut req = s
+        .client
+        .post(format!("{}/api/v1/datapoints", s.opts.url))
+        .header("Content-Type", "application/json")
+        .header("Content-Encoding", "gzip")
+        .body(body);
+    if let Some((u, p)) = &s.opts.user {
+        req = req.basic_auth(u, Some(p));
+    }
+    match req.send() {
+        Err(e) => Outcome::Retry(e.to_string()),
+        Ok(resp) => {
+            let status = resp.status();
+            if status.is_success() {
+                return Outcome::Delivered;
+            }
+            let text = resp.text().unwrap_or_default();
+            if status.as_u16() == 429 || status.is_server_error() {
+                Outcome::Retry(format!("{status} {text}"))
+            } else {
+                Outcome::Rejected(format!("{status} {text}"))
+            }
+        }
+    }
+}
+
+fn send_loop(s: &Shared, seed: u64) {
+    let mut rng = Pcg64Mcg::seed_from_u64(seed);
+    let mut failures = 0u32;
+    let mut last_log = Instant::now() - Duration::from_secs(60);
+    while !s.stop.load(Relaxed) {
+        let Some(batch) = s.queue.take(s.opts.batch_points, s.opts.linger) else { return };
+        let namer = Namer::new(&s.catalog);
+        // Split by bytes: encode, and if too big, send halves.
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            let (body, raw_len) = encode_batch(&part, &namer, s.catalog.engine.ttl_s);
+            if raw_len > s.opts.batch_bytes && part.len() > 1 {
+                let mut a = part;
+                let b = a.split_off(a.len() / 2);
+                parts.push(a);
+                parts.push(b);
+                continue;
+            }
+            let started = Instant::now();
+            let outcome = post(s, body);
+            s.stats.requests.fetch_add(1, Relaxed);
+            let us = started.elapsed().as_micros().max(1) as u64;
+            let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
+            match outcome {
+                Outcome::Delivered => {
+                    failures = 0;
+                    s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
+                    s.queue.finish(&part, true);
+                }
+                Outcome::Rejected(why) => {
+                    failures = 0;
+                    s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
+                    eprintln!("expmon: kairosdb refused {} points (not retried): {why}", part.len());
+                    dead_letter(s, &part, &namer, &why);
+                    s.queue.finish(&part, true);
+                }
+                Outcome::Retry(why) => {
+                    s.stats.retries.fetch_add(1, Relaxed);
+                    // Back to the queue: a newer total may replace it meanwhile.
+                    s.queue.finish(&part, false);
+                    for rest in parts.drain(..) {
+                        s.queue.finish(&rest, false);
+                    }
+                    if last_log.elapsed() >= Duration::from_secs(10) {
+                        eprintln!("expmon: kairosdb write failed, retrying with backoff: {why}");
+                        last_log = Instant::now();
+                    }
+                    // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
+                    let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
+                    failures += 1;
+                    let sleep = cap.mul_f64(rng.gen::<f64>());
+                    sleep_unless_stopped(s, sleep);
+                }
+            }
+        }
+    }
+}
+
+fn sleep_unless_stopped(s: &Shared, d: Duration) {
+    let end = Instant::now() + d;
+    while !s.stop.load(Relaxed) {
+        let now = Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(Duration::from_millis(20)));
+    }
+}
+
+fn dead_letter(s: &Shared, points: &[Point], namer: &Namer, why: &str) {
+    let mut g = s.dead_letter.lock().unwrap_or_else(|e| e.into_inner());
+    if g.is_none() {
+        let path = std::path::Path::new(&s.opts.dead_letter);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match File::options().create(true).append(true).open(path) {
+            Ok(f) => *g = Some(BufWriter::new(f)),
+            Err(e) => {
+                eprintln!("expmon: cannot open dead-letter file {}: {e}", s.opts.dead_letter);
+                return;
+            }
+        }
+    }
+    let Some(w) = g.as_mut() else { return };
+    for p in points {
+        let line = serde_json::json!({
+            "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
+            "timestamp": p.minute, "value": p.value, "error": why,
+        });
+        let _ = writeln!(w, "{line}");
+    }
+    let _ = w.flush();
+}
+
+impl Sink for KairosSink {
+    fn write(&mut self, points: &[Point], _: &Namer) -> Result<(), SinkError> {
+        self.shared.queue.put(points);
+        Ok(())
+    }
+
+    /// Delivery is asynchronous; the queue bound is the backpressure.
+    fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<SinkReport, SinkError> {
+        let s = &self.shared;
+        s.queue.close();
+        let left = s.queue.wait_drained(Instant::now() + s.opts.drain);
+        s.stop.store(true, Relaxed);
+        for h in self.senders.drain(..) {
+            let _ = h.join();
+        }
+        let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let st = &s.stats;
+        Ok(SinkReport {
+            undelivered: left as u64,
+            summary: format!(
+                "kairosdb {}: {} points delivered in {} requests, {} rejected, {} retries, {} undelivered; \
+                 write latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                s.opts.url,
+                st.points_delivered.load(Relaxed),
+                st.requests.load(Relaxed),
+                st.points_rejected.load(Relaxed),
+                st.retries.load(Relaxed),
+                left,
+                ms(0.5),
+                ms(0.99),
+                h.max() as f64 / 1000.0
+            ),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("kairosdb:{}", self.shared.opts.url)
+    }
+}
+
+impl Drop for KairosSink {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Relaxed);
+        self.shared.queue.close();
+    }
+}

@@ -1,0 +1,202 @@
+//! The writer's bounded, coalescing queue between the engine and the senders.
+//!
+//! Invariants:
+//! - a point (series, minute) is at most once in `pending`, with its newest
+//!   total: a newer total replaces a waiting one (only the latest absolute total
+//!   needs to go out);
+//! - a point is in at most one request at a time (`in_flight`), so requests
+//!   for one point are never reordered and an old total can never overwrite a
+//!   newer one;
+//! - `pending` holds at most `bound` points: `put` blocks beyond that, which is
+//!   how a slow or absent KairosDB pushes back on the engine.
+
+use ahash::{AHashMap, AHashSet};
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::aggregate::{Point, SeriesKey};
+
+type PointId = (SeriesKey, i64);
+
+#[derive(Default)]
+struct Inner {
+    /// Newest total of each waiting point.
+    pending: AHashMap<PointId, i64>,
+    /// Waiting points in arrival order (may hold stale ids, skipped on take).
+    order: VecDeque<PointId>,
+    in_flight: AHashSet<PointId>,
+    /// When the oldest waiting point arrived (for the linger time).
+    oldest: Option<Instant>,
+    closing: bool,
+}
+
+pub struct CoalescingQueue {
+    inner: Mutex<Inner>,
+    /// Signalled when points arrive or the queue closes.
+    has_work: Condvar,
+    /// Signalled when points leave `pending` or a request ends.
+    has_room: Condvar,
+    bound: usize,
+}
+
+impl CoalescingQueue {
+    pub fn new(bound: usize) -> CoalescingQueue {
+        CoalescingQueue { inner: Mutex::default(), has_work: Condvar::new(), has_room: Condvar::new(), bound }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds points (newest totals), blocking while the queue is full.
+    pub fn put(&self, points: &[Point]) {
+        let mut g = self.lock();
+        for p in points {
+            let id = (p.key, p.minute);
+            if let Some(v) = g.pending.get_mut(&id) {
+                *v = p.value;
+                continue;
+            }
+            while g.pending.len() >= self.bound {
+                g = self.has_room.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.pending.insert(id, p.value);
+            g.order.push_back(id);
+            g.oldest.get_or_insert_with(Instant::now);
+        }
+        drop(g);
+        self.has_work.notify_all();
+    }
+
+    /// Takes up to `max` waiting points that are not in flight, once `max` are
+    /// waiting or the oldest has waited `linger` (or the queue is closing).
+    /// Returns `None` when closing and nothing is left to send.
+    pub fn take(&self, max: usize, linger: Duration) -> Option<Vec<Point>> {
+        let mut g = self.lock();
+        loop {
+            let ready = g.pending.len() >= max || g.closing || g.oldest.is_some_and(|t| t.elapsed() >= linger);
+            if ready && !g.pending.is_empty() {
+                let mut batch = Vec::with_capacity(max.min(g.pending.len()));
+                let mut skipped = Vec::new();
+                while batch.len() < max {
+                    let Some(id) = g.order.pop_front() else { break };
+                    if g.in_flight.contains(&id) {
+                        skipped.push(id);
+                        continue;
+                    }
+                    if let Some(value) = g.pending.remove(&id) {
+                        g.in_flight.insert(id);
+                        batch.push(Point { key: id.0, minute: id.1, value });
+                    }
+                }
+                for id in skipped.into_iter().rev() {
+                    g.order.push_front(id);
+                }
+                g.oldest = if g.pending.is_empty() { None } else { Some(Instant::now()) };
+                if !batch.is_empty() {
+                    drop(g);
+                    self.has_room.notify_all();
+                    return Some(batch);
+                }
+            }
+            if g.closing && g.pending.is_empty() {
+                return None;
+            }
+            let wait = match g.oldest {
+                Some(t) => linger.saturating_sub(t.elapsed()).max(Duration::from_millis(1)),
+                None => Duration::from_millis(100),
+            };
+            g = self.has_work.wait_timeout(g, wait).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Ends a request. Delivered points leave; undelivered ones (to retry) go
+    /// back unless a newer total is already waiting.
+    pub fn finish(&self, batch: &[Point], delivered: bool) {
+        let mut g = self.lock();
+        for p in batch {
+            let id = (p.key, p.minute);
+            g.in_flight.remove(&id);
+            if !delivered && !g.pending.contains_key(&id) {
+                g.pending.insert(id, p.value);
+                g.order.push_front(id);
+                g.oldest.get_or_insert_with(Instant::now);
+            }
+        }
+        drop(g);
+        self.has_room.notify_all();
+        self.has_work.notify_all();
+    }
+
+    /// Points waiting or in flight.
+    pub fn outstanding(&self) -> usize {
+        let g = self.lock();
+        g.pending.len() + g.in_flight.len()
+    }
+
+    /// Stops waiting for linger: senders drain what is left, then stop.
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.has_work.notify_all();
+    }
+
+    /// Waits until nothing is outstanding or `deadline` passes; returns what is
+    /// still outstanding.
+    pub fn wait_drained(&self, deadline: Instant) -> usize {
+        let mut g = self.lock();
+        loop {
+            let left = g.pending.len() + g.in_flight.len();
+            let now = Instant::now();
+            if left == 0 || now >= deadline {
+                return left;
+            }
+            g = self.has_room.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::MetricKind;
+
+    fn p(v: u32, value: i64) -> Point {
+        Point { key: SeriesKey::new(MetricKind::VisitFm, v, 1, 1, 1), minute: 0, value }
+    }
+
+    #[test]
+    fn coalesces_and_never_sends_a_point_twice_at_once() {
+        let q = CoalescingQueue::new(100);
+        q.put(&[p(1, 1), p(2, 1), p(1, 5)]);
+        let b = q.take(10, Duration::ZERO).unwrap();
+        assert_eq!(b, vec![p(1, 5), p(2, 1)], "newest total only");
+        q.put(&[p(1, 6)]);
+        // Point 1 is in flight: it waits.
+        q.close();
+        assert_eq!(q.outstanding(), 3);
+        q.finish(&b, false);
+        // Retry keeps the newer 6 for point 1 and requeues point 2's 1.
+        let b2 = q.take(10, Duration::ZERO).unwrap();
+        let mut vals: Vec<i64> = b2.iter().map(|x| x.value).collect();
+        vals.sort();
+        assert_eq!(vals, vec![1, 6]);
+        q.finish(&b2, true);
+        assert_eq!(q.take(10, Duration::ZERO), None);
+        assert_eq!(q.outstanding(), 0);
+    }
+
+    #[test]
+    fn put_blocks_at_the_bound_until_room() {
+        let q = std::sync::Arc::new(CoalescingQueue::new(2));
+        q.put(&[p(1, 1), p(2, 1)]);
+        let q2 = q.clone();
+        let t = std::thread::spawn(move || q2.put(&[p(3, 1)]));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "blocked while full");
+        let b = q.take(1, Duration::ZERO).unwrap();
+        t.join().unwrap();
+        q.finish(&b, true);
+        assert_eq!(q.outstanding(), 2);
+    }
+}
