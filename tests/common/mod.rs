@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod kairos_server;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 

@@ -1,0 +1,195 @@
+//! The KairosDB sink against a strict KairosDB-protocol server
+//! (`tests/common/kairos_server.rs`), with faults injected: for each fault,
+//! the points stored at the end equal the file sink's final totals for the same
+//! input — nothing lost, nothing extra — except points the server refused with
+//! a 400, which are never retried and must all be in the dead-letter file.
+
+mod common;
+
+use common::kairos_server::{Fault, KairosServer, StoredId};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    /// A demo data set of `events` lines in a fresh directory.
+    fn new(events: &str) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Run { dir };
+        let out =
+            r.expmon(&["gen", "--profile", "demo", "--events", events, "--seed", "11", "--out", "file:events.jsonl"]);
+        assert!(out.status.success());
+        r
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn expmon(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_expmon")).args(args).current_dir(self.dir.path()).output().unwrap()
+    }
+
+    /// Runs the data set into `sink`, flushing often so that points are
+    /// rewritten (and coalesced) many times.
+    fn run(&self, sink: &str) -> Output {
+        self.expmon(&["run", "--source", "file:events.jsonl", "--sink", sink, "--trigger", "1ms", "--threads", "2"])
+    }
+
+    /// Final values of the file sink for the same input (zeros included).
+    fn expected(&self) -> BTreeMap<StoredId, i64> {
+        let out = self.run("file:expected.jsonl");
+        assert!(out.status.success());
+        read_points(&std::fs::read_to_string(self.path("expected.jsonl")).unwrap())
+    }
+}
+
+fn read_points(text: &str) -> BTreeMap<StoredId, i64> {
+    let mut out = BTreeMap::new();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let tags =
+            v["tags"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+        out.insert(
+            (v["name"].as_str().unwrap().to_string(), tags, v["timestamp"].as_i64().unwrap()),
+            v["value"].as_i64().unwrap(),
+        );
+    }
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Sink spec with fast retries for tests.
+fn spec(server: &KairosServer, extra: &str) -> String {
+    format!(
+        "kairosdb:{}?batch=200&linger=5ms&backoff=5ms&backoff_max=100ms&timeout=300ms&drain=20s{extra}",
+        server.url()
+    )
+}
+
+fn assert_same(expected: &BTreeMap<StoredId, i64>, stored: &BTreeMap<StoredId, i64>) {
+    assert!(expected.len() > 200, "a meaningful data set: {}", expected.len());
+    let missing: Vec<_> = expected.iter().filter(|(k, v)| stored.get(*k) != Some(v)).take(5).collect();
+    let extra: Vec<_> = stored.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "missing or wrong: {missing:?}\nextra: {extra:?}");
+    assert_eq!(expected.len(), stored.len());
+}
+
+#[test]
+fn delivers_exactly_the_file_sink_totals_gzipped_and_grouped() {
+    let r = Run::new("30000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    let out = r.run(&spec(&server, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("0 undelivered"), "{}", stderr(&out));
+    let st = server.state();
+    assert_same(&expected, &st.points);
+    assert!(st.requests > 1);
+    assert_eq!(st.gzip_requests, st.requests, "every request is gzipped");
+    assert!(st.refused.is_empty(), "{:?}", st.refused);
+}
+
+#[test]
+fn retries_through_500s_429s_dropped_connections_and_timeouts() {
+    let r = Run::new("30000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    server.state().faults.extend([
+        Fault::Error500,
+        Fault::Error500,
+        Fault::TooMany429,
+        Fault::Drop,
+        Fault::Hang(Duration::from_millis(600)),
+        Fault::Error500,
+        Fault::Drop,
+        Fault::TooMany429,
+    ]);
+    let out = r.run(&spec(&server, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("retries") && !err.contains(" 0 retries"), "{err}");
+    assert_same(&expected, &server.state().points);
+}
+
+#[test]
+fn slow_server_and_a_small_queue_push_back_without_loss() {
+    let r = Run::new("20000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    server.state().delay = Duration::from_millis(15);
+    let out = r.run(&spec(&server, "&queue=300&batch=100&inflight=2"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&expected, &server.state().points);
+}
+
+#[test]
+fn server_down_for_a_while_then_back() {
+    let r = Run::new("20000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    server.state().faults.push_back(Fault::Down(Duration::from_millis(1500)));
+    let out = r.run(&spec(&server, ""));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same(&expected, &server.state().points);
+}
+
+#[test]
+fn partial_400_is_not_retried_and_goes_to_the_dead_letter_file() {
+    let r = Run::new("20000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    server.state().faults.extend([Fault::Partial400, Fault::Partial400]);
+    let out = r.run(&spec(&server, "&dead_letter=rejected.jsonl"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("kairosdb refused"), "{err}");
+    let dead = read_points(&std::fs::read_to_string(r.path("rejected.jsonl")).unwrap());
+    assert!(!dead.is_empty());
+    let st = server.state();
+    assert_eq!(st.requests as usize, st.requests as usize);
+    // Every final total is stored, or was refused (and dead-lettered) with that value.
+    for (k, v) in &expected {
+        assert!(st.points.get(k) == Some(v) || dead.get(k) == Some(v), "{k:?}={v} neither stored nor dead-lettered");
+    }
+    assert!(st.points.keys().all(|k| expected.contains_key(k)), "nothing extra");
+}
+
+#[test]
+fn start_up_check_gives_one_clear_line() {
+    let r = Run::new("10");
+    let server = KairosServer::start();
+    server.state().impostor = true;
+    let out = r.run(&format!("kairosdb:{}", server.url()));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("is not KairosDB"), "{err}");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = r.run(&format!("kairosdb:http://{closed}"));
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach KairosDB"), "{err}");
+}
+
+#[test]
+fn undeliverable_points_are_reported_at_the_drain_deadline() {
+    let r = Run::new("5000");
+    let server = KairosServer::start();
+    server.state().faults.push_back(Fault::Down(Duration::from_secs(3600)));
+    let out =
+        r.run(&format!("kairosdb:{}?linger=5ms&backoff=5ms&backoff_max=50ms&timeout=200ms&drain=1s", server.url()));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("could not be delivered"), "{err}");
+}
