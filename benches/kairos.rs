@@ -15,7 +15,6 @@ use expmon::gen::Profile;
 use expmon::names::Names;
 use expmon::sink::{KairosOptions, KairosSink, Sink};
 
-#[allow(dead_code)]
 #[path = "../tests/common/kairos_server.rs"]
 mod kairos_server;
 
