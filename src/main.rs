@@ -65,6 +65,9 @@ struct RunArgs {
     /// Show the live status line (default: when stderr is a terminal).
     #[arg(long)]
     status: Option<bool>,
+    /// `instance` tag of the health metrics (default: the host name).
+    #[arg(long)]
+    instance: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -122,6 +125,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let sink = expmon::sink::open(&a.sink, &catalog)?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
     opts.pin = a.pin;
+    if let Some(i) = a.instance.filter(|i| !i.is_empty()) {
+        opts.instance = i;
+    }
     if let Some(t) = &a.trigger {
         opts.trigger =
             Duration::from_millis(parse_duration_ms(t).map_err(anyhow::Error::msg).context("--trigger")? as u64);

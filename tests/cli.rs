@@ -95,8 +95,12 @@ fn file_sink_lines_have_the_spec_shape() {
         "{\"ts\":1525356185123,\"tenant\":\"uswm\",\"session\":\"s-9f2c\",\"mp\":\"home_page\",\"device\":\"desktop\",\"login\":\"in\",\"assign\":{\"123\":1231,\"77\":771}}\n",
     )
     .unwrap();
-    x.ok(&["run", "--source", "file:e.jsonl", "--sink", "file:o.jsonl"]);
+    x.ok(&["run", "--source", "file:e.jsonl", "--sink", "file:o.jsonl", "--instance", "node7"]);
     let text = std::fs::read_to_string(x.path("o.jsonl")).unwrap();
+    // Health metrics go to the same sink, tagged dc and instance (SPEC §6).
+    let health =
+        text.lines().find(|l| l.starts_with(r#"{"name":"expmon.events_in","tags":{"dc":"dc1","instance":"node7"}"#));
+    assert!(health.is_some_and(|l| l.ends_with(r#""value":1}"#)), "{text}");
     assert!(
         text.lines().any(|l| l
             == r#"{"name":"uswm.session.assigned.1231","tags":{"dc":"dc1","device":"desktop","login":"in"},"timestamp":1525356180000,"value":1}"#),

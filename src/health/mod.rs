@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::event::Reject;
 
+mod points;
+
+pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint};
+
 /// Counted by the router, per event, in plain fields.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RouterStats {
@@ -88,6 +92,10 @@ pub struct Live {
     pub active_sessions: AtomicU64,
     pub upserts_written: AtomicU64,
     pub active_points: AtomicU64,
+    pub rejected_by_reason: [AtomicU64; Reject::ALL.len()],
+    pub unknown_tenant: AtomicU64,
+    pub unknown_experiment: AtomicU64,
+    pub unknown_variation: AtomicU64,
 }
 
 impl Live {
@@ -97,6 +105,12 @@ impl Live {
         self.rejected.store(s.rejected_total(), Relaxed);
         self.late_dropped.store(s.late_dropped, Relaxed);
         self.watermark.store(watermark, Relaxed);
+        for (a, &n) in self.rejected_by_reason.iter().zip(s.rejected.iter()) {
+            a.store(n, Relaxed);
+        }
+        self.unknown_tenant.store(s.unknown_tenant, Relaxed);
+        self.unknown_experiment.store(s.unknown_experiment, Relaxed);
+        self.unknown_variation.store(s.unknown_variation, Relaxed);
     }
 }
 

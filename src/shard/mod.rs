@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Namer, Totals};
 use crate::config::Catalog;
-use crate::health::{now_ms, Live, ShardStats, Summary, WriterStats};
+use crate::health::{health_points, now_ms, HealthInputs, Live, ShardStats, Summary, WriterStats};
 use crate::sink::{Sink, SinkError, SinkReport};
 use crate::source::{Fill, LineBatch, Source};
 
@@ -66,6 +66,8 @@ pub struct RunOptions {
     pub max_duration: Option<Duration>,
     /// Figures for a status display.
     pub live: Arc<Live>,
+    /// `instance` tag of the health metrics.
+    pub instance: String,
 }
 
 impl RunOptions {
@@ -77,6 +79,7 @@ impl RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
             max_duration: None,
             live: Arc::new(Live::default()),
+            instance: crate::health::default_instance(),
         }
     }
 }
@@ -123,10 +126,10 @@ pub fn run(
     drop(recycle_tx);
 
     let writer = {
-        let (catalog, live) = (catalog.clone(), opts.live.clone());
+        let (catalog, live, instance) = (catalog.clone(), opts.live.clone(), opts.instance.clone());
         std::thread::Builder::new()
             .name("expmon-writer".into())
-            .spawn(move || write_loop(&catalog, sink, report_rx, n, &live))
+            .spawn(move || write_loop(&catalog, sink, report_rx, n, &live, &instance))
             .expect("spawn writer thread")
     };
 
@@ -216,6 +219,7 @@ fn write_loop(
     reports: Receiver<ShardReport>,
     shards: usize,
     live: &Live,
+    instance: &str,
 ) -> Result<(WriterStats, ShardStats, SinkReport), SinkError> {
     let mut totals = Totals::new();
     let mut pending: BTreeMap<u64, Vec<ShardReport>> = BTreeMap::new();
@@ -231,6 +235,7 @@ fn write_loop(
             }
             let group = entry.remove();
             let marker = group[0].marker;
+            let started = Instant::now();
             for r in &group {
                 totals.apply(r.deltas());
                 last_stats[r.shard] = r.stats;
@@ -242,7 +247,6 @@ fn write_loop(
                 let namer = Namer::new(catalog);
                 sink.write(&points, &namer)?;
             }
-            sink.flush()?;
             stats.upserts_written += points.len() as u64;
             stats.flushes += 1;
             stats.active_points = totals.len() as u64;
@@ -257,6 +261,18 @@ fn write_loop(
             live.active_sessions.store(sum.active_sessions, Relaxed);
             live.active_points.store(stats.active_points, Relaxed);
             live.upserts_written.store(stats.upserts_written, Relaxed);
+            let health = health_points(&HealthInputs {
+                live,
+                shards: &sum,
+                writer: &stats,
+                sink: &sink.health(),
+                trigger_ms: started.elapsed().as_millis() as u64,
+                now_ms: now_ms(),
+                dc: &catalog.engine.dc,
+                instance,
+            });
+            sink.write_health(now_ms(), &health)?;
+            sink.flush()?;
             if marker.last {
                 let report = sink.close()?;
                 return Ok((stats, sum, report));

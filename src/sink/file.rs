@@ -7,6 +7,7 @@ use std::io::{BufWriter, Write};
 
 use super::{Sink, SinkError};
 use crate::aggregate::{Namer, Point};
+use crate::health::HealthPoint;
 
 pub struct FileSink {
     out: BufWriter<File>,
@@ -75,6 +76,29 @@ impl Sink for FileSink {
         for p in points {
             self.line.clear();
             format_point(&mut self.line, p, namer);
+            self.out
+                .write_all(self.line.as_bytes())
+                .map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })?;
+        }
+        Ok(())
+    }
+
+    fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
+        use std::fmt::Write as _;
+        for p in points {
+            self.line.clear();
+            self.line.push_str("{\"name\":");
+            push_json_str(&mut self.line, &p.name);
+            self.line.push_str(",\"tags\":{");
+            for (i, (k, v)) in p.tags.iter().enumerate() {
+                if i > 0 {
+                    self.line.push(',');
+                }
+                push_json_str(&mut self.line, k);
+                self.line.push(':');
+                push_json_str(&mut self.line, v);
+            }
+            let _ = writeln!(self.line, "}},\"timestamp\":{ts_ms},\"value\":{}}}", p.value);
             self.out
                 .write_all(self.line.as_bytes())
                 .map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })?;

@@ -13,6 +13,7 @@ pub use kairosdb::{KairosOptions, KairosSink};
 use std::sync::{Arc, Mutex};
 
 use crate::aggregate::{Namer, Point};
+use crate::health::HealthPoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -22,6 +23,18 @@ pub enum SinkError {
     BadSpec(String),
     #[error("kairosdb sink: {0}")]
     Kairos(String),
+}
+
+/// A sink's own figures, for the health metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SinkHealth {
+    pub requests: u64,
+    pub rejected_points: u64,
+    pub retries: u64,
+    pub queued_points: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub latency_max_us: u64,
 }
 
 /// What a sink reports when it is closed.
@@ -40,6 +53,17 @@ pub trait Sink: Send {
 
     /// Makes everything written so far durable (end of a trigger).
     fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Writes the engine's health figures, stamped `ts_ms` (processing time).
+    fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
+        let _ = (ts_ms, points);
+        Ok(())
+    }
+
+    /// The sink's own figures (requests, retries, latency).
+    fn health(&self) -> SinkHealth {
+        SinkHealth::default()
+    }
 
     /// End of the run: deliver what is left (within the sink's deadline) and
     /// report.

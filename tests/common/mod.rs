@@ -246,6 +246,7 @@ pub fn engine_totals(config: &Config, lines: &[Vec<u8>], threads: usize) -> Tota
 pub fn totals_from_jsonl(text: &str, dc: &str) -> Totals {
     let points: Vec<RenderedPoint> = text
         .lines()
+        .filter(|l| !l.starts_with(r#"{"name":"expmon."#))
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             RenderedPoint {

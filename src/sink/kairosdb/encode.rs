@@ -13,7 +13,38 @@ use flate2::Compression;
 use std::io::Write;
 
 use crate::aggregate::{Namer, Point};
+use crate::health::HealthPoint;
 use crate::sink::push_json_str;
+
+/// Encodes health points, all stamped `ts_ms`, as a gzipped body.
+pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> Vec<u8> {
+    let mut json = String::from("[");
+    for (i, p) in points.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str("{\"name\":");
+        push_json_str(&mut json, &p.name);
+        json.push_str(",\"tags\":{");
+        for (j, (k, v)) in p.tags.iter().enumerate() {
+            if j > 0 {
+                json.push(',');
+            }
+            push_json_str(&mut json, k);
+            json.push(':');
+            push_json_str(&mut json, v);
+        }
+        json.push_str(&format!("}},\"type\":\"long\",\"ttl\":{ttl_s},\"datapoints\":[[{ts_ms},{}]]}}", p.value));
+    }
+    json.push(']');
+    gzip(&json)
+}
+
+fn gzip(json: &str) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 8 + 64), Compression::fast());
+    gz.write_all(json.as_bytes()).expect("writing to memory");
+    gz.finish().expect("writing to memory")
+}
 
 /// Returns the gzipped body and the length of the JSON before compression.
 pub fn encode_batch(points: &[Point], namer: &Namer, ttl_s: u64) -> (Vec<u8>, usize) {
@@ -57,7 +88,5 @@ pub fn encode_batch(points: &[Point], namer: &Namer, ttl_s: u64) -> (Vec<u8>, us
         json.push_str("]}");
     }
     json.push(']');
-    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 8 + 64), Compression::fast());
-    gz.write_all(json.as_bytes()).expect("writing to memory");
-    (gz.finish().expect("writing to memory"), json.len())
+    (gzip(&json), json.len())
 }

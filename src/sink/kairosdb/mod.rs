@@ -19,7 +19,7 @@
 mod encode;
 mod queue;
 
-pub use encode::encode_batch;
+pub use encode::{encode_batch, encode_health};
 pub use queue::CoalescingQueue;
 
 use hdrhistogram::Histogram;
@@ -32,9 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Sink, SinkError, SinkReport};
+use super::{Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
+use crate::health::HealthPoint;
 
 /// Options of the KairosDB sink, from the query string of its spec.
 #[derive(Debug, Clone)]
@@ -145,6 +146,8 @@ struct Shared {
     latency_us: Mutex<Histogram<u64>>,
     stop: AtomicBool,
     dead_letter: Mutex<Option<BufWriter<File>>>,
+    /// The newest health snapshot not yet sent (a newer one replaces it).
+    health: Mutex<Option<(i64, Vec<HealthPoint>)>>,
 }
 
 pub struct KairosSink {
@@ -169,6 +172,7 @@ impl KairosSink {
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             stop: AtomicBool::new(false),
             dead_letter: Mutex::new(None),
+            health: Mutex::new(None),
             opts,
         });
         let senders = (0..shared.opts.in_flight)
@@ -252,7 +256,14 @@ fn send_loop(s: &Shared, seed: u64) {
     let mut failures = 0u32;
     let mut last_log = Instant::now() - Duration::from_secs(60);
     while !s.stop.load(Relaxed) {
-        let Some(batch) = s.queue.take(s.opts.batch_points, s.opts.linger) else { return };
+        send_health(s);
+        let Some(batch) = s.queue.take(s.opts.batch_points, s.opts.linger) else {
+            send_health(s);
+            return;
+        };
+        if batch.is_empty() {
+            continue;
+        }
         let namer = Namer::new(&s.catalog);
         // Split by bytes: encode, and if too big, send halves.
         let mut parts = vec![batch];
@@ -305,6 +316,22 @@ fn send_loop(s: &Shared, seed: u64) {
     }
 }
 
+/// Sends the pending health snapshot, if any; on failure it goes back unless
+/// a newer one arrived.
+fn send_health(s: &Shared) {
+    let Some((ts, points)) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
+    let body = encode_health(&points, ts, s.catalog.engine.ttl_s);
+    s.stats.requests.fetch_add(1, Relaxed);
+    match post(s, body) {
+        Outcome::Delivered => {}
+        Outcome::Rejected(why) => eprintln!("expmon: kairosdb refused health points: {why}"),
+        Outcome::Retry(_) => {
+            s.stats.retries.fetch_add(1, Relaxed);
+            s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, points));
+        }
+    }
+}
+
 fn sleep_unless_stopped(s: &Shared, d: Duration) {
     let end = Instant::now() + d;
     while !s.stop.load(Relaxed) {
@@ -351,6 +378,25 @@ impl Sink for KairosSink {
     /// Delivery is asynchronous; the queue bound is the backpressure.
     fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
+        *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some((ts_ms, points.to_vec()));
+        Ok(())
+    }
+
+    fn health(&self) -> SinkHealth {
+        let s = &self.shared;
+        let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        SinkHealth {
+            requests: s.stats.requests.load(Relaxed),
+            rejected_points: s.stats.points_rejected.load(Relaxed),
+            retries: s.stats.retries.load(Relaxed),
+            queued_points: s.queue.outstanding() as u64,
+            latency_p50_us: h.value_at_quantile(0.5),
+            latency_p99_us: h.value_at_quantile(0.99),
+            latency_max_us: h.max(),
+        }
     }
 
     fn close(&mut self) -> Result<SinkReport, SinkError> {

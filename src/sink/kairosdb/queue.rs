@@ -71,7 +71,8 @@ impl CoalescingQueue {
 
     /// Takes up to `max` waiting points that are not in flight, once `max` are
     /// waiting or the oldest has waited `linger` (or the queue is closing).
-    /// Returns `None` when closing and nothing is left to send.
+    /// Returns an empty batch after an idle wait (so the caller can do other
+    /// work), and `None` when closing and nothing is left to send.
     pub fn take(&self, max: usize, linger: Duration) -> Option<Vec<Point>> {
         let mut g = self.lock();
         loop {
@@ -108,6 +109,9 @@ impl CoalescingQueue {
                 None => Duration::from_millis(100),
             };
             g = self.has_work.wait_timeout(g, wait).unwrap_or_else(|e| e.into_inner()).0;
+            if g.pending.is_empty() && !g.closing {
+                return Some(Vec::new());
+            }
         }
     }
 
