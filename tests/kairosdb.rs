@@ -206,3 +206,26 @@ fn undeliverable_points_are_reported_at_the_drain_deadline() {
     let err = stderr(&out);
     assert!(err.contains("could not be delivered"), "{err}");
 }
+
+#[test]
+fn basic_auth_from_the_url() {
+    let r = Run::new("3000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    // base64("user:secret")
+    server.state().basic_auth = Some("dXNlcjpzZWNyZXQ=".into());
+    let url = server.url().replace("http://", "http://user:secret@");
+    let out = r.run(&format!("kairosdb:{url}?linger=5ms"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored: BTreeMap<StoredId, i64> = server
+        .state()
+        .points
+        .iter()
+        .filter(|(k, _)| !k.0.starts_with("expmon."))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    assert_eq!(stored, expected);
+    let out = r.run(&format!("kairosdb:{}", server.url()));
+    assert!(!out.status.success(), "no credentials: refused at start");
+    assert!(stderr(&out).contains("401"), "{}", stderr(&out));
+}

@@ -57,6 +57,8 @@ pub struct State {
     pub impostor: bool,
     /// Accept datapoints without decoding them (for throughput benchmarks).
     pub sink_only: bool,
+    /// If set, every request must carry `Authorization: Basic <this>`.
+    pub basic_auth: Option<String>,
 }
 
 pub struct KairosServer {
@@ -106,6 +108,7 @@ fn respond(conn: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
         _ => "Internal Server Error",
@@ -152,6 +155,15 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
         let mut body = vec![0; len];
         if reader.read_exact(&mut body).is_err() {
             return;
+        }
+        let auth = state.lock().unwrap().basic_auth.clone();
+        if let Some(want) = auth {
+            if headers.get("authorization") != Some(&format!("Basic {want}")) {
+                if respond(&mut conn, 401, r#"{"errors":["unauthorized"]}"#).is_err() {
+                    return;
+                }
+                continue;
+            }
         }
         let ok = match (method.as_str(), path.as_str()) {
             ("GET", "/api/v1/version") => {
