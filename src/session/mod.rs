@@ -414,13 +414,24 @@ impl SessionTable {
 
         // 3. Deltas at >= t.
         let cells = session.event_cells();
+        // For the fast path: the latest earlier visit of this event's mp.
+        let prior = in_order
+            .then(|| {
+                cells[..idx as usize]
+                    .iter()
+                    .map(|&c| EvRec::from_cell(c))
+                    .filter(|g| g.mp == ev.mp)
+                    .map(|g| session.base + g.off as i64)
+                    .max()
+            })
+            .flatten();
         let events = Events { base: session.base, cells };
         let before_events = Events { base: session.base, cells: &cells[..idx as usize] };
         for (i, before) in self.before.iter().enumerate() {
             let s = session.exp(i);
             let x = &catalog.experiments[s.experiment as usize];
             match *before {
-                Before::Same if in_order => fast_in_order(x, session, &s, out),
+                Before::Same if in_order => fast_in_order(x, session, &s, prior, out),
                 Before::Same => {
                     let view = session.view(&s, x);
                     emit_from(&ord, x, view, &before_events, ev.ts, -1, out);
@@ -429,7 +440,7 @@ impl SessionTable {
                 Before::Was(b) => {
                     let after = session.view(&s, x);
                     if in_order && b == after {
-                        fast_in_order(x, session, &s, out);
+                        fast_in_order(x, session, &s, prior, out);
                     } else {
                         emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
                         emit_from(&ord, x, after, &events, ev.ts, 1, out);
@@ -457,10 +468,9 @@ enum Before {
 /// before, and F is the ts of an earlier event, so `session.fm` cannot move:
 /// only the event's own visits (and betas, if first) are new.
 #[inline]
-fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &mut MinuteCounters) {
+fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, prior: Option<i64>, out: &mut MinuteCounters) {
     let events = session.event_cells();
-    let i = events.len() - 1;
-    let e = EvRec::from_cell(events[i]);
+    let e = EvRec::from_cell(events[events.len() - 1]);
     let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };
     let ts = session.base + e.off as i64;
     let a = session.ts(s.assigned);
@@ -470,13 +480,9 @@ fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, out: &
     let view = session.view(s, x);
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
     out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
-    // In order, e is the greatest event: it is first iff no other visit of its mp counts.
-    let prior_since = |bound: i64| {
-        events[..i].iter().any(|&c| {
-            let g = EvRec::from_cell(c);
-            g.mp == mp && session.base + g.off as i64 >= bound
-        })
-    };
+    // In order, e is the greatest event: it is first iff no other visit of
+    // its mp counts, i.e. the latest earlier visit of its mp is before the bound.
+    let prior_since = |bound: i64| prior.is_some_and(|p| p >= bound);
     if !prior_since(a) {
         out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
     }
