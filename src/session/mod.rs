@@ -279,6 +279,14 @@ impl SessionTable {
         self.sessions.capacity() * slot + self.sessions.values().map(Session::heap_bytes).sum::<usize>()
     }
 
+    /// Loads the table slot and first state line of a session into cache.
+    #[inline]
+    pub fn touch(&self, key: &SessionKey) {
+        if let Some(s) = self.sessions.get(key) {
+            std::hint::black_box(s.first_cell());
+        }
+    }
+
     /// Frees every session that has expired at watermark `wm`.
     pub fn expire(&mut self, wm: i64) {
         let gap = self.gap_ms;
@@ -468,7 +476,13 @@ enum Before {
 /// before, and F is the ts of an earlier event, so `session.fm` cannot move:
 /// only the event's own visits (and betas, if first) are new.
 #[inline]
-fn fast_in_order(x: &CompiledExperiment, session: &Session, s: &ExpState, prior: Option<i64>, out: &mut MinuteCounters) {
+fn fast_in_order(
+    x: &CompiledExperiment,
+    session: &Session,
+    s: &ExpState,
+    prior: Option<i64>,
+    out: &mut MinuteCounters,
+) {
     let events = session.event_cells();
     let e = EvRec::from_cell(events[events.len() - 1]);
     let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };

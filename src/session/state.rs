@@ -231,6 +231,12 @@ impl Session {
         }
     }
 
+    /// The first state cell, if any (to pull the allocation into cache).
+    #[inline]
+    pub fn first_cell(&self) -> Option<u64> {
+        self.cells.first().copied()
+    }
+
     /// Heap bytes owned (for the bytes-per-session figure).
     pub fn heap_bytes(&self) -> usize {
         self.cells.capacity() * 8 + self.attrs.as_ref().map_or(0, |a| 24 + a.capacity() * size_of::<(u8, u32, u32)>())

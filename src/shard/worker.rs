@@ -38,7 +38,16 @@ impl Worker {
     }
 
     pub fn apply(&mut self, batch: &EventBatch) {
-        for e in &batch.events {
+        // Session state is mostly out of cache; looking the sessions of a
+        // stretch of events up first, with nothing depending on the loads, lets
+        // the CPU overlap those misses instead of taking them one by one.
+        const AHEAD: usize = 64;
+        for (i, e) in batch.events.iter().enumerate() {
+            if i % AHEAD == 0 {
+                for f in batch.events[i..].iter().take(AHEAD) {
+                    self.sessions.touch(&f.key);
+                }
+            }
             self.sessions.add(&batch.session_event(e), &mut self.counters);
         }
         self.events += batch.events.len() as u64;
