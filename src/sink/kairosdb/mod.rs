@@ -264,11 +264,12 @@ fn send_loop(s: &Shared, seed: u64) {
         if batch.is_empty() {
             continue;
         }
-        let namer = Namer::new(&s.catalog);
         // Split by bytes: encode, and if too big, send halves.
         let mut parts = vec![batch];
         while let Some(part) = parts.pop() {
-            let (body, raw_len) = encode_batch(&part, &namer, s.catalog.engine.ttl_s);
+            // The namer holds read locks on the name tables: never across a
+            // request or a backoff, or a new name would stall the router.
+            let (body, raw_len) = encode_batch(&part, &Namer::new(&s.catalog), s.catalog.engine.ttl_s);
             if raw_len > s.opts.batch_bytes && part.len() > 1 {
                 let mut a = part;
                 let b = a.split_off(a.len() / 2);
@@ -291,7 +292,7 @@ fn send_loop(s: &Shared, seed: u64) {
                     failures = 0;
                     s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
                     eprintln!("expmon: kairosdb refused {} points (not retried): {why}", part.len());
-                    dead_letter(s, &part, &namer, &why);
+                    dead_letter(s, &part, &Namer::new(&s.catalog), &why);
                     s.queue.finish(&part, true);
                 }
                 Outcome::Retry(why) => {
