@@ -90,3 +90,42 @@ pub fn encode_batch(points: &[Point], namer: &Namer, ttl_s: u64) -> (Vec<u8>, us
     json.push(']');
     (gzip(&json), json.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{MetricKind, SeriesKey, NO_MP};
+    use crate::config::{Catalog, Config};
+    use crate::names::Names;
+    use std::io::Read;
+    use std::sync::Arc;
+
+    #[test]
+    fn one_entry_per_series_with_type_ttl_and_all_its_points() {
+        let c = Config::parse("[[experiment]]\nid = 1\ntenant = \"t\"\nvariations = [11, 12]\nqualify = [{device = \"d\", login = \"l\"}]\n", "t")
+            .unwrap();
+        let catalog = Catalog::build(&c, Arc::new(Names::default())).unwrap();
+        let namer = Namer::new(&catalog);
+        let k = SeriesKey::new(MetricKind::SessionAssigned, 0, NO_MP, 0, 0);
+        let k2 = SeriesKey::new(MetricKind::SessionAssigned, 1, NO_MP, 0, 0);
+        let points = [
+            Point { key: k, minute: 120_000, value: 2 },
+            Point { key: k2, minute: 60_000, value: 0 },
+            Point { key: k, minute: 60_000, value: 5 },
+        ];
+        let (gz, raw) = encode_batch(&points, &namer, 86_400);
+        let mut json = String::new();
+        flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut json).unwrap();
+        assert_eq!(json.len(), raw);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([
+                {"name": "t.session.assigned.11", "tags": {"dc": "dc1", "device": "d", "login": "l"}, "type": "long", "ttl": 86400,
+                 "datapoints": [[60000, 5], [120000, 2]]},
+                {"name": "t.session.assigned.12", "tags": {"dc": "dc1", "device": "d", "login": "l"}, "type": "long", "ttl": 86400,
+                 "datapoints": [[60000, 0]]}
+            ])
+        );
+    }
+}

@@ -440,3 +440,24 @@ impl Drop for KairosSink {
         self.shared.queue.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_parse_with_defaults_credentials_and_refusals() {
+        let o = KairosOptions::parse("https://u:p@kairos-1:8080/?batch=100&linger=5ms&inflight=2&drain=1m").unwrap();
+        assert_eq!(o.url, "https://kairos-1:8080");
+        assert_eq!(o.user, Some(("u".into(), "p".into())));
+        assert_eq!(
+            (o.batch_points, o.linger, o.in_flight, o.drain),
+            (100, Duration::from_millis(5), 2, Duration::from_secs(60))
+        );
+        assert_eq!(KairosOptions::parse("http://h:1").unwrap().batch_points, 5_000);
+        for bad in ["h:1", "ftp://h:1", "http://", "http://h:1?batch=0", "http://h:1?nope=1", "http://h:1?linger=soon"]
+        {
+            assert!(KairosOptions::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
