@@ -189,3 +189,35 @@ fn generator_is_reproducible_and_in_process_source_matches_it() {
     assert!(!a.is_empty());
     assert!(diff(&a, &b).is_empty());
 }
+
+#[test]
+fn sigterm_drains_flushes_and_exits_zero_even_with_a_quiet_stdin() {
+    let x = Expmon::new();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_expmon"))
+        .args(["run", "--source", "file:-", "--sink", "file:o.jsonl", "--trigger", "1h"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .current_dir(x.dir.path())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        writeln!(
+            stdin,
+            r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page","assign":{{"123":1231}}}}"#
+        )
+        .unwrap();
+        stdin.flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped promptly");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(x.path("o.jsonl")).unwrap();
+    assert!(text.contains(r#""name":"uswm.session.assigned.1231""#), "the pending minute was flushed: {text}");
+}

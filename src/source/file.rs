@@ -24,7 +24,7 @@ impl FileSource {
     /// `-` reads stdin.
     pub fn open(path: &str) -> io::Result<FileSource> {
         let input: Box<dyn Read + Send> = if path == "-" {
-            Box::new(io::stdin())
+            Box::new(PipeReader::spawn(io::stdin()))
         } else {
             Box::new(
                 File::open(Path::new(path))
@@ -94,6 +94,12 @@ impl Source for FileSource {
                 match self.input.read(&mut self.pending[old..]) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // A pipe with nothing new: hand back what is complete.
+                        self.pending.truncate(old);
+                        self.cut_lines(batch, false);
+                        return Ok(Fill::Lines);
+                    }
                     Err(e) => {
                         self.pending.truncate(old);
                         return Err(e);
@@ -122,6 +128,61 @@ impl Source for FileSource {
     }
 }
 
+/// Reads a pipe (stdin) on its own thread, so that a quiet pipe never blocks
+/// the router: a read with nothing new for 100 ms answers `WouldBlock`, and
+/// the router goes on flushing and watching for a stop.
+struct PipeReader {
+    chunks: crossbeam_channel::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl PipeReader {
+    fn spawn(mut input: impl Read + Send + 'static) -> PipeReader {
+        let (tx, rx) = crossbeam_channel::bounded(16);
+        std::thread::Builder::new()
+            .name("expmon-stdin".into())
+            .spawn(move || loop {
+                let mut buf = vec![0; READ_CHUNK];
+                match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(buf)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            })
+            .expect("spawn stdin reader");
+        PipeReader { chunks: rx, current: Vec::new(), at: 0 }
+    }
+}
+
+impl Read for PipeReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.current.len() {
+            match self.chunks.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.at = 0;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Err(io::ErrorKind::WouldBlock.into()),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +208,27 @@ mod tests {
     fn lines_blank_crlf_and_no_final_newline() {
         let (lines, _) = all_lines(b"a\r\n\n  \nb\nc".to_vec());
         assert_eq!(lines, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
+    fn quiet_pipe_yields_empty_fills_then_its_lines() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let mut s = FileSource::from_reader(Box::new(PipeReader::spawn(r)), "pipe".into());
+        let mut b = LineBatch::default();
+        assert_eq!(s.fill(&mut b).unwrap(), Fill::Lines);
+        assert!(b.is_empty(), "nothing yet, but no blocking");
+        use std::io::Write;
+        w.write_all(b"a\nb").unwrap();
+        drop(w);
+        let mut lines = Vec::new();
+        loop {
+            let f = s.fill(&mut b).unwrap();
+            lines.extend((0..b.len()).map(|i| b.line(i).to_vec()));
+            if f == Fill::End {
+                break;
+            }
+        }
+        assert_eq!(lines, vec![b"a".to_vec(), b"b".to_vec()]);
     }
 
     #[test]
