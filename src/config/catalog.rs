@@ -20,8 +20,8 @@ pub const MP_CAPACITY: usize = 0xFFFF;
 pub const TAG_CAPACITY: usize = 0xFF;
 /// Most experiments in one config (session state stores a `u16` index).
 pub const EXPERIMENT_CAPACITY: usize = 0xFFFF;
-/// Most variations of one experiment (session state stores a `u8` slot).
-pub const VARIATIONS_PER_EXPERIMENT: usize = 0xFF;
+/// Most variations of one experiment (session state stores a 7-bit slot).
+pub const VARIATIONS_PER_EXPERIMENT: usize = 0x7F;
 /// Most variations in one config (21 bits of a series key).
 pub const VARIATION_CAPACITY: usize = 1 << 21;
 

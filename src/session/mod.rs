@@ -72,11 +72,17 @@ struct View {
 }
 
 impl Session {
-    fn view(&self, s: &ExpState, x: &CompiledExperiment) -> View {
+    /// Where experiment `i`'s conditions start: after those of the ones before it.
+    fn cond_start(&self, i: usize, catalog: &Catalog) -> usize {
+        (0..i).map(|j| catalog.experiments[self.exp(j).experiment as usize].conditions.len()).sum()
+    }
+
+    /// The view of experiment `s`, whose conditions start at `cond_start`.
+    fn view(&self, s: &ExpState, x: &CompiledExperiment, cond_start: usize) -> View {
         let assigned_at = self.key(s.assigned);
         let mut fm_at = Some(assigned_at.ts);
         for j in 0..x.conditions.len() {
-            let e = self.first_met(s.cond_start as usize + j);
+            let e = self.first_met(cond_start + j);
             if e == NONE {
                 fm_at = None;
                 break;
@@ -372,7 +378,7 @@ impl SessionTable {
                         };
                     if wins {
                         if let Before::Same = self.before[i] {
-                            self.before[i] = Before::Was(session.view(&s, x));
+                            self.before[i] = Before::Was(session.view(&s, x, session.cond_start(i, catalog)));
                         }
                         session.set_exp(i, ExpState { slot, assigned: idx, ..s });
                     }
@@ -393,7 +399,7 @@ impl SessionTable {
                         first_met.push(first);
                     }
                     let s =
-                        ExpState { experiment: experiment as u16, cond_start: 0, slot, assigned: idx, conflict: false };
+                        ExpState { experiment: experiment as u16, slot, assigned: idx, conflict: false };
                     session.push_exp(s, &first_met);
                     self.before.push(Before::New);
                 }
@@ -404,20 +410,22 @@ impl SessionTable {
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
+        let mut cond_start = 0;
         for i in 0..known {
             let s = session.exp(i);
             let x = &catalog.experiments[s.experiment as usize];
             for (j, c) in x.conditions.iter().enumerate() {
-                let first = session.first_met(s.cond_start as usize + j);
+                let first = session.first_met(cond_start + j);
                 if (first == NONE || off < session.event(first as usize).off)
                     && c.matches(ev.mp, ev.device, ev.login, lookup)
                 {
                     if let Before::Same = self.before[i] {
-                        self.before[i] = Before::Was(session.view(&s, x));
+                        self.before[i] = Before::Was(session.view(&s, x, cond_start));
                     }
-                    session.set_first_met(s.cond_start as usize + j, idx);
+                    session.set_first_met(cond_start + j, idx);
                 }
             }
+            cond_start += x.conditions.len();
         }
 
         // 3. Deltas at >= t.
@@ -435,26 +443,29 @@ impl SessionTable {
             .flatten();
         let events = Events { base: session.base, cells };
         let before_events = Events { base: session.base, cells: &cells[..idx as usize] };
+        let mut cond_start = 0;
         for (i, before) in self.before.iter().enumerate() {
             let s = session.exp(i);
             let x = &catalog.experiments[s.experiment as usize];
+            let cs = cond_start;
+            cond_start += x.conditions.len();
             match *before {
-                Before::Same if in_order => fast_in_order(x, session, &s, prior, out),
+                Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, out),
                 Before::Same => {
-                    let view = session.view(&s, x);
+                    let view = session.view(&s, x, cs);
                     emit_from(&ord, x, view, &before_events, ev.ts, -1, out);
                     emit_from(&ord, x, view, &events, ev.ts, 1, out);
                 }
                 Before::Was(b) => {
-                    let after = session.view(&s, x);
+                    let after = session.view(&s, x, cs);
                     if in_order && b == after {
-                        fast_in_order(x, session, &s, prior, out);
+                        fast_in_order(x, session, &s, cs, prior, out);
                     } else {
                         emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
                         emit_from(&ord, x, after, &events, ev.ts, 1, out);
                     }
                 }
-                Before::New => emit_from(&ord, x, session.view(&s, x), &events, ev.ts, 1, out),
+                Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events, ev.ts, 1, out),
             }
         }
     }
@@ -480,6 +491,7 @@ fn fast_in_order(
     x: &CompiledExperiment,
     session: &Session,
     s: &ExpState,
+    cond_start: usize,
     prior: Option<i64>,
     out: &mut MinuteCounters,
 ) {
@@ -491,7 +503,7 @@ fn fast_in_order(
     if ts < a {
         return;
     }
-    let view = session.view(s, x);
+    let view = session.view(s, x, cond_start);
     let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
     out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of

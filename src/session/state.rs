@@ -1,8 +1,12 @@
 //! One session's state in a single allocation of 8-byte cells:
 //!
 //! ```text
-//! [ experiments: n_exps cells | first-met event index per condition, 8 per cell | events ]
+//! [ experiments: 4 bytes each, 2 per cell | first-met event per condition: 1 byte each, 8 per cell | events: 1 cell each ]
 //! ```
+//!
+//! An experiment's conditions start where the previous experiments' end: the
+//! offset is the sum of their condition counts (from the catalog), so it need
+//! not be stored.
 //!
 //! One allocation means one cache miss to reach everything a session holds
 //! after its table slot, and no per-vector headers or slack. Experiments and
@@ -42,13 +46,12 @@ impl EvRec {
     }
 }
 
-/// An experiment the session is assigned to, packed in one cell.
+/// An experiment the session is assigned to, packed in 4 bytes: experiment
+/// index 16 bits, variation slot 7, conflict 1, assigning event 8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ExpState {
     pub experiment: u16,
-    /// Index of this experiment's first condition byte.
-    pub cond_start: u16,
-    /// Winning variation, as a slot of the experiment's variation list.
+    /// Winning variation, as a slot of the experiment's variation list (< 128).
     pub slot: u8,
     /// Index of the least event carrying the winning assignment.
     pub assigned: u8,
@@ -57,23 +60,19 @@ pub(super) struct ExpState {
 
 impl ExpState {
     #[inline]
-    fn from_cell(c: u64) -> ExpState {
+    fn from_bits(c: u32) -> ExpState {
         ExpState {
             experiment: c as u16,
-            cond_start: (c >> 16) as u16,
-            slot: (c >> 32) as u8,
-            assigned: (c >> 40) as u8,
-            conflict: (c >> 48) & 1 == 1,
+            slot: (c >> 16) as u8 & 0x7F,
+            conflict: (c >> 23) & 1 == 1,
+            assigned: (c >> 24) as u8,
         }
     }
 
     #[inline]
-    fn cell(self) -> u64 {
-        self.experiment as u64
-            | (self.cond_start as u64) << 16
-            | (self.slot as u64) << 32
-            | (self.assigned as u64) << 40
-            | (self.conflict as u64) << 48
+    fn bits(self) -> u32 {
+        debug_assert!(self.slot < 0x80);
+        self.experiment as u32 | (self.slot as u32) << 16 | (self.conflict as u32) << 23 | (self.assigned as u32) << 24
     }
 }
 
@@ -102,10 +101,15 @@ fn cond_cells(n: usize) -> usize {
     n.div_ceil(8)
 }
 
+#[inline]
+fn exp_cells(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
 impl Session {
     #[inline]
     fn events_start(&self) -> usize {
-        self.n_exps as usize + cond_cells(self.n_conds as usize)
+        exp_cells(self.n_exps as usize) + cond_cells(self.n_conds as usize)
     }
 
     /// The event cells, oldest first.
@@ -142,22 +146,24 @@ impl Session {
 
     #[inline]
     pub fn exp(&self, i: usize) -> ExpState {
-        ExpState::from_cell(self.cells[i])
+        ExpState::from_bits((self.cells[i / 2] >> (32 * (i % 2))) as u32)
     }
 
     #[inline]
     pub fn set_exp(&mut self, i: usize, s: ExpState) {
-        self.cells[i] = s.cell();
+        let c = &mut self.cells[i / 2];
+        let shift = 32 * (i % 2);
+        *c = (*c & !(0xFFFF_FFFF << shift)) | (s.bits() as u64) << shift;
     }
 
     #[inline]
     pub fn first_met(&self, j: usize) -> u8 {
-        (self.cells[self.n_exps as usize + j / 8] >> (8 * (j % 8))) as u8
+        (self.cells[exp_cells(self.n_exps as usize) + j / 8] >> (8 * (j % 8))) as u8
     }
 
     #[inline]
     pub fn set_first_met(&mut self, j: usize, event: u8) {
-        let c = &mut self.cells[self.n_exps as usize + j / 8];
+        let c = &mut self.cells[exp_cells(self.n_exps as usize) + j / 8];
         let shift = 8 * (j % 8);
         *c = (*c & !(0xFF << shift)) | (event as u64) << shift;
     }
@@ -215,15 +221,19 @@ impl Session {
         }
     }
 
-    /// Adds an experiment with its conditions' first-met events.
-    pub fn push_exp(&mut self, mut s: ExpState, first_met: &[u8]) {
+    /// Adds an experiment with its conditions' first-met events (which go
+    /// after those of the experiments added before it).
+    pub fn push_exp(&mut self, s: ExpState, first_met: &[u8]) {
         self.grow(1 + cond_cells(first_met.len() + 8));
-        s.cond_start = self.n_conds;
-        self.cells.insert(self.n_exps as usize, s.cell());
+        let i = self.n_exps as usize;
+        if i % 2 == 0 {
+            self.cells.insert(exp_cells(i), 0);
+        }
         self.n_exps += 1;
+        self.set_exp(i, s);
         let old = cond_cells(self.n_conds as usize);
         let new = cond_cells(self.n_conds as usize + first_met.len());
-        let at = self.n_exps as usize + old;
+        let at = exp_cells(self.n_exps as usize) + old;
         self.cells.splice(at..at, std::iter::repeat_n(0, new - old));
         for &e in first_met {
             self.n_conds += 1;
@@ -252,8 +262,10 @@ mod tests {
         let e = EvRec { off: 0xDEAD_BEEF, mp: 0xFFFE, device: 7, login: 255 };
         let back = EvRec::from_cell(e.cell());
         assert_eq!((back.off, back.mp, back.device, back.login), (e.off, e.mp, e.device, e.login));
-        let x = ExpState { experiment: 65535, cond_start: 300, slot: 2, assigned: 254, conflict: true };
-        assert_eq!(ExpState::from_cell(x.cell()), x);
+        let x = ExpState { experiment: 65535, slot: 127, assigned: 254, conflict: true };
+        assert_eq!(ExpState::from_bits(x.bits()), x);
+        let y = ExpState { experiment: 7, slot: 0, assigned: 0, conflict: false };
+        assert_eq!(ExpState::from_bits(y.bits()), y);
     }
 
     #[test]
@@ -269,23 +281,26 @@ mod tests {
     fn experiments_and_conditions_insert_before_events() {
         let mut s = Session::default();
         s.push_event(1_000, 5, 1, 2);
-        let x = ExpState { experiment: 9, cond_start: 0, slot: 1, assigned: 0, conflict: false };
-        for i in 0..10u16 {
+        let x = ExpState { experiment: 9, slot: 1, assigned: 0, conflict: false };
+        for i in 0..11u16 {
             s.push_exp(ExpState { experiment: i, ..x }, &[0, NONE]);
         }
         s.push_event(2_000, 6, 1, 2);
-        assert_eq!(s.n_exps(), 10);
+        assert_eq!(s.n_exps(), 11);
         assert_eq!(s.n_events(), 2);
         assert_eq!(s.event(0).mp, 5);
         assert_eq!(s.event(1).mp, 6);
-        for i in 0..10 {
+        for i in 0..11 {
             let e = s.exp(i);
-            assert_eq!((e.experiment, e.cond_start), (i as u16, 2 * i as u16));
+            assert_eq!((e.experiment, e.slot), (i as u16, 1));
             assert_eq!((s.first_met(2 * i), s.first_met(2 * i + 1)), (0, NONE));
         }
         s.set_first_met(19, 1);
         assert_eq!(s.first_met(19), 1);
         assert_eq!(s.first_met(18), 0);
+        s.set_exp(4, ExpState { experiment: 4, slot: 3, assigned: 1, conflict: true });
+        assert_eq!(s.exp(4), ExpState { experiment: 4, slot: 3, assigned: 1, conflict: true });
+        assert_eq!(s.exp(5).experiment, 5);
         assert_eq!(s.event(0).mp, 5);
     }
 }
