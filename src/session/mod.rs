@@ -297,7 +297,7 @@ impl SessionTable {
     pub fn expire(&mut self, wm: i64) {
         let gap = self.gap_ms;
         let before = self.sessions.len();
-        self.sessions.retain(|_, s| !expired(s.max_ts, gap, wm));
+        self.sessions.retain(|_, s| !expired(s.max_ts(), gap, wm));
         self.stats.evicted += (before - self.sessions.len()) as u64;
         if self.sessions.capacity() > 4 * self.sessions.len().max(1024) {
             self.sessions.shrink_to_fit();
@@ -310,7 +310,7 @@ impl SessionTable {
         let session = match self.sessions.entry(ev.key) {
             std::collections::hash_map::Entry::Occupied(o) => {
                 let s = o.into_mut();
-                if expired(s.max_ts, gap, ev.watermark) {
+                if expired(s.max_ts(), gap, ev.watermark) {
                     // The old session's contributions stay; its state goes.
                     *s = Session::default();
                     self.stats.evicted += 1;
@@ -324,7 +324,7 @@ impl SessionTable {
             }
         };
         let fresh = session.n_events() == 0;
-        let in_order = fresh || ev.ts > session.max_ts;
+        let in_order = fresh || ev.ts > session.max_ts();
         let catalog = &*self.catalog;
         if fresh {
             let conditions = ev.assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
@@ -398,8 +398,7 @@ impl SessionTable {
                         }
                         first_met.push(first);
                     }
-                    let s =
-                        ExpState { experiment: experiment as u16, slot, assigned: idx, conflict: false };
+                    let s = ExpState { experiment: experiment as u16, slot, assigned: idx, conflict: false };
                     session.push_exp(s, &first_met);
                     self.before.push(Before::New);
                 }
@@ -532,6 +531,6 @@ mod tests {
     #[test]
     fn compact_sizes() {
         assert_eq!(size_of::<SessionKey>(), 16);
-        assert!(size_of::<Session>() <= 56, "{}", size_of::<Session>());
+        assert!(size_of::<Session>() <= 48, "{}", size_of::<Session>());
     }
 }

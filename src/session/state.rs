@@ -85,7 +85,8 @@ pub const MAX_SESSION_SPAN_MS: i64 = u32::MAX as i64;
 pub(super) struct Session {
     /// ts of offset 0: the least ts of the session's events.
     pub base: i64,
-    pub max_ts: i64,
+    /// Greatest event ts − base.
+    max_off: u32,
     n_exps: u16,
     n_conds: u16,
     /// (event index, attribute name id, value id): the attributes conditions
@@ -139,6 +140,12 @@ impl Session {
         OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
     }
 
+    /// The greatest event ts (meaningless before the first event).
+    #[inline]
+    pub fn max_ts(&self) -> i64 {
+        self.base + self.max_off as i64
+    }
+
     #[inline]
     pub fn n_exps(&self) -> usize {
         self.n_exps as usize
@@ -190,9 +197,9 @@ impl Session {
         }
         if n == 0 {
             self.base = ts;
-            self.max_ts = ts;
+            self.max_off = 0;
         } else if ts < self.base {
-            if self.max_ts - ts > MAX_SESSION_SPAN_MS {
+            if self.max_ts() - ts > MAX_SESSION_SPAN_MS {
                 return None;
             }
             // Offsets are the low 32 bits and stay below 2³²: add in place.
@@ -201,11 +208,12 @@ impl Session {
             for c in &mut self.cells[start..] {
                 *c += shift;
             }
+            self.max_off += shift as u32;
             self.base = ts;
         } else if ts - self.base > MAX_SESSION_SPAN_MS {
             return None;
         }
-        self.max_ts = self.max_ts.max(ts);
+        self.max_off = self.max_off.max((ts - self.base) as u32);
         self.grow(1);
         self.cells.push(EvRec { off: (ts - self.base) as u32, mp, device: device as u8, login: login as u8 }.cell());
         Some(n as u8)
@@ -273,7 +281,7 @@ mod tests {
         let mut s = Session::default();
         assert_eq!(s.push_event(10_000, 1, 0, 0), Some(0));
         assert_eq!(s.push_event(4_000, 2, 0, 0), Some(1));
-        assert_eq!((s.ts(0), s.ts(1), s.base, s.max_ts), (10_000, 4_000, 4_000, 10_000));
+        assert_eq!((s.ts(0), s.ts(1), s.base, s.max_ts()), (10_000, 4_000, 4_000, 10_000));
         assert_eq!(s.push_event(4_000 + MAX_SESSION_SPAN_MS + 1, 2, 0, 0), None);
     }
 
