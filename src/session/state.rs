@@ -234,7 +234,7 @@ impl Session {
     pub fn push_exp(&mut self, s: ExpState, first_met: &[u8]) {
         self.grow(1 + cond_cells(first_met.len() + 8));
         let i = self.n_exps as usize;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             self.cells.insert(exp_cells(i), 0);
         }
         self.n_exps += 1;
