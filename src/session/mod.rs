@@ -3,11 +3,11 @@
 //! A [`SessionTable`] belongs to one shard: every session key lives on exactly
 //! one shard, so no state here is shared. For each session it keeps its events
 //! (8 bytes each: ts offset, mp, device, login; plus the few attributes that
-//! conditions look at) and, per assigned experiment, 8 bytes: the winning
-//! variation and *which event* carries it, and per qualification condition the
-//! event that first met it. Times and tags are read from the events, so a
-//! session assigned to 20 experiments costs a few hundred bytes. From that
-//! state the six metrics of SPEC §3 follow.
+//! conditions look at) and, per assigned experiment, 4 bytes: the winning
+//! variation and *which event* carries it, and per qualification condition one
+//! byte: the event that first met it. Times and tags are read from the events,
+//! so a session assigned to 20 experiments costs about 320 bytes, table slot
+//! included (see `state.rs`). From that state the six metrics of SPEC §3 follow.
 //!
 //! Correction protocol, for an arriving event `e` with timestamp `t`:
 //! 1. Note each experiment's view (variation, assignment key, F) before `e`.
