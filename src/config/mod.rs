@@ -143,7 +143,7 @@ impl Config {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Syntax { path: origin.to_string(), line, column, message: e.message().trim().to_string() }
         })?;
-        Checker { text, origin }.check(raw)
+        Checker::new(text, origin).check(raw)
     }
 
     /// The embedded demo configuration.
@@ -184,13 +184,24 @@ fn line_col(text: &str, pos: usize) -> (usize, usize) {
 }
 
 struct Checker<'a> {
-    text: &'a str,
     origin: &'a str,
+    /// Byte offset of every line start, for line numbers in O(log n).
+    line_starts: Vec<usize>,
 }
 
-impl Checker<'_> {
+impl<'a> Checker<'a> {
+    fn new(text: &'a str, origin: &'a str) -> Checker<'a> {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Checker { origin, line_starts }
+    }
+
+    /// 1-based line of byte offset `pos`.
+    fn line(&self, pos: usize) -> usize {
+        self.line_starts.partition_point(|&start| start <= pos)
+    }
+
     fn err(&self, span: std::ops::Range<usize>, field: String, message: String) -> ConfigError {
-        ConfigError::Invalid { path: self.origin.to_string(), line: line_col(self.text, span.start).0, field, message }
+        ConfigError::Invalid { path: self.origin.to_string(), line: self.line(span.start), field, message }
     }
 
     fn duration(
@@ -275,7 +286,7 @@ impl Checker<'_> {
             let id = id as u64;
             self.name(x.tenant.get_ref(), x.tenant.span(), &field("tenant"))?;
             let tenant = x.tenant.get_ref().clone();
-            let here = line_col(self.text, xs.span().start).0;
+            let here = self.line(xs.span().start);
             if let Some(prev) = seen_ids.insert((tenant.clone(), id), here) {
                 return Err(self.err(
                     x.id.span(),
@@ -300,7 +311,7 @@ impl Checker<'_> {
                         format!("variation id must be a positive integer, got {vid}"),
                     ));
                 }
-                let line = line_col(self.text, v.span().start).0;
+                let line = self.line(v.span().start);
                 if let Some((owner, at)) = variation_owner.insert(vid, (id, line)) {
                     let whose = if owner == id { "this experiment".to_string() } else { format!("experiment {owner}") };
                     return Err(self.err(
