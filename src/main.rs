@@ -44,7 +44,7 @@ struct RunArgs {
     /// file:PATH (`-` = stdin), gen:PROFILE[?rate=EPS&events=N&seed=S].
     #[arg(long, default_value = "gen:demo?rate=2000")]
     source: String,
-    /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH], or null.
+    /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH&ca=PEM], or null.
     #[arg(long, default_value = "file:expmon-out/points.jsonl")]
     sink: String,
     /// Shard worker threads (default: available cores).

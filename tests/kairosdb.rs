@@ -229,3 +229,27 @@ fn basic_auth_from_the_url() {
     assert!(!out.status.success(), "no credentials: refused at start");
     assert!(stderr(&out).contains("401"), "{}", stderr(&out));
 }
+
+#[test]
+fn https_with_a_private_ca() {
+    let r = Run::new("3000");
+    let expected = r.expected();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(r.path("ca.pem"), cert.cert.pem()).unwrap();
+    let server = KairosServer::start_tls(cert.cert.der().to_vec(), cert.key_pair.serialize_der());
+    let url = format!("https://localhost:{}", server.addr.port());
+    let out = r.run(&format!("kairosdb:{url}?linger=5ms&ca=ca.pem"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored: BTreeMap<StoredId, i64> = server
+        .state()
+        .points
+        .iter()
+        .filter(|(k, _)| !k.0.starts_with("expmon."))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    assert_eq!(stored, expected);
+    // Without the CA the server is not trusted: one clear line at start.
+    let out = r.run(&format!("kairosdb:{url}"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot reach KairosDB"), "{}", stderr(&out));
+}

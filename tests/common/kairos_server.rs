@@ -69,6 +69,25 @@ pub struct KairosServer {
 
 impl KairosServer {
     pub fn start() -> KairosServer {
+        KairosServer::start_with(None)
+    }
+
+    /// The same server behind TLS with this certificate chain and key (DER).
+    pub fn start_tls(cert: Vec<u8>, key: Vec<u8>) -> KairosServer {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(cert)],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
+            .unwrap();
+        KairosServer::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> KairosServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -80,8 +99,14 @@ impl KairosServer {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
-                let st = st.clone();
-                std::thread::spawn(move || serve(conn, &st));
+                let (st, tls) = (st.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &st),
+                    Some(config) => {
+                        let Ok(session) = rustls::ServerConnection::new(config) else { return };
+                        serve(rustls::StreamOwned::new(session, conn), &st)
+                    }
+                });
             }
         });
         KairosServer { addr, state, stop }
@@ -103,7 +128,7 @@ impl Drop for KairosServer {
     }
 }
 
-fn respond(conn: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
+fn respond(conn: &mut impl Write, code: u16, body: &str) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
         204 => "No Content",
@@ -123,13 +148,12 @@ fn respond(conn: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
     conn.flush()
 }
 
-/// Serves requests on one keep-alive connection.
-fn serve(conn: TcpStream, state: &Mutex<State>) {
+/// Serves requests on one keep-alive connection (plain or TLS).
+fn serve(conn: impl Read + Write, state: &Mutex<State>) {
     if state.lock().unwrap().down_until.is_some_and(|t| Instant::now() < t) {
         return; // dropped at once
     }
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut conn = conn;
+    let mut reader = BufReader::new(conn);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -156,10 +180,11 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
         if reader.read_exact(&mut body).is_err() {
             return;
         }
+        let conn = reader.get_mut();
         let auth = state.lock().unwrap().basic_auth.clone();
         if let Some(want) = auth {
             if headers.get("authorization") != Some(&format!("Basic {want}")) {
-                if respond(&mut conn, 401, r#"{"errors":["unauthorized"]}"#).is_err() {
+                if respond(conn, 401, r#"{"errors":["unauthorized"]}"#).is_err() {
                     return;
                 }
                 continue;
@@ -173,14 +198,14 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
                 } else {
                     r#"{"version":"KairosDB 1.3.0-1.20210808"}"#
                 };
-                respond(&mut conn, 200, v)
+                respond(conn, 200, v)
             }
-            ("GET", "/api/v1/health/check") => respond(&mut conn, 204, ""),
+            ("GET", "/api/v1/health/check") => respond(conn, 204, ""),
             ("POST", "/api/v1/datapoints") => match datapoints(state, &headers, &body) {
-                Some((code, text)) => respond(&mut conn, code, &text),
+                Some((code, text)) => respond(conn, code, &text),
                 None => return, // connection dropped by a fault
             },
-            _ => respond(&mut conn, 404, r#"{"errors":["not found"]}"#),
+            _ => respond(conn, 404, r#"{"errors":["not found"]}"#),
         };
         if ok.is_err() {
             return;

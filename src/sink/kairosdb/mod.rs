@@ -62,6 +62,8 @@ pub struct KairosOptions {
     pub drain: Duration,
     /// Where rejected points are written (`dead_letter`).
     pub dead_letter: String,
+    /// Extra trusted CA certificate (PEM file) for `https` (`ca`).
+    pub ca: Option<String>,
 }
 
 impl KairosOptions {
@@ -97,6 +99,7 @@ impl KairosOptions {
             backoff_max: Duration::from_secs(30),
             drain: Duration::from_secs(30),
             dead_letter: "expmon-out/kairosdb-rejected.jsonl".into(),
+            ca: None,
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("option {kv:?} is not k=v")))?;
@@ -120,6 +123,7 @@ impl KairosOptions {
                 "backoff_max" => o.backoff_max = dur()?,
                 "drain" => o.drain = dur()?,
                 "dead_letter" => o.dead_letter = v.to_string(),
+                "ca" => o.ca = Some(v.to_string()),
                 _ => return Err(bad(format!("unknown option {k:?}"))),
             }
         }
@@ -158,11 +162,15 @@ pub struct KairosSink {
 impl KairosSink {
     /// Checks that `opts.url` answers as KairosDB, then starts the senders.
     pub fn connect(opts: KairosOptions, catalog: Arc<Catalog>) -> Result<KairosSink, SinkError> {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(opts.timeout)
-            .pool_max_idle_per_host(opts.in_flight)
-            .build()
-            .map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
+        let mut builder =
+            reqwest::blocking::Client::builder().timeout(opts.timeout).pool_max_idle_per_host(opts.in_flight);
+        if let Some(path) = &opts.ca {
+            let pem = std::fs::read(path).map_err(|e| SinkError::Kairos(format!("cannot read CA file {path}: {e}")))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| SinkError::Kairos(format!("CA file {path} is not a PEM certificate: {e}")))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder.build().map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
         check_version(&client, &opts)?;
         let shared = Arc::new(Shared {
             queue: CoalescingQueue::new(opts.queue_points),
