@@ -34,6 +34,17 @@ impl Expmon {
         err
     }
 
+    /// Starts the binary with a piped stdin (and stderr).
+    fn spawn_with_stdin(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_expmon"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .current_dir(self.dir.path())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs and asserts failure, returning stderr.
     fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
@@ -121,13 +132,7 @@ fn embedded_demo_runs_and_writes_points() {
 #[test]
 fn stdin_source_and_null_sink() {
     let x = Expmon::new();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expmon"))
-        .args(["run", "--source", "file:-", "--sink", "null"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(x.dir.path())
-        .spawn()
-        .unwrap();
+    let mut child = x.spawn_with_stdin(&["run", "--source", "file:-", "--sink", "null"]);
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
@@ -193,13 +198,7 @@ fn generator_is_reproducible_and_in_process_source_matches_it() {
 #[test]
 fn sigterm_drains_flushes_and_exits_zero_even_with_a_quiet_stdin() {
     let x = Expmon::new();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expmon"))
-        .args(["run", "--source", "file:-", "--sink", "file:o.jsonl", "--trigger", "1h"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(x.dir.path())
-        .spawn()
-        .unwrap();
+    let mut child = x.spawn_with_stdin(&["run", "--source", "file:-", "--sink", "file:o.jsonl", "--trigger", "1h"]);
     let mut stdin = child.stdin.take().unwrap();
     {
         use std::io::Write;

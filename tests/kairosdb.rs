@@ -76,11 +76,14 @@ fn spec(server: &KairosServer, extra: &str) -> String {
     )
 }
 
+/// The points a server stored, health points (`expmon.*`) apart.
+fn experiment_points(stored: &BTreeMap<StoredId, i64>) -> BTreeMap<StoredId, i64> {
+    stored.iter().filter(|(k, _)| !k.0.starts_with("expmon.")).map(|(k, v)| (k.clone(), *v)).collect()
+}
+
 /// The stored experiment points (health points apart) equal `expected`.
 fn assert_same(expected: &BTreeMap<StoredId, i64>, stored: &BTreeMap<StoredId, i64>) {
-    let stored: BTreeMap<StoredId, i64> =
-        stored.iter().filter(|(k, _)| !k.0.starts_with("expmon.")).map(|(k, v)| (k.clone(), *v)).collect();
-    let stored = &stored;
+    let stored = &experiment_points(stored);
     assert!(expected.len() > 200, "a meaningful data set: {}", expected.len());
     let missing: Vec<_> = expected.iter().filter(|(k, v)| stored.get(*k) != Some(v)).take(5).collect();
     let extra: Vec<_> = stored.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
@@ -217,14 +220,7 @@ fn basic_auth_from_the_url() {
     let url = server.url().replace("http://", "http://user:secret@");
     let out = r.run(&format!("kairosdb:{url}?linger=5ms"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let stored: BTreeMap<StoredId, i64> = server
-        .state()
-        .points
-        .iter()
-        .filter(|(k, _)| !k.0.starts_with("expmon."))
-        .map(|(k, v)| (k.clone(), *v))
-        .collect();
-    assert_eq!(stored, expected);
+    assert_eq!(experiment_points(&server.state().points), expected);
     let out = r.run(&format!("kairosdb:{}", server.url()));
     assert!(!out.status.success(), "no credentials: refused at start");
     assert!(stderr(&out).contains("401"), "{}", stderr(&out));
@@ -240,14 +236,7 @@ fn https_with_a_private_ca() {
     let url = format!("https://localhost:{}", server.addr.port());
     let out = r.run(&format!("kairosdb:{url}?linger=5ms&ca=ca.pem"));
     assert!(out.status.success(), "{}", stderr(&out));
-    let stored: BTreeMap<StoredId, i64> = server
-        .state()
-        .points
-        .iter()
-        .filter(|(k, _)| !k.0.starts_with("expmon."))
-        .map(|(k, v)| (k.clone(), *v))
-        .collect();
-    assert_eq!(stored, expected);
+    assert_eq!(experiment_points(&server.state().points), expected);
     // Without the CA the server is not trusted: one clear line at start.
     let out = r.run(&format!("kairosdb:{url}"));
     assert!(!out.status.success());
