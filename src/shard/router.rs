@@ -140,10 +140,6 @@ impl Router {
         self.max_ts
     }
 
-    pub fn shards(&self) -> usize {
-        self.shards
-    }
-
     pub fn count_overlong(&mut self, n: u64) {
         self.stats.events_in += n;
         self.stats.rejected[Reject::TooLong.index()] += n;
