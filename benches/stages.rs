@@ -54,7 +54,7 @@ fn routed(catalog: &Arc<Catalog>, lines: &[Vec<u8>]) -> Vec<EventBatch> {
     let mut router = Router::new(catalog.clone(), 1);
     let mut batches = Vec::new();
     for l in lines {
-        if router.route(l, None).is_some() {
+        if matches!(router.route(l, 0, None), Ok(Some(_))) {
             batches.push(router.take_batch(0, None));
         }
     }
@@ -81,7 +81,7 @@ fn stages(c: &mut Criterion) {
             || Router::new(catalog.clone(), 4),
             |mut router| {
                 for l in &lines {
-                    if let Some(s) = router.route(l, None) {
+                    if let Ok(Some(s)) = router.route(l, 0, None) {
                         let batch = router.take_batch(s, None);
                         std::hint::black_box(&batch);
                     }

@@ -9,8 +9,9 @@ pub mod config; // TOML → checked Config → compiled Catalog
 pub mod event; // the input event and its parsing
 pub mod gen; // the seeded load generator and its profiles
 pub mod health; // the engine's own figures, status line, summary
+pub mod kafka; // kafka:// addresses, client settings, topic creation
 pub mod names; // interned mp/device/login names shared across stages
 pub mod session; // per-session state, expiry, out-of-order correction
 pub mod shard; // router, pinned shard workers, writer: the runtime
-pub mod sink; // file, null and memory sinks
-pub mod source; // file and generator sources
+pub mod sink; // file, KairosDB, null and memory sinks
+pub mod source; // file, Kafka and generator sources

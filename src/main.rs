@@ -10,7 +10,7 @@ use std::time::Duration;
 use expmon::config::{parse_duration_ms, Catalog, Config};
 use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
-use expmon::source::{FileSource, Source};
+use expmon::source::{FileSource, KafkaSource, Source};
 
 /// mimalloc: faster than glibc malloc on the peak replay (see README,
 /// "Allocator"); `--no-default-features` builds with the system allocator.
@@ -170,7 +170,8 @@ fn open_source(spec: &str, config: &Config) -> Result<Box<dyn Source>> {
         return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?));
     }
     if spec.starts_with("kafka://") {
-        bail!("kafka sources are not available yet in this build: {spec}");
+        let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(anyhow::Error::msg)?;
+        return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka).map_err(anyhow::Error::msg)?));
     }
-    bail!("bad source {spec:?}: expected file:PATH, gen:PROFILE[?rate=EPS&events=N&seed=S]")
+    bail!("bad source {spec:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")
 }

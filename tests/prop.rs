@@ -173,6 +173,7 @@ fn config(experiments: Vec<Experiment>) -> Config {
             ttl_s: 86_400,
         },
         experiments,
+        kafka: Vec::new(),
     }
 }
 

@@ -87,6 +87,8 @@ pub struct Experiment {
 pub struct Config {
     pub engine: EngineConfig,
     pub experiments: Vec<Experiment>,
+    /// librdkafka settings (the `[kafka]` table), e.g. `security.protocol`.
+    pub kafka: Vec<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +98,8 @@ struct RawConfig {
     engine: Option<Spanned<RawEngine>>,
     #[serde(default)]
     experiment: Vec<Spanned<RawExperiment>>,
+    #[serde(default)]
+    kafka: Option<Spanned<toml::Table>>,
 }
 
 #[derive(Deserialize)]
@@ -367,7 +371,25 @@ impl<'a> Checker<'a> {
             }
             experiments.push(Experiment { id, tenant, variations, mps, qualify });
         }
-        Ok(Config { engine, experiments })
+        let mut kafka = Vec::new();
+        if let Some(t) = &raw.kafka {
+            for (k, v) in t.get_ref() {
+                let value = match v {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    _ => {
+                        return Err(self.err(
+                            t.span(),
+                            format!("kafka.{k}"),
+                            "librdkafka settings are strings, integers or booleans".into(),
+                        ))
+                    }
+                };
+                kafka.push((k.clone(), value));
+            }
+        }
+        Ok(Config { engine, experiments, kafka })
     }
 }
 

@@ -1,10 +1,11 @@
-//! `expmon gen`: write generated events to a file or stdout.
+//! `expmon gen`: write generated events to a file, stdout or a Kafka topic.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::Instant;
 
+use super::kafka::KafkaOut;
 use super::{Generator, Pacer, Profile, REPLAY_START_MS};
 use crate::health::now_ms;
 
@@ -20,14 +21,16 @@ pub fn run_gen(
     if let Some(path) = write_config {
         std::fs::write(path, profile.config_toml()).with_context(|| format!("writing {}", path.display()))?;
     }
+    let mut kafka = None;
     let sink: Box<dyn Write> = if out == "-" {
         Box::new(std::io::stdout().lock())
     } else if let Some(path) = out.strip_prefix("file:") {
         Box::new(std::fs::File::create(path).with_context(|| format!("creating {path}"))?)
     } else if out.starts_with("kafka://") {
-        bail!("kafka output is not available yet in this build: {out}");
+        kafka = Some(KafkaOut::open(out).map_err(anyhow::Error::msg)?);
+        Box::new(std::io::sink())
     } else {
-        bail!("bad --out {out:?}: expected file:PATH or -");
+        bail!("bad --out {out:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC");
     };
     let mut w = BufWriter::with_capacity(1 << 20, sink);
     let start = match rate {
@@ -56,8 +59,12 @@ pub fn run_gen(
         }
         line.clear();
         g.next_line(&mut line);
-        line.push(b'\n');
-        w.write_all(&line)?;
+        if let Some(k) = &kafka {
+            k.send(&line).map_err(anyhow::Error::msg)?;
+        } else {
+            line.push(b'\n');
+            w.write_all(&line)?;
+        }
         if progress && last_report.elapsed().as_secs_f64() >= 0.5 {
             last_report = Instant::now();
             let pct = 100.0 * i as f64 / events as f64;
@@ -66,6 +73,10 @@ pub fn run_gen(
         }
     }
     w.flush()?;
+    if let Some(k) = kafka {
+        let delivered = k.finish().map_err(anyhow::Error::msg)?;
+        eprintln!("expmon gen: {delivered} events acknowledged by Kafka");
+    }
     let secs = began.elapsed().as_secs_f64();
     if progress {
         eprintln!();

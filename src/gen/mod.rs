@@ -13,6 +13,7 @@
 //! generator is open-loop on the wall clock ([`Pacer`]) and timestamps are now.
 
 pub mod cli;
+mod kafka;
 mod profile;
 mod source;
 

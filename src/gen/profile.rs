@@ -192,7 +192,7 @@ impl Profile {
                 experiments.push(Experiment { id: next_id, tenant: t.to_string(), variations, mps, qualify });
             }
         }
-        let config = Config { engine: EngineConfig::default(), experiments };
+        let config = Config { engine: EngineConfig::default(), experiments, kafka: Vec::new() };
         let weights: Vec<(&str, f64, &[&str])> = tenants.iter().map(|(t, w)| (*t, *w, &PEAK_MPS[..])).collect();
         let mut p = Profile::from_config("peak", config, &weights);
         p.event_time_rate = 60_000.0;

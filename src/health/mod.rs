@@ -96,6 +96,8 @@ pub struct Live {
     pub unknown_tenant: AtomicU64,
     pub unknown_experiment: AtomicU64,
     pub unknown_variation: AtomicU64,
+    /// Consumer lag per input partition (Kafka), refreshed every trigger.
+    pub kafka_lag: std::sync::Mutex<Vec<(i32, i64)>>,
 }
 
 impl Live {

@@ -67,6 +67,10 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
         let name = "expmon.write_latency_us".into();
         out.push(HealthPoint { name, tags: tags(Some(("quantile", q.into()))), value: us as i64 });
     }
+    for &(partition, lag) in l.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let name = "expmon.kafka_consumer_lag".into();
+        out.push(HealthPoint { name, tags: tags(Some(("partition", partition.to_string()))), value: lag });
+    }
     let wm = l.watermark.load(Relaxed);
     if wm > 0 {
         out.push(point("watermark_lag_ms", (h.now_ms - wm).max(0) as u64));

@@ -17,6 +17,11 @@
 //!    points of final minutes.
 //! 4. At end of input (or on stop) the marker's watermark is `i64::MAX`: every
 //!    session expires, every minute becomes final, and all threads exit.
+//!
+//! Acknowledgement: the router remembers the source's position at each
+//! marker. Once the sink has acknowledged every flush up to that epoch (the
+//! writer publishes the count), the source commits that position (Kafka
+//! offsets), so a restart never skips input whose totals were not delivered.
 
 pub mod batch;
 pub mod router;
@@ -27,8 +32,8 @@ pub use router::Router;
 pub use worker::{final_before, Worker};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,7 +41,7 @@ use crate::aggregate::{Namer, Totals};
 use crate::config::Catalog;
 use crate::health::{health_points, now_ms, HealthInputs, Live, ShardStats, Summary, WriterStats};
 use crate::sink::{Sink, SinkError, SinkReport};
-use crate::source::{Fill, LineBatch, Source};
+use crate::source::{Fill, LineBatch, Offsets, Source};
 
 /// Batches queued per shard before the router blocks.
 const SHARD_QUEUE: usize = 32;
@@ -125,16 +130,19 @@ pub fn run(
     drop(report_tx);
     drop(recycle_tx);
 
+    // Epochs whose flushes the sink has acknowledged: [0, acked).
+    let acked = Arc::new(AtomicU64::new(0));
     let writer = {
-        let (catalog, live, instance) = (catalog.clone(), opts.live.clone(), opts.instance.clone());
+        let (catalog, live, instance, acked) =
+            (catalog.clone(), opts.live.clone(), opts.instance.clone(), acked.clone());
         std::thread::Builder::new()
             .name("expmon-writer".into())
-            .spawn(move || write_loop(&catalog, sink, report_rx, n, &live, &instance))
+            .spawn(move || write_loop(&catalog, sink, report_rx, n, &live, &instance, &acked))
             .expect("spawn writer thread")
     };
 
     let mut router = Router::new(catalog, n);
-    let source_result = route_loop(&mut router, source.as_mut(), &shard_txs, &recycle_rx, &opts);
+    let source_result = route_loop(&mut router, source.as_mut(), &shard_txs, &recycle_rx, &opts, &acked);
 
     // End: pending batches, then the last marker with the watermark past everything.
     for (i, tx) in shard_txs.iter().enumerate() {
@@ -146,8 +154,18 @@ pub fn run(
     for w in workers {
         w.join().map_err(|_| RunError::Panicked("shard"))?;
     }
-    let (writer_stats, shard_stats, sink_report) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
+    let (writer_stats, shard_stats, mut sink_report) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
     source_result?;
+    // Everything read was flushed by the last marker; commit it if all arrived.
+    if sink_report.undelivered == 0 {
+        if let Some(pos) = source.position() {
+            source.commit(&pos, true);
+        }
+    }
+    let source_line = source.close();
+    if !source_line.is_empty() {
+        sink_report.summary = [sink_report.summary, source_line].join("; ").trim_start_matches("; ").to_string();
+    }
     opts.live.publish_router(&router.stats, i64::MAX, 0);
     Ok(Summary {
         router: router.stats.clone(),
@@ -166,12 +184,19 @@ fn route_loop(
     shard_txs: &[Sender<ShardMsg>],
     recycle: &Receiver<EventBatch>,
     opts: &RunOptions,
+    acked: &AtomicU64,
 ) -> Result<(), RunError> {
     let live_source = source.is_live();
     let mut lines = LineBatch::default();
     let mut next_flush = Instant::now() + opts.trigger;
     let deadline = opts.max_duration.map(|d| Instant::now() + d);
     let mut epoch = 0u64;
+    // Source positions at each marker not yet acknowledged, oldest first.
+    let mut unacked: VecDeque<(u64, Offsets)> = VecDeque::new();
+    // Watermark alignment across input partitions: none may run more than
+    // the lateness ahead of the slowest, so late events stay late in a replay.
+    let align_window = router.lateness_ms().max(1000);
+    let (mut ahead, mut held) = (Vec::new(), Vec::<bool>::new());
     loop {
         if opts.stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
@@ -180,21 +205,51 @@ fn route_loop(
             source.fill(&mut lines).map_err(|error| RunError::Source { source_name: source.describe(), error })?;
         router.count_overlong(lines.overlong);
         let now = live_source.then(now_ms);
+        let one_partition = lines.part.is_empty();
         for i in 0..lines.len() {
-            if let Some(full) = router.route(lines.line(i), now) {
-                let batch = router.take_batch(full, recycle.try_recv().ok());
-                if shard_txs[full].send(ShardMsg::Events(batch)).is_err() {
-                    return Ok(()); // the shard is gone; the writer's error says why
+            let part = if one_partition { 0 } else { lines.part[i] as usize };
+            match router.route(lines.line(i), part, now) {
+                Ok(Some(full)) => {
+                    let batch = router.take_batch(full, recycle.try_recv().ok());
+                    if shard_txs[full].send(ShardMsg::Events(batch)).is_err() {
+                        return Ok(()); // the shard is gone; the writer's error says why
+                    }
+                }
+                Ok(None) => {}
+                Err(reason) => source.reject(&lines, i, reason),
+            }
+        }
+        router.set_partitions(&lines.partitions);
+        if !lines.partitions.is_empty() {
+            router.partitions_ahead(align_window, &mut ahead);
+            held.resize(held.len().max(ahead.len()), false);
+            for (p, h) in held.iter_mut().enumerate() {
+                let want = ahead.get(p).copied().unwrap_or(false);
+                if *h != want {
+                    source.hold(p, want);
+                    *h = want;
                 }
             }
         }
         let wm = router.watermark();
         opts.live.publish_router(&router.stats, wm, router.max_ts().unwrap_or(0));
+        let done = acked.load(Relaxed);
+        let mut newest = None;
+        while unacked.front().is_some_and(|(e, _)| *e < done) {
+            newest = unacked.pop_front().map(|(_, pos)| pos);
+        }
+        if let Some(pos) = newest {
+            source.commit(&pos, false);
+        }
         if fill == Fill::End {
             return Ok(());
         }
-        if Instant::now() >= next_flush {
+        if lines.rebalanced || Instant::now() >= next_flush {
             next_flush = Instant::now() + opts.trigger;
+            if let Some(pos) = source.position() {
+                unacked.push_back((epoch, pos));
+            }
+            *opts.live.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()) = source.lag();
             for (i, tx) in shard_txs.iter().enumerate() {
                 if router.pending(i) > 0 {
                     let batch = router.take_batch(i, recycle.try_recv().ok());
@@ -220,6 +275,7 @@ fn write_loop(
     shards: usize,
     live: &Live,
     instance: &str,
+    acked: &AtomicU64,
 ) -> Result<(WriterStats, ShardStats, SinkReport), SinkError> {
     let mut totals = Totals::new();
     let mut pending: BTreeMap<u64, Vec<ShardReport>> = BTreeMap::new();
@@ -273,6 +329,8 @@ fn write_loop(
             });
             sink.write_health(now_ms(), &health)?;
             sink.flush()?;
+            // Epochs run 0, 1, 2, …: flush k (1-based) ends epoch k - 1.
+            acked.store(stats.flushes.saturating_sub(sink.unacknowledged_flushes()), Relaxed);
             if marker.last {
                 let report = sink.close()?;
                 return Ok((stats, sum, report));

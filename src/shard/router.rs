@@ -6,7 +6,10 @@
 //! - each session key maps to exactly one shard (a hash of the key);
 //! - the watermark `W = max ts seen - allowed_lateness` is decided before each
 //!   event is included, in arrival order, so late-drop decisions are the same
-//!   at any number of shards;
+//!   at any number of shards. With several input partitions (Kafka) each has
+//!   its own clock and W is their min over the partitions that count (not
+//!   idle), never moving backwards (SPEC §4); an event is late if it is
+//!   behind W or behind its own partition's watermark;
 //! - nothing is logged, locked or allocated per event (a new name takes the
 //!   name table's lock once, when first seen).
 
@@ -18,6 +21,7 @@ use crate::event::{parse_event, Event, ParseScratch, Reject};
 use crate::health::RouterStats;
 use crate::names::{Interner, NameKind};
 use crate::session::SessionKey;
+use crate::source::PartitionState;
 
 /// Events per batch sent to a shard.
 pub const BATCH_EVENTS: usize = 1024;
@@ -29,10 +33,24 @@ pub struct Router {
     login: Interner,
     lateness_ms: i64,
     max_ts: Option<i64>,
+    /// One clock per input partition; a file has one.
+    clocks: Vec<Clock>,
+    /// The partition whose clock is the min (the one that can move W).
+    slowest: usize,
+    /// Clocks that count.
+    counting: usize,
+    watermark: i64,
     shards: usize,
     batches: Vec<EventBatch>,
     scratch: ParseScratch,
     pub stats: RouterStats,
+}
+
+/// The greatest event ts seen on one input partition.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    max_ts: Option<i64>,
+    counts: bool,
 }
 
 /// Where an event goes: the shard owning `key`, by multiply-shift of its hash.
@@ -51,6 +69,10 @@ impl Router {
             lateness_ms: catalog.engine.allowed_lateness_ms,
             catalog,
             max_ts: None,
+            clocks: vec![Clock { max_ts: None, counts: true }],
+            slowest: 0,
+            counting: 1,
+            watermark: i64::MIN,
             shards,
             batches: (0..shards).map(|_| EventBatch::with_capacity(BATCH_EVENTS)).collect(),
             scratch: ParseScratch::default(),
@@ -60,32 +82,96 @@ impl Router {
 
     /// The current watermark; `i64::MIN` before any event.
     pub fn watermark(&self) -> i64 {
-        self.max_ts.map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms))
+        self.watermark
     }
 
-    /// Routes one line. Returns the shard whose batch just became full, if any;
-    /// the caller must then [`Router::take_batch`] it.
-    pub fn route(&mut self, line: &[u8], now_ms: Option<i64>) -> Option<usize> {
+    /// Which input partitions count in the watermark (after a source's fill).
+    /// An empty slice means one partition that always counts.
+    pub fn set_partitions(&mut self, states: &[PartitionState]) {
+        if states.is_empty() {
+            return;
+        }
+        if self.clocks.len() < states.len() {
+            self.clocks.resize(states.len(), Clock { max_ts: None, counts: false });
+        }
+        for (c, s) in self.clocks.iter_mut().zip(states.iter().chain(std::iter::repeat(&PartitionState::Gone))) {
+            c.counts = *s == PartitionState::Active;
+        }
+        self.counting = self.clocks.iter().filter(|c| c.counts).count();
+        self.recompute_watermark();
+    }
+
+    /// Watermark alignment: which input partitions have read more than
+    /// `window` ms of event time past the slowest counting one (`true`: hold
+    /// it back) — so that a replay's partitions advance together and W, their
+    /// min, stays close to the greatest time seen.
+    pub fn partitions_ahead(&self, window: i64, out: &mut Vec<bool>) {
+        out.clear();
+        let slowest = self.clocks.iter().filter(|c| c.counts).map(|c| c.max_ts.unwrap_or(i64::MIN)).min();
+        let Some(slowest) = slowest else { return };
+        out.extend(
+            self.clocks.iter().map(|c| c.counts && c.max_ts.is_some_and(|m| m > slowest.saturating_add(window))),
+        );
+    }
+
+    /// `W = max(W, min over counting clocks of max_ts - lateness)`; with no
+    /// clock counting (all idle), the greatest clock stands for all.
+    fn recompute_watermark(&mut self) {
+        let mut min: Option<(i64, usize)> = None;
+        for (i, c) in self.clocks.iter().enumerate().filter(|(_, c)| c.counts) {
+            let w = c.max_ts.map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms));
+            if min.is_none_or(|(m, _)| w < m) {
+                min = Some((w, i));
+            }
+        }
+        let candidate = match min {
+            Some((w, i)) => {
+                self.slowest = i;
+                w
+            }
+            None => self.max_ts.map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms)),
+        };
+        self.watermark = self.watermark.max(candidate);
+    }
+
+    /// Routes one line from input partition `part`. Returns the shard whose
+    /// batch just became full, if any (the caller must then
+    /// [`Router::take_batch`] it), or why the line was refused.
+    pub fn route(&mut self, line: &[u8], part: usize, now_ms: Option<i64>) -> Result<Option<usize>, Reject> {
         self.stats.events_in += 1;
         let mut scratch = std::mem::take(&mut self.scratch);
-        let full = match parse_event(line, now_ms, &mut scratch) {
-            Ok(ev) => self.route_event(ev),
+        let routed = match parse_event(line, now_ms, &mut scratch) {
+            Ok(ev) => Ok(self.route_event(ev, part)),
             Err(r) => {
                 self.stats.rejected[r.index()] += 1;
-                None
+                Err(r)
             }
         };
         self.scratch = scratch;
-        full
+        routed
     }
 
-    fn route_event(&mut self, ev: Event<'_>) -> Option<usize> {
-        let wm = self.watermark();
+    fn route_event(&mut self, ev: Event<'_>, part: usize) -> Option<usize> {
+        if part >= self.clocks.len() {
+            self.clocks.resize(part + 1, Clock { max_ts: None, counts: false });
+        }
+        // Late is judged against the combined W and the event's own partition
+        // clock (the same thing with one partition): an event far behind its
+        // partition is late even while a slower partition holds W back.
+        let own = self.clocks[part].max_ts.map_or(i64::MIN, |m| m.saturating_sub(self.lateness_ms));
+        let wm = self.watermark.max(own);
         if ev.ts < wm {
             self.stats.late_dropped += 1;
             return None;
         }
         self.max_ts = Some(self.max_ts.map_or(ev.ts, |m| m.max(ev.ts)));
+        let clock = &mut self.clocks[part];
+        if clock.max_ts.is_none_or(|m| ev.ts > m) {
+            clock.max_ts = Some(ev.ts);
+            if part == self.slowest || self.counting == 0 {
+                self.recompute_watermark();
+            }
+        }
         let Some(tenant) = self.catalog.tenant(&ev.tenant) else {
             self.stats.unknown_tenant += 1;
             return None;
@@ -133,6 +219,10 @@ impl Router {
     pub fn take_batch(&mut self, i: usize, spare: Option<EventBatch>) -> EventBatch {
         let fresh = spare.unwrap_or_else(|| EventBatch::with_capacity(BATCH_EVENTS));
         std::mem::replace(&mut self.batches[i], fresh)
+    }
+
+    pub fn lateness_ms(&self) -> i64 {
+        self.lateness_ms
     }
 
     /// The greatest event ts seen, if any.

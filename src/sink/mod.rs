@@ -1,5 +1,5 @@
-//! Where points go: a JSON Lines file, nowhere (`null`), or memory (for
-//! embedding and tests). KairosDB arrives with its own issue.
+//! Where points go: KairosDB, a JSON Lines file, nowhere (`null`), or memory
+//! (for embedding and tests).
 //!
 //! Every sink receives absolute totals (upserts, SPEC §5): writing a point again
 //! with the same value is harmless, which is what makes retries exact.
@@ -58,6 +58,13 @@ pub trait Sink: Send {
     fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
         let _ = (ts_ms, points);
         Ok(())
+    }
+
+    /// How many of the most recent flushes still have points on their way:
+    /// `0` once the sink has acknowledged everything flushed (a synchronous
+    /// sink always returns 0).
+    fn unacknowledged_flushes(&self) -> u64 {
+        0
     }
 
     /// The sink's own figures (requests, retries, latency).

@@ -1,13 +1,17 @@
-//! Where events come from: a JSON Lines file (or stdin), or the built-in
-//! generator. Kafka arrives with its own issue.
+//! Where events come from: a JSON Lines file (or stdin), a Kafka topic, or the
+//! built-in generator.
 //!
 //! A source fills a [`LineBatch`]: one contiguous buffer of raw lines plus their
 //! ranges, so the router reads many events per call and no line is allocated
 //! on its own. Sources do not parse; the router does.
 
 mod file;
+mod kafka;
 
 pub use file::FileSource;
+pub use kafka::KafkaSource;
+
+use crate::event::Reject;
 
 use std::io;
 use std::ops::Range;
@@ -22,13 +26,38 @@ pub struct LineBatch {
     pub lines: Vec<Range<u32>>,
     /// Lines dropped by the source for being over [`MAX_LINE_BYTES`].
     pub overlong: u64,
+    /// The partition of each line, for sources with several (Kafka); empty
+    /// means every line is from partition 0.
+    pub part: Vec<u16>,
+    /// The state of each partition (indexed by partition) after this fill;
+    /// empty means one partition, always active.
+    pub partitions: Vec<PartitionState>,
+    /// The set of partitions changed (a consumer-group rebalance).
+    pub rebalanced: bool,
 }
+
+/// Whether a partition's clock counts in the combined watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionState {
+    /// Delivering events: it counts.
+    Active,
+    /// At its end or silent for the idle timeout: it does not count.
+    Idle,
+    /// Not assigned to this instance.
+    Gone,
+}
+
+/// Positions in the input: for each partition, the offset just past the last
+/// line returned.
+pub type Offsets = Vec<(i32, i64)>;
 
 impl LineBatch {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.lines.clear();
         self.overlong = 0;
+        self.part.clear();
+        self.rebalanced = false;
     }
 
     pub fn push_line(&mut self, line: &[u8]) {
@@ -69,4 +98,38 @@ pub trait Source: Send {
 
     /// Short description for logs, e.g. `file:events.jsonl`.
     fn describe(&self) -> String;
+
+    /// Where the input stands: just past every line returned so far. `None`
+    /// for a source that cannot resume.
+    fn position(&self) -> Option<Offsets> {
+        None
+    }
+
+    /// Everything before `pos` has reached the sink and been acknowledged:
+    /// record it (Kafka commits the offsets). `wait`: synchronously.
+    fn commit(&mut self, pos: &Offsets, wait: bool) {
+        let _ = (pos, wait);
+    }
+
+    /// Line `line` of the last fill was refused for `reason` (Kafka copies it
+    /// to a dead-letter topic if configured).
+    fn reject(&mut self, batch: &LineBatch, line: usize, reason: Reject) {
+        let _ = (batch, line, reason);
+    }
+
+    /// Stops (`true`) or resumes reading partition `part` (watermark
+    /// alignment); a source with one partition ignores it.
+    fn hold(&mut self, part: usize, held: bool) {
+        let _ = (part, held);
+    }
+
+    /// Consumer lag per partition, if known.
+    fn lag(&self) -> Vec<(i32, i64)> {
+        Vec::new()
+    }
+
+    /// End of the run; returns a line for the summary (empty for none).
+    fn close(&mut self) -> String {
+        String::new()
+    }
 }

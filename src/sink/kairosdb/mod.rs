@@ -384,9 +384,15 @@ impl Sink for KairosSink {
         Ok(())
     }
 
-    /// Delivery is asynchronous; the queue bound is the backpressure.
+    /// Delivery is asynchronous (the queue bound is the backpressure); a
+    /// flush only seals what it covers, for acknowledgement.
     fn flush(&mut self) -> Result<(), SinkError> {
+        self.shared.queue.seal();
         Ok(())
+    }
+
+    fn unacknowledged_flushes(&self) -> u64 {
+        self.shared.queue.unacknowledged()
     }
 
     fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {

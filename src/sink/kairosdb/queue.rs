@@ -8,10 +8,15 @@
 //!   for one point are never reordered and an old total can never overwrite a
 //!   newer one;
 //! - `pending` holds at most `bound` points: `put` blocks beyond that, which is
-//!   how a slow or absent KairosDB pushes back on the engine.
+//!   how a slow or absent KairosDB pushes back on the engine;
+//! - acknowledgement: every waiting or in-flight point carries the number of
+//!   the oldest flush whose value it stands for (a newer total replacing a
+//!   waiting one keeps the older number). Flush `k` is acknowledged once no
+//!   point carries a number `<= k`: every total written up to it, or a newer
+//!   one, has been delivered (or refused for good and dead-lettered).
 
-use ahash::{AHashMap, AHashSet};
-use std::collections::VecDeque;
+use ahash::AHashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,16 +24,34 @@ use crate::aggregate::{Point, SeriesKey};
 
 type PointId = (SeriesKey, i64);
 
+/// The number of a flush (1-based).
+type FlushNo = u64;
+
 #[derive(Default)]
 struct Inner {
-    /// Newest total of each waiting point.
-    pending: AHashMap<PointId, i64>,
+    /// Newest total of each waiting point, with its flush number.
+    pending: AHashMap<PointId, (i64, FlushNo)>,
     /// Waiting points in arrival order (may hold stale ids, skipped on take).
     order: VecDeque<PointId>,
-    in_flight: AHashSet<PointId>,
+    in_flight: AHashMap<PointId, FlushNo>,
+    /// Points waiting or in flight per flush number.
+    open: BTreeMap<FlushNo, usize>,
+    /// Flushes sealed so far; points put now belong to flush `sealed + 1`.
+    sealed: FlushNo,
     /// When the oldest waiting point arrived (for the linger time).
     oldest: Option<Instant>,
     closing: bool,
+}
+
+impl Inner {
+    fn close_one(&mut self, flush: FlushNo) {
+        if let Some(n) = self.open.get_mut(&flush) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&flush);
+            }
+        }
+    }
 }
 
 pub struct CoalescingQueue {
@@ -49,19 +72,35 @@ impl CoalescingQueue {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Ends a flush: points put from now on belong to the next one.
+    pub fn seal(&self) {
+        self.lock().sealed += 1;
+    }
+
+    /// How many of the sealed flushes are not yet acknowledged.
+    pub fn unacknowledged(&self) -> u64 {
+        let g = self.lock();
+        match g.open.first_key_value() {
+            Some((&oldest, _)) if oldest <= g.sealed => g.sealed - oldest + 1,
+            _ => 0,
+        }
+    }
+
     /// Adds points (newest totals), blocking while the queue is full.
     pub fn put(&self, points: &[Point]) {
         let mut g = self.lock();
         for p in points {
             let id = (p.key, p.minute);
             if let Some(v) = g.pending.get_mut(&id) {
-                *v = p.value;
+                v.0 = p.value; // keeps its (older) flush number
                 continue;
             }
             while g.pending.len() >= self.bound {
                 g = self.has_room.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            g.pending.insert(id, p.value);
+            let flush = g.sealed + 1;
+            *g.open.entry(flush).or_default() += 1;
+            g.pending.insert(id, (p.value, flush));
             g.order.push_back(id);
             g.oldest.get_or_insert_with(Instant::now);
         }
@@ -82,12 +121,12 @@ impl CoalescingQueue {
                 let mut skipped = Vec::new();
                 while batch.len() < max {
                     let Some(id) = g.order.pop_front() else { break };
-                    if g.in_flight.contains(&id) {
+                    if g.in_flight.contains_key(&id) {
                         skipped.push(id);
                         continue;
                     }
-                    if let Some(value) = g.pending.remove(&id) {
-                        g.in_flight.insert(id);
+                    if let Some((value, flush)) = g.pending.remove(&id) {
+                        g.in_flight.insert(id, flush);
                         batch.push(Point { key: id.0, minute: id.1, value });
                     }
                 }
@@ -121,9 +160,16 @@ impl CoalescingQueue {
         let mut g = self.lock();
         for p in batch {
             let id = (p.key, p.minute);
-            g.in_flight.remove(&id);
-            if !delivered && !g.pending.contains_key(&id) {
-                g.pending.insert(id, p.value);
+            let Some(flush) = g.in_flight.remove(&id) else { continue };
+            if delivered {
+                g.close_one(flush);
+            } else if let Some(&(value, newer)) = g.pending.get(&id) {
+                // A newer total waits: it now stands for this older flush too.
+                let older = flush.min(newer);
+                g.pending.insert(id, (value, older));
+                g.close_one(flush.max(newer));
+            } else {
+                g.pending.insert(id, (p.value, flush));
                 g.order.push_front(id);
                 g.oldest.get_or_insert_with(Instant::now);
             }
@@ -188,6 +234,26 @@ mod tests {
         q.finish(&b2, true);
         assert_eq!(q.take(10, Duration::ZERO), None);
         assert_eq!(q.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_flush_is_acknowledged_once_its_totals_or_newer_ones_are_delivered() {
+        let q = CoalescingQueue::new(100);
+        q.put(&[p(1, 1), p(2, 1)]);
+        q.seal(); // flush 1
+        assert_eq!(q.unacknowledged(), 1);
+        let b = q.take(1, Duration::ZERO).unwrap(); // point 1 in flight
+        q.put(&[p(1, 2), p(2, 2)]); // point 2 keeps flush 1; point 1's new total is flush 2
+        q.seal(); // flush 2
+        assert_eq!(q.unacknowledged(), 2);
+        q.finish(&b, false); // failed: the waiting newer total now stands for flush 1
+        assert_eq!(q.unacknowledged(), 2);
+        let b = q.take(10, Duration::ZERO).unwrap();
+        assert_eq!(b.len(), 2);
+        q.finish(&b, true);
+        assert_eq!(q.unacknowledged(), 0);
+        q.put(&[p(3, 1)]);
+        assert_eq!(q.unacknowledged(), 0, "points of the open flush do not hold sealed ones");
     }
 
     #[test]

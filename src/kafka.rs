@@ -1,0 +1,178 @@
+//! Kafka addresses and client settings shared by the consumer
+//! ([`crate::source::KafkaSource`]) and the load generator's producer.
+//!
+//! An address is `kafka://HOST:PORT[,HOST:PORT…]/TOPIC[?key=value&…]`. Keys
+//! expmon understands: `group` (consumer group, default `expmon`),
+//! `dead_letter` (topic for bad messages), `idle_timeout` (a partition with no
+//! event for this long stops holding the watermark back, default 10s) and
+//! `partitions` (for `gen`: partitions of a topic it creates, default 8). Any
+//! key with a dot in it (`security.protocol`, `sasl.mechanism`,
+//! `fetch.max.bytes`, …) is passed to librdkafka as is, after the settings of
+//! the config file's `[kafka]` table.
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use std::time::Duration;
+
+use crate::config::parse_duration_ms;
+
+/// A parsed `kafka://` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSpec {
+    pub brokers: String,
+    pub topic: String,
+    pub group: String,
+    pub dead_letter: Option<String>,
+    pub idle_timeout: Duration,
+    pub partitions: i32,
+    /// librdkafka settings from the address (after those of the config file).
+    pub settings: Vec<(String, String)>,
+}
+
+impl KafkaSpec {
+    pub fn parse(spec: &str) -> Result<KafkaSpec, String> {
+        let bad = |why: &str| format!("bad kafka address {spec:?}: {why}");
+        let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
+        let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
+        if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':') || b.ends_with(':')) {
+            return Err(bad("brokers must be HOST:PORT[,HOST:PORT…]"));
+        }
+        let valid_topic = |t: &str| {
+            !t.is_empty() && t.len() <= 249 && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+        };
+        if !valid_topic(topic) {
+            return Err(bad("a topic name is 1 to 249 of [A-Za-z0-9._-]"));
+        }
+        let mut out = KafkaSpec {
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            group: "expmon".to_string(),
+            dead_letter: None,
+            idle_timeout: Duration::from_secs(10),
+            partitions: 8,
+            settings: Vec::new(),
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option {kv:?} is not key=value")))?;
+            match k {
+                "group" if !v.is_empty() => out.group = v.to_string(),
+                "dead_letter" if valid_topic(v) => out.dead_letter = Some(v.to_string()),
+                "idle_timeout" => {
+                    let ms = parse_duration_ms(v).map_err(|e| bad(&format!("idle_timeout: {e}")))?;
+                    out.idle_timeout = Duration::from_millis(ms.max(1) as u64);
+                }
+                "partitions" => {
+                    out.partitions = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("partitions: not a count"))?
+                }
+                _ if k.contains('.') => out.settings.push((k.to_string(), v.to_string())),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown option {k:?} (expmon's are group, dead_letter, idle_timeout, partitions; \
+                         librdkafka settings have a dot in their name)"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A librdkafka configuration: brokers, then `base` (the config file's
+    /// `[kafka]` table), then the address's own settings.
+    pub fn client_config(&self, base: &[(String, String)]) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in base.iter().chain(&self.settings) {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Fails with one line unless the brokers answer within `timeout` and know
+/// `topic`; returns its partition count.
+pub fn topic_partitions(
+    consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
+    spec: &KafkaSpec,
+    timeout: Duration,
+) -> Result<usize, String> {
+    let md = consumer
+        .fetch_metadata(Some(&spec.topic), timeout)
+        .map_err(|e| format!("cannot reach Kafka at {} within {timeout:?}: {e}", spec.brokers))?;
+    let t = md.topics().iter().find(|t| t.name() == spec.topic);
+    match t {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
+        Some(t) => Err(format!(
+            "Kafka at {} has no usable topic {:?}: {}",
+            spec.brokers,
+            spec.topic,
+            t.error().map(|e| RDKafkaErrorCode::from(e).to_string()).unwrap_or_else(|| "no partitions".into())
+        )),
+        None => Err(format!("Kafka at {} has no topic {:?}", spec.brokers, spec.topic)),
+    }
+}
+
+/// Creates `spec.topic` with `spec.partitions` partitions unless it exists.
+/// Returns the topic's partition count.
+pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, String> {
+    let timeout = Duration::from_secs(10);
+    let probe: BaseConsumer = spec.client_config(base).create().map_err(|e| format!("kafka client: {e}"))?;
+    if let Ok(n) = topic_partitions(&probe, spec, timeout) {
+        return Ok(n);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        spec.client_config(base).create().map_err(|e| format!("kafka admin client: {e}"))?;
+    let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+    let results = futures_executor::block_on(admin.create_topics([&topic], &opts))
+        .map_err(|e| format!("cannot create topic {:?} at {}: {e}", spec.topic, spec.brokers))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("cannot create topic {name:?} at {}: {code}", spec.brokers)),
+        }
+    }
+    // Metadata can lag creation by a moment.
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match topic_partitions(&probe, spec, Duration::from_secs(2)) {
+            Ok(n) => return Ok(n),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_and_refuses_bad_ones() {
+        let s =
+            KafkaSpec::parse("kafka://a:9092,b:9093/events?group=g1&dead_letter=bad&security.protocol=SSL").unwrap();
+        assert_eq!(s.brokers, "a:9092,b:9093");
+        assert_eq!(s.topic, "events");
+        assert_eq!(s.group, "g1");
+        assert_eq!(s.dead_letter.as_deref(), Some("bad"));
+        assert_eq!(s.settings, vec![("security.protocol".to_string(), "SSL".to_string())]);
+        let s = KafkaSpec::parse("kafka://h:1/t?idle_timeout=2s&partitions=3").unwrap();
+        assert_eq!((s.idle_timeout, s.partitions, s.group.as_str()), (Duration::from_secs(2), 3, "expmon"));
+        for bad in [
+            "kafka://h:1",
+            "kafka:///t",
+            "kafka://h/t",
+            "kafka://h:1/",
+            "kafka://h:1/a b",
+            "kafka://h:1/t?grup=x",
+            "kafka://h:1/t?partitions=0",
+            "kafka://h:1/t?novalue",
+        ] {
+            let e = KafkaSpec::parse(bad).unwrap_err();
+            assert!(e.starts_with("bad kafka address"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,371 @@
+//! The production input: a consumer-group member reading one Kafka topic.
+//!
+//! - Messages are read in batches of lines; each line carries its partition, so
+//!   the router keeps one watermark clock per partition and combines them by
+//!   min. A partition at its end (EOF) or silent for `idle_timeout` stops
+//!   counting in the min, so a quiet partition cannot hold the watermark back.
+//! - Offsets are never committed automatically. The engine calls
+//!   [`Source::commit`] with the positions of a flush once the sink has
+//!   acknowledged that flush's totals (at-least-once in, absolute totals out).
+//! - Rebalancing is cooperative-sticky by default (a kept partition is never
+//!   interrupted). On revoke, the acknowledged positions of the revoked
+//!   partitions are committed synchronously before they go; what was read past
+//!   them is read again by the new owner.
+//! - Bad messages are counted by the router; with `dead_letter=TOPIC` each one
+//!   is also copied there with headers naming its topic, partition, offset and
+//!   reason.
+//! - Consumer lag per partition comes from librdkafka's statistics.
+
+use ahash::{AHashMap, AHashSet};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Fill, LineBatch, Offsets, PartitionState, Source, MAX_LINE_BYTES};
+use crate::event::Reject;
+use crate::kafka::{topic_partitions, KafkaSpec};
+
+/// Lines per fill, and the bytes after which a fill stops early.
+const FILL_LINES: usize = 16 * 1024;
+const FILL_BYTES: usize = 8 << 20;
+/// Longest wait for the first message of a fill.
+const FILL_WAIT: Duration = Duration::from_millis(100);
+
+/// What the librdkafka callbacks (run inside `poll`) hand to the source.
+#[derive(Default)]
+struct Shared {
+    topic: String,
+    /// Assignment changes not yet applied by the source: `(partition, assigned)`.
+    changes: Vec<(i32, bool)>,
+    /// The positions last acknowledged by the sink, per partition.
+    acked: AHashMap<i32, i64>,
+    lag: Vec<(i32, i64)>,
+    last_error: Option<(Instant, String)>,
+}
+
+struct Ctx {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Ctx {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ClientContext for Ctx {
+    fn stats(&self, stats: Statistics) {
+        let mut g = self.lock();
+        let Some(t) = stats.topics.get(&g.topic) else { return };
+        let mut lag: Vec<(i32, i64)> = t
+            .partitions
+            .iter()
+            .filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0)
+            .map(|(p, s)| (*p, s.consumer_lag))
+            .collect();
+        lag.sort_unstable();
+        g.lag = lag;
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
+        // librdkafka retries on its own; say so at most every 10 s.
+        let mut g = self.lock();
+        if g.last_error.as_ref().is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
+            eprintln!("expmon: kafka: {error}: {reason} (retrying)");
+            g.last_error = Some((Instant::now(), reason.to_string()));
+        }
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let mut commit = TopicPartitionList::new();
+                let mut g = self.lock();
+                for e in tpl.elements() {
+                    g.changes.push((e.partition(), false));
+                    if let Some(&next) = g.acked.get(&e.partition()) {
+                        let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(next));
+                    }
+                }
+                drop(g);
+                if commit.count() > 0 {
+                    if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                        eprintln!("expmon: kafka: commit on revoke failed: {e}");
+                    }
+                }
+            }
+            Rebalance::Assign(tpl) => {
+                let mut g = self.lock();
+                for e in tpl.elements() {
+                    g.changes.push((e.partition(), true));
+                }
+            }
+            Rebalance::Error(e) => eprintln!("expmon: kafka: rebalance error: {e}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            eprintln!("expmon: kafka: offset commit failed (the next one covers it): {e}");
+        }
+    }
+}
+
+/// Where the source stands on one assigned partition.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    /// Offset after the last message returned; `None` before the first.
+    next: Option<i64>,
+    last_message: Instant,
+    at_eof: bool,
+}
+
+pub struct KafkaSource {
+    consumer: BaseConsumer<Ctx>,
+    shared: Arc<Mutex<Shared>>,
+    spec: KafkaSpec,
+    parts: AHashMap<i32, Part>,
+    /// `(partition, offset)` of each line of the last fill, for dead letters.
+    origins: Vec<(i32, i64)>,
+    dead_letter: Option<ThreadedProducer<DefaultProducerContext>>,
+    dead_lettered: u64,
+}
+
+impl KafkaSource {
+    /// Joins the group and subscribes. Fails with one line if the brokers do
+    /// not answer or the topic does not exist.
+    pub fn connect(spec: KafkaSpec, base: &[(String, String)]) -> Result<KafkaSource, String> {
+        let shared = Arc::new(Mutex::new(Shared { topic: spec.topic.clone(), ..Shared::default() }));
+        let mut cfg = spec.client_config(&[]);
+        for (k, v) in [
+            ("group.id", spec.group.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "true"),
+            ("partition.assignment.strategy", "cooperative-sticky"),
+            ("statistics.interval.ms", "5000"),
+            ("client.id", "expmon"),
+        ] {
+            cfg.set(k, v);
+        }
+        // The config file's and the address's settings win over the defaults.
+        for (k, v) in base.iter().chain(&spec.settings) {
+            cfg.set(k, v);
+        }
+        let consumer: BaseConsumer<Ctx> = cfg
+            .create_with_context(Ctx { shared: shared.clone() })
+            .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
+        topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
+        let dead_letter = match &spec.dead_letter {
+            Some(_) => Some(
+                spec.client_config(base)
+                    .set("linger.ms", "20")
+                    .create()
+                    .map_err(|e| format!("kafka dead-letter producer for {}: {e}", spec.brokers))?,
+            ),
+            None => None,
+        };
+        consumer.subscribe(&[&spec.topic]).map_err(|e| format!("cannot subscribe to {:?}: {e}", spec.topic))?;
+        Ok(KafkaSource {
+            consumer,
+            shared,
+            spec,
+            parts: AHashMap::new(),
+            origins: Vec::new(),
+            dead_letter,
+            dead_lettered: 0,
+        })
+    }
+
+    /// Applies assignment changes recorded by the rebalance callback.
+    /// Returns whether there were any.
+    fn apply_changes(&mut self) -> bool {
+        let changes = std::mem::take(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()).changes);
+        for &(p, assigned) in &changes {
+            if assigned {
+                self.parts.insert(p, Part { next: None, last_message: Instant::now(), at_eof: false });
+            } else {
+                self.parts.remove(&p);
+                self.shared.lock().unwrap_or_else(|e| e.into_inner()).acked.remove(&p);
+            }
+            let what = if assigned { "assigned" } else { "revoked" };
+            eprintln!("expmon: kafka: partition {}/{p} {what}", self.spec.topic);
+        }
+        !changes.is_empty()
+    }
+
+    fn send_dead_letter(&mut self, partition: i32, offset: i64, payload: &[u8], reason: &str) {
+        let Some(producer) = &self.dead_letter else { return };
+        let topic = self.spec.dead_letter.as_deref().unwrap_or_default();
+        let (p, o) = (partition.to_string(), offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header { key: "expmon.topic", value: Some(self.spec.topic.as_str()) })
+            .insert(Header { key: "expmon.partition", value: Some(p.as_str()) })
+            .insert(Header { key: "expmon.offset", value: Some(o.as_str()) })
+            .insert(Header { key: "expmon.reason", value: Some(reason) });
+        let mut record = BaseRecord::<(), [u8]>::to(topic).payload(payload).headers(headers);
+        // A full producer queue pushes back here rather than dropping.
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    eprintln!("expmon: kafka: cannot copy a bad message to {topic}: {e}");
+                    break;
+                }
+            }
+        }
+        self.dead_lettered += 1;
+    }
+}
+
+impl Source for KafkaSource {
+    fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill> {
+        batch.clear();
+        self.origins.clear();
+        let started = Instant::now();
+        while batch.len() < FILL_LINES && batch.buf.len() < FILL_BYTES {
+            let wait = if batch.is_empty() { FILL_WAIT.saturating_sub(started.elapsed()) } else { Duration::ZERO };
+            let Some(polled) = self.consumer.poll(wait) else {
+                if !batch.is_empty() || started.elapsed() >= FILL_WAIT {
+                    break;
+                }
+                continue;
+            };
+            match polled {
+                Ok(m) => {
+                    let (p, offset) = (m.partition(), m.offset());
+                    let part =
+                        self.parts.entry(p).or_insert(Part { next: None, last_message: Instant::now(), at_eof: false });
+                    part.next = Some(offset + 1);
+                    part.last_message = Instant::now();
+                    part.at_eof = false;
+                    let payload = m.payload().unwrap_or_default();
+                    if payload.len() > MAX_LINE_BYTES {
+                        batch.overlong += 1;
+                        let payload = payload.to_vec();
+                        drop(m);
+                        self.send_dead_letter(p, offset, &payload, Reject::TooLong.as_str());
+                        continue;
+                    }
+                    batch.push_line(payload);
+                    batch.part.push(p as u16);
+                    self.origins.push((p, offset));
+                }
+                Err(KafkaError::PartitionEOF(p)) => {
+                    if let Some(part) = self.parts.get_mut(&p) {
+                        part.at_eof = true;
+                    }
+                }
+                Err(e) => {
+                    // Transient (librdkafka reconnects by itself); counted in its
+                    // own logs, reported here at most every 10 s by the context.
+                    let ctx = self.consumer.context();
+                    ctx.error(e, "consumer poll");
+                }
+            }
+        }
+        batch.rebalanced = self.apply_changes();
+        let max_p = self.parts.keys().copied().max().unwrap_or(0).max(0) as usize;
+        batch.partitions.clear();
+        batch.partitions.resize(max_p + 1, PartitionState::Gone);
+        for (&p, part) in &self.parts {
+            let quiet = part.at_eof || part.last_message.elapsed() >= self.spec.idle_timeout;
+            batch.partitions[p as usize] = if quiet { PartitionState::Idle } else { PartitionState::Active };
+        }
+        Ok(Fill::Lines)
+    }
+
+    fn is_live(&self) -> bool {
+        true
+    }
+
+    fn describe(&self) -> String {
+        format!("kafka://{}/{} (group {})", self.spec.brokers, self.spec.topic, self.spec.group)
+    }
+
+    fn position(&self) -> Option<Offsets> {
+        let mut pos: Offsets = self.parts.iter().filter_map(|(&p, part)| part.next.map(|n| (p, n))).collect();
+        pos.sort_unstable();
+        Some(pos)
+    }
+
+    fn commit(&mut self, pos: &Offsets, wait: bool) {
+        if let Some(p) = &self.dead_letter {
+            // Copies of bad messages go out before their offsets are committed.
+            let _ = p.flush(Duration::from_secs(30));
+        }
+        let assigned: AHashSet<i32> = self.parts.keys().copied().collect();
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            for &(p, next) in pos.iter().filter(|(p, _)| assigned.contains(p)) {
+                g.acked.insert(p, next);
+                let _ = tpl.add_partition_offset(&self.spec.topic, p, Offset::Offset(next));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let mode = if wait { CommitMode::Sync } else { CommitMode::Async };
+        if let Err(e) = self.consumer.commit(&tpl, mode) {
+            eprintln!("expmon: kafka: offset commit failed (the next one covers it): {e}");
+        }
+    }
+
+    fn reject(&mut self, batch: &LineBatch, line: usize, reason: Reject) {
+        if self.dead_letter.is_some() {
+            let (p, o) = self.origins[line];
+            let payload = batch.line(line).to_vec();
+            self.send_dead_letter(p, o, &payload, reason.as_str());
+        }
+    }
+
+    fn hold(&mut self, part: usize, held: bool) {
+        if !self.parts.contains_key(&(part as i32)) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.spec.topic, part as i32);
+        // Pausing drops what was prefetched; resuming fetches from the position
+        // after the last message returned, so nothing is skipped.
+        let r = if held { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        if let Err(e) = r {
+            eprintln!("expmon: kafka: cannot {} partition {part}: {e}", if held { "pause" } else { "resume" });
+        }
+    }
+
+    fn lag(&self) -> Vec<(i32, i64)> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).lag.clone()
+    }
+
+    fn close(&mut self) -> String {
+        if let Some(p) = &self.dead_letter {
+            if p.flush(Duration::from_secs(30)).is_err() {
+                eprintln!("expmon: kafka: dead-letter copies still unsent after 30 s");
+            }
+        }
+        self.consumer.unsubscribe();
+        if self.dead_letter.is_some() {
+            format!("{} bad messages copied to {}", self.dead_lettered, self.spec.dead_letter.as_deref().unwrap_or(""))
+        } else {
+            String::new()
+        }
+    }
+}
