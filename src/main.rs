@@ -41,7 +41,8 @@ struct RunArgs {
     /// Config file (TOML); default: the embedded demo config.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// file:PATH (`-` = stdin), gen:PROFILE[?rate=EPS&events=N&seed=S].
+    /// file:PATH (`-` = stdin), kafka://HOST:PORT[,…]/TOPIC[?group=G&dead_letter=T&idle_timeout=D&librdkafka.key=V],
+    /// gen:PROFILE[?rate=EPS&events=N&seed=S].
     #[arg(long, default_value = "gen:demo?rate=2000")]
     source: String,
     /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH&ca=PEM], or null.
@@ -75,15 +76,20 @@ struct GenArgs {
     /// demo or peak.
     #[arg(long, default_value = "demo")]
     profile: String,
-    /// Number of lines to write.
+    /// Number of lines to write (with --replay: at most this many).
+    #[arg(long, required_unless_present = "replay")]
+    events: Option<u64>,
+    /// Send the lines of this JSON Lines file instead of generated ones (for
+    /// example captured logs into a Kafka topic).
     #[arg(long)]
-    events: u64,
+    replay: Option<PathBuf>,
     /// Events per second, open loop (timestamps follow the wall clock); default: as fast as possible.
     #[arg(long)]
     rate: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// file:PATH or `-`.
+    /// file:PATH, `-`, or kafka://HOST:PORT/TOPIC[?partitions=N&…] (keyed by
+    /// session id; the topic is created if missing).
     #[arg(long)]
     out: String,
     /// Also write the profile's experiment config (TOML) here.
@@ -95,9 +101,15 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => cmd_run(a),
-        Command::Gen(a) => {
-            expmon::gen::cli::run_gen(&a.profile, a.events, a.rate, a.seed, &a.out, a.write_config.as_deref())
-        }
+        Command::Gen(a) => expmon::gen::cli::run_gen(&expmon::gen::cli::GenOptions {
+            profile: a.profile,
+            events: a.events,
+            rate: a.rate,
+            seed: a.seed,
+            out: a.out,
+            write_config: a.write_config,
+            replay: a.replay,
+        }),
         Command::CheckConfig { file } => cmd_check(&file),
     };
     if let Err(e) = result {

@@ -239,3 +239,77 @@ impl Router {
         self.batches[i].events.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::names::Names;
+
+    fn router() -> Router {
+        // The demo config: allowed lateness 2 minutes.
+        let catalog = Catalog::build(&Config::demo(), Arc::new(Names::default())).unwrap();
+        Router::new(Arc::new(catalog), 1)
+    }
+
+    /// An event at `ts` ms after a fixed start.
+    fn line(ts: i64) -> Vec<u8> {
+        format!(r#"{{"ts":{},"tenant":"uswm","session":"s","mp":"home_page"}}"#, T0 + ts).into_bytes()
+    }
+
+    const T0: i64 = 1_767_225_600_000;
+
+    const MIN: i64 = 60_000;
+
+    #[test]
+    fn the_watermark_is_the_min_of_counting_partitions_and_never_goes_back() {
+        let mut r = router();
+        use PartitionState::*;
+        r.set_partitions(&[Active, Active]);
+        r.route(&line(10 * MIN), 0, None).unwrap();
+        assert_eq!(r.watermark(), i64::MIN, "partition 1 has not spoken yet");
+        r.route(&line(5 * MIN), 1, None).unwrap();
+        assert_eq!(r.watermark(), T0 + 3 * MIN);
+        r.route(&line(20 * MIN), 1, None).unwrap();
+        assert_eq!(r.watermark(), T0 + 8 * MIN, "partition 0 is now the slowest");
+        r.set_partitions(&[Idle, Active]);
+        assert_eq!(r.watermark(), T0 + 18 * MIN, "an idle partition stops counting");
+        r.set_partitions(&[Active, Active]);
+        assert_eq!(r.watermark(), T0 + 18 * MIN, "W never moves back");
+        r.set_partitions(&[Idle, Idle]);
+        r.route(&line(30 * MIN), 0, None).unwrap();
+        assert_eq!(r.watermark(), T0 + 28 * MIN, "all idle: the greatest clock stands for all");
+    }
+
+    #[test]
+    fn late_is_judged_against_the_events_own_partition_too() {
+        let mut r = router();
+        use PartitionState::*;
+        r.set_partitions(&[Active, Active]);
+        r.route(&line(10 * MIN), 0, None).unwrap();
+        assert_eq!(r.watermark(), i64::MIN);
+        r.route(&line(7 * MIN), 0, None).unwrap(); // 3 minutes behind its own partition
+        assert_eq!(r.stats.late_dropped, 1);
+        r.route(&line(7 * MIN), 1, None).unwrap(); // on time for partition 1
+        assert_eq!(r.stats.late_dropped, 1);
+    }
+
+    #[test]
+    fn partitions_running_ahead_are_held_back() {
+        let mut r = router();
+        use PartitionState::*;
+        r.set_partitions(&[Active, Active, Active]);
+        r.route(&line(10 * MIN), 0, None).unwrap();
+        r.route(&line(11 * MIN), 1, None).unwrap();
+        r.route(&line(14 * MIN), 2, None).unwrap();
+        let mut ahead = Vec::new();
+        r.partitions_ahead(2 * MIN, &mut ahead);
+        assert_eq!(ahead, vec![false, false, true]);
+        r.set_partitions(&[Idle, Active, Active]);
+        r.partitions_ahead(2 * MIN, &mut ahead);
+        assert_eq!(ahead, vec![false, false, true], "more than 2 minutes past partition 1");
+        r.route(&line(13 * MIN), 1, None).unwrap();
+        r.partitions_ahead(2 * MIN, &mut ahead);
+        assert_eq!(ahead, vec![false, false, false]);
+    }
+}

@@ -48,6 +48,8 @@ struct Shared {
     acked: AHashMap<i32, i64>,
     lag: Vec<(i32, i64)>,
     last_error: Option<(Instant, String)>,
+    /// Set once connected: errors before that end the start-up in one line.
+    connected: bool,
 }
 
 struct Ctx {
@@ -80,7 +82,7 @@ impl ClientContext for Ctx {
         }
         // librdkafka retries on its own; say so at most every 10 s.
         let mut g = self.lock();
-        if g.last_error.as_ref().is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
+        if g.connected && g.last_error.as_ref().is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
             eprintln!("expmon: kafka: {error}: {reason} (retrying)");
             g.last_error = Some((Instant::now(), reason.to_string()));
         }
@@ -169,6 +171,7 @@ impl KafkaSource {
             .create_with_context(Ctx { shared: shared.clone() })
             .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
         topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
+        shared.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
         let dead_letter = match &spec.dead_letter {
             Some(_) => Some(
                 spec.client_config(base)

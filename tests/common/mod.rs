@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod kairos_server;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,378 @@
+//! The Kafka source end to end, against a real Kafka-protocol broker (Tansu,
+//! `tests/common/broker.rs`): `expmon gen` produces to an 8-partition topic,
+//! `expmon run` consumes it in a consumer group into a file sink, and the
+//! final totals are compared with the reference computation of SPEC §3.
+//!
+//! A Kafka source never ends, so each run is stopped with SIGTERM once its
+//! health points (written every trigger) show that it has read every event.
+
+mod common;
+
+use common::broker::Broker;
+use common::*;
+use expmon::config::Config;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_expmon");
+
+/// A working directory with a demo config.
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        let d = Dir { dir: tempfile::tempdir().unwrap() };
+        let out = Command::new(BIN)
+            .args(["gen", "--profile", "demo", "--events", "0", "--out", "file:none.jsonl"])
+            .args(["--write-config", "demo.toml"])
+            .current_dir(d.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        d
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config(&self) -> Config {
+        Config::load(&self.path("demo.toml")).unwrap()
+    }
+
+    /// The `demo` events of `seed`, as lines.
+    fn events(&self, seed: u64, n: u64) -> Vec<Vec<u8>> {
+        let file = format!("events-{seed}-{n}.jsonl");
+        let out = Command::new(BIN)
+            .args(["gen", "--profile", "demo", "--events", &n.to_string(), "--seed", &seed.to_string()])
+            .args(["--out", &format!("file:{file}")])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        std::fs::read(self.path(&file))
+            .unwrap()
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    }
+
+    /// Produces `lines` to `topic` (keyed by session id), through `expmon gen`'s
+    /// producer fed from a file: the test's own copy of the lines is the truth.
+    fn produce(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>]) {
+        let file = self.path(&format!("produce-{}.jsonl", lines.len()));
+        std::fs::write(&file, lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect::<Vec<u8>>())
+            .unwrap();
+        let out = Command::new(BIN)
+            .args(["gen", "--replay", file.to_str().unwrap(), "--out"])
+            .arg(format!("kafka://{}/{topic}?partitions=8", broker.addr()))
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "producing failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts `expmon run` on `topic` in `group`, writing to `out`.
+    fn consume(&self, broker: &Broker, topic: &str, group: &str, out: &str) -> Consumer {
+        self.consume_with(broker, topic, &format!("group={group}"), out)
+    }
+
+    /// Starts `expmon run` on `topic` with address options `options`.
+    fn consume_with(&self, broker: &Broker, topic: &str, options: &str, out: &str) -> Consumer {
+        let stderr = std::fs::File::create(self.path(&format!("{out}.stderr"))).unwrap();
+        let source = format!("kafka://{}/{topic}?{options}&session.timeout.ms=6000&idle_timeout=1s", broker.addr());
+        let child = Command::new(BIN)
+            .args(["run", "--config", "demo.toml", "--source", &source, "--sink", &format!("file:{out}")])
+            .args(["--threads", "2", "--trigger", "200ms", "--status", "false"])
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Consumer { child: Some(child), out: self.path(out), stderr: self.path(&format!("{out}.stderr")) }
+    }
+}
+
+struct Consumer {
+    child: Option<Child>,
+    out: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Consumer {
+    /// The last value of health metric `name` written, and how many times it was.
+    fn health(&self, name: &str) -> (i64, usize) {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let needle = format!(r#"{{"name":"expmon.{name}","#);
+        let mut last = (0, 0);
+        for l in text.lines().filter(|l| l.starts_with(&needle)) {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            last = (v["value"].as_i64().unwrap(), last.1 + 1);
+        }
+        last
+    }
+
+    /// Waits until the run has read `n` events and written a few more triggers
+    /// since (so the offsets of the last flush are acknowledged and committed).
+    fn wait_for_events(&self, n: i64) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut seen_at = None;
+        loop {
+            let (events, flushes) = self.health("events_in");
+            assert!(events <= n, "read {events} events, only {n} were produced");
+            if events == n {
+                let since = *seen_at.get_or_insert(flushes);
+                if flushes >= since + 5 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "read {events} of {n} events in 90 s; stderr: {}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGTERM: drain, flush, commit, exit 0.
+    fn stop(&mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        unsafe_kill(child.id(), "TERM");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "expmon run failed: {}", self.log());
+        self.log()
+    }
+
+    fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+
+    fn totals(&self, dc: &str) -> Totals {
+        totals_from_jsonl(&std::fs::read_to_string(&self.out).unwrap(), dc)
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success();
+    assert!(ok, "kill -{signal} {pid}");
+}
+
+/// The same events `ms` later (malformed lines unchanged).
+fn shifted(lines: &[Vec<u8>], ms: i64) -> Vec<Vec<u8>> {
+    lines
+        .iter()
+        .map(|l| match serde_json::from_slice::<serde_json::Value>(l) {
+            Ok(mut v) if v.get("ts").and_then(|t| t.as_i64()).is_some() => {
+                v["ts"] = (v["ts"].as_i64().unwrap() + ms).into();
+                serde_json::to_vec(&v).unwrap()
+            }
+            _ => l.clone(),
+        })
+        .collect()
+}
+
+fn assert_totals(expected: &Totals, actual: &Totals) {
+    let d = diff(expected, actual);
+    assert!(d.is_empty(), "{} differences, first: {d:#?}", d.len());
+    assert!(!expected.is_empty());
+}
+
+#[test]
+fn replay_through_an_8_partition_topic_equals_the_reference() {
+    let (broker, dir) = (Broker::start(), Dir::new());
+    let lines = dir.events(11, 40_000);
+    dir.produce(&broker, "events", &lines);
+    let options = "group=g1&dead_letter=bad-events&statistics.interval.ms=500";
+    let mut run = dir.consume_with(&broker, "events", options, "out.jsonl");
+    run.wait_for_events(lines.len() as i64);
+    let log = run.stop();
+    let config = dir.config();
+    assert_totals(&reference(&config, &lines), &run.totals(&config.engine.dc));
+    for p in 0..8 {
+        assert!(log.contains(&format!("partition events/{p} assigned")), "{log}");
+    }
+    assert!(run.health("late_dropped").0 > 0, "the data has late events");
+    let text = std::fs::read_to_string(&run.out).unwrap();
+    assert!(text.contains(r#""name":"expmon.kafka_consumer_lag","tags":{"dc":"dc1","instance":"#), "lag is reported");
+
+    // Every refused message is in the dead-letter topic, with its origin.
+    let rejected = run.health("events_rejected").0;
+    assert!(rejected > 0, "the data has malformed lines");
+    let copies = read_topic(&broker, "bad-events", rejected as usize);
+    assert_eq!(copies.len() as i64, rejected);
+    for (payload, headers) in &copies {
+        let origin = headers.get("expmon.offset").and_then(|o| o.parse::<usize>().ok());
+        assert!(origin.is_some() && headers.contains_key("expmon.partition"), "{headers:?}");
+        assert!(headers.get("expmon.topic").is_some_and(|t| t == "events"), "{headers:?}");
+        assert!(headers.get("expmon.reason").is_some_and(|r| !r.is_empty()), "{headers:?}");
+        assert!(lines.contains(payload), "a copy is the original message");
+    }
+}
+
+/// Reads `n` messages of `topic` from the start: payload and headers.
+fn read_topic(broker: &Broker, topic: &str, n: usize) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("group.id", "test-reader")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let mut headers = std::collections::BTreeMap::new();
+            if let Some(h) = m.headers() {
+                for hd in h.iter() {
+                    let v = hd.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default();
+                    headers.insert(hd.key.to_string(), v);
+                }
+            }
+            out.push((m.payload().unwrap_or_default().to_vec(), headers));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_consumer_resumes_from_committed_offsets() {
+    let (broker, dir) = (Broker::start(), Dir::new());
+    // Two batches a day apart: no session or minute spans them, so a restart
+    // with empty state (no checkpoint) is exact.
+    let first = dir.events(21, 15_000);
+    let second = shifted(&dir.events(22, 15_000), 86_400_000);
+    dir.produce(&broker, "events", &first);
+    let mut run1 = dir.consume(&broker, "events", "g1", "out1.jsonl");
+    run1.wait_for_events(first.len() as i64);
+    run1.kill();
+    dir.produce(&broker, "events", &second);
+    let mut run2 = dir.consume(&broker, "events", "g1", "out2.jsonl");
+    run2.wait_for_events(second.len() as i64);
+    run2.stop();
+    // Run 2 read exactly the second batch: nothing skipped, nothing re-read.
+    assert_eq!(run2.health("events_in").0, second.len() as i64);
+    let config = dir.config();
+    let all: Vec<Vec<u8>> = first.iter().chain(&second).cloned().collect();
+    let mut got = run1.totals(&config.engine.dc);
+    got.extend(run2.totals(&config.engine.dc));
+    assert_totals(&reference(&config, &all), &got);
+
+    // A third run in the group, after a graceful stop, has nothing to read.
+    let mut run3 = dir.consume(&broker, "events", "g1", "out3.jsonl");
+    std::thread::sleep(Duration::from_secs(8));
+    run3.stop();
+    assert_eq!(run3.health("events_in").0, 0);
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions() {
+    let (broker, dir) = (Broker::start(), Dir::new());
+    dir.produce(&broker, "events", &[]); // creates the topic
+    let mut a = dir.consume(&broker, "events", "g1", "a.jsonl");
+    let mut b = dir.consume(&broker, "events", "g1", "b.jsonl");
+    // Wait until the group has settled with both members.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let held = |c: &Consumer| {
+        let log = c.log();
+        (0..8)
+            .filter(|p| {
+                let (on, off) = (format!("events/{p} assigned"), format!("events/{p} revoked"));
+                log.matches(&on).count() > log.matches(&off).count()
+            })
+            .count()
+    };
+    while !(held(&a) > 0 && held(&b) > 0 && held(&a) + held(&b) == 8) {
+        assert!(Instant::now() < deadline, "no split in 60 s:\n{}\n{}", a.log(), b.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let lines = dir.events(31, 30_000);
+    dir.produce(&broker, "events", &lines);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while a.health("events_in").0 + b.health("events_in").0 < lines.len() as i64 {
+        assert!(Instant::now() < deadline, "the two instances did not read every event");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (na, nb) = (a.health("events_in").0, b.health("events_in").0);
+    assert!(na > 0 && nb > 0, "both instances read: {na} and {nb}");
+    assert_eq!(na + nb, lines.len() as i64, "each event read once");
+    a.wait_for_events(na);
+    b.wait_for_events(nb);
+    a.stop();
+    b.stop();
+    // Sessions are keyed to partitions, so each instance holds whole sessions:
+    // summing the two instances' totals (as a UI summing over an instance
+    // tag would) gives the reference.
+    let config = dir.config();
+    let mut sum = a.totals(&config.engine.dc);
+    for (k, v) in b.totals(&config.engine.dc) {
+        *sum.entry(k).or_default() += v;
+    }
+    sum.retain(|_, v| *v != 0);
+    assert_totals(&reference(&config, &lines), &sum);
+}
+
+#[test]
+fn the_broker_going_away_mid_run_is_survived() {
+    let (broker, dir) = (Broker::start(), Dir::new());
+    let lines = dir.events(41, 30_000);
+    let (first, second) = lines.split_at(15_000);
+    dir.produce(&broker, "events", first);
+    let mut run = dir.consume(&broker, "events", "g1", "out.jsonl");
+    run.wait_for_events(first.len() as i64);
+    broker.cut();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.restore();
+    dir.produce(&broker, "events", second);
+    run.wait_for_events(lines.len() as i64);
+    run.stop();
+    let config = dir.config();
+    assert_totals(&reference(&config, &lines), &run.totals(&config.engine.dc));
+}
+
+#[test]
+fn an_unreachable_broker_or_missing_topic_is_one_clear_line() {
+    let dir = Dir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = Command::new(BIN)
+        .args(["run", "--config", "demo.toml", "--source", &format!("kafka://127.0.0.1:{port}/events")])
+        .args(["--sink", "null"])
+        .current_dir(dir.path(""))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("cannot reach Kafka at 127.0.0.1:{port}")), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let broker = Broker::start();
+    let out = Command::new(BIN)
+        .args(["run", "--config", "demo.toml", "--source", &format!("kafka://{}/nope", broker.addr())])
+        .args(["--sink", "null"])
+        .current_dir(dir.path(""))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("no topic \"nope\"") || err.contains("no usable topic \"nope\""), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
