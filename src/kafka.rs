@@ -4,8 +4,10 @@
 //! An address is `kafka://HOST:PORT[,HOST:PORT…]/TOPIC[?key=value&…]`. Keys
 //! expmon understands: `group` (consumer group, default `expmon`),
 //! `dead_letter` (topic for bad messages), `idle_timeout` (a partition with no
-//! event for this long stops holding the watermark back, default 10s) and
-//! `partitions` (for `gen`: partitions of a topic it creates, default 8). Any
+//! event for this long stops holding the watermark back, default 10s),
+//! `until_end=true` (end the run once every assigned partition is read to its
+//! end: a bounded replay of a topic) and `partitions` (for `gen`: partitions
+//! of a topic it creates, default 8). Any
 //! key with a dot in it (`security.protocol`, `sasl.mechanism`,
 //! `fetch.max.bytes`, …) is passed to librdkafka as is, after the settings of
 //! the config file's `[kafka]` table.
@@ -28,6 +30,8 @@ pub struct KafkaSpec {
     pub dead_letter: Option<String>,
     pub idle_timeout: Duration,
     pub partitions: i32,
+    /// End the input once every assigned partition is at its end.
+    pub until_end: bool,
     /// librdkafka settings from the address (after those of the config file).
     pub settings: Vec<(String, String)>,
 }
@@ -54,6 +58,7 @@ impl KafkaSpec {
             dead_letter: None,
             idle_timeout: Duration::from_secs(10),
             partitions: 8,
+            until_end: false,
             settings: Vec::new(),
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
@@ -65,13 +70,16 @@ impl KafkaSpec {
                     let ms = parse_duration_ms(v).map_err(|e| bad(&format!("idle_timeout: {e}")))?;
                     out.idle_timeout = Duration::from_millis(ms.max(1) as u64);
                 }
+                "until_end" => out.until_end = v.parse().map_err(|_| bad("until_end: true or false"))?,
                 "partitions" => {
                     out.partitions = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("partitions: not a count"))?
                 }
-                _ if k.contains('.') => out.settings.push((k.to_string(), v.to_string())),
+                _ if k.contains('.') || ["debug", "acks"].contains(&k) => {
+                    out.settings.push((k.to_string(), v.to_string()))
+                }
                 _ => {
                     return Err(bad(&format!(
-                        "unknown option {k:?} (expmon's are group, dead_letter, idle_timeout, partitions; \
+                        "unknown option {k:?} (expmon's are group, dead_letter, idle_timeout, until_end, partitions; \
                          librdkafka settings have a dot in their name)"
                     )))
                 }

@@ -124,6 +124,9 @@ pub struct Summary {
     pub writer: WriterStats,
     pub threads: usize,
     pub elapsed: Duration,
+    /// When the first line arrived, from the start (a Kafka group join can
+    /// take seconds).
+    pub first_line: Option<Duration>,
     /// Peak resident memory of the process (VmHWM), if known.
     pub peak_rss_bytes: Option<u64>,
     /// What the sink reported when closed.
@@ -155,6 +158,15 @@ impl fmt::Display for Summary {
             self.events_per_sec(),
             self.threads
         )?;
+        if let Some(first) = self.first_line.filter(|d| d.as_secs_f64() >= 1.0) {
+            let busy = (self.elapsed.saturating_sub(first)).as_secs_f64().max(1e-9);
+            writeln!(
+                f,
+                "  first event after {:.3}s; {:.0} events/s from then on",
+                first.as_secs_f64(),
+                r.events_in as f64 / busy
+            )?;
+        }
         write!(f, "  rejected {}", r.rejected_total())?;
         let reasons: Vec<String> = Reject::ALL
             .iter()

