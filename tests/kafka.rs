@@ -281,7 +281,7 @@ fn a_killed_consumer_resumes_from_committed_offsets() {
     let mut run3 = dir.consume(&broker, "events", "g1", "out3.jsonl");
     std::thread::sleep(Duration::from_secs(8));
     run3.stop();
-    assert_eq!(run3.health("events_in").0, 0);
+    assert_eq!(run3.health("events_in").0, 0, "run 2:\n{}\nrun 3:\n{}", run2.log(), run3.log());
 }
 
 #[test]

@@ -26,6 +26,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,8 @@ struct Shared {
 
 struct Ctx {
     shared: Arc<Mutex<Shared>>,
+    /// Set when `shared.changes` has entries (checked after every poll).
+    changed: Arc<AtomicBool>,
     /// librdkafka's `debug` setting was given: show its debug log.
     verbose: bool,
 }
@@ -66,8 +69,10 @@ impl Ctx {
 }
 
 impl ClientContext for Ctx {
+    /// librdkafka's own log, with its `debug` setting; its errors also reach
+    /// [`ClientContext::error`], which reports them (rate-limited).
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        if self.verbose || (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+        if self.verbose {
             eprintln!("expmon: librdkafka {level:?} {fac}: {message}");
         }
     }
@@ -104,6 +109,7 @@ impl ConsumerContext for Ctx {
             Rebalance::Revoke(tpl) => {
                 let mut commit = TopicPartitionList::new();
                 let mut g = self.lock();
+                self.changed.store(true, Relaxed);
                 for e in tpl.elements() {
                     g.changes.push((e.partition(), false));
                     if let Some(&next) = g.acked.get(&e.partition()) {
@@ -119,6 +125,7 @@ impl ConsumerContext for Ctx {
             }
             Rebalance::Assign(tpl) => {
                 let mut g = self.lock();
+                self.changed.store(true, Relaxed);
                 for e in tpl.elements() {
                     g.changes.push((e.partition(), true));
                 }
@@ -146,6 +153,7 @@ struct Part {
 pub struct KafkaSource {
     consumer: BaseConsumer<Ctx>,
     shared: Arc<Mutex<Shared>>,
+    changed: Arc<AtomicBool>,
     spec: KafkaSpec,
     parts: AHashMap<i32, Part>,
     /// `(partition, offset)` of each line of the last fill, for dead letters.
@@ -159,6 +167,7 @@ impl KafkaSource {
     /// not answer or the topic does not exist.
     pub fn connect(spec: KafkaSpec, base: &[(String, String)]) -> Result<KafkaSource, String> {
         let shared = Arc::new(Mutex::new(Shared { topic: spec.topic.clone(), ..Shared::default() }));
+        let changed = Arc::new(AtomicBool::new(false));
         let mut cfg = spec.client_config(&[]);
         for (k, v) in [
             ("group.id", spec.group.as_str()),
@@ -182,6 +191,7 @@ impl KafkaSource {
         let consumer: BaseConsumer<Ctx> = cfg
             .create_with_context(Ctx {
                 shared: shared.clone(),
+                changed: changed.clone(),
                 verbose: base.iter().chain(&spec.settings).any(|(k, _)| k == "debug"),
             })
             .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
@@ -200,29 +210,13 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             shared,
+            changed,
             spec,
             parts: AHashMap::new(),
             origins: Vec::new(),
             dead_letter,
             dead_lettered: 0,
         })
-    }
-
-    /// Applies assignment changes recorded by the rebalance callback.
-    /// Returns whether there were any.
-    fn apply_changes(&mut self) -> bool {
-        let changes = std::mem::take(&mut self.shared.lock().unwrap_or_else(|e| e.into_inner()).changes);
-        for &(p, assigned) in &changes {
-            if assigned {
-                self.parts.insert(p, Part { next: None, last_message: Instant::now(), at_eof: false });
-            } else {
-                self.parts.remove(&p);
-                self.shared.lock().unwrap_or_else(|e| e.into_inner()).acked.remove(&p);
-            }
-            let what = if assigned { "assigned" } else { "revoked" };
-            eprintln!("expmon: kafka: partition {}/{p} {what}", self.spec.topic);
-        }
-        !changes.is_empty()
     }
 
     fn send_dead_letter(&mut self, partition: i32, offset: i64, payload: &[u8], reason: &str) {
@@ -253,14 +247,39 @@ impl KafkaSource {
     }
 }
 
+/// Applies assignment changes recorded by the rebalance callback (which runs
+/// inside `poll`: this is called right after every poll, before the next
+/// message can touch a partition's position). Returns whether there were any.
+fn apply_changes(changed: &AtomicBool, shared: &Mutex<Shared>, parts: &mut AHashMap<i32, Part>, topic: &str) -> bool {
+    if !changed.swap(false, Relaxed) {
+        return false;
+    }
+    let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+    let changes = std::mem::take(&mut g.changes);
+    for &(p, assigned) in &changes {
+        if assigned {
+            parts.insert(p, Part { next: None, last_message: Instant::now(), at_eof: false });
+        } else {
+            parts.remove(&p);
+            g.acked.remove(&p);
+        }
+        let what = if assigned { "assigned" } else { "revoked" };
+        eprintln!("expmon: kafka: partition {topic}/{p} {what}");
+    }
+    !changes.is_empty()
+}
+
 impl Source for KafkaSource {
     fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill> {
         batch.clear();
         self.origins.clear();
         let started = Instant::now();
+        let mut rebalanced = false;
         while batch.len() < FILL_LINES && batch.buf.len() < FILL_BYTES {
             let wait = if batch.is_empty() { FILL_WAIT.saturating_sub(started.elapsed()) } else { Duration::ZERO };
-            let Some(polled) = self.consumer.poll(wait) else {
+            let polled = self.consumer.poll(wait);
+            rebalanced |= apply_changes(&self.changed, &self.shared, &mut self.parts, &self.spec.topic);
+            let Some(polled) = polled else {
                 if !batch.is_empty() || started.elapsed() >= FILL_WAIT {
                     break;
                 }
@@ -299,7 +318,7 @@ impl Source for KafkaSource {
                 }
             }
         }
-        batch.rebalanced = self.apply_changes();
+        batch.rebalanced = rebalanced;
         let max_p = self.parts.keys().copied().max().unwrap_or(0).max(0) as usize;
         batch.partitions.clear();
         batch.partitions.resize(max_p + 1, PartitionState::Gone);
