@@ -5,6 +5,7 @@
 //! correct) → aggregate (per-minute counters, totals) → sink.
 
 pub mod aggregate; // metric keys, per-minute counters, merged totals
+pub mod checkpoint; // snapshots of all state + source position, restore
 pub mod config; // TOML → checked Config → compiled Catalog
 pub mod event; // the input event and its parsing
 pub mod gen; // the seeded load generator and its profiles

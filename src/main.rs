@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expmon::config::{parse_duration_ms, Catalog, Config};
-use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
 use expmon::source::{FileSource, KafkaSource, Source};
 
@@ -60,9 +59,16 @@ struct RunArgs {
     /// Override the config's trigger interval (e.g. 5s).
     #[arg(long)]
     trigger: Option<String>,
-    /// Checkpoint directory (not available yet).
+    /// Checkpoint directory: snapshots of all state and the source position;
+    /// an existing checkpoint there is restored at start.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Time between checkpoints (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    checkpoint_interval: String,
+    /// Set an existing checkpoint aside (renamed, not deleted) and start fresh.
+    #[arg(long)]
+    checkpoint_reset: bool,
     /// Show the live status line (default: when stderr is a terminal).
     #[arg(long)]
     status: Option<bool>,
@@ -125,17 +131,23 @@ fn cmd_check(file: &std::path::Path) -> Result<()> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {
-    if a.checkpoint.is_some() {
-        bail!("--checkpoint is not available yet in this build");
-    }
     let config = match &a.config {
         Some(path) => Config::load(path)?,
         None => Config::demo(),
     };
-    let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
-    let source = open_source(&a.source, &config)?;
+    let (checkpoint, restore) = match &a.checkpoint {
+        Some(dir) => open_checkpoint(dir, &a, &config)?,
+        None if a.checkpoint_reset => bail!("--checkpoint-reset needs --checkpoint DIR"),
+        None => (None, None),
+    };
+    let names = restore.as_ref().map(|s| s.router.names()).unwrap_or_default();
+    let catalog = Arc::new(Catalog::build(&config, Arc::new(names)).map_err(anyhow::Error::msg)?);
+    let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
+    let source = open_source(&a.source, &config, &resume)?;
     let sink = expmon::sink::open(&a.sink, &catalog)?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
+    opts.checkpoint = checkpoint;
+    opts.restore = restore.map(Arc::new);
     opts.pin = a.pin;
     if let Some(i) = a.instance.filter(|i| !i.is_empty()) {
         opts.instance = i;
@@ -174,16 +186,52 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn open_source(spec: &str, config: &Config) -> Result<Box<dyn Source>> {
+/// Prepares `--checkpoint DIR`: creates it, sets an old checkpoint aside on
+/// request, and loads the one there (refusing an unusable one).
+fn open_checkpoint(
+    dir: &std::path::Path,
+    a: &RunArgs,
+    config: &Config,
+) -> Result<(Option<shard::CheckpointOptions>, Option<expmon::checkpoint::Snapshot>)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
+    if a.checkpoint_reset {
+        if let Some(aside) = expmon::checkpoint::set_aside(dir)? {
+            eprintln!("expmon: checkpoint set aside as {}; starting fresh", aside.display());
+        }
+    }
+    let interval =
+        parse_duration_ms(&a.checkpoint_interval).map_err(anyhow::Error::msg).context("--checkpoint-interval")?;
+    let fingerprint = expmon::checkpoint::fingerprint(config);
+    let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
+    if let Some(s) = &snapshot {
+        let sessions: usize = s.shards.iter().map(Vec::len).sum();
+        eprintln!(
+            "expmon: restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
+            (expmon::health::now_ms() - s.created_ms) as f64 / 1000.0,
+            s.totals.len(),
+            sessions / 1024,
+            s.router.positions.len()
+        );
+    }
+    let opts = shard::CheckpointOptions {
+        dir: dir.to_path_buf(),
+        interval: Duration::from_millis(interval.max(1) as u64),
+        fingerprint,
+    };
+    Ok((Some(opts), snapshot))
+}
+
+fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) -> Result<Box<dyn Source>> {
     if let Some(path) = spec.strip_prefix("file:") {
-        return Ok(Box::new(FileSource::open(path)?));
+        let offset = resume.iter().find(|(p, _)| *p == 0).map_or(0, |&(_, o)| o.max(0) as u64);
+        return Ok(Box::new(FileSource::open_at(path, offset)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {
         return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?));
     }
     if spec.starts_with("kafka://") {
         let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(anyhow::Error::msg)?;
-        return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka).map_err(anyhow::Error::msg)?));
+        return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka, resume).map_err(anyhow::Error::msg)?));
     }
     bail!("bad source {spec:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")
 }

@@ -42,6 +42,21 @@ pub struct Names {
     pub login: NameTable,
 }
 
+impl Names {
+    /// Tables holding these names, in id order (a restored checkpoint's).
+    pub fn from_lists(lists: &[Vec<String>; 3]) -> Names {
+        let table =
+            |l: &Vec<String>| NameTable { names: RwLock::new(l.iter().map(|n| Arc::from(n.as_str())).collect()) };
+        Names { mp: table(&lists[0]), device: table(&lists[1]), login: table(&lists[2]) }
+    }
+
+    /// The names of each table, in id order (for a checkpoint).
+    pub fn to_lists(&self) -> [Vec<String>; 3] {
+        let list = |t: &NameTable| t.read().iter().map(|n| n.to_string()).collect();
+        [list(&self.mp), list(&self.device), list(&self.login)]
+    }
+}
+
 /// Which table an [`Interner`] fills.
 #[derive(Debug, Clone, Copy)]
 pub enum NameKind {

@@ -22,12 +22,17 @@ pub struct Point {
 struct State {
     total: i64,
     written: Option<i64>,
+    /// Write at the next flush even if the total did not change.
+    force: bool,
 }
 
 #[derive(Default)]
 pub struct Totals {
     points: AHashMap<(SeriesKey, i64), State>,
     dirty: Vec<(SeriesKey, i64)>,
+    /// After a restore: every point a delta touches is written again, even if
+    /// its net change is zero (see `crate::checkpoint`).
+    rewrite_touched: bool,
 }
 
 impl Totals {
@@ -38,11 +43,12 @@ impl Totals {
     pub fn apply(&mut self, deltas: &[Delta]) {
         for d in deltas {
             let k = (d.key, d.minute);
-            let st = self.points.entry(k).or_insert(State { total: 0, written: None });
-            if st.written.unwrap_or(0) == st.total {
+            let st = self.points.entry(k).or_insert(State { total: 0, written: None, force: false });
+            if st.written.unwrap_or(0) == st.total && !st.force {
                 // Was clean; may repeat in `dirty`, which `take_due` tolerates.
                 self.dirty.push(k);
             }
+            st.force |= self.rewrite_touched;
             st.total += d.delta;
         }
     }
@@ -54,9 +60,10 @@ impl Totals {
             let Some(st) = self.points.get_mut(&k) else {
                 continue;
             };
-            if st.total != st.written.unwrap_or(0) {
+            if st.total != st.written.unwrap_or(0) || st.force {
                 out.push(Point { key: k.0, minute: k.1, value: st.total });
                 st.written = Some(st.total);
+                st.force = false;
             }
         }
         if final_before > i64::MIN {
@@ -67,6 +74,21 @@ impl Totals {
     /// Points held (live minutes only).
     pub fn len(&self) -> usize {
         self.points.len()
+    }
+
+    /// Every held point, for a checkpoint (call right after `take_due`).
+    pub fn export(&self) -> Vec<crate::checkpoint::TotalRecord> {
+        self.points.iter().map(|(&(k, m), st)| (k.0, m, st.total, st.written)).collect()
+    }
+
+    /// Totals restored from a checkpoint; from now on every touched point is
+    /// rewritten.
+    pub fn restore(records: &[crate::checkpoint::TotalRecord]) -> Totals {
+        let points = records
+            .iter()
+            .map(|&(k, m, total, written)| ((SeriesKey(k), m), State { total, written, force: false }))
+            .collect();
+        Totals { points, dirty: Vec::new(), rewrite_touched: true }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -79,6 +79,12 @@ pub struct WriterStats {
     pub peak_state_sessions: u64,
     /// Most points held by the writer at once.
     pub peak_points: u64,
+    /// Checkpoints written and published, the longest pause one caused (the
+    /// slowest shard's encoding), and the size of the last.
+    pub checkpoints_written: u64,
+    pub checkpoints_published: u64,
+    pub checkpoint_pause_max_us: u64,
+    pub checkpoint_bytes: u64,
 }
 
 /// Figures published for the status line, a batch at a time.
@@ -131,6 +137,8 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// What the sink reported when closed.
     pub sink: crate::sink::SinkReport,
+    /// From noticing a stop to the end of the run (drain, flush, checkpoint).
+    pub stop_took: Option<Duration>,
 }
 
 /// Peak resident set size of this process, from /proc/self/status.
@@ -208,6 +216,19 @@ impl fmt::Display for Summary {
         }
         if let Some(rss) = self.peak_rss_bytes {
             write!(f, "\n  peak RSS {:.1} MiB", rss as f64 / (1 << 20) as f64)?;
+        }
+        if w.checkpoints_written > 0 {
+            write!(
+                f,
+                "\n  checkpoints: {} written, {} published; longest pause {:.1} ms; last {:.1} KiB",
+                w.checkpoints_written,
+                w.checkpoints_published,
+                w.checkpoint_pause_max_us as f64 / 1000.0,
+                w.checkpoint_bytes as f64 / 1024.0
+            )?;
+        }
+        if let Some(t) = self.stop_took {
+            write!(f, "\n  stopped: drained, flushed and closed in {:.0} ms", t.as_secs_f64() * 1000.0)?;
         }
         if !self.sink.summary.is_empty() {
             write!(f, "\n  {}", self.sink.summary)?;

@@ -305,6 +305,40 @@ impl SessionTable {
         }
     }
 
+    /// Appends every session (key, then state) to a checkpoint.
+    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+        e.u64(self.sessions.len() as u64);
+        for (k, s) in &self.sessions {
+            e.u64(k.0[0]);
+            e.u64(k.0[1]);
+            s.encode(e);
+        }
+    }
+
+    /// Reads sessions written by [`SessionTable::encode`], calling `each` with
+    /// every key and its encoded state (so a restore can re-shard them).
+    pub fn decode_each(
+        d: &mut crate::checkpoint::Dec<'_>,
+        mut each: impl FnMut(SessionKey, &[u8]),
+    ) -> Result<(), String> {
+        let n = d.count(16 + 24)?;
+        for _ in 0..n {
+            let key = SessionKey([d.u64()?, d.u64()?]);
+            // Decode once to check and to find its extent, then hand on the bytes.
+            let rest = d.clone_position();
+            Session::decode(d)?;
+            each(key, d.since(rest));
+        }
+        Ok(())
+    }
+
+    /// Adds a session from bytes handed out by [`SessionTable::decode_each`].
+    pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), String> {
+        let s = Session::decode(&mut crate::checkpoint::Dec::new(bytes))?;
+        self.sessions.insert(key, s);
+        Ok(())
+    }
+
     /// Frees every session that has expired at watermark `wm`.
     pub fn expire(&mut self, wm: i64) {
         let gap = self.gap_ms;

@@ -108,6 +108,47 @@ fn exp_cells(n: usize) -> usize {
 }
 
 impl Session {
+    /// Appends this session to a checkpoint.
+    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+        e.i64(self.base);
+        e.u32(self.max_off);
+        e.u16(self.n_exps);
+        e.u16(self.n_conds);
+        let attrs = self.attrs.as_deref().map_or(&[][..], |a| &a[..]);
+        e.u32(attrs.len() as u32);
+        for &(i, k, v) in attrs {
+            e.u8(i);
+            e.u32(k);
+            e.u32(v);
+        }
+        e.u32(self.cells.len() as u32);
+        for &c in &self.cells {
+            e.u64(c);
+        }
+    }
+
+    /// Reads a session written by [`Session::encode`], checking that its
+    /// layout is consistent.
+    pub fn decode(d: &mut crate::checkpoint::Dec<'_>) -> Result<Session, String> {
+        let (base, max_off, n_exps, n_conds) = (d.i64()?, d.u32()?, d.u16()?, d.u16()?);
+        let n_attrs = d.u32()? as usize;
+        let mut attrs = Vec::new();
+        for _ in 0..n_attrs {
+            attrs.push((d.u8()?, d.u32()?, d.u32()?));
+        }
+        let n_cells = d.u32()? as usize;
+        let fixed = exp_cells(n_exps as usize) + cond_cells(n_conds as usize);
+        if n_cells < fixed || n_cells - fixed > MAX_EVENTS_PER_SESSION {
+            return Err(format!("session with {n_cells} cells for {n_exps} experiments and {n_conds} conditions"));
+        }
+        let mut cells = Vec::with_capacity(n_cells);
+        for _ in 0..n_cells {
+            cells.push(d.u64()?);
+        }
+        let attrs = (!attrs.is_empty()).then(|| Box::new(attrs));
+        Ok(Session { base, max_off, n_exps, n_conds, attrs, cells })
+    }
+
     #[inline]
     fn events_start(&self) -> usize {
         exp_cells(self.n_exps as usize) + cond_cells(self.n_conds as usize)

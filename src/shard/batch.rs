@@ -59,8 +59,10 @@ impl EventBatch {
 pub struct FlushMarker {
     pub epoch: u64,
     pub watermark: i64,
-    /// End of input: the watermark is past every event; shards exit after.
+    /// The last marker: shards exit after it.
     pub last: bool,
+    /// Take a checkpoint at this marker: each shard encodes its sessions.
+    pub snapshot: bool,
 }
 
 pub enum ShardMsg {
@@ -74,6 +76,9 @@ pub struct ShardReport {
     pub marker: FlushMarker,
     pub deltas: Vec<crate::aggregate::Delta>,
     pub stats: ShardStats,
+    /// The shard's encoded sessions, when the marker asked for a snapshot,
+    /// and how long encoding them took (the shard's pause).
+    pub snapshot: Option<(Vec<u8>, std::time::Duration)>,
 }
 
 impl ShardReport {

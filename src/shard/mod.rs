@@ -28,7 +28,7 @@ pub mod router;
 pub mod worker;
 
 pub use batch::{EventBatch, FlushMarker, ShardMsg, ShardReport};
-pub use router::Router;
+pub use router::{shard_of, Router};
 pub use worker::{final_before, Worker};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -54,6 +54,8 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error("a {0} thread panicked")]
     Panicked(&'static str),
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 /// How to run the engine.
@@ -73,6 +75,29 @@ pub struct RunOptions {
     pub live: Arc<Live>,
     /// `instance` tag of the health metrics.
     pub instance: String,
+    /// Take checkpoints (see [`crate::checkpoint`]).
+    pub checkpoint: Option<CheckpointOptions>,
+    /// Continue from this checkpoint.
+    pub restore: Option<Arc<crate::checkpoint::Snapshot>>,
+}
+
+/// Where and how often to checkpoint.
+#[derive(Debug, Clone)]
+pub struct CheckpointOptions {
+    pub dir: std::path::PathBuf,
+    pub interval: Duration,
+    /// Of the configuration (see [`crate::checkpoint::fingerprint`]).
+    pub fingerprint: u64,
+}
+
+/// Why the router stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The input ended (a file, a bounded replay): flush everything.
+    Input,
+    /// Stopped (signal, duration, failure): with checkpoints, keep the open
+    /// state for the next run instead of finalizing it.
+    Stopped,
 }
 
 impl RunOptions {
@@ -85,6 +110,8 @@ impl RunOptions {
             max_duration: None,
             live: Arc::new(Live::default()),
             instance: crate::health::default_instance(),
+            checkpoint: None,
+            restore: None,
         }
     }
 }
@@ -107,9 +134,21 @@ pub fn run(
     let (recycle_tx, recycle_rx) = bounded::<EventBatch>(n * (SHARD_QUEUE + 2));
     let cores = if opts.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
 
+    // Restored sessions go to the shard that owns them at this run's `threads`.
+    let mut restored: Vec<Vec<(crate::session::SessionKey, Vec<u8>)>> = vec![Vec::new(); n];
+    if let Some(snap) = &opts.restore {
+        for blob in &snap.shards {
+            let mut d = crate::checkpoint::Dec::new(blob);
+            crate::session::SessionTable::decode_each(&mut d, |key, bytes| {
+                restored[shard_of(&key, n)].push((key, bytes.to_vec()));
+            })
+            .map_err(|e| RunError::Checkpoint(format!("checkpoint sessions: {e}")))?;
+        }
+    }
+
     let mut shard_txs: Vec<Sender<ShardMsg>> = Vec::with_capacity(n);
     let mut workers = Vec::with_capacity(n);
-    for shard in 0..n {
+    for (shard, sessions) in restored.into_iter().enumerate() {
         let (tx, rx) = bounded::<ShardMsg>(SHARD_QUEUE);
         shard_txs.push(tx);
         let (catalog, reports, recycle) = (catalog.clone(), report_tx.clone(), recycle_tx.clone());
@@ -122,7 +161,10 @@ pub fn run(
                         core_affinity::set_for_current(core);
                     }
                     // Built on its own thread: its memory is first touched here.
-                    Worker::new(shard, catalog).run(rx, reports, recycle);
+                    let mut worker = Worker::new(shard, catalog);
+                    worker.restore(&sessions);
+                    drop(sessions);
+                    worker.run(rx, reports, recycle);
                 })
                 .expect("spawn shard thread"),
         );
@@ -132,25 +174,57 @@ pub fn run(
 
     // Epochs whose flushes the sink has acknowledged: [0, acked).
     let acked = Arc::new(AtomicU64::new(0));
+    let (snap_tx, snap_rx) = crossbeam_channel::unbounded::<crate::checkpoint::RouterState>();
+    let ckpt = Checkpointer {
+        options: opts.checkpoint.clone(),
+        router_parts: snap_rx,
+        pending: None,
+        in_flight: Arc::new(AtomicBool::new(false)),
+        committable: Arc::new(std::sync::Mutex::new(None)),
+    };
+    let (in_flight, committable) = (ckpt.in_flight.clone(), ckpt.committable.clone());
     let writer = {
         let (catalog, live, instance, acked) =
             (catalog.clone(), opts.live.clone(), opts.instance.clone(), acked.clone());
+        let totals = opts.restore.as_ref().map(|s| Totals::restore(&s.totals)).unwrap_or_default();
         std::thread::Builder::new()
             .name("expmon-writer".into())
-            .spawn(move || write_loop(&catalog, sink, report_rx, n, &live, &instance, &acked))
+            .spawn(move || {
+                let mut w = Writer { catalog: &catalog, sink, totals, live: &live, instance: &instance, ckpt };
+                w.run(report_rx, n, &acked)
+            })
             .expect("spawn writer thread")
     };
 
     let mut router = Router::new(catalog, n);
+    if let Some(snap) = &opts.restore {
+        router.restore(&snap.router);
+    }
     let mut first_line = None;
-    let source_result =
-        route_loop(&mut router, source.as_mut(), &shard_txs, &recycle_rx, &opts, &acked, &mut first_line);
+    let links = Links {
+        shard_txs: &shard_txs,
+        recycle: &recycle_rx,
+        acked: &acked,
+        snap_tx: &snap_tx,
+        in_flight: &in_flight,
+        committable: &committable,
+    };
+    let source_result = route_loop(&mut router, source.as_mut(), &links, &opts, &mut first_line);
+    let stopped_at = matches!(source_result, Ok(Ended::Stopped)).then(Instant::now);
 
-    // End: pending batches, then the last marker with the watermark past everything.
+    // End: pending batches, then the last marker. At the end of the input its
+    // watermark is past everything; when stopped with checkpoints the open
+    // state is kept for the next run (and checkpointed) instead.
+    let keep_state = opts.checkpoint.is_some() && matches!(source_result, Ok(Ended::Stopped));
+    let snapshot = opts.checkpoint.is_some() && source_result.is_ok();
+    if snapshot {
+        let _ = snap_tx.send(router.checkpoint_state(source.position().unwrap_or_default()));
+    }
+    let watermark = if keep_state { router.watermark() } else { i64::MAX };
     for (i, tx) in shard_txs.iter().enumerate() {
         let batch = router.take_batch(i, None);
         let _ = tx.send(ShardMsg::Events(batch));
-        let _ = tx.send(ShardMsg::Flush(FlushMarker { epoch: u64::MAX, watermark: i64::MAX, last: true }));
+        let _ = tx.send(ShardMsg::Flush(FlushMarker { epoch: u64::MAX, watermark, last: true, snapshot }));
     }
     drop(shard_txs);
     for w in workers {
@@ -158,8 +232,13 @@ pub fn run(
     }
     let (writer_stats, shard_stats, mut sink_report) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
     source_result?;
-    // Everything read was flushed by the last marker; commit it if all arrived.
-    if sink_report.undelivered == 0 {
+    if opts.checkpoint.is_some() {
+        // Only positions covered by a published checkpoint are committed.
+        if let Some(pos) = committable.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            source.commit(&pos, true);
+        }
+    } else if sink_report.undelivered == 0 {
+        // Everything read was flushed by the last marker; commit it if all arrived.
         if let Some(pos) = source.position() {
             source.commit(&pos, true);
         }
@@ -176,21 +255,36 @@ pub fn run(
         threads: n,
         elapsed: started.elapsed(),
         first_line: first_line.map(|t| t.duration_since(started)),
+        stop_took: stopped_at.map(|t| t.elapsed()),
         peak_rss_bytes: crate::health::peak_rss_bytes(),
         sink: sink_report,
     })
 }
 
+/// What the router shares with the other stages.
+struct Links<'a> {
+    shard_txs: &'a [Sender<ShardMsg>],
+    recycle: &'a Receiver<EventBatch>,
+    /// Epochs the sink has acknowledged: `[0, acked)`.
+    acked: &'a AtomicU64,
+    /// The router's part of each checkpoint, to the writer.
+    snap_tx: &'a Sender<crate::checkpoint::RouterState>,
+    /// A checkpoint is being written or awaits acknowledgement.
+    in_flight: &'a AtomicBool,
+    /// Positions of the last published checkpoint, not yet committed.
+    committable: &'a std::sync::Mutex<Option<Offsets>>,
+}
+
 fn route_loop(
     router: &mut Router,
     source: &mut dyn Source,
-    shard_txs: &[Sender<ShardMsg>],
-    recycle: &Receiver<EventBatch>,
+    links: &Links<'_>,
     opts: &RunOptions,
-    acked: &AtomicU64,
     first_line: &mut Option<Instant>,
-) -> Result<(), RunError> {
+) -> Result<Ended, RunError> {
+    let (shard_txs, recycle, acked) = (links.shard_txs, links.recycle, links.acked);
     let live_source = source.is_live();
+    let mut next_snapshot = opts.checkpoint.as_ref().map(|c| Instant::now() + c.interval);
     let mut lines = LineBatch::default();
     let mut next_flush = Instant::now() + opts.trigger;
     let deadline = opts.max_duration.map(|d| Instant::now() + d);
@@ -203,7 +297,7 @@ fn route_loop(
     let (mut ahead, mut held) = (Vec::new(), Vec::<bool>::new());
     loop {
         if opts.stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(());
+            return Ok(Ended::Stopped);
         }
         let fill =
             source.fill(&mut lines).map_err(|error| RunError::Source { source_name: source.describe(), error })?;
@@ -219,7 +313,7 @@ fn route_loop(
                 Ok(Some(full)) => {
                     let batch = router.take_batch(full, recycle.try_recv().ok());
                     if shard_txs[full].send(ShardMsg::Events(batch)).is_err() {
-                        return Ok(()); // the shard is gone; the writer's error says why
+                        return Ok(Ended::Stopped); // the shard is gone; the writer's error says why
                     }
                 }
                 Ok(None) => {}
@@ -240,32 +334,49 @@ fn route_loop(
         }
         let wm = router.watermark();
         opts.live.publish_router(&router.stats, wm, router.max_ts().unwrap_or(0));
-        let done = acked.load(Relaxed);
-        let mut newest = None;
-        while unacked.front().is_some_and(|(e, _)| *e < done) {
-            newest = unacked.pop_front().map(|(_, pos)| pos);
-        }
-        if let Some(pos) = newest {
-            source.commit(&pos, false);
+        if opts.checkpoint.is_some() {
+            let published = links.committable.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(pos) = published {
+                source.commit(&pos, false);
+            }
+        } else {
+            let done = acked.load(Relaxed);
+            let mut newest = None;
+            while unacked.front().is_some_and(|(e, _)| *e < done) {
+                newest = unacked.pop_front().map(|(_, pos)| pos);
+            }
+            if let Some(pos) = newest {
+                source.commit(&pos, false);
+            }
         }
         if fill == Fill::End {
-            return Ok(());
+            return Ok(Ended::Input);
         }
         if lines.rebalanced || Instant::now() >= next_flush {
             next_flush = Instant::now() + opts.trigger;
-            if let Some(pos) = source.position() {
-                unacked.push_back((epoch, pos));
+            let mut snapshot = false;
+            if let (Some(at), Some(c)) = (next_snapshot, &opts.checkpoint) {
+                if Instant::now() >= at && !links.in_flight.swap(true, Relaxed) {
+                    next_snapshot = Some(Instant::now() + c.interval);
+                    snapshot = true;
+                    let _ = links.snap_tx.send(router.checkpoint_state(source.position().unwrap_or_default()));
+                }
+            }
+            if opts.checkpoint.is_none() {
+                if let Some(pos) = source.position() {
+                    unacked.push_back((epoch, pos));
+                }
             }
             *opts.live.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()) = source.lag();
             for (i, tx) in shard_txs.iter().enumerate() {
                 if router.pending(i) > 0 {
                     let batch = router.take_batch(i, recycle.try_recv().ok());
                     if tx.send(ShardMsg::Events(batch)).is_err() {
-                        return Ok(());
+                        return Ok(Ended::Stopped);
                     }
                 }
-                if tx.send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false })).is_err() {
-                    return Ok(());
+                if tx.send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false, snapshot })).is_err() {
+                    return Ok(Ended::Stopped);
                 }
             }
             epoch += 1;
@@ -273,82 +384,172 @@ fn route_loop(
     }
 }
 
-/// The writer stage: merges shard reports epoch by epoch and writes changed
-/// totals. Returns its own figures and the shards' last figures, summed.
-fn write_loop(
-    catalog: &Catalog,
-    mut sink: Box<dyn Sink>,
-    reports: Receiver<ShardReport>,
-    shards: usize,
-    live: &Live,
-    instance: &str,
-    acked: &AtomicU64,
-) -> Result<(WriterStats, ShardStats, SinkReport), SinkError> {
-    let mut totals = Totals::new();
-    let mut pending: BTreeMap<u64, Vec<ShardReport>> = BTreeMap::new();
-    let mut last_stats = vec![ShardStats::default(); shards];
-    let mut stats = WriterStats::default();
-    let mut points = Vec::new();
-    for report in reports {
-        let epoch = report.marker.epoch;
-        pending.entry(epoch).or_default().push(report);
-        while let Some(entry) = pending.first_entry() {
-            if entry.get().len() < shards {
-                break;
-            }
-            let group = entry.remove();
-            let marker = group[0].marker;
-            let started = Instant::now();
-            for r in &group {
-                totals.apply(r.deltas());
-                last_stats[r.shard] = r.stats;
-            }
-            points.clear();
-            stats.peak_points = stats.peak_points.max(totals.len() as u64);
-            totals.take_due(final_before(marker.watermark), &mut points);
-            if !points.is_empty() {
-                let namer = Namer::new(catalog);
-                sink.write(&points, &namer)?;
-            }
-            stats.upserts_written += points.len() as u64;
-            stats.flushes += 1;
-            stats.active_points = totals.len() as u64;
-            let mut sum = ShardStats::default();
-            for s in &last_stats {
-                sum += *s;
-            }
-            if sum.state_bytes > stats.peak_state_bytes {
-                stats.peak_state_bytes = sum.state_bytes;
-                stats.peak_state_sessions = sum.held_sessions;
-            }
-            live.active_sessions.store(sum.active_sessions, Relaxed);
-            live.active_points.store(stats.active_points, Relaxed);
-            live.upserts_written.store(stats.upserts_written, Relaxed);
-            let health = health_points(&HealthInputs {
-                live,
-                shards: &sum,
-                writer: &stats,
-                sink: &sink.health(),
-                trigger_ms: started.elapsed().as_millis() as u64,
-                now_ms: now_ms(),
-                dc: &catalog.engine.dc,
-                instance,
-            });
-            sink.write_health(now_ms(), &health)?;
-            sink.flush()?;
-            // Epochs run 0, 1, 2, …: flush k (1-based) ends epoch k - 1.
-            acked.store(stats.flushes.saturating_sub(sink.unacknowledged_flushes()), Relaxed);
-            if marker.last {
-                let report = sink.close()?;
-                return Ok((stats, sum, report));
+/// The writer's side of checkpointing (see [`crate::checkpoint`]).
+struct Checkpointer {
+    options: Option<CheckpointOptions>,
+    router_parts: Receiver<crate::checkpoint::RouterState>,
+    /// Written, waiting for the sink to acknowledge flush number `.0`.
+    pending: Option<(u64, std::path::PathBuf, Offsets)>,
+    in_flight: Arc<AtomicBool>,
+    committable: Arc<std::sync::Mutex<Option<Offsets>>>,
+}
+
+impl Checkpointer {
+    /// Writes the snapshot of the epoch just flushed (flush number `flush_no`).
+    fn write(
+        &mut self,
+        group: &[ShardReport],
+        totals: &Totals,
+        flush_no: u64,
+        stats: &mut WriterStats,
+    ) -> Result<(), RunError> {
+        let Some(opts) = &self.options else { return Ok(()) };
+        let io =
+            |e: std::io::Error| RunError::Checkpoint(format!("writing a checkpoint in {}: {e}", opts.dir.display()));
+        let router = self.router_parts.recv().map_err(|_| RunError::Checkpoint("router part missing".into()))?;
+        let mut r = crate::checkpoint::Enc::default();
+        router.encode(&mut r);
+        let mut t = crate::checkpoint::Enc::default();
+        crate::checkpoint::encode_totals(&totals.export(), &mut t);
+        let mut shards: Vec<&ShardReport> = group.iter().collect();
+        shards.sort_by_key(|r| r.shard);
+        let mut head = crate::checkpoint::Enc::default();
+        head.u64(shards.len() as u64);
+        let mut sections: Vec<&[u8]> = vec![&r.buf, &t.buf, &head.buf];
+        let mut lens = Vec::new();
+        let mut pause = Duration::ZERO;
+        for s in &shards {
+            let (bytes, took) = s.snapshot.as_ref().ok_or_else(|| RunError::Checkpoint("shard part missing".into()))?;
+            pause = pause.max(*took);
+            let mut len = crate::checkpoint::Enc::default();
+            len.u32(bytes.len() as u32);
+            lens.push((len, bytes));
+        }
+        for (len, bytes) in &lens {
+            sections.push(&len.buf);
+            sections.push(bytes);
+        }
+        let epoch = group[0].marker.epoch;
+        let tmp = crate::checkpoint::write_tmp(&opts.dir, opts.fingerprint, epoch, now_ms(), &sections).map_err(io)?;
+        crate::checkpoint::failpoint("checkpoint.written");
+        stats.checkpoints_written += 1;
+        stats.checkpoint_pause_max_us = stats.checkpoint_pause_max_us.max(pause.as_micros() as u64);
+        stats.checkpoint_bytes = sections.iter().map(|s| s.len() as u64).sum();
+        self.pending = Some((flush_no, tmp, router.positions));
+        Ok(())
+    }
+
+    /// Publishes the pending snapshot once flush `acked_flushes` covers it.
+    fn publish_if_acknowledged(&mut self, acked_flushes: u64, stats: &mut WriterStats) -> Result<(), RunError> {
+        let (Some(opts), Some((flush_no, _, _))) = (&self.options, &self.pending) else { return Ok(()) };
+        if acked_flushes < *flush_no {
+            return Ok(());
+        }
+        let (_, tmp, positions) = self.pending.take().expect("checked above");
+        crate::checkpoint::publish(&opts.dir, &tmp)
+            .map_err(|e| RunError::Checkpoint(format!("publishing a checkpoint in {}: {e}", opts.dir.display())))?;
+        crate::checkpoint::failpoint("checkpoint.published");
+        stats.checkpoints_published += 1;
+        *self.committable.lock().unwrap_or_else(|e| e.into_inner()) = Some(positions);
+        self.in_flight.store(false, Relaxed);
+        Ok(())
+    }
+}
+
+/// The writer stage: merges shard reports epoch by epoch, writes changed
+/// totals, and writes checkpoints.
+struct Writer<'a> {
+    catalog: &'a Catalog,
+    sink: Box<dyn Sink>,
+    totals: Totals,
+    live: &'a Live,
+    instance: &'a str,
+    ckpt: Checkpointer,
+}
+
+impl Writer<'_> {
+    /// Returns its own figures, the shards' last figures summed, and the sink's report.
+    fn run(
+        &mut self,
+        reports: Receiver<ShardReport>,
+        shards: usize,
+        acked: &AtomicU64,
+    ) -> Result<(WriterStats, ShardStats, SinkReport), RunError> {
+        let mut pending: BTreeMap<u64, Vec<ShardReport>> = BTreeMap::new();
+        let mut last_stats = vec![ShardStats::default(); shards];
+        let mut stats = WriterStats::default();
+        let mut points = Vec::new();
+        for report in reports {
+            let epoch = report.marker.epoch;
+            pending.entry(epoch).or_default().push(report);
+            while let Some(entry) = pending.first_entry() {
+                if entry.get().len() < shards {
+                    break;
+                }
+                let group = entry.remove();
+                let marker = group[0].marker;
+                let started = Instant::now();
+                for r in &group {
+                    self.totals.apply(r.deltas());
+                    last_stats[r.shard] = r.stats;
+                }
+                points.clear();
+                stats.peak_points = stats.peak_points.max(self.totals.len() as u64);
+                self.totals.take_due(final_before(marker.watermark), &mut points);
+                if !points.is_empty() {
+                    let namer = Namer::new(self.catalog);
+                    self.sink.write(&points, &namer)?;
+                    crate::checkpoint::failpoint("sink.written");
+                }
+                stats.upserts_written += points.len() as u64;
+                stats.flushes += 1;
+                stats.active_points = self.totals.len() as u64;
+                let mut sum = ShardStats::default();
+                for s in &last_stats {
+                    sum += *s;
+                }
+                if sum.state_bytes > stats.peak_state_bytes {
+                    stats.peak_state_bytes = sum.state_bytes;
+                    stats.peak_state_sessions = sum.held_sessions;
+                }
+                let live = self.live;
+                live.active_sessions.store(sum.active_sessions, Relaxed);
+                live.active_points.store(stats.active_points, Relaxed);
+                live.upserts_written.store(stats.upserts_written, Relaxed);
+                let health = health_points(&HealthInputs {
+                    live,
+                    shards: &sum,
+                    writer: &stats,
+                    sink: &self.sink.health(),
+                    trigger_ms: started.elapsed().as_millis() as u64,
+                    now_ms: now_ms(),
+                    dc: &self.catalog.engine.dc,
+                    instance: self.instance,
+                });
+                self.sink.write_health(now_ms(), &health)?;
+                self.sink.flush()?;
+                if marker.snapshot {
+                    self.ckpt.write(&group, &self.totals, stats.flushes, &mut stats)?;
+                }
+                // Epochs run 0, 1, 2, …: flush k (1-based) ends epoch k - 1.
+                let acked_flushes = stats.flushes.saturating_sub(self.sink.unacknowledged_flushes());
+                acked.store(acked_flushes, Relaxed);
+                self.ckpt.publish_if_acknowledged(acked_flushes, &mut stats)?;
+                if marker.last {
+                    let report = self.sink.close()?;
+                    if report.undelivered == 0 {
+                        self.ckpt.publish_if_acknowledged(stats.flushes, &mut stats)?;
+                    }
+                    return Ok((stats, sum, report));
+                }
             }
         }
+        // The shards stopped without a last marker (one of them failed).
+        let mut sum = ShardStats::default();
+        for s in &last_stats {
+            sum += *s;
+        }
+        let report = self.sink.close()?;
+        Ok((stats, sum, report))
     }
-    // The shards stopped without a last marker (one of them failed).
-    let mut sum = ShardStats::default();
-    for s in &last_stats {
-        sum += *s;
-    }
-    let report = sink.close()?;
-    Ok((stats, sum, report))
 }

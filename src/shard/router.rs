@@ -221,6 +221,29 @@ impl Router {
         std::mem::replace(&mut self.batches[i], fresh)
     }
 
+    /// The router's part of a checkpoint, with the source position `positions`.
+    pub fn checkpoint_state(&self, positions: crate::source::Offsets) -> crate::checkpoint::RouterState {
+        crate::checkpoint::RouterState {
+            watermark: self.watermark,
+            max_ts: self.max_ts,
+            clocks: self.clocks.iter().map(|c| (c.max_ts, c.counts)).collect(),
+            positions,
+            names: self.catalog.names.to_lists(),
+        }
+    }
+
+    /// Continues from a checkpoint's state (names were restored with the catalog).
+    pub fn restore(&mut self, s: &crate::checkpoint::RouterState) {
+        self.watermark = s.watermark;
+        self.max_ts = s.max_ts;
+        self.clocks = s.clocks.iter().map(|&(max_ts, counts)| Clock { max_ts, counts }).collect();
+        if self.clocks.is_empty() {
+            self.clocks.push(Clock { max_ts: None, counts: true });
+        }
+        self.counting = self.clocks.iter().filter(|c| c.counts).count();
+        self.recompute_watermark();
+    }
+
     pub fn lateness_ms(&self) -> i64 {
         self.lateness_ms
     }

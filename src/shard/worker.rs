@@ -37,6 +37,14 @@ impl Worker {
         }
     }
 
+    /// Adds sessions restored from a checkpoint (encoded by `SessionTable::encode`).
+    pub fn restore(&mut self, sessions: &[(crate::session::SessionKey, Vec<u8>)]) {
+        for (key, bytes) in sessions {
+            // Checked when the checkpoint was loaded.
+            self.sessions.restore(*key, bytes).expect("restored session decodes");
+        }
+    }
+
     pub fn apply(&mut self, batch: &EventBatch) {
         // Session state is mostly out of cache; looking the sessions of a
         // stretch of events up first, with nothing depending on the loads, lets
@@ -88,8 +96,15 @@ impl Worker {
                         held_sessions,
                         state_bytes,
                     };
+                    let snapshot = marker.snapshot.then(|| {
+                        let started = std::time::Instant::now();
+                        let mut e = crate::checkpoint::Enc::default();
+                        self.sessions.encode(&mut e);
+                        (e.buf, started.elapsed())
+                    });
                     let last = marker.last;
-                    if reports.send(ShardReport { shard: self.shard, marker, deltas, stats }).is_err() || last {
+                    let report = ShardReport { shard: self.shard, marker, deltas, stats, snapshot };
+                    if reports.send(report).is_err() || last {
                         return;
                     }
                 }

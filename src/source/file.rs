@@ -18,24 +18,41 @@ pub struct FileSource {
     /// Inside an over-long line: drop bytes up to the next newline.
     skipping: bool,
     done: bool,
+    /// Bytes read from the start of the file (a regular file; `None` for stdin).
+    read_total: Option<u64>,
 }
 
 impl FileSource {
     /// `-` reads stdin.
     pub fn open(path: &str) -> io::Result<FileSource> {
-        let input: Box<dyn Read + Send> = if path == "-" {
-            Box::new(PipeReader::spawn(io::stdin()))
-        } else {
-            Box::new(
-                File::open(Path::new(path))
-                    .map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?,
-            )
-        };
-        Ok(FileSource::from_reader(input, format!("file:{path}")))
+        FileSource::open_at(path, 0)
+    }
+
+    /// Opens a file at byte `offset` (a position from a checkpoint).
+    pub fn open_at(path: &str, offset: u64) -> io::Result<FileSource> {
+        if path == "-" {
+            if offset > 0 {
+                return Err(io::Error::other("stdin cannot resume from a checkpoint position"));
+            }
+            return Ok(FileSource::from_reader(Box::new(PipeReader::spawn(io::stdin())), "file:-".into()));
+        }
+        let mut f =
+            File::open(Path::new(path)).map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
+        let mut me = FileSource::from_reader(Box::new(f), format!("file:{path}"));
+        me.read_total = Some(offset);
+        Ok(me)
     }
 
     pub fn from_reader(input: Box<dyn Read + Send>, name: String) -> FileSource {
-        FileSource { input, name, pending: Vec::with_capacity(READ_CHUNK), skipping: false, done: false }
+        FileSource {
+            input,
+            name,
+            pending: Vec::with_capacity(READ_CHUNK),
+            skipping: false,
+            done: false,
+            read_total: None,
+        }
     }
 
     fn cut_lines(&mut self, batch: &mut LineBatch, at_end: bool) {
@@ -107,6 +124,9 @@ impl Source for FileSource {
                 }
             };
             self.pending.truncate(old + n);
+            if let Some(t) = &mut self.read_total {
+                *t += n as u64;
+            }
             if n == 0 {
                 self.cut_lines(batch, true);
                 self.done = true;
@@ -125,6 +145,11 @@ impl Source for FileSource {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    /// The byte offset just past the last line returned (partition 0).
+    fn position(&self) -> Option<super::Offsets> {
+        self.read_total.map(|t| vec![(0, (t - self.pending.len() as u64) as i64)])
     }
 }
 

@@ -19,11 +19,12 @@
 use ahash::{AHashMap, AHashSet};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Offset, TopicPartitionList};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -52,6 +53,12 @@ struct Shared {
     last_error: Option<(Instant, String)>,
     /// Set once connected: errors before that end the start-up in one line.
     connected: bool,
+    /// Positions from a checkpoint: where to start each partition when it is
+    /// first assigned (instead of the group's committed offset).
+    resume: AHashMap<i32, i64>,
+    /// Resume positions applied to an assignment, for the source's own
+    /// position of a partition before its first message.
+    resumed: AHashMap<i32, i64>,
 }
 
 struct Ctx {
@@ -91,7 +98,7 @@ impl ClientContext for Ctx {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
             return;
         }
         // librdkafka retries on its own; say so at most every 10 s.
@@ -104,6 +111,48 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// The default strategy, plus starting partitions at a checkpoint's
+    /// positions: the committed offsets may lag a published checkpoint (the
+    /// process can die between publishing it and committing).
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                {
+                    let mut g = self.lock();
+                    let topic = g.topic.clone();
+                    for p in tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>() {
+                        if let Some(at) = g.resume.remove(&p) {
+                            let _ = tpl.set_partition_offset(&topic, p, Offset::Offset(at));
+                            g.resumed.insert(p, at);
+                        }
+                    }
+                }
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                eprintln!("expmon: kafka: rebalance error: {}", RDKafkaErrorCode::from(other));
+                consumer.unassign()
+            }
+        };
+        if let Err(e) = result {
+            eprintln!("expmon: kafka: applying a rebalance failed: {e}");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -165,8 +214,14 @@ pub struct KafkaSource {
 impl KafkaSource {
     /// Joins the group and subscribes. Fails with one line if the brokers do
     /// not answer or the topic does not exist.
-    pub fn connect(spec: KafkaSpec, base: &[(String, String)]) -> Result<KafkaSource, String> {
-        let shared = Arc::new(Mutex::new(Shared { topic: spec.topic.clone(), ..Shared::default() }));
+    /// `resume`: positions from a checkpoint, used when a partition is first
+    /// assigned.
+    pub fn connect(spec: KafkaSpec, base: &[(String, String)], resume: &Offsets) -> Result<KafkaSource, String> {
+        let shared = Arc::new(Mutex::new(Shared {
+            topic: spec.topic.clone(),
+            resume: resume.iter().copied().collect(),
+            ..Shared::default()
+        }));
         let changed = Arc::new(AtomicBool::new(false));
         let mut cfg = spec.client_config(&[]);
         for (k, v) in [
@@ -233,7 +288,7 @@ impl KafkaSource {
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -258,7 +313,8 @@ fn apply_changes(changed: &AtomicBool, shared: &Mutex<Shared>, parts: &mut AHash
     let changes = std::mem::take(&mut g.changes);
     for &(p, assigned) in &changes {
         if assigned {
-            parts.insert(p, Part { next: None, last_message: Instant::now(), at_eof: false });
+            let next = g.resumed.remove(&p);
+            parts.insert(p, Part { next, last_message: Instant::now(), at_eof: false });
         } else {
             parts.remove(&p);
             g.acked.remove(&p);

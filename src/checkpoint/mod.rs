@@ -1,0 +1,311 @@
+//! Checkpoints: a consistent snapshot of all engine state plus the source
+//! position, so that a restart ends exactly where an uninterrupted run would.
+//!
+//! Consistency comes from the flush protocol: a snapshot is taken at a flush
+//! marker. The router encodes its state (watermark clocks, interned names,
+//! source position) when it sends the marker; each shard encodes its sessions
+//! when the marker reaches it (its counters are empty then); the writer encodes
+//! the merged totals after applying that epoch. All three describe the same cut
+//! of the input.
+//!
+//! Durability and ordering:
+//! 1. the writer writes `checkpoint.bin.tmp` and fsyncs it;
+//! 2. once the sink has acknowledged every point of that epoch (so the totals
+//!    the snapshot says were written really are in the sink), it renames the
+//!    file to `checkpoint.bin` and fsyncs the directory;
+//! 3. only then may the source commit the snapshot's position (Kafka offsets).
+//!
+//! A restart restores the state, seeks the source to the saved position and
+//! replays. The sink receives absolute totals, so replayed output overwrites
+//! with the same values; for the rest of the run the writer also rewrites every
+//! point a replayed event touches, even when its net change is zero (the
+//! crashed process may have written an intermediate value after the snapshot).
+//!
+//! File format (little-endian): magic `EXPMONCP`, format version (u32),
+//! config fingerprint (u64), epoch (u64), creation time (ms), then sections
+//! (router, totals, one per shard), then an xxh3-64 checksum of everything
+//! before it. A file with another magic, a newer version, a wrong checksum, a
+//! truncation or another config's fingerprint is refused with a message saying
+//! so; `--checkpoint-reset` sets it aside and starts fresh on purpose.
+
+mod codec;
+
+pub use codec::{Dec, Enc};
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::config::Config;
+use crate::names::Names;
+use crate::source::Offsets;
+
+pub const MAGIC: &[u8; 8] = b"EXPMONCP";
+pub const VERSION: u32 = 1;
+pub const FILE: &str = "checkpoint.bin";
+
+/// The router's part: watermark, per-partition clocks, names, position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouterState {
+    pub watermark: i64,
+    pub max_ts: Option<i64>,
+    /// `(max ts, counts)` per input partition.
+    pub clocks: Vec<(Option<i64>, bool)>,
+    pub positions: Offsets,
+    /// Interned mp, device and login names, in id order.
+    pub names: [Vec<String>; 3],
+}
+
+impl RouterState {
+    pub fn encode(&self, e: &mut Enc) {
+        e.i64(self.watermark);
+        e.opt_i64(self.max_ts);
+        e.u64(self.clocks.len() as u64);
+        for &(m, counts) in &self.clocks {
+            e.opt_i64(m);
+            e.u8(counts as u8);
+        }
+        e.u64(self.positions.len() as u64);
+        for &(p, o) in &self.positions {
+            e.u32(p as u32);
+            e.i64(o);
+        }
+        for table in &self.names {
+            e.u64(table.len() as u64);
+            for n in table {
+                e.bytes(n.as_bytes());
+            }
+        }
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Result<RouterState, String> {
+        let mut r = RouterState { watermark: d.i64()?, max_ts: d.opt_i64()?, ..RouterState::default() };
+        for _ in 0..d.count(10)? {
+            let m = d.opt_i64()?;
+            r.clocks.push((m, d.u8()? != 0));
+        }
+        for _ in 0..d.count(12)? {
+            r.positions.push((d.u32()? as i32, d.i64()?));
+        }
+        for table in r.names.iter_mut() {
+            for _ in 0..d.count(4)? {
+                let b = d.bytes()?;
+                table.push(String::from_utf8(b.to_vec()).map_err(|_| "a name is not UTF-8".to_string())?);
+            }
+        }
+        Ok(r)
+    }
+
+    /// The names tables, for building the catalog of the restored run.
+    pub fn names(&self) -> Names {
+        Names::from_lists(&self.names)
+    }
+}
+
+/// A total held by the writer: `(series key, minute, total, last written)`.
+pub type TotalRecord = (u64, i64, i64, Option<i64>);
+
+pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
+    e.u64(totals.len() as u64);
+    for &(k, m, t, w) in totals {
+        e.u64(k);
+        e.i64(m);
+        e.i64(t);
+        e.opt_i64(w);
+    }
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub epoch: u64,
+    pub created_ms: i64,
+    pub router: RouterState,
+    pub totals: Vec<TotalRecord>,
+    /// One encoded `SessionTable` per shard of the run that wrote it.
+    pub shards: Vec<Vec<u8>>,
+}
+
+/// What the engine configuration a checkpoint belongs to hashes to: a
+/// checkpoint of other experiments or other watermark rules is meaningless.
+pub fn fingerprint(config: &Config) -> u64 {
+    let e = &config.engine;
+    let text = format!("{:?}|{}|{}|{}", config.experiments, e.dc, e.allowed_lateness_ms, e.session_gap_ms);
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// Writes `sections` as `DIR/checkpoint.bin.tmp`, fsynced; returns its path.
+pub fn write_tmp(
+    dir: &Path,
+    fingerprint: u64,
+    epoch: u64,
+    created_ms: i64,
+    sections: &[&[u8]],
+) -> std::io::Result<PathBuf> {
+    let mut head = Enc::default();
+    head.buf.extend_from_slice(MAGIC);
+    head.u32(VERSION);
+    head.u64(fingerprint);
+    head.u64(epoch);
+    head.i64(created_ms);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    hasher.update(&head.buf);
+    for s in sections {
+        hasher.update(s);
+    }
+    let path = dir.join(format!("{FILE}.tmp"));
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
+    f.write_all(&head.buf)?;
+    for s in sections {
+        f.write_all(s)?;
+    }
+    f.write_all(&hasher.digest().to_le_bytes())?;
+    let f = f.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    Ok(path)
+}
+
+/// Makes a written temp file the checkpoint: rename, then fsync the folder.
+pub fn publish(dir: &Path, tmp: &Path) -> std::io::Result<()> {
+    std::fs::rename(tmp, dir.join(FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Loads `DIR/checkpoint.bin`: `Ok(None)` if there is none; `Err` with a
+/// complete message if it cannot be used.
+pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
+    let path = dir.join(FILE);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read checkpoint {}: {e}", path.display())),
+    };
+    let bad = |why: String| {
+        format!(
+            "checkpoint {} is unusable: {why} (use --checkpoint-reset to set it aside and start fresh)",
+            path.display()
+        )
+    };
+    if data.len() < MAGIC.len() + 4 + 8 || &data[..8] != MAGIC {
+        return Err(bad("not an expmon checkpoint".into()));
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    if version > VERSION {
+        return Err(bad(format!("format version {version} is newer than this build's {VERSION}")));
+    }
+    let (body, sum) = data.split_at(data.len() - 8);
+    if xxhash_rust::xxh3::xxh3_64(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
+        return Err(bad("checksum mismatch (corrupt or truncated)".into()));
+    }
+    let mut d = Dec::new(&body[12..]);
+    let decoded = (|| -> Result<Snapshot, String> {
+        let fp = d.u64()?;
+        if fp != fingerprint {
+            return Err("it was written for a different configuration (experiments, dc, lateness or gap)".into());
+        }
+        let (epoch, created_ms) = (d.u64()?, d.i64()?);
+        let router = RouterState::decode(&mut d)?;
+        let mut totals = Vec::new();
+        for _ in 0..d.count(33)? {
+            totals.push((d.u64()?, d.i64()?, d.i64()?, d.opt_i64()?));
+        }
+        let mut shards = Vec::new();
+        for _ in 0..d.count(4)? {
+            shards.push(d.bytes()?.to_vec());
+        }
+        if !d.is_done() {
+            return Err("trailing bytes".into());
+        }
+        Ok(Snapshot { epoch, created_ms, router, totals, shards })
+    })();
+    decoded.map(Some).map_err(bad)
+}
+
+/// `--checkpoint-reset`: moves an existing checkpoint aside (never deletes it).
+pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
+    let path = dir.join(FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let aside = dir.join(format!("{FILE}.discarded-{}", crate::health::now_ms()));
+    std::fs::rename(&path, &aside)?;
+    Ok(Some(aside))
+}
+
+/// Crash testing: `EXPMON_FAILPOINT=NAME` (or `NAME@N`, the Nth time) aborts
+/// the process at the named point, as a power cut would.
+pub fn failpoint(name: &str) {
+    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("EXPMON_FAILPOINT").ok()?;
+        let (n, at) = v.split_once('@').unwrap_or((&v, "1"));
+        Some((n.to_string(), at.parse().unwrap_or(1)))
+    });
+    if let Some((n, at)) = spec {
+        if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
+            eprintln!("expmon: failpoint {name}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> RouterState {
+        RouterState {
+            watermark: 5,
+            max_ts: Some(9),
+            clocks: vec![(Some(9), true), (None, false)],
+            positions: vec![(0, 17), (3, 4)],
+            names: [vec!["home".into()], vec!["desktop".into(), "mobile".into()], vec![]],
+        }
+    }
+
+    fn write(dir: &Path, fp: u64) -> PathBuf {
+        let mut r = Enc::default();
+        state().encode(&mut r);
+        let mut t = Enc::default();
+        encode_totals(&[(1, 60_000, 3, Some(2))], &mut t);
+        let mut shards = Enc::default();
+        shards.u64(1);
+        shards.bytes(&[1, 2, 3]);
+        let tmp = write_tmp(dir, fp, 7, 1000, &[&r.buf, &t.buf, &shards.buf]).unwrap();
+        publish(dir, &tmp).unwrap();
+        dir.join(FILE)
+    }
+
+    #[test]
+    fn round_trips_and_refuses_damage_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path(), 1).unwrap().is_none());
+        let path = write(dir.path(), 42);
+        let s = load(dir.path(), 42).unwrap().unwrap();
+        assert_eq!((s.epoch, s.created_ms, s.router.clone()), (7, 1000, state()));
+        assert_eq!(s.totals, vec![(1, 60_000, 3, Some(2))]);
+        assert_eq!(s.shards, vec![vec![1, 2, 3]]);
+
+        let e = load(dir.path(), 43).unwrap_err();
+        assert!(e.contains("different configuration") && e.contains("--checkpoint-reset"), "{e}");
+
+        let good = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+        assert!(load(dir.path(), 42).unwrap_err().contains("checksum"));
+        let mut flipped = good.clone();
+        flipped[40] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(load(dir.path(), 42).unwrap_err().contains("checksum"));
+        let mut newer = good.clone();
+        newer[8] = 9;
+        std::fs::write(&path, &newer).unwrap();
+        assert!(load(dir.path(), 42).unwrap_err().contains("newer"));
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(load(dir.path(), 42).unwrap_err().contains("not an expmon checkpoint"));
+
+        let aside = set_aside(dir.path()).unwrap().unwrap();
+        assert!(aside.exists() && !path.exists());
+        assert!(load(dir.path(), 42).unwrap().is_none());
+    }
+}
