@@ -220,7 +220,7 @@ impl fmt::Display for Summary {
         if w.checkpoints_written > 0 {
             write!(
                 f,
-                "\n  checkpoints: {} written, {} published; longest pause {:.1} ms; last {:.1} KiB",
+                "\n  checkpoints: {} written, {} published; longest pause {:.1} ms; largest {:.1} KiB",
                 w.checkpoints_written,
                 w.checkpoints_published,
                 w.checkpoint_pause_max_us as f64 / 1000.0,

@@ -434,7 +434,7 @@ impl Checkpointer {
         crate::checkpoint::failpoint("checkpoint.written");
         stats.checkpoints_written += 1;
         stats.checkpoint_pause_max_us = stats.checkpoint_pause_max_us.max(pause.as_micros() as u64);
-        stats.checkpoint_bytes = sections.iter().map(|s| s.len() as u64).sum();
+        stats.checkpoint_bytes = stats.checkpoint_bytes.max(sections.iter().map(|s| s.len() as u64).sum());
         self.pending = Some((flush_no, tmp, router.positions));
         Ok(())
     }

@@ -12,6 +12,7 @@
 
 pub mod broker;
 pub mod kairos_server;
+pub mod runs;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
