@@ -48,6 +48,7 @@ fn experiments() -> impl Strategy<Value = Vec<Experiment>> {
                 variations: (0..nv as i64).map(|k| (10 + i as i64) * 10 + k).collect(),
                 mps: mps.map(|m| m.into_iter().map(str::to_string).collect()),
                 qualify,
+                weights: vec![1; nv],
             })
             .collect()
     })
@@ -171,6 +172,7 @@ fn config(experiments: Vec<Experiment>) -> Config {
             session_gap_ms: GAP,
             trigger_ms: 60_000,
             ttl_s: 86_400,
+            stall_factor: 10,
         },
         experiments,
         kafka: Vec::new(),

@@ -57,6 +57,8 @@ pub struct CompiledExperiment {
     pub conditions: Vec<CompiledCondition>,
     /// Where its variations' visit counters sit in a per-mp counter region.
     pub visit_layout: VisitLayout,
+    /// Configured split, one weight per variation.
+    pub weights: Vec<u32>,
 }
 
 /// Layout of an experiment's visit counters in the per-(tenant, mp) regions of
@@ -240,7 +242,16 @@ impl Catalog {
                     VisitLayout::Every(base)
                 }
             };
-            cat.experiments.push(CompiledExperiment { id: x.id, tenant, variations, mps, conditions, visit_layout });
+            let weights = x.weights.clone();
+            cat.experiments.push(CompiledExperiment {
+                id: x.id,
+                tenant,
+                variations,
+                mps,
+                conditions,
+                visit_layout,
+                weights,
+            });
         }
         Ok(cat)
     }

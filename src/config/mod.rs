@@ -59,6 +59,10 @@ pub struct EngineConfig {
     pub trigger_ms: u64,
     /// KairosDB time-to-live of written points, in seconds.
     pub ttl_s: u64,
+    /// Exposure stall: a minute's assigned (or factor-matched) sessions of an
+    /// experiment below its recent rate divided by this, while its tenant's
+    /// traffic goes on.
+    pub stall_factor: u32,
 }
 
 /// One qualification condition: equalities on a single event. `None` fields are
@@ -80,6 +84,8 @@ pub struct Experiment {
     /// Measurement points reported; `None` means every mp seen.
     pub mps: Option<Vec<String>>,
     pub qualify: Vec<Condition>,
+    /// Configured split, one weight per variation (default: equal).
+    pub weights: Vec<u32>,
 }
 
 /// A checked configuration.
@@ -110,6 +116,7 @@ struct RawEngine {
     session_gap: Option<Spanned<String>>,
     trigger: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    stall_factor: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +125,7 @@ struct RawExperiment {
     id: Spanned<i64>,
     tenant: Spanned<String>,
     variations: Spanned<Vec<Spanned<i64>>>,
+    weights: Option<Spanned<Vec<Spanned<i64>>>>,
     mps: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     qualify: Vec<Spanned<RawCondition>>,
@@ -272,6 +280,17 @@ impl<'a> Checker<'a> {
                         }
                         (ms / 1000) as u64
                     },
+                    stall_factor: match &e.stall_factor {
+                        None => d.stall_factor,
+                        Some(f) if (2..=1000).contains(f.get_ref()) => *f.get_ref() as u32,
+                        Some(f) => {
+                            return Err(self.err(
+                                f.span(),
+                                "engine.stall_factor".into(),
+                                format!("must be an integer from 2 to 1000, got {}", f.get_ref()),
+                            ))
+                        }
+                    },
                 }
             }
         };
@@ -369,7 +388,32 @@ impl<'a> Checker<'a> {
                     attrs: rc.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                 });
             }
-            experiments.push(Experiment { id, tenant, variations, mps, qualify });
+            let weights = match &x.weights {
+                None => vec![1; variations.len()],
+                Some(w) => {
+                    if w.get_ref().len() != variations.len() {
+                        return Err(self.err(
+                            w.span(),
+                            field("weights"),
+                            format!("has {} weights for {} variations", w.get_ref().len(), variations.len()),
+                        ));
+                    }
+                    let mut out = Vec::new();
+                    for v in w.get_ref() {
+                        let n = *v.get_ref();
+                        if !(1..=1_000_000).contains(&n) {
+                            return Err(self.err(
+                                v.span(),
+                                field("weights"),
+                                format!("weights are integers from 1 to 1000000, got {n}"),
+                            ));
+                        }
+                        out.push(n as u32);
+                    }
+                    out
+                }
+            };
+            experiments.push(Experiment { id, tenant, variations, mps, qualify, weights });
         }
         let mut kafka = Vec::new();
         if let Some(t) = &raw.kafka {
@@ -401,6 +445,7 @@ impl Default for EngineConfig {
             session_gap_ms: 30 * 60_000,
             trigger_ms: 60_000,
             ttl_s: 30 * 86_400,
+            stall_factor: 10,
         }
     }
 }
@@ -461,6 +506,20 @@ qualify = [
     fn empty_variations_refused() {
         let e = err("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = []\n");
         assert!(e.starts_with("t.toml:4: experiment[0].variations:"), "{e}");
+    }
+
+    #[test]
+    fn weights_checked_and_defaulted() {
+        let base = "[[experiment]]\nid = 1\ntenant = \"t\"\nvariations = [1, 2]\n";
+        assert_eq!(Config::parse(base, "t.toml").unwrap().experiments[0].weights, vec![1, 1]);
+        let ok = Config::parse(&format!("{base}weights = [90, 10]\n"), "t.toml").unwrap();
+        assert_eq!(ok.experiments[0].weights, vec![90, 10]);
+        let e = err(&format!("{base}weights = [1, 2, 3]\n"));
+        assert!(e.contains("t.toml:5: experiment[0].weights: has 3 weights for 2 variations"), "{e}");
+        let e = err(&format!("{base}weights = [0, 2]\n"));
+        assert!(e.contains("experiment[0].weights: weights are integers from 1"), "{e}");
+        let e = err("[engine]\nstall_factor = 1\n");
+        assert!(e.contains("t.toml:2: engine.stall_factor: must be an integer from 2 to 1000"), "{e}");
     }
 
     #[test]

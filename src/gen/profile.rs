@@ -154,7 +154,7 @@ impl Profile {
             for _ in 0..125 {
                 next_id += 1 + rng.gen_range(0..3);
                 let nv = rng.gen_range(2..=3);
-                let variations = (1..=nv).map(|k| (next_id * 10 + k) as i64).collect();
+                let variations: Vec<i64> = (1..=nv).map(|k| (next_id * 10 + k) as i64).collect();
                 let mps = if rng.gen_bool(0.1) {
                     None
                 } else {
@@ -189,7 +189,8 @@ impl Profile {
                         _ => Condition { mp: Some(page), ..Condition::default() },
                     });
                 }
-                experiments.push(Experiment { id: next_id, tenant: t.to_string(), variations, mps, qualify });
+                let weights = vec![1; variations.len()];
+                experiments.push(Experiment { id: next_id, tenant: t.to_string(), variations, mps, qualify, weights });
             }
         }
         let config = Config { engine: EngineConfig::default(), experiments, kafka: Vec::new() };

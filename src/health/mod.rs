@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use crate::event::Reject;
 
+mod experiments;
 mod points;
 
-pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint};
+pub use experiments::{chi_square_sf, srm_pvalue, srm_state, ExperimentHealth};
+pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint, HealthValue};
 
 /// Counted by the router, per event, in plain fields.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -9,11 +9,45 @@ use crate::sink::SinkHealth;
 
 /// One health figure with its tags, sorted by tag name (`dc`, `instance`,
 /// then e.g. `reason`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthPoint {
     pub name: String,
     pub tags: Vec<(&'static str, String)>,
-    pub value: i64,
+    pub value: HealthValue,
+}
+
+/// A health figure: a count, or a rate or probability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HealthValue {
+    Int(i64),
+    /// Always finite.
+    Float(f64),
+}
+
+impl HealthValue {
+    /// KairosDB's data point type.
+    pub fn kairos_type(self) -> &'static str {
+        match self {
+            HealthValue::Int(_) => "long",
+            HealthValue::Float(_) => "double",
+        }
+    }
+}
+
+impl std::fmt::Display for HealthValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            HealthValue::Int(v) => write!(f, "{v}"),
+            HealthValue::Float(v) if v.is_finite() => write!(f, "{v}"),
+            HealthValue::Float(_) => write!(f, "0"),
+        }
+    }
+}
+
+impl From<i64> for HealthValue {
+    fn from(v: i64) -> HealthValue {
+        HealthValue::Int(v)
+    }
 }
 
 /// Everything the writer knows at the end of a trigger.
@@ -37,7 +71,7 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
     let point = |name: &str, value: u64| HealthPoint {
         name: format!("expmon.{name}"),
         tags: tags(None),
-        value: value.min(i64::MAX as u64) as i64,
+        value: HealthValue::Int(value.min(i64::MAX as u64) as i64),
     };
     let l = h.live;
     let mut out = vec![
@@ -61,15 +95,15 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
     for r in Reject::ALL {
         let n = l.rejected_by_reason[r.index()].load(Relaxed);
         let name = "expmon.events_rejected_by_reason".into();
-        out.push(HealthPoint { name, tags: tags(Some(("reason", r.as_str().into()))), value: n as i64 });
+        out.push(HealthPoint { name, tags: tags(Some(("reason", r.as_str().into()))), value: (n as i64).into() });
     }
     for (q, us) in [("p50", h.sink.latency_p50_us), ("p99", h.sink.latency_p99_us), ("max", h.sink.latency_max_us)] {
         let name = "expmon.write_latency_us".into();
-        out.push(HealthPoint { name, tags: tags(Some(("quantile", q.into()))), value: us as i64 });
+        out.push(HealthPoint { name, tags: tags(Some(("quantile", q.into()))), value: (us as i64).into() });
     }
     for &(partition, lag) in l.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         let name = "expmon.kafka_consumer_lag".into();
-        out.push(HealthPoint { name, tags: tags(Some(("partition", partition.to_string()))), value: lag });
+        out.push(HealthPoint { name, tags: tags(Some(("partition", partition.to_string()))), value: lag.into() });
     }
     let wm = l.watermark.load(Relaxed);
     if wm > 0 {

@@ -262,6 +262,8 @@ pub struct SessionTable {
     /// assigned experiment.
     before: Vec<Before>,
     first_met: Vec<u8>,
+    /// Sessions that became conflicting since the last drain, per experiment.
+    conflicts_by_experiment: Vec<u32>,
 }
 
 impl SessionTable {
@@ -274,7 +276,21 @@ impl SessionTable {
             stats: SessionStats::default(),
             before: Vec::new(),
             first_met: Vec::new(),
+            conflicts_by_experiment: Vec::new(),
         }
+    }
+
+    /// Sessions that became conflicting per experiment since the last call
+    /// (sparse: `(experiment index, count)`).
+    pub fn take_conflicts(&mut self) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        for (x, n) in self.conflicts_by_experiment.iter_mut().enumerate() {
+            if *n > 0 {
+                out.push((x as u32, *n as u64));
+                *n = 0;
+            }
+        }
+        out
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -412,6 +428,11 @@ impl SessionTable {
                         s.conflict = true;
                         session.set_exp(i, s);
                         self.stats.conflicts += 1;
+                        let x = experiment as usize;
+                        if self.conflicts_by_experiment.len() <= x {
+                            self.conflicts_by_experiment.resize(catalog.experiments.len().max(x + 1), 0);
+                        }
+                        self.conflicts_by_experiment[x] += 1;
                     }
                     let wins = !in_order
                         && match ord.cmp(key, session.key(s.assigned)) {

@@ -76,6 +76,8 @@ pub struct ShardReport {
     pub marker: FlushMarker,
     pub deltas: Vec<crate::aggregate::Delta>,
     pub stats: ShardStats,
+    /// Sessions that became conflicting since the last report, per experiment.
+    pub conflicts: Vec<(u32, u64)>,
     /// The shard's encoded sessions, when the marker asked for a snapshot,
     /// and how long encoding them took (the shard's pause).
     pub snapshot: Option<(Vec<u8>, std::time::Duration)>,

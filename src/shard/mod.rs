@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Namer, Totals};
 use crate::config::Catalog;
-use crate::health::{health_points, now_ms, HealthInputs, Live, ShardStats, Summary, WriterStats};
+use crate::health::{health_points, now_ms, ExperimentHealth, HealthInputs, Live, ShardStats, Summary, WriterStats};
 use crate::sink::{Sink, SinkError, SinkReport};
 use crate::source::{Fill, LineBatch, Offsets, Source};
 
@@ -190,7 +190,9 @@ pub fn run(
         std::thread::Builder::new()
             .name("expmon-writer".into())
             .spawn(move || {
-                let mut w = Writer { catalog: &catalog, sink, totals, live: &live, instance: &instance, ckpt };
+                let experiments = ExperimentHealth::new(catalog.clone());
+                let mut w =
+                    Writer { catalog: &catalog, sink, totals, live: &live, instance: &instance, ckpt, experiments };
                 w.run(report_rx, n, &acked)
             })
             .expect("spawn writer thread")
@@ -459,12 +461,13 @@ impl Checkpointer {
 /// The writer stage: merges shard reports epoch by epoch, writes changed
 /// totals, and writes checkpoints.
 struct Writer<'a> {
-    catalog: &'a Catalog,
+    catalog: &'a Arc<Catalog>,
     sink: Box<dyn Sink>,
     totals: Totals,
     live: &'a Live,
     instance: &'a str,
     ckpt: Checkpointer,
+    experiments: ExperimentHealth,
 }
 
 impl Writer<'_> {
@@ -491,6 +494,7 @@ impl Writer<'_> {
                 let started = Instant::now();
                 for r in &group {
                     self.totals.apply(r.deltas());
+                    self.experiments.observe(r.deltas(), &r.conflicts);
                     last_stats[r.shard] = r.stats;
                 }
                 points.clear();
@@ -516,7 +520,7 @@ impl Writer<'_> {
                 live.active_sessions.store(sum.active_sessions, Relaxed);
                 live.active_points.store(stats.active_points, Relaxed);
                 live.upserts_written.store(stats.upserts_written, Relaxed);
-                let health = health_points(&HealthInputs {
+                let mut health = health_points(&HealthInputs {
                     live,
                     shards: &sum,
                     writer: &stats,
@@ -526,6 +530,8 @@ impl Writer<'_> {
                     dc: &self.catalog.engine.dc,
                     instance: self.instance,
                 });
+                let final_at = final_before(marker.watermark);
+                health.extend(self.experiments.points(final_at, &self.catalog.engine.dc, self.instance));
                 self.sink.write_health(now_ms(), &health)?;
                 self.sink.flush()?;
                 if marker.snapshot {

@@ -103,7 +103,8 @@ impl Worker {
                         (e.buf, started.elapsed())
                     });
                     let last = marker.last;
-                    let report = ShardReport { shard: self.shard, marker, deltas, stats, snapshot };
+                    let conflicts = self.sessions.take_conflicts();
+                    let report = ShardReport { shard: self.shard, marker, deltas, stats, conflicts, snapshot };
                     if reports.send(report).is_err() || last {
                         return;
                     }

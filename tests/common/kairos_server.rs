@@ -5,8 +5,9 @@
 //! Validation (answered with `400 {"errors":[…]}`): the body must be a JSON
 //! array (gzip-decoded when `Content-Encoding: gzip`); each metric needs a
 //! non-empty `name`, at least one tag, no empty tag names or values, a `type`
-//! of `long` when given, an integer `ttl` when given, and `datapoints` of
-//! `[ms, value]` pairs with integer timestamps (and integer values for longs).
+//! of `long` or `double` when given, an integer `ttl` when given, and
+//! `datapoints` of `[ms, value]` pairs with integer timestamps (integer values
+//! for longs; doubles are stored as millionths).
 //! A valid request stores every point (same name, tags and timestamp: the
 //! newer value overwrites) and answers `204` with no body.
 
@@ -301,11 +302,11 @@ fn validate(i: usize, m: &serde_json::Value) -> Result<Vec<(StoredId, i64)>, Str
         }
         t.insert(k.clone(), v.to_string());
     }
-    if let Some(ty) = m.get("type") {
-        if ty.as_str() != Some("long") {
-            return Err(at("type must be long in this server"));
-        }
-    }
+    let double = match m.get("type").map(|t| t.as_str()) {
+        None | Some(Some("long")) => false,
+        Some(Some("double")) => true,
+        _ => return Err(at("type must be long or double in this server")),
+    };
     if let Some(ttl) = m.get("ttl") {
         if !ttl.is_u64() {
             return Err(at("ttl must be a non-negative integer"));
@@ -316,7 +317,13 @@ fn validate(i: usize, m: &serde_json::Value) -> Result<Vec<(StoredId, i64)>, Str
     for dp in dps {
         let pair = dp.as_array().filter(|p| p.len() == 2).ok_or(at("datapoint must be [timestamp, value]"))?;
         let ts = pair[0].as_i64().ok_or(at("timestamp must be an integer in milliseconds"))?;
-        let v = pair[1].as_i64().ok_or(at("value of a long must be an integer"))?;
+        let v = if double {
+            // Stored as millionths, so that one map holds both kinds.
+            let v = pair[1].as_f64().filter(|v| v.is_finite()).ok_or(at("value of a double must be a number"))?;
+            (v * 1e6).round() as i64
+        } else {
+            pair[1].as_i64().ok_or(at("value of a long must be an integer"))?
+        };
         out.push(((name.to_string(), t.clone(), ts), v));
     }
     Ok(out)

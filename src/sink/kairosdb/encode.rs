@@ -34,7 +34,11 @@ pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> Vec<u8> 
             json.push(':');
             push_json_str(&mut json, v);
         }
-        json.push_str(&format!("}},\"type\":\"long\",\"ttl\":{ttl_s},\"datapoints\":[[{ts_ms},{}]]}}", p.value));
+        json.push_str(&format!(
+            "}},\"type\":\"{}\",\"ttl\":{ttl_s},\"datapoints\":[[{ts_ms},{}]]}}",
+            p.value.kairos_type(),
+            p.value
+        ));
     }
     json.push(']');
     gzip(&json)

@@ -1,0 +1,400 @@
+//! Experiment health: signals that an experiment is broken, computed by the
+//! writer from the same deltas that make the totals, written every trigger as
+//! `expmon.experiment.*` points (tags `dc`, `instance`, `tenant`,
+//! `experiment`, and more per signal).
+//!
+//! - **Sample ratio mismatch (SRM):** a chi-square goodness-of-fit test of the
+//!   sessions assigned to each variation, cumulative since the experiment
+//!   started in this engine, against the configured `weights`. Written as
+//!   `srm_pvalue` and `srm_state` (0 ok, 1 warning at p < 0.01, 2 alarm at
+//!   p < 0.001) once there are at least [`SRM_MIN_SESSIONS`] sessions and
+//!   every variation expects at least 5 — overall (`device` and `login` tags
+//!   `all`) and for every (device, login) segment, so an SRM confined to one
+//!   segment shows.
+//! - **Crossover:** `crossover_rate`, the share of assigned sessions seen with
+//!   conflicting assignments for the experiment.
+//! - **Exposure stall:** `stall{kind=assigned|fm}` is 1 when, in the last
+//!   final minute, the experiment's assigned (or factor-matched) sessions fell
+//!   below its mean over the previous minutes divided by `stall_factor`
+//!   (zero included) while the tenant's other experiments still had sessions.
+//!
+//! The counts are cumulative in this process: a restart (even from a
+//! checkpoint) starts them again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{HealthPoint, HealthValue};
+use crate::aggregate::{Delta, MetricKind, MINUTE_MS};
+use crate::config::Catalog;
+
+/// Fewest sessions before SRM is judged.
+pub const SRM_MIN_SESSIONS: i64 = 100;
+/// p-value thresholds of the warning and alarm states.
+pub const SRM_WARNING: f64 = 0.01;
+pub const SRM_ALARM: f64 = 0.001;
+/// Minutes of history a stall is judged against, and the fewest needed.
+const STALL_HISTORY: i64 = 10;
+const STALL_MIN_HISTORY: usize = 3;
+/// A stall needs a recent mean of at least this many sessions per minute.
+const STALL_MIN_RATE: f64 = 5.0;
+
+/// Sessions per variation slot of one experiment, overall and per segment.
+#[derive(Debug, Default, Clone)]
+struct Split {
+    overall: Vec<i64>,
+    segments: BTreeMap<(u16, u16), Vec<i64>>,
+}
+
+pub struct ExperimentHealth {
+    catalog: Arc<Catalog>,
+    /// Slot of each catalog variation within its experiment.
+    slot: Vec<u8>,
+    splits: Vec<Split>,
+    conflicts: Vec<u64>,
+    /// Per experiment and minute: `[assigned, fm]` sessions.
+    minutes: Vec<BTreeMap<i64, [i64; 2]>>,
+    /// Per tenant and minute: assigned sessions over all its experiments.
+    tenant_minutes: Vec<BTreeMap<i64, i64>>,
+    /// Minutes before this have been judged for stalls.
+    judged_before: i64,
+    stalled: Vec<[bool; 2]>,
+    stall_factor: f64,
+}
+
+impl ExperimentHealth {
+    pub fn new(catalog: Arc<Catalog>) -> ExperimentHealth {
+        let mut slot = vec![0u8; catalog.variations.len()];
+        for x in &catalog.experiments {
+            for (i, &v) in x.variations.iter().enumerate() {
+                slot[v as usize] = i as u8;
+            }
+        }
+        let n = catalog.experiments.len();
+        let splits = catalog
+            .experiments
+            .iter()
+            .map(|x| Split { overall: vec![0; x.variations.len()], segments: BTreeMap::new() })
+            .collect();
+        ExperimentHealth {
+            slot,
+            splits,
+            conflicts: vec![0; n],
+            minutes: vec![BTreeMap::new(); n],
+            tenant_minutes: vec![BTreeMap::new(); catalog.tenants.len()],
+            judged_before: i64::MIN,
+            stalled: vec![[false; 2]; n],
+            stall_factor: catalog.engine.stall_factor as f64,
+            catalog,
+        }
+    }
+
+    /// Takes in one shard report's deltas and new conflicts.
+    pub fn observe(&mut self, deltas: &[Delta], conflicts: &[(u32, u64)]) {
+        for d in deltas {
+            let kind = d.key.kind();
+            let fm = match kind {
+                MetricKind::SessionAssigned => false,
+                MetricKind::SessionFm => true,
+                _ => continue,
+            };
+            let v = d.key.variation() as usize;
+            let info = &self.catalog.variations[v];
+            let x = info.experiment as usize;
+            let m = self.minutes[x].entry(d.minute).or_default();
+            m[fm as usize] += d.delta;
+            if fm {
+                continue;
+            }
+            *self.tenant_minutes[info.tenant as usize].entry(d.minute).or_default() += d.delta;
+            let slot = self.slot[v] as usize;
+            let split = &mut self.splits[x];
+            split.overall[slot] += d.delta;
+            let n = split.overall.len();
+            split.segments.entry((d.key.device(), d.key.login())).or_insert_with(|| vec![0; n])[slot] += d.delta;
+        }
+        for &(x, n) in conflicts {
+            if let Some(c) = self.conflicts.get_mut(x as usize) {
+                *c += n;
+            }
+        }
+    }
+
+    /// Judges stalls in the minutes that became final (before
+    /// `final_before`), in order; the state shown is that of the last one with
+    /// any traffic.
+    fn judge_stalls(&mut self, final_before: i64) {
+        if final_before <= self.judged_before.max(i64::MIN + 1) {
+            return;
+        }
+        let mut due: Vec<i64> = self
+            .tenant_minutes
+            .iter()
+            .flat_map(|t| t.range(self.judged_before.max(i64::MIN + 1)..final_before).map(|(&m, _)| m))
+            .collect();
+        due.sort_unstable();
+        due.dedup();
+        for &minute in &due {
+            self.judge_minute(minute);
+        }
+        if let Some(&last) = due.last() {
+            self.judged_before = last + 1;
+            let keep_from = last - STALL_HISTORY * MINUTE_MS;
+            for m in self.minutes.iter_mut() {
+                m.retain(|&k, _| k >= keep_from);
+            }
+            for m in self.tenant_minutes.iter_mut() {
+                m.retain(|&k, _| k >= keep_from);
+            }
+        }
+    }
+
+    fn judge_minute(&mut self, minute: i64) {
+        for (x, exp) in self.catalog.experiments.iter().enumerate() {
+            let tenant = &self.tenant_minutes[exp.tenant as usize];
+            if !tenant.contains_key(&minute) {
+                continue; // this tenant has no traffic then: nothing to judge
+            }
+            let minutes = &self.minutes[x];
+            let now = minutes.get(&minute).copied().unwrap_or([0, 0]);
+            let others_now = tenant.get(&minute).copied().unwrap_or(0) - now[0];
+            for kind in 0..2 {
+                let history: Vec<i64> = (1..=STALL_HISTORY)
+                    .map(|k| minute - k * MINUTE_MS)
+                    .filter(|m| tenant.get(m).copied().unwrap_or(0) > 0)
+                    .map(|m| minutes.get(&m).map_or(0, |c| c[kind]))
+                    .collect();
+                let mean = history.iter().sum::<i64>() as f64 / history.len().max(1) as f64;
+                self.stalled[x][kind] = history.len() >= STALL_MIN_HISTORY
+                    && mean >= STALL_MIN_RATE
+                    && others_now > 0
+                    && (now[kind] as f64) * self.stall_factor < mean;
+            }
+        }
+    }
+
+    /// The signals, for health points written now. `final_before` is the
+    /// first non-final minute at the current watermark.
+    pub fn points(&mut self, final_before: i64, dc: &str, instance: &str) -> Vec<HealthPoint> {
+        self.judge_stalls(final_before);
+        let mut out = Vec::new();
+        for (x, exp) in self.catalog.experiments.iter().enumerate() {
+            let split = &self.splits[x];
+            let assigned: i64 = split.overall.iter().sum();
+            if assigned == 0 && self.conflicts[x] == 0 {
+                continue; // not seen yet: nothing to say
+            }
+            let tenant = self.catalog.tenants[exp.tenant as usize].as_str();
+            let tags = |extra: &[(&'static str, String)]| {
+                let mut t = vec![
+                    ("dc", dc.to_string()),
+                    ("experiment", exp.id.to_string()),
+                    ("instance", instance.to_string()),
+                    ("tenant", tenant.to_string()),
+                ];
+                t.extend(extra.iter().cloned());
+                t.sort_by_key(|(k, _)| *k);
+                t
+            };
+            let mut point = |name: &str, extra: &[(&'static str, String)], value: HealthValue| {
+                out.push(HealthPoint { name: format!("expmon.experiment.{name}"), tags: tags(extra), value });
+            };
+            point("assigned_sessions", &[], HealthValue::Int(assigned));
+            if assigned > 0 {
+                point("crossover_rate", &[], HealthValue::Float(self.conflicts[x] as f64 / assigned as f64));
+            }
+            for (kind, name) in ["assigned", "fm"].iter().enumerate() {
+                let stalled = self.stalled[x][kind] as i64;
+                point("stall", &[("kind", name.to_string())], HealthValue::Int(stalled));
+            }
+            let names = &self.catalog.names;
+            let segments = std::iter::once((("all".to_string(), "all".to_string()), &split.overall)).chain(
+                split
+                    .segments
+                    .iter()
+                    .map(|(&(d, l), c)| ((names.device.get(d).to_string(), names.login.get(l).to_string()), c)),
+            );
+            for ((device, login), counts) in segments {
+                if let Some(p) = srm_pvalue(counts, &exp.weights) {
+                    let seg = [("device", device.clone()), ("login", login.clone())];
+                    point("srm_pvalue", &seg, HealthValue::Float(p));
+                    point("srm_state", &seg, HealthValue::Int(srm_state(p)));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// 0 ok, 1 warning, 2 alarm.
+pub fn srm_state(p: f64) -> i64 {
+    if p < SRM_ALARM {
+        2
+    } else if p < SRM_WARNING {
+        1
+    } else {
+        0
+    }
+}
+
+/// The chi-square goodness-of-fit p-value of `observed` against `weights`,
+/// or `None` with too few sessions to judge.
+pub fn srm_pvalue(observed: &[i64], weights: &[u32]) -> Option<f64> {
+    let n: i64 = observed.iter().sum();
+    let wsum: f64 = weights.iter().map(|&w| w as f64).sum();
+    if observed.len() < 2 || n < SRM_MIN_SESSIONS || wsum <= 0.0 {
+        return None;
+    }
+    let expected: Vec<f64> = weights.iter().map(|&w| n as f64 * w as f64 / wsum).collect();
+    if expected.iter().any(|&e| e < 5.0) {
+        return None;
+    }
+    let chi2: f64 = observed.iter().zip(&expected).map(|(&o, &e)| (o as f64 - e).powi(2) / e).sum();
+    Some(chi_square_sf(chi2, (observed.len() - 1) as f64))
+}
+
+/// P(X > x) for X ~ chi-square with `k` degrees of freedom: the regularized
+/// upper incomplete gamma function Q(k/2, x/2).
+pub fn chi_square_sf(x: f64, k: f64) -> f64 {
+    if x <= 0.0 {
+        return 1.0;
+    }
+    gamma_q(k / 2.0, x / 2.0).clamp(0.0, 1.0)
+}
+
+/// Q(a, x) by its series (x < a + 1) or its continued fraction (otherwise).
+fn gamma_q(a: f64, x: f64) -> f64 {
+    let ln_prefix = a * x.ln() - x - ln_gamma(a);
+    if x < a + 1.0 {
+        // P(a, x) = e^(-x) x^a / Γ(a+1) · Σ x^n / ((a+1)…(a+n))
+        let (mut sum, mut term, mut ap) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..1000 {
+            ap += 1.0;
+            term *= x / ap;
+            sum += term;
+            if term.abs() < sum.abs() * 1e-15 {
+                break;
+            }
+        }
+        1.0 - sum * ln_prefix.exp()
+    } else {
+        // Lentz's method for the continued fraction of Q(a, x).
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..1000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + an / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let delta = d * c;
+            h *= delta;
+            if (delta - 1.0).abs() < 1e-15 {
+                break;
+            }
+        }
+        ln_prefix.exp() * h
+    }
+}
+
+/// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Γ(x) Γ(1 - x) = π / sin(πx).
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = G[0];
+    let t = x + 7.5;
+    for (i, &g) in G.iter().enumerate().skip(1) {
+        a += g / (x + i as f64);
+    }
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn chi_square_tail_matches_tables() {
+        // Critical values from standard tables.
+        for (x, k, p) in [
+            (3.841_458_8, 1.0, 0.05),
+            (6.634_896_6, 1.0, 0.01),
+            (10.827_566, 1.0, 0.001),
+            (9.210_340_4, 2.0, 0.01),
+            (11.344_867, 3.0, 0.01),
+            (1.0, 1.0, 0.317_310_5),
+            (30.0, 10.0, 0.000_856_641_2), // Q(5, 15) = e^-15 · Σ_{k<5} 15^k/k!
+        ] {
+            let got = chi_square_sf(x, k);
+            assert!((got - p).abs() < p * 1e-4, "sf({x}, {k}) = {got}, expected {p}");
+        }
+        assert_eq!(chi_square_sf(0.0, 1.0), 1.0);
+    }
+
+    #[test]
+    fn srm_needs_enough_sessions_and_sees_a_skew() {
+        assert_eq!(srm_pvalue(&[40, 50], &[1, 1]), None, "too few sessions");
+        assert_eq!(srm_pvalue(&[996, 4], &[999, 1]), None, "a variation expecting under 5");
+        let p = srm_pvalue(&[5000, 5000], &[1, 1]).unwrap();
+        assert!((p - 1.0).abs() < 1e-12);
+        assert_eq!(srm_state(srm_pvalue(&[5200, 4800], &[1, 1]).unwrap()), 2, "52/48 of 10,000 is an alarm");
+        assert_eq!(srm_state(srm_pvalue(&[9000, 1000], &[9, 1]).unwrap()), 0, "90/10 matches weights 9:1");
+        assert_eq!(srm_state(srm_pvalue(&[5000, 5000], &[9, 1]).unwrap()), 2);
+    }
+
+    /// Under a fair split the test must raise warnings and alarms at about
+    /// their nominal rates (1% and 0.1%), not more.
+    #[test]
+    fn a_fair_split_raises_srm_at_the_nominal_false_positive_rate() {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(7);
+        let trials = 5000;
+        let (mut warnings, mut alarms) = (0, 0);
+        for t in 0..trials {
+            let (weights, k): (&[u32], usize) = if t % 2 == 0 { (&[1, 1], 2) } else { (&[2, 1, 1], 3) };
+            let wsum: u32 = weights.iter().sum();
+            let mut counts = vec![0i64; k];
+            for _ in 0..2000 {
+                let mut r = rng.gen_range(0..wsum);
+                let mut i = 0;
+                while r >= weights[i] {
+                    r -= weights[i];
+                    i += 1;
+                }
+                counts[i] += 1;
+            }
+            match srm_state(srm_pvalue(&counts, weights).unwrap()) {
+                1 => warnings += 1,
+                2 => alarms += 1,
+                _ => {}
+            }
+        }
+        // Binomial(5000, 0.009) has mean 45 and sd 6.7; (5000, 0.001): 5 and 2.2.
+        assert!(warnings <= 70, "{warnings} warnings in {trials} fair trials");
+        assert!(alarms <= 14, "{alarms} alarms in {trials} fair trials");
+        assert!(warnings + alarms >= 20, "the test is not blind: {warnings} + {alarms}");
+    }
+}
