@@ -75,7 +75,14 @@ struct RunArgs {
     /// `instance` tag of the health metrics (default: the host name).
     #[arg(long)]
     instance: Option<String>,
+    /// Address of /metrics (Prometheus) and the results page; `off` for none.
+    /// If the default cannot be bound (another instance), the run goes on
+    /// without it and says so.
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    metrics_addr: String,
 }
+
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 #[derive(clap::Args)]
 struct GenArgs {
@@ -148,6 +155,23 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);
+    if a.metrics_addr != "off" {
+        let addr: std::net::SocketAddr = a
+            .metrics_addr
+            .parse()
+            .with_context(|| format!("--metrics-addr {:?}: expected HOST:PORT or off", a.metrics_addr))?;
+        let published = Arc::new(expmon::serve::Published::default());
+        let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
+        match expmon::serve::spawn(addr, published.clone(), results.clone()) {
+            Ok(bound) => {
+                eprintln!("expmon: results page http://{bound}/ · metrics http://{bound}/metrics");
+                opts.published = Some(published);
+                opts.results = Some(results);
+            }
+            Err(e) if a.metrics_addr == DEFAULT_METRICS_ADDR => eprintln!("expmon: {e}; running without it"),
+            Err(e) => bail!(e),
+        }
+    }
     opts.pin = a.pin;
     if let Some(i) = a.instance.filter(|i| !i.is_empty()) {
         opts.instance = i;

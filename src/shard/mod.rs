@@ -79,6 +79,10 @@ pub struct RunOptions {
     pub checkpoint: Option<CheckpointOptions>,
     /// Continue from this checkpoint.
     pub restore: Option<Arc<crate::checkpoint::Snapshot>>,
+    /// Where the writer publishes the last health figures (for `/metrics`).
+    pub published: Option<Arc<crate::serve::Published>>,
+    /// Recent results for the results page.
+    pub results: Option<crate::serve::SharedResults>,
 }
 
 /// Where and how often to checkpoint.
@@ -112,6 +116,8 @@ impl RunOptions {
             instance: crate::health::default_instance(),
             checkpoint: None,
             restore: None,
+            published: None,
+            results: None,
         }
     }
 }
@@ -187,12 +193,22 @@ pub fn run(
         let (catalog, live, instance, acked) =
             (catalog.clone(), opts.live.clone(), opts.instance.clone(), acked.clone());
         let totals = opts.restore.as_ref().map(|s| Totals::restore(&s.totals)).unwrap_or_default();
+        let (published, results) = (opts.published.clone(), opts.results.clone());
         std::thread::Builder::new()
             .name("expmon-writer".into())
             .spawn(move || {
                 let experiments = ExperimentHealth::new(catalog.clone());
-                let mut w =
-                    Writer { catalog: &catalog, sink, totals, live: &live, instance: &instance, ckpt, experiments };
+                let mut w = Writer {
+                    catalog: &catalog,
+                    sink,
+                    totals,
+                    live: &live,
+                    instance: &instance,
+                    ckpt,
+                    experiments,
+                    published,
+                    results,
+                };
                 w.run(report_rx, n, &acked)
             })
             .expect("spawn writer thread")
@@ -468,6 +484,8 @@ struct Writer<'a> {
     instance: &'a str,
     ckpt: Checkpointer,
     experiments: ExperimentHealth,
+    published: Option<Arc<crate::serve::Published>>,
+    results: Option<crate::serve::SharedResults>,
 }
 
 impl Writer<'_> {
@@ -496,6 +514,13 @@ impl Writer<'_> {
                     self.totals.apply(r.deltas());
                     self.experiments.observe(r.deltas(), &r.conflicts);
                     last_stats[r.shard] = r.stats;
+                }
+                if let Some(results) = &self.results {
+                    let mut res = results.lock().unwrap_or_else(|e| e.into_inner());
+                    for r in &group {
+                        res.observe(r.deltas());
+                    }
+                    res.trim();
                 }
                 points.clear();
                 stats.peak_points = stats.peak_points.max(self.totals.len() as u64);
@@ -533,6 +558,9 @@ impl Writer<'_> {
                 let final_at = final_before(marker.watermark);
                 health.extend(self.experiments.points(final_at, &self.catalog.engine.dc, self.instance));
                 self.sink.write_health(now_ms(), &health)?;
+                if let Some(p) = &self.published {
+                    *p.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+                }
                 self.sink.flush()?;
                 if marker.snapshot {
                     self.ckpt.write(&group, &self.totals, stats.flushes, &mut stats)?;

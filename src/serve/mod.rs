@@ -1,0 +1,119 @@
+//! The operator's HTTP port (`--metrics-addr`, default `127.0.0.1:9464`):
+//! `/metrics` (Prometheus text of the health figures of the last trigger),
+//! `/healthz`, and the results page `/` with its JSON API
+//! (`/api/experiments`, `/api/experiment?tenant=T&id=N`), served from the
+//! engine's recent in-memory totals — no KairosDB needed.
+
+mod results;
+
+pub use results::{Results, SharedResults, KEEP_MINUTES};
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::health::HealthPoint;
+
+const PAGE: &str = include_str!("page.html");
+
+/// What the writer publishes each trigger for the server.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub health: Mutex<Vec<HealthPoint>>,
+}
+
+/// Renders health points as Prometheus text exposition: `expmon.events_in`
+/// becomes `expmon_events_in`, tags become labels, one `# TYPE` per name.
+pub fn prometheus_text(points: &[HealthPoint]) -> String {
+    let mut out = String::new();
+    let mut last_name = String::new();
+    let mut sorted: Vec<&HealthPoint> = points.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for p in sorted {
+        let name: String =
+            p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
+        if name != last_name {
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            last_name = name.clone();
+        }
+        out.push_str(&name);
+        out.push('{');
+        for (i, (k, v)) in p.tags.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+            let _ = write!(out, "{k}=\"{v}\"");
+        }
+        let _ = writeln!(out, "}} {}", p.value);
+    }
+    out
+}
+
+/// Starts the server on its own thread. Fails with a clear message if the
+/// address cannot be bound.
+pub fn spawn(addr: SocketAddr, published: Arc<Published>, results: SharedResults) -> Result<SocketAddr, String> {
+    let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))?;
+    let bound = server.server_addr().to_ip().unwrap_or(addr);
+    std::thread::Builder::new()
+        .name("expmon-http".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let url = req.url().to_string();
+                let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+                let (status, ctype, body) = match path {
+                    "/metrics" => {
+                        let h = published.health.lock().unwrap_or_else(|e| e.into_inner());
+                        (200, "text/plain; version=0.0.4", prometheus_text(&h))
+                    }
+                    "/healthz" => (200, "text/plain", "ok\n".to_string()),
+                    "/" => (200, "text/html; charset=utf-8", PAGE.to_string()),
+                    "/api/experiments" => {
+                        (200, "application/json", results.lock().unwrap_or_else(|e| e.into_inner()).experiments_json())
+                    }
+                    "/api/experiment" => {
+                        let arg = |k: &str| {
+                            query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
+                        };
+                        let found = match (arg("tenant"), arg("id").and_then(|i| i.parse().ok())) {
+                            (Some(t), Some(id)) => {
+                                results.lock().unwrap_or_else(|e| e.into_inner()).experiment_json(t, id)
+                            }
+                            _ => None,
+                        };
+                        match found {
+                            Some(json) => (200, "application/json", json),
+                            None => (404, "application/json", "{\"error\":\"no such experiment\"}".to_string()),
+                        }
+                    }
+                    _ => (404, "text/plain", "not found\n".to_string()),
+                };
+                let header =
+                    tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()).expect("valid header");
+                let _ =
+                    req.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+            }
+        })
+        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::HealthValue;
+
+    #[test]
+    fn prometheus_text_has_types_labels_and_values() {
+        let p = |name: &str, tags: Vec<(&'static str, String)>, value| HealthPoint { name: name.into(), tags, value };
+        let text = prometheus_text(&[
+            p("expmon.events_in", vec![("dc", "dc1".into())], HealthValue::Int(5)),
+            p("expmon.experiment.srm_pvalue", vec![("tenant", "a\"b".into())], HealthValue::Float(0.25)),
+        ]);
+        assert_eq!(
+            text,
+            "# TYPE expmon_events_in gauge\nexpmon_events_in{dc=\"dc1\"} 5\n\
+             # TYPE expmon_experiment_srm_pvalue gauge\nexpmon_experiment_srm_pvalue{tenant=\"a\\\"b\"} 0.25\n"
+        );
+    }
+}

@@ -1,0 +1,144 @@
+//! The results page in a real headless browser (Debian's chromium): a run
+//! fed a fixed input serves the page; chromium loads it, runs its script, and
+//! the rendered table and curve points must carry the numbers of the
+//! reference computation. Also `/metrics` in Prometheus text.
+//!
+//! Chromium is installed by `.ci/run`; on a machine without it this test
+//! installs it (`apt-get install chromium`) the first time.
+
+mod common;
+
+use common::runs::{send_signal, BIN};
+use common::*;
+use expmon::config::Config;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T0: i64 = 1_767_225_600_000;
+
+fn chromium() -> &'static str {
+    let bin = "/usr/bin/chromium";
+    if !std::path::Path::new(bin).exists() {
+        let ok = Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chromium is needed for this test: apt-get install chromium");
+    }
+    bin
+}
+
+/// The DOM after the page's script ran, from headless chromium.
+fn rendered_dom(url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(["--virtual-time-budget=4000", "--dump-dom", url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The text of the element with `id`.
+fn text_of(dom: &str, id: &str) -> Option<String> {
+    let start = dom.find(&format!("id=\"{id}\""))?;
+    let open = start + dom[start..].find('>')? + 1;
+    let close = open + dom[open..].find('<')?;
+    Some(dom[open..close].to_string())
+}
+
+#[test]
+fn the_results_page_renders_the_reference_numbers_in_a_browser() {
+    let dir = tempfile::tempdir().unwrap();
+    let config_text = expmon::config::DEMO_CONFIG;
+    std::fs::write(dir.path().join("demo.toml"), config_text).unwrap();
+    let config = Config::parse(config_text, "demo.toml").unwrap();
+    // Three minutes of experiment 123: variation 1231 converts better.
+    let mut lines = Vec::new();
+    for m in 0..3i64 {
+        for i in 0..40i64 {
+            let (v, s) = (if i % 2 == 0 { 1231 } else { 1232 }, format!("m{m}-s{i}"));
+            let ts = T0 + m * 60_000 + i * 1000;
+            lines.push(ev(ts, &s, "home_page", "desktop", "in", &[(123, v)]));
+            if i % 4 == 0 || (v == 1232 && i % 8 == 1) {
+                lines.push(ev(ts + 500, &s, "checkout", "desktop", "in", &[]));
+            }
+        }
+    }
+    let expected = reference(&config, &lines);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", "demo.toml", "--source", "file:-", "--sink", "file:out.jsonl"])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--trigger", "100ms", "--status", "false"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for l in &lines {
+        stdin.write_all(l).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Wait until every event went through a flush.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = "expmon_events_in{dc=\"dc1\",instance=";
+    loop {
+        let metrics = http_get(port, "/metrics");
+        let n = metrics.lines().find(|l| l.starts_with(want)).and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok());
+        if n == Some(lines.len()) {
+            assert!(metrics.contains("# TYPE expmon_sessions_active gauge"), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "events not flushed: {metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dom = rendered_dom(&format!("http://127.0.0.1:{port}/?tenant=uswm&id=123"));
+    send_signal(child.id(), "TERM");
+    drop(stdin);
+    let _ = child.wait();
+    assert!(dom.contains("data-rendered=\"uswm/123\""), "the script did not render: {dom}");
+
+    // Sum the reference over devices and logins, per minute and overall.
+    let mut per_minute: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for ((name, _, _, ts), v) in &expected {
+        *per_minute.entry((name.clone(), *ts)).or_default() += v;
+    }
+    let total = |name: &str| per_minute.iter().filter(|((n, _), _)| n == name).map(|(_, v)| *v).sum::<i64>();
+    for v in ["1231", "1232"] {
+        let assigned = total(&format!("uswm.session.assigned.{v}"));
+        let fm = total(&format!("uswm.session.fm.{v}"));
+        let visits = total(&format!("uswm.visit.fm.{v}.checkout.beta"));
+        assert!(assigned > 0 && fm > 0 && visits > 0);
+        assert_eq!(text_of(&dom, &format!("v{v}-assigned")), Some(assigned.to_string()), "variation {v}");
+        assert_eq!(text_of(&dom, &format!("v{v}-fm")), Some(fm.to_string()));
+        assert_eq!(text_of(&dom, &format!("v{v}-checkout-visits")), Some(visits.to_string()));
+        let conversion = format!("{:.2}%", 100.0 * visits as f64 / fm as f64);
+        assert_eq!(text_of(&dom, &format!("v{v}-checkout-conversion")), Some(conversion));
+        // Each minute of the assigned-sessions curve is a point with its value.
+        let name = format!("uswm.session.assigned.{v}");
+        for ((_, ts), n) in per_minute.iter().filter(|((n, _), _)| *n == name) {
+            let circle = format!("data-variation=\"{v}\" data-minute=\"{ts}\" data-value=\"{n}\"");
+            assert!(dom.contains(&circle), "no curve point {circle}");
+        }
+    }
+    assert!(dom.matches("<path class=\"line\"").count() >= 2 * 5, "two variations, five charts");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
