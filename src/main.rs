@@ -22,6 +22,26 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text or JSON (one object per line), on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr through `tracing`: text (time, level, message) or JSON.
+/// librdkafka's own log shows with its `debug` setting.
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).with_ansi(false);
+    let builder = builder.with_max_level(tracing::Level::INFO);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -69,7 +89,8 @@ struct RunArgs {
     /// Set an existing checkpoint aside (renamed, not deleted) and start fresh.
     #[arg(long)]
     checkpoint_reset: bool,
-    /// Show the live status line (default: when stderr is a terminal).
+    /// Live status: a refreshed panel on a terminal (with a progress bar for a
+    /// file replay), a log line every 10 s otherwise (default true).
     #[arg(long)]
     status: Option<bool>,
     /// `instance` tag of the health metrics (default: the host name).
@@ -112,8 +133,9 @@ struct GenArgs {
 
 fn main() {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Run(a) => cmd_run(a),
+        Command::Run(a) => cmd_run(a, matches!(cli.log_format, LogFormat::Json)),
         Command::Gen(a) => expmon::gen::cli::run_gen(&expmon::gen::cli::GenOptions {
             profile: a.profile,
             events: a.events,
@@ -137,7 +159,7 @@ fn cmd_check(file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn cmd_run(a: RunArgs) -> Result<()> {
+fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     let config = match &a.config {
         Some(path) => Config::load(path)?,
         None => Config::demo(),
@@ -164,11 +186,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
         match expmon::serve::spawn(addr, published.clone(), results.clone()) {
             Ok(bound) => {
-                eprintln!("expmon: results page http://{bound}/ · metrics http://{bound}/metrics");
+                tracing::info!("results page http://{bound}/ · metrics http://{bound}/metrics");
                 opts.published = Some(published);
                 opts.results = Some(results);
             }
-            Err(e) if a.metrics_addr == DEFAULT_METRICS_ADDR => eprintln!("expmon: {e}; running without it"),
+            Err(e) if a.metrics_addr == DEFAULT_METRICS_ADDR => tracing::warn!("{e}; running without it"),
             Err(e) => bail!(e),
         }
     }
@@ -187,9 +209,9 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, opts.stop.clone()).context("installing signal handler")?;
     }
-    let show_status = a.status.unwrap_or_else(|| std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    eprintln!(
-        "expmon: {} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
+    let show_status = a.status.unwrap_or(true);
+    tracing::info!(
+        "{} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
         source.describe(),
         opts.threads,
         sink.describe(),
@@ -203,7 +225,11 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         let _ = h.join();
     }
     let summary = result?;
-    eprintln!("{summary}");
+    if json_logs {
+        tracing::info!(events_in = summary.router.events_in, elapsed_s = summary.elapsed.as_secs_f64(), "{summary}");
+    } else {
+        eprintln!("{summary}");
+    }
     if summary.sink.undelivered > 0 {
         bail!("{} upserts could not be delivered to {} before the drain deadline", summary.sink.undelivered, a.sink);
     }
@@ -220,7 +246,7 @@ fn open_checkpoint(
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     if a.checkpoint_reset {
         if let Some(aside) = expmon::checkpoint::set_aside(dir)? {
-            eprintln!("expmon: checkpoint set aside as {}; starting fresh", aside.display());
+            tracing::warn!("checkpoint set aside as {}; starting fresh", aside.display());
         }
     }
     let interval =
@@ -229,8 +255,8 @@ fn open_checkpoint(
     let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
     if let Some(s) = &snapshot {
         let sessions: usize = s.shards.iter().map(Vec::len).sum();
-        eprintln!(
-            "expmon: restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
+        tracing::info!(
+            "restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
             (expmon::health::now_ms() - s.created_ms) as f64 / 1000.0,
             s.totals.len(),
             sessions / 1024,

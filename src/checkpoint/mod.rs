@@ -244,7 +244,7 @@ pub fn failpoint(name: &str) {
     });
     if let Some((n, at)) = spec {
         if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
-            eprintln!("expmon: failpoint {name}: aborting");
+            tracing::error!("failpoint {name}: aborting");
             std::process::abort();
         }
     }

@@ -339,6 +339,10 @@ fn route_loop(
             }
         }
         router.set_partitions(&lines.partitions);
+        if let Some((done, total)) = source.progress() {
+            opts.live.progress_done.store(done, Relaxed);
+            opts.live.progress_total.store(total, Relaxed);
+        }
         if !lines.partitions.is_empty() {
             router.partitions_ahead(align_window, &mut ahead);
             held.resize(held.len().max(ahead.len()), false);
@@ -542,6 +546,12 @@ impl Writer<'_> {
                     stats.peak_state_sessions = sum.held_sessions;
                 }
                 let live = self.live;
+                let sink_health = self.sink.health();
+                live.state_bytes.store(sum.state_bytes, Relaxed);
+                live.sink_latency_p99_us.store(sink_health.latency_p99_us, Relaxed);
+                live.sink_errors.store(sink_health.rejected_points, Relaxed);
+                live.sink_retries.store(sink_health.retries, Relaxed);
+                live.sink_queued.store(sink_health.queued_points, Relaxed);
                 live.active_sessions.store(sum.active_sessions, Relaxed);
                 live.active_points.store(stats.active_points, Relaxed);
                 live.upserts_written.store(stats.upserts_written, Relaxed);
@@ -549,7 +559,7 @@ impl Writer<'_> {
                     live,
                     shards: &sum,
                     writer: &stats,
-                    sink: &self.sink.health(),
+                    sink: &sink_health,
                     trigger_ms: started.elapsed().as_millis() as u64,
                     now_ms: now_ms(),
                     dc: &self.catalog.engine.dc,

@@ -20,6 +20,8 @@ pub struct FileSource {
     done: bool,
     /// Bytes read from the start of the file (a regular file; `None` for stdin).
     read_total: Option<u64>,
+    /// The file's length when opened (a regular file).
+    length: Option<u64>,
 }
 
 impl FileSource {
@@ -39,8 +41,10 @@ impl FileSource {
         let mut f =
             File::open(Path::new(path)).map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
+        let length = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
         let mut me = FileSource::from_reader(Box::new(f), format!("file:{path}"));
         me.read_total = Some(offset);
+        me.length = length;
         Ok(me)
     }
 
@@ -52,6 +56,7 @@ impl FileSource {
             skipping: false,
             done: false,
             read_total: None,
+            length: None,
         }
     }
 
@@ -145,6 +150,10 @@ impl Source for FileSource {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    fn progress(&self) -> Option<(u64, u64)> {
+        Some((self.read_total?, self.length.filter(|&l| l > 0)?))
     }
 
     /// The byte offset just past the last line returned (partition 0).

@@ -80,7 +80,7 @@ impl ClientContext for Ctx {
     /// [`ClientContext::error`], which reports them (rate-limited).
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         if self.verbose {
-            eprintln!("expmon: librdkafka {level:?} {fac}: {message}");
+            tracing::info!("librdkafka {level:?} {fac}: {message}");
         }
     }
 
@@ -104,7 +104,7 @@ impl ClientContext for Ctx {
         // librdkafka retries on its own; say so at most every 10 s.
         let mut g = self.lock();
         if g.connected && g.last_error.as_ref().is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(10)) {
-            eprintln!("expmon: kafka: {error}: {reason} (retrying)");
+            tracing::warn!("kafka: {error}: {reason} (retrying; said at most every 10 s)");
             g.last_error = Some((Instant::now(), reason.to_string()));
         }
     }
@@ -144,12 +144,12 @@ impl ConsumerContext for Ctx {
                 }
             }
             other => {
-                eprintln!("expmon: kafka: rebalance error: {}", RDKafkaErrorCode::from(other));
+                tracing::error!("kafka: rebalance error: {}", RDKafkaErrorCode::from(other));
                 consumer.unassign()
             }
         };
         if let Err(e) = result {
-            eprintln!("expmon: kafka: applying a rebalance failed: {e}");
+            tracing::error!("kafka: applying a rebalance failed: {e}");
         }
     }
 
@@ -168,7 +168,7 @@ impl ConsumerContext for Ctx {
                 drop(g);
                 if commit.count() > 0 {
                     if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                        eprintln!("expmon: kafka: commit on revoke failed: {e}");
+                        tracing::warn!("kafka: commit on revoke failed: {e}");
                     }
                 }
             }
@@ -179,13 +179,13 @@ impl ConsumerContext for Ctx {
                     g.changes.push((e.partition(), true));
                 }
             }
-            Rebalance::Error(e) => eprintln!("expmon: kafka: rebalance error: {e}"),
+            Rebalance::Error(e) => tracing::error!("kafka: rebalance error: {e}"),
         }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            eprintln!("expmon: kafka: offset commit failed (the next one covers it): {e}");
+            tracing::warn!("kafka: offset commit failed (the next one covers it): {e}");
         }
     }
 }
@@ -293,7 +293,7 @@ impl KafkaSource {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err((e, _)) => {
-                    eprintln!("expmon: kafka: cannot copy a bad message to {topic}: {e}");
+                    tracing::error!("kafka: cannot copy a bad message to {topic}: {e}");
                     break;
                 }
             }
@@ -320,7 +320,7 @@ fn apply_changes(changed: &AtomicBool, shared: &Mutex<Shared>, parts: &mut AHash
             g.acked.remove(&p);
         }
         let what = if assigned { "assigned" } else { "revoked" };
-        eprintln!("expmon: kafka: partition {topic}/{p} {what}");
+        tracing::info!("kafka: partition {topic}/{p} {what}");
     }
     !changes.is_empty()
 }
@@ -419,7 +419,7 @@ impl Source for KafkaSource {
         }
         let mode = if wait { CommitMode::Sync } else { CommitMode::Async };
         if let Err(e) = self.consumer.commit(&tpl, mode) {
-            eprintln!("expmon: kafka: offset commit failed (the next one covers it): {e}");
+            tracing::warn!("kafka: offset commit failed (the next one covers it): {e}");
         }
     }
 
@@ -441,7 +441,7 @@ impl Source for KafkaSource {
         // after the last message returned, so nothing is skipped.
         let r = if held { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
         if let Err(e) = r {
-            eprintln!("expmon: kafka: cannot {} partition {part}: {e}", if held { "pause" } else { "resume" });
+            tracing::warn!("kafka: cannot {} partition {part}: {e}", if held { "pause" } else { "resume" });
         }
     }
 
@@ -452,7 +452,7 @@ impl Source for KafkaSource {
     fn close(&mut self) -> String {
         if let Some(p) = &self.dead_letter {
             if p.flush(Duration::from_secs(30)).is_err() {
-                eprintln!("expmon: kafka: dead-letter copies still unsent after 30 s");
+                tracing::error!("kafka: dead-letter copies still unsent after 30 s");
             }
         }
         self.consumer.unsubscribe();

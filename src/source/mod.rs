@@ -123,6 +123,11 @@ pub trait Source: Send {
         let _ = (part, held);
     }
 
+    /// A finite input's progress: `(bytes read, total bytes)`.
+    fn progress(&self) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Consumer lag per partition, if known.
     fn lag(&self) -> Vec<(i32, i64)> {
         Vec::new()

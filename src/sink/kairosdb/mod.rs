@@ -299,7 +299,7 @@ fn send_loop(s: &Shared, seed: u64) {
                 Outcome::Rejected(why) => {
                     failures = 0;
                     s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
-                    eprintln!("expmon: kairosdb refused {} points (not retried): {why}", part.len());
+                    tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
                     dead_letter(s, &part, &Namer::new(&s.catalog), &why);
                     s.queue.finish(&part, true);
                 }
@@ -311,7 +311,7 @@ fn send_loop(s: &Shared, seed: u64) {
                         s.queue.finish(&rest, false);
                     }
                     if last_log.elapsed() >= Duration::from_secs(10) {
-                        eprintln!("expmon: kairosdb write failed, retrying with backoff: {why}");
+                        tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
                         last_log = Instant::now();
                     }
                     // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
@@ -333,7 +333,7 @@ fn send_health(s: &Shared) {
     s.stats.requests.fetch_add(1, Relaxed);
     match post(s, body) {
         Outcome::Delivered => {}
-        Outcome::Rejected(why) => eprintln!("expmon: kairosdb refused health points: {why}"),
+        Outcome::Rejected(why) => tracing::error!("kairosdb refused health points: {why}"),
         Outcome::Retry(_) => {
             s.stats.retries.fetch_add(1, Relaxed);
             s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, points));
@@ -362,7 +362,7 @@ fn dead_letter(s: &Shared, points: &[Point], namer: &Namer, why: &str) {
         match File::options().create(true).append(true).open(path) {
             Ok(f) => *g = Some(BufWriter::new(f)),
             Err(e) => {
-                eprintln!("expmon: cannot open dead-letter file {}: {e}", s.opts.dead_letter);
+                tracing::error!("cannot open dead-letter file {}: {e}", s.opts.dead_letter);
                 return;
             }
         }
