@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expmon::config::{parse_duration_ms, Catalog, Config};
+use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
 use expmon::source::{FileSource, KafkaSource, Source};
 
@@ -169,8 +170,19 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None if a.checkpoint_reset => bail!("--checkpoint-reset needs --checkpoint DIR"),
         None => (None, None),
     };
-    let names = restore.as_ref().map(|s| s.router.names()).unwrap_or_default();
-    let catalog = Arc::new(Catalog::build(&config, Arc::new(names)).map_err(anyhow::Error::msg)?);
+    let catalog = match &restore {
+        // The checkpoint's experiments (its state refers to their indices),
+        // then the file's applied to them as a reload.
+        Some(snap) => {
+            let names = Arc::new(snap.router.names());
+            let saved = Catalog::build_defs(&config.engine, snap.defs.clone(), names).map_err(anyhow::Error::msg)?;
+            let (catalog, summary) = saved.reload(&config).map_err(anyhow::Error::msg)?;
+            tracing::info!("experiments of the checkpoint against the config file: {summary}");
+            catalog
+        }
+        None => Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?,
+    };
+    let catalog = Arc::new(catalog);
     let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
     let source = open_source(&a.source, &config, &resume)?;
     let sink = expmon::sink::open(&a.sink, &catalog)?;
@@ -208,6 +220,12 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     }
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, opts.stop.clone()).context("installing signal handler")?;
+    }
+    if let Some(path) = &a.config {
+        // Hot reload: SIGHUP, or the file changing, applies it at the next trigger.
+        let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone()).context("installing SIGHUP")?;
+        opts.reload = Some(shard::ReloadOptions { path: path.clone(), requested });
     }
     let show_status = a.status.unwrap_or(true);
     tracing::info!(

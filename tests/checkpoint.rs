@@ -162,14 +162,19 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
         let args = ["--threads", threads.as_str(), "--checkpoint", "ck", "--checkpoint-interval", "300ms"];
         let mut run = dir.consume_args(&broker, "events", options, &out, &args);
         outs.push(out);
-        // Kill at a random moment after it joined the group: while reading,
-        // while writing a checkpoint, while flushing the sink.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !run.log().contains(" assigned") {
-            assert!(Instant::now() < deadline, "no assignment in 30 s: {}", run.log());
-            std::thread::sleep(Duration::from_millis(20));
+        if killed % 3 == 2 {
+            // Early: often while joining the group, when the checkpoints it
+            // takes hold the restored state but no partition yet.
+            std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+        } else {
+            // After it joined: while reading, writing a checkpoint, flushing.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !run.log().contains(" assigned") {
+                assert!(Instant::now() < deadline, "no assignment in 30 s: {}", run.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(rng.gen_range(100..2000)));
         }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(100..2000)));
         run.kill();
         killed += 1;
     }

@@ -41,7 +41,7 @@ use crate::names::Names;
 use crate::source::Offsets;
 
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const FILE: &str = "checkpoint.bin";
 
 /// The router's part: watermark, per-partition clocks, names, position.
@@ -120,18 +120,28 @@ pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
 pub struct Snapshot {
     pub epoch: u64,
     pub created_ms: i64,
+    /// The experiments of the run that wrote it, by index (reloads included):
+    /// the restored state refers to these indices.
+    pub defs: Vec<crate::config::ExperimentDef>,
     pub router: RouterState,
     pub totals: Vec<TotalRecord>,
     /// One encoded `SessionTable` per shard of the run that wrote it.
     pub shards: Vec<Vec<u8>>,
 }
 
-/// What the engine configuration a checkpoint belongs to hashes to: a
-/// checkpoint of other experiments or other watermark rules is meaningless.
+/// What the engine settings a checkpoint belongs to hash to: state kept under
+/// other watermark rules or another `dc` is meaningless. (Experiments may
+/// differ: the checkpoint carries its own, and the file's are applied to them
+/// as a reload.)
 pub fn fingerprint(config: &Config) -> u64 {
     let e = &config.engine;
-    let text = format!("{:?}|{}|{}|{}", config.experiments, e.dc, e.allowed_lateness_ms, e.session_gap_ms);
+    let text = format!("{}|{}|{}", e.dc, e.allowed_lateness_ms, e.session_gap_ms);
     xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+}
+
+/// The experiments section: the catalog's definitions as JSON.
+pub fn encode_defs(defs: &[crate::config::ExperimentDef], e: &mut Enc) {
+    e.bytes(&serde_json::to_vec(defs).expect("definitions serialize"));
 }
 
 /// Writes `sections` as `DIR/checkpoint.bin.tmp`, fsynced; returns its path.
@@ -193,6 +203,9 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
     if version > VERSION {
         return Err(bad(format!("format version {version} is newer than this build's {VERSION}")));
     }
+    if version < VERSION {
+        return Err(bad(format!("format version {version} is older than this build reads ({VERSION})")));
+    }
     let (body, sum) = data.split_at(data.len() - 8);
     if xxhash_rust::xxh3::xxh3_64(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
         return Err(bad("checksum mismatch (corrupt or truncated)".into()));
@@ -201,9 +214,10 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
     let decoded = (|| -> Result<Snapshot, String> {
         let fp = d.u64()?;
         if fp != fingerprint {
-            return Err("it was written for a different configuration (experiments, dc, lateness or gap)".into());
+            return Err("it was written under other engine settings (dc, allowed_lateness or session_gap)".into());
         }
         let (epoch, created_ms) = (d.u64()?, d.i64()?);
+        let defs = serde_json::from_slice(d.bytes()?).map_err(|e| format!("experiments section: {e}"))?;
         let router = RouterState::decode(&mut d)?;
         let mut totals = Vec::new();
         for _ in 0..d.count(33)? {
@@ -216,7 +230,7 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
         if !d.is_done() {
             return Err("trailing bytes".into());
         }
-        Ok(Snapshot { epoch, created_ms, router, totals, shards })
+        Ok(Snapshot { epoch, created_ms, defs, router, totals, shards })
     })();
     decoded.map(Some).map_err(bad)
 }
@@ -266,6 +280,7 @@ mod tests {
 
     fn write(dir: &Path, fp: u64) -> PathBuf {
         let mut r = Enc::default();
+        encode_defs(&[], &mut r);
         state().encode(&mut r);
         let mut t = Enc::default();
         encode_totals(&[(1, 60_000, 3, Some(2))], &mut t);
@@ -288,7 +303,7 @@ mod tests {
         assert_eq!(s.shards, vec![vec![1, 2, 3]]);
 
         let e = load(dir.path(), 43).unwrap_err();
-        assert!(e.contains("different configuration") && e.contains("--checkpoint-reset"), "{e}");
+        assert!(e.contains("other engine settings") && e.contains("--checkpoint-reset"), "{e}");
 
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, &good[..good.len() - 5]).unwrap();

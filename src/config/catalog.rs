@@ -10,7 +10,7 @@ use ahash::AHashMap;
 use smallvec::SmallVec;
 use std::sync::Arc;
 
-use super::{Config, EngineConfig};
+use super::{Config, EngineConfig, Experiment};
 use crate::names::{NameKind, Names};
 
 /// Most distinct measurement points (ids are `u16`; one value means "no mp").
@@ -59,6 +59,12 @@ pub struct CompiledExperiment {
     pub visit_layout: VisitLayout,
     /// Configured split, one weight per variation.
     pub weights: Vec<u32>,
+    /// Takes new assignments. A stopped experiment (or the old version of a
+    /// changed one, after a reload) keeps its index and counters so that the
+    /// sessions already assigned to it go on counting until they expire.
+    pub active: bool,
+    /// The older version (index) this one replaced in a reload.
+    pub supersedes: Option<u32>,
 }
 
 /// Layout of an experiment's visit counters in the per-(tenant, mp) regions of
@@ -114,10 +120,22 @@ pub struct VariationInfo {
     pub tenant_slot: u32,
 }
 
+/// One experiment as the catalog holds it: its definition, whether it takes
+/// new assignments, and which older version it replaced. Indices are
+/// append-only across reloads, so state that refers to them stays valid.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExperimentDef {
+    pub experiment: Experiment,
+    pub active: bool,
+    pub supersedes: Option<u32>,
+}
+
 /// The compiled configuration, shared read-only by every stage.
 #[derive(Debug)]
 pub struct Catalog {
     pub engine: EngineConfig,
+    /// Every experiment ever loaded in this run, by index.
+    pub defs: Vec<ExperimentDef>,
     pub tenants: Vec<String>,
     pub experiments: Vec<CompiledExperiment>,
     pub variations: Vec<VariationInfo>,
@@ -148,12 +166,73 @@ pub enum AssignLookup {
 impl Catalog {
     /// Compiles `config`, interning its names into `names`.
     pub fn build(config: &Config, names: Arc<Names>) -> Result<Catalog, String> {
+        let defs = config
+            .experiments
+            .iter()
+            .map(|x| ExperimentDef { experiment: x.clone(), active: true, supersedes: None })
+            .collect();
+        Catalog::build_defs(&config.engine, defs, names)
+    }
+
+    /// The catalog after a reload to `new`: experiments kept as they were stay
+    /// at their index; removed ones stop; changed ones stop and their new
+    /// version is appended; new ones are appended. Engine settings cannot
+    /// change without a restart. Returns the catalog and a summary line.
+    pub fn reload(&self, new: &Config) -> Result<(Catalog, String), String> {
+        let (a, b) = (&self.engine, &new.engine);
+        for (field, same) in [
+            ("dc", a.dc == b.dc),
+            ("allowed_lateness", a.allowed_lateness_ms == b.allowed_lateness_ms),
+            ("session_gap", a.session_gap_ms == b.session_gap_ms),
+            ("trigger", a.trigger_ms == b.trigger_ms),
+            ("ttl", a.ttl_s == b.ttl_s),
+            ("stall_factor", a.stall_factor == b.stall_factor),
+        ] {
+            if !same {
+                return Err(format!("engine.{field} changed: engine settings need a restart"));
+            }
+        }
+        let mut defs: Vec<ExperimentDef> =
+            self.defs.iter().map(|d| ExperimentDef { active: false, ..d.clone() }).collect();
+        let (mut added, mut changed, mut kept) = (0, 0, 0);
+        for x in &new.experiments {
+            // The newest version of this (tenant, id), if any.
+            let latest = defs.iter().rposition(|d| d.experiment.tenant == x.tenant && d.experiment.id == x.id);
+            match latest {
+                Some(i) if defs[i].experiment == *x => {
+                    defs[i].active = true;
+                    kept += 1;
+                }
+                Some(i) => {
+                    defs.push(ExperimentDef { experiment: x.clone(), active: true, supersedes: Some(i as u32) });
+                    changed += 1;
+                }
+                None => {
+                    defs.push(ExperimentDef { experiment: x.clone(), active: true, supersedes: None });
+                    added += 1;
+                }
+            }
+        }
+        let was_active = self.defs.iter().filter(|d| d.active).count();
+        let stopped = was_active - kept - changed;
+        let catalog = Catalog::build_defs(&self.engine, defs, self.names.clone())?;
+        Ok((catalog, format!("{kept} kept, {added} added, {changed} changed, {stopped} stopped")))
+    }
+
+    /// Compiles experiment definitions (in index order).
+    pub fn build_defs(engine: &EngineConfig, defs: Vec<ExperimentDef>, names: Arc<Names>) -> Result<Catalog, String> {
+        let config = Config {
+            engine: engine.clone(),
+            experiments: defs.iter().map(|d| d.experiment.clone()).collect(),
+            kafka: Vec::new(),
+        };
         let mut mp = crate::names::Interner::new(names.clone(), NameKind::Mp, MP_CAPACITY);
         let mut device = crate::names::Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY);
         let mut login = crate::names::Interner::new(names.clone(), NameKind::Login, TAG_CAPACITY);
         let full = |what: &str| format!("config names more than the supported number of {what}");
         let mut cat = Catalog {
             engine: config.engine.clone(),
+            defs: defs.clone(),
             tenants: Vec::new(),
             experiments: Vec::new(),
             variations: Vec::new(),
@@ -177,7 +256,7 @@ impl Catalog {
         if let Some(x) = config.experiments.iter().find(|x| x.variations.len() > VARIATIONS_PER_EXPERIMENT) {
             return Err(format!("experiment {} has more than {VARIATIONS_PER_EXPERIMENT} variations", x.id));
         }
-        for x in &config.experiments {
+        for (x, def) in config.experiments.iter().zip(&defs) {
             let n = cat.tenant_index.len() as u16;
             let tenant = *cat.tenant_index.entry(x.tenant.clone()).or_insert(n);
             if tenant == n {
@@ -186,14 +265,18 @@ impl Catalog {
                 cat.every_mp_variations.push(Vec::new());
             }
             let xi = cat.experiments.len() as u32;
-            cat.experiment_index.insert((tenant, x.id), xi);
+            if def.active {
+                cat.experiment_index.insert((tenant, x.id), xi);
+            }
             let mut variations = Vec::new();
             for &v in &x.variations {
                 let vi = cat.variations.len() as u32;
                 let tenant_slot = cat.tenant_variations[tenant as usize].len() as u32;
                 cat.tenant_variations[tenant as usize].push(vi);
                 cat.variations.push(VariationInfo { id: v, experiment: xi, tenant, tenant_slot });
-                cat.variation_index.insert(v, vi);
+                if def.active {
+                    cat.variation_index.insert(v, vi);
+                }
                 variations.push(vi);
             }
             let mps = match &x.mps {
@@ -251,6 +334,8 @@ impl Catalog {
                 conditions,
                 visit_layout,
                 weights,
+                active: def.active,
+                supersedes: def.supersedes,
             });
         }
         Ok(cat)
@@ -293,8 +378,55 @@ impl Catalog {
         Some((k, self.attr_value_index.get(value).copied().unwrap_or(u32::MAX)))
     }
 
+    /// Whether experiments `a` and `b` are versions of one (tenant, id).
+    #[inline]
+    pub fn same_experiment(&self, a: u32, b: u32) -> bool {
+        let (a, b) = (&self.experiments[a as usize], &self.experiments[b as usize]);
+        a.id == b.id && a.tenant == b.tenant
+    }
+
     /// Whether any condition uses attributes (if not, routing skips them).
     pub fn uses_attributes(&self) -> bool {
         !self.attr_name_index.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, "t.toml").unwrap()
+    }
+
+    #[test]
+    fn a_reload_keeps_indices_stops_changes_and_adds() {
+        let old = Catalog::build(
+            &config("[[experiment]]\nid = 1\ntenant = \"a\"\nvariations = [11, 12]\n[[experiment]]\nid = 2\ntenant = \"a\"\nvariations = [21]\n"),
+            Arc::new(Names::default()),
+        )
+        .unwrap();
+        let new = config(
+            "[[experiment]]\nid = 2\ntenant = \"a\"\nvariations = [21, 22]\n[[experiment]]\nid = 3\ntenant = \"b\"\nvariations = [31]\n",
+        );
+        let (cat, summary) = old.reload(&new).unwrap();
+        assert_eq!(summary, "0 kept, 1 added, 1 changed, 1 stopped");
+        let ids: Vec<(u64, bool, Option<u32>)> =
+            cat.experiments.iter().map(|x| (x.id, x.active, x.supersedes)).collect();
+        assert_eq!(ids, vec![(1, false, None), (2, false, None), (2, true, Some(1)), (3, true, None)]);
+        // Variation indices of the old experiments are where they were.
+        assert_eq!(cat.variations[0].id, 11);
+        assert_eq!(cat.variations[2].id, 21);
+        assert_eq!(cat.assignment(0, 1, 11), AssignLookup::UnknownExperiment, "stopped");
+        assert_eq!(cat.assignment(0, 2, 21), AssignLookup::Known { experiment: 2, variation: 3 }, "the new version");
+        assert!(cat.same_experiment(1, 2));
+        // Reloading the same file again keeps everything.
+        let (again, summary) = cat.reload(&new).unwrap();
+        assert_eq!(summary, "2 kept, 0 added, 0 changed, 0 stopped");
+        assert_eq!(again.experiments.len(), 4);
+        // Engine settings need a restart.
+        let mut other = new.clone();
+        other.engine.allowed_lateness_ms += 1;
+        assert_eq!(cat.reload(&other).unwrap_err(), "engine.allowed_lateness changed: engine settings need a restart");
     }
 }

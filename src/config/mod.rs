@@ -16,8 +16,8 @@ mod catalog;
 mod duration;
 
 pub use catalog::{
-    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, VariationInfo, VisitLayout, VisitSlot, MP_CAPACITY,
-    TAG_CAPACITY,
+    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
+    MP_CAPACITY, TAG_CAPACITY,
 };
 
 pub use duration::parse_duration_ms;
@@ -47,7 +47,7 @@ pub enum ConfigError {
 }
 
 /// Checked engine settings (the `[engine]` table).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct EngineConfig {
     /// Tag on every output point.
     pub dc: String,
@@ -67,7 +67,7 @@ pub struct EngineConfig {
 
 /// One qualification condition: equalities on a single event. `None` fields are
 /// not constrained; an empty condition is met by every event.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
 pub struct Condition {
     pub mp: Option<String>,
     pub device: Option<String>,
@@ -76,7 +76,7 @@ pub struct Condition {
 }
 
 /// A checked experiment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct Experiment {
     pub id: u64,
     pub tenant: String,

@@ -89,6 +89,19 @@ impl ExperimentHealth {
         }
     }
 
+    /// Uses a reloaded catalog: new experiments get empty figures.
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        let fresh = ExperimentHealth::new(catalog.clone());
+        let n = catalog.experiments.len();
+        self.slot = fresh.slot;
+        self.splits.extend(fresh.splits.into_iter().skip(self.splits.len()));
+        self.conflicts.resize(n, 0);
+        self.minutes.resize(n, BTreeMap::new());
+        self.tenant_minutes.resize(catalog.tenants.len(), BTreeMap::new());
+        self.stalled.resize(n, [false; 2]);
+        self.catalog = catalog;
+    }
+
     /// Takes in one shard report's deltas and new conflicts.
     pub fn observe(&mut self, deltas: &[Delta], conflicts: &[(u32, u64)]) {
         for d in deltas {
@@ -152,6 +165,10 @@ impl ExperimentHealth {
     fn judge_minute(&mut self, minute: i64) {
         for (x, exp) in self.catalog.experiments.iter().enumerate() {
             let tenant = &self.tenant_minutes[exp.tenant as usize];
+            if !exp.active {
+                self.stalled[x] = [false, false]; // stopped on purpose
+                continue;
+            }
             if !tenant.contains_key(&minute) {
                 continue; // this tenant has no traffic then: nothing to judge
             }
@@ -181,8 +198,8 @@ impl ExperimentHealth {
         for (x, exp) in self.catalog.experiments.iter().enumerate() {
             let split = &self.splits[x];
             let assigned: i64 = split.overall.iter().sum();
-            if assigned == 0 && self.conflicts[x] == 0 {
-                continue; // not seen yet: nothing to say
+            if (assigned == 0 && self.conflicts[x] == 0) || !exp.active {
+                continue; // not seen yet, or stopped by a reload: nothing to say
             }
             let tenant = self.catalog.tenants[exp.tenant as usize].as_str();
             let tags = |extra: &[(&'static str, String)]| {

@@ -48,6 +48,14 @@ impl Results {
         Results { catalog, slot, by_experiment, newest: i64::MIN }
     }
 
+    /// Uses a reloaded catalog (indices only grow).
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        let fresh = Results::new(catalog.clone());
+        self.slot = fresh.slot;
+        self.by_experiment.resize(catalog.experiments.len(), BTreeMap::new());
+        self.catalog = catalog;
+    }
+
     /// Adds one flush's deltas.
     pub fn observe(&mut self, deltas: &[Delta]) {
         for d in deltas {
@@ -94,6 +102,7 @@ impl Results {
                     "id": e.id,
                     "variations": e.variations.iter().map(|&v| self.catalog.variations[v as usize].id).collect::<Vec<_>>(),
                     "minutes": self.by_experiment[x].len(),
+                    "active": e.active,
                 })
             })
             .collect();
@@ -103,7 +112,8 @@ impl Results {
     /// One experiment's curves, or `None` if there is no such experiment.
     pub fn experiment_json(&self, tenant: &str, id: u64) -> Option<String> {
         let t = self.catalog.tenant(tenant)?;
-        let x = self.catalog.experiments.iter().position(|e| e.tenant == t && e.id == id)?;
+        // The newest version of the experiment.
+        let x = self.catalog.experiments.iter().rposition(|e| e.tenant == t && e.id == id)?;
         let e = &self.catalog.experiments[x];
         let variations: Vec<i64> = e.variations.iter().map(|&v| self.catalog.variations[v as usize].id).collect();
         let minutes = &self.by_experiment[x];

@@ -267,6 +267,11 @@ pub struct SessionTable {
 }
 
 impl SessionTable {
+    /// Uses `catalog` from now on (a reload: indices only ever grow).
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.catalog = catalog;
+    }
+
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
         SessionTable {
@@ -420,6 +425,14 @@ impl SessionTable {
             } else {
                 (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
             };
+            // After a reload changed this experiment, a session already holding
+            // its older version stays with that version.
+            if found.is_none()
+                && x.supersedes.is_some()
+                && (0..session.n_exps()).any(|i| catalog.same_experiment(session.exp(i).experiment as u32, experiment))
+            {
+                continue;
+            }
             match found {
                 Some(i) => {
                     cursor = i + 1;

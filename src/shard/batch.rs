@@ -55,7 +55,7 @@ impl EventBatch {
 
 /// A consistent cut: every event routed before the marker is in the shards'
 /// state when they report for it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct FlushMarker {
     pub epoch: u64,
     pub watermark: i64,
@@ -63,6 +63,8 @@ pub struct FlushMarker {
     pub last: bool,
     /// Take a checkpoint at this marker: each shard encodes its sessions.
     pub snapshot: bool,
+    /// A reloaded configuration, used from this marker on (after the drain).
+    pub catalog: Option<std::sync::Arc<crate::config::Catalog>>,
 }
 
 pub enum ShardMsg {

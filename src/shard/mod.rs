@@ -83,6 +83,59 @@ pub struct RunOptions {
     pub published: Option<Arc<crate::serve::Published>>,
     /// Recent results for the results page.
     pub results: Option<crate::serve::SharedResults>,
+    /// Reload the experiments on SIGHUP or when the file changes.
+    pub reload: Option<ReloadOptions>,
+}
+
+/// Reloading the experiments config while running.
+#[derive(Debug, Clone)]
+pub struct ReloadOptions {
+    /// The config file, watched for changes.
+    pub path: std::path::PathBuf,
+    /// Set by SIGHUP.
+    pub requested: Arc<AtomicBool>,
+}
+
+/// Decides at each trigger whether to reload, and does it: an invalid file or
+/// an impossible change is refused with the same message as at start, and the
+/// running configuration stays.
+struct Reloader {
+    options: Option<ReloadOptions>,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl Reloader {
+    fn new(options: Option<ReloadOptions>) -> Reloader {
+        let modified = options.as_ref().and_then(|o| std::fs::metadata(&o.path).and_then(|m| m.modified()).ok());
+        Reloader { options, modified }
+    }
+
+    fn check(&mut self, current: &Arc<Catalog>) -> Option<Arc<Catalog>> {
+        let o = self.options.as_ref()?;
+        let modified = std::fs::metadata(&o.path).and_then(|m| m.modified()).ok();
+        let requested = o.requested.swap(false, Relaxed);
+        if !requested && (modified.is_none() || modified == self.modified) {
+            return None;
+        }
+        self.modified = modified;
+        let config = match crate::config::Config::load(&o.path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("config reload refused, the running config stays: {e}");
+                return None;
+            }
+        };
+        match current.reload(&config) {
+            Ok((catalog, summary)) => {
+                tracing::info!("config reloaded from {}: {summary}", o.path.display());
+                Some(Arc::new(catalog))
+            }
+            Err(e) => {
+                tracing::error!("config reload refused, the running config stays: {}: {e}", o.path.display());
+                None
+            }
+        }
+    }
 }
 
 /// Where and how often to checkpoint.
@@ -118,6 +171,7 @@ impl RunOptions {
             restore: None,
             published: None,
             results: None,
+            reload: None,
         }
     }
 }
@@ -199,7 +253,7 @@ pub fn run(
             .spawn(move || {
                 let experiments = ExperimentHealth::new(catalog.clone());
                 let mut w = Writer {
-                    catalog: &catalog,
+                    catalog: catalog.clone(),
                     sink,
                     totals,
                     live: &live,
@@ -242,7 +296,8 @@ pub fn run(
     for (i, tx) in shard_txs.iter().enumerate() {
         let batch = router.take_batch(i, None);
         let _ = tx.send(ShardMsg::Events(batch));
-        let _ = tx.send(ShardMsg::Flush(FlushMarker { epoch: u64::MAX, watermark, last: true, snapshot }));
+        let marker = FlushMarker { epoch: u64::MAX, watermark, last: true, snapshot, catalog: None };
+        let _ = tx.send(ShardMsg::Flush(marker));
     }
     drop(shard_txs);
     for w in workers {
@@ -303,6 +358,7 @@ fn route_loop(
     let (shard_txs, recycle, acked) = (links.shard_txs, links.recycle, links.acked);
     let live_source = source.is_live();
     let mut next_snapshot = opts.checkpoint.as_ref().map(|c| Instant::now() + c.interval);
+    let mut reload = Reloader::new(opts.reload.clone());
     let mut lines = LineBatch::default();
     let mut next_flush = Instant::now() + opts.trigger;
     let deadline = opts.max_duration.map(|d| Instant::now() + d);
@@ -376,6 +432,7 @@ fn route_loop(
         }
         if lines.rebalanced || Instant::now() >= next_flush {
             next_flush = Instant::now() + opts.trigger;
+            let reloaded = reload.check(router.catalog());
             let mut snapshot = false;
             if let (Some(at), Some(c)) = (next_snapshot, &opts.checkpoint) {
                 if Instant::now() >= at && !links.in_flight.swap(true, Relaxed) {
@@ -397,9 +454,16 @@ fn route_loop(
                         return Ok(Ended::Stopped);
                     }
                 }
-                if tx.send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false, snapshot })).is_err() {
+                let catalog = reloaded.clone();
+                if tx
+                    .send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false, snapshot, catalog }))
+                    .is_err()
+                {
                     return Ok(Ended::Stopped);
                 }
+            }
+            if let Some(c) = reloaded {
+                router.set_catalog(c);
             }
             epoch += 1;
         }
@@ -421,6 +485,7 @@ impl Checkpointer {
     fn write(
         &mut self,
         group: &[ShardReport],
+        defs: &[crate::config::ExperimentDef],
         totals: &Totals,
         flush_no: u64,
         stats: &mut WriterStats,
@@ -430,6 +495,7 @@ impl Checkpointer {
             |e: std::io::Error| RunError::Checkpoint(format!("writing a checkpoint in {}: {e}", opts.dir.display()));
         let router = self.router_parts.recv().map_err(|_| RunError::Checkpoint("router part missing".into()))?;
         let mut r = crate::checkpoint::Enc::default();
+        crate::checkpoint::encode_defs(defs, &mut r);
         router.encode(&mut r);
         let mut t = crate::checkpoint::Enc::default();
         crate::checkpoint::encode_totals(&totals.export(), &mut t);
@@ -481,7 +547,7 @@ impl Checkpointer {
 /// The writer stage: merges shard reports epoch by epoch, writes changed
 /// totals, and writes checkpoints.
 struct Writer<'a> {
-    catalog: &'a Arc<Catalog>,
+    catalog: Arc<Catalog>,
     sink: Box<dyn Sink>,
     totals: Totals,
     live: &'a Live,
@@ -512,7 +578,7 @@ impl Writer<'_> {
                     break;
                 }
                 let group = entry.remove();
-                let marker = group[0].marker;
+                let marker = group[0].marker.clone();
                 let started = Instant::now();
                 for r in &group {
                     self.totals.apply(r.deltas());
@@ -530,7 +596,7 @@ impl Writer<'_> {
                 stats.peak_points = stats.peak_points.max(self.totals.len() as u64);
                 self.totals.take_due(final_before(marker.watermark), &mut points);
                 if !points.is_empty() {
-                    let namer = Namer::new(self.catalog);
+                    let namer = Namer::new(&self.catalog);
                     self.sink.write(&points, &namer)?;
                     crate::checkpoint::failpoint("sink.written");
                 }
@@ -573,12 +639,20 @@ impl Writer<'_> {
                 }
                 self.sink.flush()?;
                 if marker.snapshot {
-                    self.ckpt.write(&group, &self.totals, stats.flushes, &mut stats)?;
+                    self.ckpt.write(&group, &self.catalog.defs, &self.totals, stats.flushes, &mut stats)?;
                 }
                 // Epochs run 0, 1, 2, …: flush k (1-based) ends epoch k - 1.
                 let acked_flushes = stats.flushes.saturating_sub(self.sink.unacknowledged_flushes());
                 acked.store(acked_flushes, Relaxed);
                 self.ckpt.publish_if_acknowledged(acked_flushes, &mut stats)?;
+                if let Some(c) = &marker.catalog {
+                    // A reload: indices only grow, so what is held stays valid.
+                    self.catalog = c.clone();
+                    self.experiments.set_catalog(c.clone());
+                    if let Some(results) = &self.results {
+                        results.lock().unwrap_or_else(|e| e.into_inner()).set_catalog(c.clone());
+                    }
+                }
                 if marker.last {
                     let report = self.sink.close()?;
                     if report.undelivered == 0 {

@@ -244,6 +244,15 @@ impl Router {
         self.recompute_watermark();
     }
 
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// Uses a reloaded catalog for the events routed from now on.
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.catalog = catalog;
+    }
+
     pub fn lateness_ms(&self) -> i64 {
         self.lateness_ms
     }

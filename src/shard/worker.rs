@@ -104,6 +104,11 @@ impl Worker {
                     });
                     let last = marker.last;
                     let conflicts = self.sessions.take_conflicts();
+                    // A reload takes effect after this drain: the counters are empty.
+                    if let Some(c) = &marker.catalog {
+                        self.sessions.set_catalog(c.clone());
+                        self.counters = MinuteCounters::new(c.clone());
+                    }
                     let report = ShardReport { shard: self.shard, marker, deltas, stats, conflicts, snapshot };
                     if reports.send(report).is_err() || last {
                         return;

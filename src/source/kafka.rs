@@ -53,8 +53,9 @@ struct Shared {
     last_error: Option<(Instant, String)>,
     /// Set once connected: errors before that end the start-up in one line.
     connected: bool,
-    /// Positions from a checkpoint: where to start each partition when it is
-    /// first assigned (instead of the group's committed offset).
+    /// Where the engine's state stands for partitions not assigned now (from
+    /// a checkpoint, or read before a revoke): where to start each when it is
+    /// assigned, instead of the group's committed offset, which can lag.
     resume: AHashMap<i32, i64>,
     /// Resume positions applied to an assignment, for the source's own
     /// position of a partition before its first message.
@@ -316,7 +317,12 @@ fn apply_changes(changed: &AtomicBool, shared: &Mutex<Shared>, parts: &mut AHash
             let next = g.resumed.remove(&p);
             parts.insert(p, Part { next, last_message: Instant::now(), at_eof: false });
         } else {
-            parts.remove(&p);
+            // Our state covers this partition up to where we read it: if it
+            // comes back (an eager rebalance revokes everything), resume there,
+            // not at the committed offset, which lags what the state holds.
+            if let Some(next) = parts.remove(&p).and_then(|part| part.next) {
+                g.resume.insert(p, next);
+            }
             g.acked.remove(&p);
         }
         let what = if assigned { "assigned" } else { "revoked" };
@@ -394,8 +400,13 @@ impl Source for KafkaSource {
         format!("kafka://{}/{} (group {})", self.spec.brokers, self.spec.topic, self.spec.group)
     }
 
+    /// Positions of the partitions read, plus the checkpoint positions of
+    /// partitions not assigned yet: the restored state covers them, so a
+    /// checkpoint taken before (or during) the group join must carry them on.
     fn position(&self) -> Option<Offsets> {
         let mut pos: Offsets = self.parts.iter().filter_map(|(&p, part)| part.next.map(|n| (p, n))).collect();
+        let g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        pos.extend(g.resume.iter().filter(|(p, _)| !self.parts.contains_key(p)).map(|(&p, &n)| (p, n)));
         pos.sort_unstable();
         Some(pos)
     }

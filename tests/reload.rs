@@ -1,0 +1,180 @@
+//! Hot reload of the experiments config while `expmon run` reads stdin:
+//! experiments added, stopped and changed take effect at the next trigger; a
+//! broken file is refused with its usual message and the running config
+//! stays; a checkpoint taken after a reload restores under the new file.
+
+mod common;
+
+use common::runs::{send_signal, BIN};
+use common::*;
+use std::io::Write;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const T0: i64 = 1_767_225_600_000;
+const MIN: i64 = 60_000;
+
+const BEFORE: &str = r#"
+[engine]
+trigger = "100ms"
+[[experiment]]
+id = 1
+tenant = "uswm"
+variations = [11, 12]
+[[experiment]]
+id = 2
+tenant = "uswm"
+variations = [21, 22]
+"#;
+
+/// Experiment 1 stopped, 2 changed (a third variation), 3 added.
+const AFTER: &str = r#"
+[engine]
+trigger = "100ms"
+[[experiment]]
+id = 2
+tenant = "uswm"
+variations = [21, 22, 23]
+[[experiment]]
+id = 3
+tenant = "uswm"
+variations = [31, 32]
+"#;
+
+struct Run {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    dir: std::path::PathBuf,
+    out: String,
+}
+
+impl Run {
+    fn start(dir: &std::path::Path, out: &str) -> Run {
+        let err = std::fs::File::create(dir.join(format!("{out}.log"))).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", "cfg.toml", "--source", "file:-", "--sink", &format!("file:{out}")])
+            .args(["--checkpoint", "ck", "--metrics-addr", "off", "--status", "false"])
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        Run { child, stdin, dir: dir.to_path_buf(), out: out.to_string() }
+    }
+
+    fn send(&mut self, lines: &[Vec<u8>]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        for l in lines {
+            stdin.write_all(l).unwrap();
+            stdin.write_all(b"\n").unwrap();
+        }
+        stdin.flush().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.out))).unwrap_or_default()
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.join(&self.out)).unwrap_or_default()
+    }
+
+    /// Waits until the last `expmon.events_in` written is `n`.
+    fn wait_events(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = self
+                .output()
+                .lines()
+                .rfind(|l| l.starts_with(r#"{"name":"expmon.events_in","#))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].as_u64().unwrap());
+            if last == Some(n as u64) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "events_in {last:?}, want {n}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_log(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} in the log: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) -> String {
+        send_signal(self.child.id(), "TERM");
+        let status = self.child.wait().unwrap();
+        drop(self.stdin.take());
+        assert!(status.success(), "{}", self.log());
+        self.output()
+    }
+}
+
+fn sessions(prefix: &str, minute: i64, assign: &[(u64, i64)], n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| ev(T0 + minute * MIN + i as i64 * 100, &format!("{prefix}{i}"), "home_page", "desktop", "in", assign))
+        .collect()
+}
+
+/// Final value of `name` at `minute` (device desktop, login in).
+fn value(out: &str, name: &str, minute: i64) -> i64 {
+    let key = (name.to_string(), "desktop".to_string(), "in".to_string(), T0 + minute * MIN);
+    totals_from_jsonl(out, "dc1").get(&key).copied().unwrap_or(0)
+}
+
+#[test]
+fn experiments_added_stopped_and_changed_take_effect_and_a_bad_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.toml");
+    std::fs::write(&cfg, BEFORE).unwrap();
+    let mut run = Run::start(dir.path(), "a.jsonl");
+    // Minute 0: 40 sessions in experiments 1 and 2.
+    run.send(&sessions("old", 0, &[(1, 11), (2, 21)], 40));
+    run.wait_events(40);
+
+    std::fs::write(&cfg, AFTER).unwrap();
+    send_signal(run.child.id(), "HUP");
+    run.wait_log("config reloaded from");
+    assert!(run.log().contains("0 kept, 1 added, 1 changed, 1 stopped"), "{}", run.log());
+
+    // Minute 1: new sessions carry all three; the old ones come back.
+    let mut lines = sessions("new", 1, &[(1, 11), (2, 23), (3, 31)], 30);
+    lines.extend(sessions("old", 1, &[(2, 22)], 10));
+    run.send(&lines);
+    run.wait_events(80);
+
+    // A broken file is refused with its usual message; the config in force stays.
+    std::fs::write(&cfg, "[[experiment]]\nid = 0\ntenant = \"uswm\"\nvariations = [1]\n").unwrap();
+    send_signal(run.child.id(), "HUP");
+    run.wait_log("config reload refused, the running config stays");
+    assert!(run.log().contains("cfg.toml:2: experiment[0].id"), "{}", run.log());
+    run.send(&sessions("late", 2, &[(3, 32)], 20));
+    run.wait_events(100);
+    let out = run.stop();
+
+    // Stopped: no new sessions, but the old sessions go on counting visits.
+    assert_eq!(value(&out, "uswm.session.assigned.11", 0), 40);
+    assert_eq!(value(&out, "uswm.session.assigned.11", 1), 0, "experiment 1 was stopped");
+    assert_eq!(value(&out, "uswm.visit.assigned.11.home_page", 1), 10, "its sessions still count");
+    // Changed: new sessions take the new version; a session holding the old
+    // version keeps it (its later assignment under the new one is ignored).
+    assert_eq!(value(&out, "uswm.session.assigned.23", 1), 30);
+    assert_eq!(value(&out, "uswm.session.assigned.21", 0), 40);
+    assert_eq!(value(&out, "uswm.session.assigned.22", 1), 0);
+    // Added, and still in force after the refused file.
+    assert_eq!(value(&out, "uswm.session.assigned.31", 1), 30);
+    assert_eq!(value(&out, "uswm.session.assigned.32", 2), 20);
+
+    // The checkpoint of the reloaded run restores under the new file.
+    std::fs::write(&cfg, AFTER).unwrap();
+    let mut again = Run::start(dir.path(), "b.jsonl");
+    again.wait_log("experiments of the checkpoint against the config file: 2 kept, 0 added, 0 changed, 0 stopped");
+    again.send(&sessions("next", 3, &[(3, 32)], 5));
+    again.wait_events(5);
+    let out = again.stop();
+    assert_eq!(value(&out, "uswm.session.assigned.32", 3), 5);
+}
