@@ -118,6 +118,8 @@ pub struct VariationInfo {
     pub tenant: u16,
     /// Position among the tenant's variations (see [`Catalog::tenant_variations`]).
     pub tenant_slot: u32,
+    /// Position in its experiment's variation list.
+    pub slot: u8,
 }
 
 /// One experiment as the catalog holds it: its definition, whether it takes
@@ -269,11 +271,11 @@ impl Catalog {
                 cat.experiment_index.insert((tenant, x.id), xi);
             }
             let mut variations = Vec::new();
-            for &v in &x.variations {
+            for (slot, &v) in x.variations.iter().enumerate() {
                 let vi = cat.variations.len() as u32;
                 let tenant_slot = cat.tenant_variations[tenant as usize].len() as u32;
                 cat.tenant_variations[tenant as usize].push(vi);
-                cat.variations.push(VariationInfo { id: v, experiment: xi, tenant, tenant_slot });
+                cat.variations.push(VariationInfo { id: v, experiment: xi, tenant, tenant_slot, slot: slot as u8 });
                 if def.active {
                     cat.variation_index.insert(v, vi);
                 }

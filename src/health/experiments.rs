@@ -48,8 +48,6 @@ struct Split {
 
 pub struct ExperimentHealth {
     catalog: Arc<Catalog>,
-    /// Slot of each catalog variation within its experiment.
-    slot: Vec<u8>,
     splits: Vec<Split>,
     conflicts: Vec<u64>,
     /// Per experiment and minute: `[assigned, fm]` sessions.
@@ -64,12 +62,6 @@ pub struct ExperimentHealth {
 
 impl ExperimentHealth {
     pub fn new(catalog: Arc<Catalog>) -> ExperimentHealth {
-        let mut slot = vec![0u8; catalog.variations.len()];
-        for x in &catalog.experiments {
-            for (i, &v) in x.variations.iter().enumerate() {
-                slot[v as usize] = i as u8;
-            }
-        }
         let n = catalog.experiments.len();
         let splits = catalog
             .experiments
@@ -77,7 +69,6 @@ impl ExperimentHealth {
             .map(|x| Split { overall: vec![0; x.variations.len()], segments: BTreeMap::new() })
             .collect();
         ExperimentHealth {
-            slot,
             splits,
             conflicts: vec![0; n],
             minutes: vec![BTreeMap::new(); n],
@@ -93,7 +84,6 @@ impl ExperimentHealth {
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
         let fresh = ExperimentHealth::new(catalog.clone());
         let n = catalog.experiments.len();
-        self.slot = fresh.slot;
         self.splits.extend(fresh.splits.into_iter().skip(self.splits.len()));
         self.conflicts.resize(n, 0);
         self.minutes.resize(n, BTreeMap::new());
@@ -120,7 +110,7 @@ impl ExperimentHealth {
                 continue;
             }
             *self.tenant_minutes[info.tenant as usize].entry(d.minute).or_default() += d.delta;
-            let slot = self.slot[v] as usize;
+            let slot = self.catalog.variations[v].slot as usize;
             let split = &mut self.splits[x];
             split.overall[slot] += d.delta;
             let n = split.overall.len();

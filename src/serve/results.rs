@@ -31,27 +31,18 @@ impl std::fmt::Debug for Results {
 
 pub struct Results {
     catalog: Arc<Catalog>,
-    slot: Vec<u8>,
     by_experiment: Vec<BTreeMap<i64, Minute>>,
     newest: i64,
 }
 
 impl Results {
     pub fn new(catalog: Arc<Catalog>) -> Results {
-        let mut slot = vec![0u8; catalog.variations.len()];
-        for x in &catalog.experiments {
-            for (i, &v) in x.variations.iter().enumerate() {
-                slot[v as usize] = i as u8;
-            }
-        }
         let by_experiment = vec![BTreeMap::new(); catalog.experiments.len()];
-        Results { catalog, slot, by_experiment, newest: i64::MIN }
+        Results { catalog, by_experiment, newest: i64::MIN }
     }
 
     /// Uses a reloaded catalog (indices only grow).
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
-        let fresh = Results::new(catalog.clone());
-        self.slot = fresh.slot;
         self.by_experiment.resize(catalog.experiments.len(), BTreeMap::new());
         self.catalog = catalog;
     }
@@ -66,7 +57,7 @@ impl Results {
             let v = d.key.variation() as usize;
             let x = self.catalog.variations[v].experiment as usize;
             let n = self.catalog.experiments[x].variations.len();
-            let slot = self.slot[v] as usize;
+            let slot = self.catalog.variations[v].slot as usize;
             let m = self.by_experiment[x].entry(d.minute).or_insert_with(|| Minute {
                 assigned: vec![0; n],
                 fm: vec![0; n],
