@@ -189,5 +189,10 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
     assert!(last.log().contains("restoring the checkpoint"), "{}", last.log());
     let got = totals_of_runs(&dir, &outs, &config.engine.dc);
     let d = diff(&reference(&config, &lines), &got);
+    if !d.is_empty() {
+        if let Ok(keep) = std::env::var("EXPMON_CRASH_KEEP") {
+            let _ = Command::new("cp").arg("-r").arg(dir.path("")).arg(format!("{keep}-{seed}")).status();
+        }
+    }
     assert!(d.is_empty(), "seed {seed}, {killed} kills: {} differences: {d:#?}", d.len());
 }

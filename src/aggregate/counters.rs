@@ -67,6 +67,25 @@ struct Region {
     /// Size of the listed part (visit regions).
     listed: u32,
     counts: Box<[i64]>,
+    /// After a restore: one bit per counter touched since the drain, so that
+    /// a change that cancels out within one flush is still reported (as a
+    /// zero delta) and its point rewritten (see `crate::checkpoint`).
+    touched: Option<Box<[u64]>>,
+}
+
+impl Region {
+    #[inline]
+    fn add(&mut self, cell: usize, delta: i64) {
+        self.counts[cell] += delta;
+        if let Some(t) = &mut self.touched {
+            t[cell / 64] |= 1 << (cell % 64);
+        }
+    }
+
+    #[inline]
+    fn touched(&self, cell: usize) -> bool {
+        self.touched.as_ref().is_some_and(|t| t[cell / 64] & (1 << (cell % 64)) != 0)
+    }
 }
 
 pub struct MinuteCounters {
@@ -76,11 +95,22 @@ pub struct MinuteCounters {
     regions: Vec<Region>,
     /// The last region used: (region key, minute, index).
     last: Option<(u64, i64, u32)>,
+    /// Report touched counters even when their net change is zero.
+    track_touched: bool,
 }
 
 impl MinuteCounters {
     pub fn new(catalog: Arc<Catalog>) -> MinuteCounters {
-        MinuteCounters { catalog, index: AHashMap::new(), regions: Vec::new(), last: None }
+        MinuteCounters { catalog, index: AHashMap::new(), regions: Vec::new(), last: None, track_touched: false }
+    }
+
+    /// After a restore: report every touched counter, even at net zero.
+    pub fn set_track_touched(&mut self, on: bool) {
+        self.track_touched = on;
+    }
+
+    pub fn tracks_touched(&self) -> bool {
+        self.track_touched
     }
 
     #[inline]
@@ -100,7 +130,8 @@ impl MinuteCounters {
                 let (listed, every) = self.catalog.visit_region(tenant, key.mp());
                 (listed.len() as u32, (listed.len() + every.len()) * VISIT_KINDS)
             };
-            self.regions.push(Region { key: rkey, minute, listed, counts: vec![0; len].into_boxed_slice() });
+            let touched = self.track_touched.then(|| vec![0u64; len.div_ceil(64)].into_boxed_slice());
+            self.regions.push(Region { key: rkey, minute, listed, counts: vec![0; len].into_boxed_slice(), touched });
         }
         self.last = Some((rkey, minute, i));
         i as usize
@@ -112,7 +143,7 @@ impl MinuteCounters {
         debug_assert_eq!(key.mp(), NO_MP);
         let var = self.catalog.variations[key.variation() as usize];
         let r = self.region(var.tenant, key, minute_of(ts));
-        self.regions[r].counts[var.tenant_slot as usize * SESSION_KINDS + offset(key.kind())] += delta;
+        self.regions[r].add(var.tenant_slot as usize * SESSION_KINDS + offset(key.kind()), delta);
     }
 
     /// Adds `delta` to the visit-kind point `(key, minute(ts))`, whose
@@ -126,7 +157,7 @@ impl MinuteCounters {
             VisitSlot::Listed(s) => s,
             VisitSlot::Every(s) => r.listed + s,
         };
-        r.counts[s as usize * VISIT_KINDS + offset(key.kind())] += delta;
+        r.add(s as usize * VISIT_KINDS + offset(key.kind()), delta);
     }
 
     /// Appends every non-zero delta since the last drain to `out` and frees
@@ -145,7 +176,7 @@ impl MinuteCounters {
             let per = if session { SESSION_KINDS } else { VISIT_KINDS };
             for (slot, c) in r.counts.chunks_exact(per).enumerate() {
                 for (o, &d) in c.iter().enumerate() {
-                    if d != 0 {
+                    if d != 0 || r.touched(slot * per + o) {
                         let var = if slot < first.len() { first[slot] } else { second[slot - first.len()] };
                         let key = SeriesKey::new(kind_at(session, o), var, mp, device, login);
                         out.push(Delta { key, minute: r.minute, delta: d });
@@ -189,6 +220,20 @@ mod tests {
             let cat = c.catalog.clone();
             let x = &cat.experiments[cat.variations[key.variation() as usize].experiment as usize];
             c.add_visit(key, x.visit_slot(key.mp(), key.variation()).unwrap(), ts, delta);
+        }
+    }
+
+    #[test]
+    fn after_a_restore_a_change_that_cancels_out_is_still_reported() {
+        let k = SeriesKey::new(MetricKind::SessionFm, 2, NO_MP, 3, 4);
+        for (track, want) in [(false, vec![]), (true, vec![Delta { key: k, minute: 660_000, delta: 0 }])] {
+            let mut c = MinuteCounters::new(catalog());
+            c.set_track_touched(track);
+            add(&mut c, k, 60_000 * 11, 1);
+            add(&mut c, k, 60_000 * 11, -1);
+            let mut out = Vec::new();
+            c.drain(&mut out);
+            assert_eq!(out, want, "tracking {track}");
         }
     }
 

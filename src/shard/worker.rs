@@ -43,6 +43,7 @@ impl Worker {
             // Checked when the checkpoint was loaded.
             self.sessions.restore(*key, bytes).expect("restored session decodes");
         }
+        self.counters.set_track_touched(true);
     }
 
     pub fn apply(&mut self, batch: &EventBatch) {
@@ -107,7 +108,9 @@ impl Worker {
                     // A reload takes effect after this drain: the counters are empty.
                     if let Some(c) = &marker.catalog {
                         self.sessions.set_catalog(c.clone());
+                        let track = self.counters.tracks_touched();
                         self.counters = MinuteCounters::new(c.clone());
+                        self.counters.set_track_touched(track);
                     }
                     let report = ShardReport { shard: self.shard, marker, deltas, stats, conflicts, snapshot };
                     if reports.send(report).is_err() || last {
