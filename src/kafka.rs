@@ -5,8 +5,8 @@
 //! expmon understands: `group` (consumer group, default `expmon`),
 //! `dead_letter` (topic for bad messages), `idle_timeout` (a partition with no
 //! event for this long stops holding the watermark back, default 10s),
-//! `until_end=true` (end the run once every assigned partition is read to its
-//! end: a bounded replay of a topic) and `partitions` (for `gen`: partitions
+//! `until_end=true` (end the run once this consumer holds every partition of
+//! the topic and has read each to its end: a bounded replay by one consumer) and `partitions` (for `gen`: partitions
 //! of a topic it creates, default 8). Any
 //! key with a dot in it (`security.protocol`, `sasl.mechanism`,
 //! `fetch.max.bytes`, …) is passed to librdkafka as is, after the settings of

@@ -210,6 +210,8 @@ pub struct KafkaSource {
     origins: Vec<(i32, i64)>,
     dead_letter: Option<ThreadedProducer<DefaultProducerContext>>,
     dead_lettered: u64,
+    /// Partitions of the topic (for `until_end`).
+    topic_partitions: usize,
 }
 
 impl KafkaSource {
@@ -251,7 +253,7 @@ impl KafkaSource {
                 verbose: base.iter().chain(&spec.settings).any(|(k, _)| k == "debug"),
             })
             .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
-        topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
+        let topic_partitions = topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
         shared.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
         let dead_letter = match &spec.dead_letter {
             Some(_) => Some(
@@ -272,6 +274,7 @@ impl KafkaSource {
             origins: Vec::new(),
             dead_letter,
             dead_lettered: 0,
+            topic_partitions,
         })
     }
 
@@ -388,7 +391,10 @@ impl Source for KafkaSource {
             let quiet = part.at_eof || part.last_message.elapsed() >= self.spec.idle_timeout;
             batch.partitions[p as usize] = if quiet { PartitionState::Idle } else { PartitionState::Active };
         }
-        let at_end = !self.parts.is_empty() && self.parts.values().all(|p| p.at_eof);
+        // A bounded replay ends when this consumer holds every partition of the
+        // topic (a member that died may still hold some for a while) and has
+        // read each to its end.
+        let at_end = self.parts.len() >= self.topic_partitions && self.parts.values().all(|p| p.at_eof);
         Ok(if self.spec.until_end && at_end { Fill::End } else { Fill::Lines })
     }
 
