@@ -41,7 +41,7 @@ fn run_file(dir: &Dir, args: &[&str], failpoint: Option<&str>) -> Output {
 }
 
 fn write_events(dir: &Dir, lines: &[Vec<u8>]) {
-    let text: Vec<u8> = lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
+    let text = jsonl(lines);
     std::fs::write(dir.path("events.jsonl"), text).unwrap();
 }
 

@@ -57,7 +57,7 @@ fn run_signals(lines: &[Vec<u8>]) -> Signals {
     let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let text: Vec<u8> = lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect();
+    let text = jsonl(lines);
     let source = FileSource::from_reader(Box::new(std::io::Cursor::new(text)), "test".into());
     let sink = FileSink::create(out.to_str().unwrap()).unwrap();
     let opts = RunOptions::new(&catalog, 2);

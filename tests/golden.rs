@@ -225,14 +225,13 @@ fn run_in_two_epochs(
     let src = expmon::source::FileSource::from_reader(Box::new(r), "pipe".into());
     let engine = std::thread::spawn(move || expmon::shard::run(catalog, Box::new(src), Box::new(sink), opts).unwrap());
     use std::io::Write;
-    let text = |ls: &[Vec<u8>]| ls.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect::<Vec<u8>>();
-    w.write_all(&text(a)).unwrap();
+    w.write_all(&jsonl(a)).unwrap();
     // Wait until the first half has been written out.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while points.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    w.write_all(&text(b)).unwrap();
+    w.write_all(&jsonl(b)).unwrap();
     drop(w);
     let summary = engine.join().unwrap();
     let out = points.lock().unwrap().clone();

@@ -282,6 +282,11 @@ pub fn diff(expected: &Totals, actual: &Totals) -> Vec<String> {
     out
 }
 
+/// Lines joined as a JSON Lines text (each followed by a newline).
+pub fn jsonl(lines: &[Vec<u8>]) -> Vec<u8> {
+    lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect()
+}
+
 /// Builds one event line.
 pub fn ev(ts: i64, session: &str, mp: &str, device: &str, login: &str, assign: &[(u64, i64)]) -> Vec<u8> {
     let mut o =

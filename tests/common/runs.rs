@@ -55,34 +55,30 @@ impl Dir {
             .collect()
     }
 
-    /// Produces `lines` to `topic` (keyed by session id), through `expmon gen`'s
-    /// producer fed from a file: the test's own copy of the lines is the truth.
+    /// `expmon gen` sending `lines` (from a file: the test's own copy of the
+    /// lines is the truth) to `topic`, keyed by session id, optionally paced.
+    fn producer(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: Option<u32>) -> Command {
+        let file = self.path(&format!("produce-{}-{}.jsonl", lines.len(), rate.unwrap_or(0)));
+        std::fs::write(&file, super::jsonl(lines)).unwrap();
+        let mut c = Command::new(BIN);
+        c.args(["gen", "--replay", file.to_str().unwrap()]);
+        if let Some(r) = rate {
+            c.args(["--rate", &r.to_string()]);
+        }
+        c.arg("--out").arg(format!("kafka://{}/{topic}?partitions=8", broker.addr())).current_dir(self.dir.path());
+        c
+    }
+
+    /// Produces `lines` to `topic` and waits for every acknowledgement.
     pub fn produce(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>]) {
-        let file = self.path(&format!("produce-{}.jsonl", lines.len()));
-        std::fs::write(&file, lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect::<Vec<u8>>())
-            .unwrap();
-        let out = Command::new(BIN)
-            .args(["gen", "--replay", file.to_str().unwrap(), "--out"])
-            .arg(format!("kafka://{}/{topic}?partitions=8", broker.addr()))
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap();
+        let out = self.producer(broker, topic, lines, None).output().unwrap();
         assert!(out.status.success(), "producing failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Starts producing `lines` to `topic` at `rate` events/s in the
     /// background; the caller waits for the child.
     pub fn produce_paced(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: u32) -> Child {
-        let file = self.path(&format!("paced-{}.jsonl", lines.len()));
-        std::fs::write(&file, lines.iter().flat_map(|l| l.iter().copied().chain([b'\n'])).collect::<Vec<u8>>())
-            .unwrap();
-        Command::new(BIN)
-            .args(["gen", "--replay", file.to_str().unwrap(), "--rate", &rate.to_string(), "--out"])
-            .arg(format!("kafka://{}/{topic}?partitions=8", broker.addr()))
-            .current_dir(self.dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        self.producer(broker, topic, lines, Some(rate)).stderr(Stdio::null()).spawn().unwrap()
     }
 
     /// Starts `expmon run` on `topic` in `group`, writing to `out`.
