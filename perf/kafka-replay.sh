@@ -8,6 +8,7 @@
 #   EVENTS=5000000 THREADS="1 2" perf/kafka-replay.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. perf/lib.sh
 
 EVENTS=${EVENTS:-2000000}
 THREADS=${THREADS:-2}
@@ -31,20 +32,14 @@ sleep 1
 # CPU seconds (user + system) the broker has used so far.
 broker_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$broker/stat"; }
 
-commit=$(git rev-parse --short HEAD)$(git diff --quiet || echo "-dirty")
-run_dir=perf/runs/$(date -u +%Y-%m-%d)-$commit-kafka
-mkdir -p "$run_dir"
-report=$run_dir/README.md
+report=$(perf_report kafka)
 topic="kafka://127.0.0.1:$port/peak?partitions=8"
 fill_out=$(./target/release/expmon gen --profile peak --events "$EVENTS" --seed 1 --out "$topic" \
   --write-config "$config" 2>&1)
 {
   echo "# Kafka replay: $EVENTS peak events from an 8-partition topic to the null sink"
   echo
-  echo "- commit: $commit"
-  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- rustc: $(rustc --version)"
-  echo "- cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+  perf_facts
   echo "- broker: $("$tansu" --version 2>/dev/null || echo tansu) (memory storage) on the same machine"
   echo "- fill: \`expmon gen --profile peak --events $EVENTS --seed 1 --out kafka://…/peak?partitions=8\`:"
   echo "  $fill_out"
@@ -68,15 +63,7 @@ for t in $THREADS; do
     share=$(echo "scale=2; ($cpu1 - $cpu0) / $wall" | bc)
     line="threads=$t run=$r: $rate events/s after the group join; broker used $(echo "$cpu1 - $cpu0" | bc) CPU s in $wall s (${share} cores)"
     echo "$line"
-    {
-      echo "## $line"
-      echo
-      echo '```'
-      echo "$ $cmd --source '$source'"
-      echo "$out"
-      echo '```'
-      echo
-    } >> "$report"
+    perf_section "$report" "$line" "$cmd --source '$source'" "$out"
   done
 done
 echo "report: $report"

@@ -8,6 +8,7 @@
 #   FLAME=1 perf/run-peak.sh         # also record a steady-state flamegraph
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. perf/lib.sh
 
 EVENTS=${EVENTS:-5000000}
 THREADS=${THREADS:-"1 2"}
@@ -21,17 +22,12 @@ if [ ! -s "$data" ]; then
   ./target/release/expmon gen --profile peak --events "$EVENTS" --seed 1 --out "file:$data" --write-config "$config"
 fi
 
-commit=$(git rev-parse --short HEAD)$(git diff --quiet || echo "-dirty")
-run_dir=perf/runs/$(date -u +%Y-%m-%d)-$commit
-mkdir -p "$run_dir"
-report=$run_dir/README.md
+commit=$(perf_commit)
+report=$(perf_report)
 {
   echo "# peak replay, $EVENTS events"
   echo
-  echo "- commit: $commit"
-  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- rustc: $(rustc --version)"
-  echo "- cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+  perf_facts
   echo "- data: \`expmon gen --profile peak --events $EVENTS --seed 1\` ($(du -h "$data" | cut -f1))"
   echo
 } > "$report"
@@ -42,15 +38,7 @@ for t in $THREADS; do
     out=$($cmd 2>&1)
     rate=$(echo "$out" | grep -o '([0-9]* events/s' | tr -dc '0-9')
     echo "threads=$t run=$r: $rate events/s"
-    {
-      echo "## threads=$t, run $r: $rate events/s"
-      echo
-      echo '```'
-      echo "$ $cmd"
-      echo "$out"
-      echo '```'
-      echo
-    } >> "$report"
+    perf_section "$report" "threads=$t, run $r: $rate events/s" "$cmd" "$out"
   done
 done
 
