@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::runs::{send_signal, BIN};
+use common::runs::{last_health, send_signal, BIN};
 use common::*;
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -84,12 +84,8 @@ impl Run {
     fn wait_events(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let last = self
-                .output()
-                .lines()
-                .rfind(|l| l.starts_with(r#"{"name":"expmon.events_in","#))
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].as_u64().unwrap());
-            if last == Some(n as u64) {
+            let (last, _) = last_health(&self.output(), "events_in");
+            if last == n as i64 {
                 return;
             }
             assert!(Instant::now() < deadline, "events_in {last:?}, want {n}: {}", self.log());

@@ -118,14 +118,7 @@ pub struct Consumer {
 impl Consumer {
     /// The last value of health metric `name` written, and how many times it was.
     pub fn health(&self, name: &str) -> (i64, usize) {
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let needle = format!(r#"{{"name":"expmon.{name}","#);
-        let mut last = (0, 0);
-        for l in text.lines().filter(|l| l.starts_with(&needle)) {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            last = (v["value"].as_i64().unwrap(), last.1 + 1);
-        }
-        last
+        last_health(&std::fs::read_to_string(&self.out).unwrap_or_default(), name)
     }
 
     /// Waits until the run has read `n` events and written a few more triggers
@@ -178,6 +171,18 @@ impl Drop for Consumer {
             let _ = c.wait();
         }
     }
+}
+
+/// In a file sink's output: the last value of health metric `expmon.NAME`
+/// (0 if none) and how many times it was written.
+pub fn last_health(text: &str, name: &str) -> (i64, usize) {
+    let needle = format!(r#"{{"name":"expmon.{name}","#);
+    let mut last = (0, 0);
+    for l in text.lines().filter(|l| l.starts_with(&needle)) {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        last = (v["value"].as_i64().unwrap(), last.1 + 1);
+    }
+    last
 }
 
 pub fn send_signal(pid: u32, signal: &str) {
