@@ -31,7 +31,7 @@ fn totals_of_runs(dir: &Dir, outs: &[String], dc: &str) -> Totals {
 fn run_file(dir: &Dir, args: &[&str], failpoint: Option<&str>) -> Output {
     let mut c = Command::new(BIN);
     c.args(["run", "--config", "demo.toml", "--source", "file:events.jsonl", "--status", "false"])
-        .args(["--checkpoint", "ck", "--trigger", "5ms", "--checkpoint-interval", "10ms"])
+        .args(["--checkpoint", "ck", "--trigger", "1ms", "--checkpoint-interval", "2ms"])
         .args(args)
         .current_dir(dir.path(""));
     if let Some(f) = failpoint {
@@ -48,7 +48,9 @@ fn write_events(dir: &Dir, lines: &[Vec<u8>]) {
 #[test]
 fn a_crash_at_each_failpoint_then_a_restore_at_other_thread_counts_is_exact() {
     let dir = Dir::new();
-    let lines = dir.events(5, 60_000);
+    // Enough input for many checkpoints even on a fast machine: the failpoints
+    // count them (the third one written, the second published).
+    let lines = dir.events(5, 200_000);
     write_events(&dir, &lines);
     let config = dir.config();
     let expected = reference(&config, &lines);
