@@ -38,7 +38,8 @@ pub struct KafkaSpec {
 
 impl KafkaSpec {
     pub fn parse(spec: &str) -> Result<KafkaSpec, String> {
-        let bad = |why: &str| format!("bad kafka address {spec:?}: {why}");
+        let shown = crate::redact::redact(spec);
+        let bad = |why: &str| format!("bad kafka address {shown:?}: {why}");
         let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
         let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
@@ -62,10 +63,15 @@ impl KafkaSpec {
             settings: Vec::new(),
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option {kv:?} is not key=value")))?;
+            let shown_kv = if crate::redact::is_secret_key(kv) { crate::redact::HIDDEN } else { kv };
+            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option {shown_kv:?} is not key=value")))?;
             match k {
-                "group" if !v.is_empty() => out.group = v.to_string(),
-                "dead_letter" if valid_topic(v) => out.dead_letter = Some(v.to_string()),
+                "group" if v.is_empty() => return Err(bad("group: empty (a consumer group name)")),
+                "group" => out.group = v.to_string(),
+                "dead_letter" if !valid_topic(v) => {
+                    return Err(bad(&format!("dead_letter: {v:?} is not a topic name (1 to 249 of [A-Za-z0-9._-])")))
+                }
+                "dead_letter" => out.dead_letter = Some(v.to_string()),
                 "idle_timeout" => {
                     let ms = parse_duration_ms(v).map_err(|e| bad(&format!("idle_timeout: {e}")))?;
                     out.idle_timeout = Duration::from_millis(ms.max(1) as u64);

@@ -68,25 +68,25 @@ struct RunArgs {
     /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH&ca=PEM], or null.
     #[arg(long, default_value = "file:expmon-out/points.jsonl")]
     sink: String,
-    /// Shard worker threads (default: available cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    /// Shard worker threads, 1 to 1024 (default: available cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
+    threads: Option<u16>,
     /// Pin shard workers to cores.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
     /// Stop after this long (e.g. 30s, 5m); default: until the source ends or Ctrl-C.
-    #[arg(long)]
-    duration: Option<String>,
+    #[arg(long, value_parser = positive_duration)]
+    duration: Option<Duration>,
     /// Override the config's trigger interval (e.g. 5s).
-    #[arg(long)]
-    trigger: Option<String>,
+    #[arg(long, value_parser = positive_duration)]
+    trigger: Option<Duration>,
     /// Checkpoint directory: snapshots of all state and the source position;
     /// an existing checkpoint there is restored at start.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
     /// Time between checkpoints (e.g. 30s).
-    #[arg(long, default_value = "30s")]
-    checkpoint_interval: String,
+    #[arg(long, default_value = "30s", value_parser = positive_duration)]
+    checkpoint_interval: Duration,
     /// Set an existing checkpoint aside (renamed, not deleted) and start fresh.
     #[arg(long)]
     checkpoint_reset: bool,
@@ -95,16 +95,65 @@ struct RunArgs {
     #[arg(long)]
     status: Option<bool>,
     /// `instance` tag of the health metrics (default: the host name).
-    #[arg(long)]
+    #[arg(long, value_parser = tag_value)]
     instance: Option<String>,
-    /// Address of /metrics (Prometheus) and the results page; `off` for none.
-    /// If the default cannot be bound (another instance), the run goes on
-    /// without it and says so.
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
-    metrics_addr: String,
+    /// Address of /metrics (Prometheus) and the results page, HOST:PORT or
+    /// `off` [default: 127.0.0.1:9464]. If the default cannot be bound (another
+    /// instance), the run goes on without it and says so; an address given
+    /// here that cannot be bound is an error.
+    #[arg(long, value_parser = metrics_addr)]
+    metrics_addr: Option<MetricsAddr>,
 }
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// Most shard threads: far more than any machine's cores, and few enough that
+/// their queues and threads can always be made.
+const MAX_THREADS: u16 = 1024;
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+enum MetricsAddr {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr::Off);
+    }
+    s.parse().map(MetricsAddr::At).map_err(|_| "expected HOST:PORT (an IP address and a port) or off".to_string())
+}
+
+/// A duration flag: `parse_duration_ms`'s syntax, more than zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration_ms(s)? {
+        0 => Err("must be more than 0".to_string()),
+        ms => Ok(Duration::from_millis(ms as u64)),
+    }
+}
+
+/// A tag value as KairosDB accepts it: 1 to 64 of `[A-Za-z0-9._/-]`.
+fn tag_value(s: &str) -> Result<String, String> {
+    let ok = |c: u8| c.is_ascii_alphanumeric() || b"._/-".contains(&c);
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(ok) {
+        return Err("expected 1 to 64 of [A-Za-z0-9._/-]".to_string());
+    }
+    Ok(s.to_string())
+}
+
+/// Events per second for `gen --rate`: a finite number above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err("expected events per second, a number above 0".to_string()),
+    }
+}
+
+/// A flag that is wrong in itself: one line, exit status 2 (as clap's own).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 #[derive(clap::Args)]
 struct GenArgs {
@@ -119,7 +168,7 @@ struct GenArgs {
     #[arg(long)]
     replay: Option<PathBuf>,
     /// Events per second, open loop (timestamps follow the wall clock); default: as fast as possible.
-    #[arg(long)]
+    #[arg(long, value_parser = positive_rate)]
     rate: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -133,7 +182,20 @@ struct GenArgs {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's first line names the problem; its tips and usage follow
+            // on more lines, which `--help` shows anyway.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("bad command line");
+            let words: Vec<String> =
+                first.trim_start_matches("error: ").split(' ').map(expmon::redact::redact).collect();
+            eprintln!("expmon: error: {}", words.join(" "));
+            std::process::exit(2);
+        }
+    };
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(a) => cmd_run(a, matches!(cli.log_format, LogFormat::Json)),
@@ -150,7 +212,7 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("expmon: error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(if e.is::<UsageError>() { 2 } else { 1 });
     }
 }
 
@@ -167,7 +229,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     };
     let (checkpoint, restore) = match &a.checkpoint {
         Some(dir) => open_checkpoint(dir, &a, &config)?,
-        None if a.checkpoint_reset => bail!("--checkpoint-reset needs --checkpoint DIR"),
+        None if a.checkpoint_reset => return Err(UsageError("--checkpoint-reset needs --checkpoint DIR".into()).into()),
         None => (None, None),
     };
     let catalog = match &restore {
@@ -186,14 +248,16 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
     let source = open_source(&a.source, &config, &resume)?;
     let sink = expmon::sink::open(&a.sink, &catalog)?;
-    let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
+    let threads = a.threads.map_or_else(shard::default_threads, usize::from);
+    let mut opts = RunOptions::new(&catalog, threads.min(MAX_THREADS as usize));
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);
-    if a.metrics_addr != "off" {
-        let addr: std::net::SocketAddr = a
-            .metrics_addr
-            .parse()
-            .with_context(|| format!("--metrics-addr {:?}: expected HOST:PORT or off", a.metrics_addr))?;
+    let (addr, explicit) = match a.metrics_addr {
+        Some(MetricsAddr::Off) => (None, true),
+        Some(MetricsAddr::At(addr)) => (Some(addr), true),
+        None => (Some(DEFAULT_METRICS_ADDR.parse().expect("a socket address")), false),
+    };
+    if let Some(addr) = addr {
         let published = Arc::new(expmon::serve::Published::default());
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
         match expmon::serve::spawn(addr, published.clone(), results.clone()) {
@@ -202,22 +266,18 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
                 opts.published = Some(published);
                 opts.results = Some(results);
             }
-            Err(e) if a.metrics_addr == DEFAULT_METRICS_ADDR => tracing::warn!("{e}; running without it"),
-            Err(e) => bail!(e),
+            Err(e) if !explicit => tracing::warn!("{e}; running without it"),
+            Err(e) => bail!("--metrics-addr {addr}: {e}"),
         }
     }
     opts.pin = a.pin;
-    if let Some(i) = a.instance.filter(|i| !i.is_empty()) {
+    if let Some(i) = a.instance {
         opts.instance = i;
     }
-    if let Some(t) = &a.trigger {
-        opts.trigger =
-            Duration::from_millis(parse_duration_ms(t).map_err(anyhow::Error::msg).context("--trigger")? as u64);
+    if let Some(t) = a.trigger {
+        opts.trigger = t;
     }
-    if let Some(d) = &a.duration {
-        opts.max_duration =
-            Some(Duration::from_millis(parse_duration_ms(d).map_err(anyhow::Error::msg).context("--duration")? as u64));
-    }
+    opts.max_duration = a.duration;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, opts.stop.clone()).context("installing signal handler")?;
     }
@@ -249,7 +309,8 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         eprintln!("{summary}");
     }
     if summary.sink.undelivered > 0 {
-        bail!("{} upserts could not be delivered to {} before the drain deadline", summary.sink.undelivered, a.sink);
+        let sink = expmon::redact::redact(&a.sink);
+        bail!("{} upserts could not be delivered to {sink} before the drain deadline", summary.sink.undelivered);
     }
     Ok(())
 }
@@ -267,8 +328,6 @@ fn open_checkpoint(
             tracing::warn!("checkpoint set aside as {}; starting fresh", aside.display());
         }
     }
-    let interval =
-        parse_duration_ms(&a.checkpoint_interval).map_err(anyhow::Error::msg).context("--checkpoint-interval")?;
     let fingerprint = expmon::checkpoint::fingerprint(config);
     let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
     if let Some(s) = &snapshot {
@@ -281,11 +340,7 @@ fn open_checkpoint(
             s.router.positions.len()
         );
     }
-    let opts = shard::CheckpointOptions {
-        dir: dir.to_path_buf(),
-        interval: Duration::from_millis(interval.max(1) as u64),
-        fingerprint,
-    };
+    let opts = shard::CheckpointOptions { dir: dir.to_path_buf(), interval: a.checkpoint_interval, fingerprint };
     Ok((Some(opts), snapshot))
 }
 
@@ -301,5 +356,6 @@ fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) ->
         let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(anyhow::Error::msg)?;
         return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka, resume).map_err(anyhow::Error::msg)?));
     }
-    bail!("bad source {spec:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")
+    let shown = expmon::redact::redact(spec);
+    bail!("bad source {shown:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")
 }

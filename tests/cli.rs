@@ -222,3 +222,233 @@ fn sigterm_drains_flushes_and_exits_zero_even_with_a_quiet_stdin() {
     let text = std::fs::read_to_string(x.path("o.jsonl")).unwrap();
     assert!(text.contains(r#""name":"uswm.session.assigned.1231""#), "the pending minute was flushed: {text}");
 }
+
+/// Runs and asserts failure with exit status `code` and exactly one stderr
+/// line that starts `expmon: error:`; returns that line.
+fn one_line_failure(x: &Expmon, args: &[&str], code: i32) -> String {
+    let out = x.run(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(code), "expmon {args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "expmon {args:?}: one line: {err}");
+    assert!(err.starts_with("expmon: error: "), "expmon {args:?}: {err}");
+    err
+}
+
+#[test]
+fn every_bad_flag_is_refused_in_one_line_with_exit_2() {
+    let x = Expmon::new();
+    let run = |extra: &[&'static str]| {
+        let mut a = vec!["run", "--source", "file:/dev/null", "--sink", "null", "--metrics-addr", "off"];
+        a.extend_from_slice(extra);
+        a
+    };
+    for (args, needle) in [
+        // Was a panic (exit 134) for 100000 and a silent 1 for 0.
+        (run(&["--threads", "100000"]), "--threads"),
+        (run(&["--threads", "0"]), "--threads"),
+        (run(&["--threads", "many"]), "--threads"),
+        // Was accepted although the config refuses a zero trigger.
+        (run(&["--trigger", "0s"]), "--trigger"),
+        (run(&["--trigger", "5 minutes"]), "--trigger"),
+        (run(&["--duration", "0ms"]), "--duration"),
+        (run(&["--checkpoint-interval", "0s", "--checkpoint", "ck"]), "--checkpoint-interval"),
+        (vec!["run", "--metrics-addr", "localhost"], "--metrics-addr"),
+        (run(&["--instance", "two words"]), "--instance"),
+        (run(&["--instance", ""]), "--instance"),
+        (run(&["--pin", "maybe"]), "--pin"),
+        (run(&["--checkpoint-reset"]), "--checkpoint-reset needs --checkpoint"),
+        (run(&["--no-such-flag"]), "--no-such-flag"),
+        (vec!["gen", "--events", "10", "--rate", "0", "--out", "-"], "--rate"),
+        (vec!["gen", "--events", "10", "--rate=-5", "--out", "-"], "--rate"),
+        (vec!["gen", "--events", "10", "--rate", "NaN", "--out", "-"], "--rate"),
+        (vec!["gen", "--events", "ten", "--out", "-"], "--events"),
+    ] {
+        let err = one_line_failure(&x, &args, 2);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn an_explicit_metrics_addr_that_is_taken_is_an_error() {
+    let x = Expmon::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let err =
+        one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "null", "--metrics-addr", &addr], 1);
+    assert!(err.contains("--metrics-addr") && err.contains(&addr), "{err}");
+}
+
+/// A secret planted in every address and config that can fail must not be in
+/// any output: credentials in URLs and secret librdkafka settings are hidden.
+#[test]
+fn secrets_never_appear_in_error_messages() {
+    const SECRET: &str = "s3cr3tPW";
+    let x = Expmon::new();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        x.path("kafka.toml"),
+        format!("{}\n[kafka]\n\"sasl.password\" = \"{SECRET}\"\n", expmon::config::DEMO_CONFIG),
+    )
+    .unwrap();
+    std::fs::write(
+        x.path("bad-kafka.toml"),
+        format!("[kafka]\n\"sasl.password\" = \"{SECRET}\"\n\n[engine]\ntrigger = \"0s\"\n"),
+    )
+    .unwrap();
+    let kairos = |rest: &str| format!("kairosdb:http://admin:{SECRET}@{rest}");
+    let file =
+        |sink: String| vec!["run".to_string(), "--source".into(), "file:/dev/null".into(), "--sink".into(), sink];
+    let source = |src: String| vec!["run".to_string(), "--source".into(), src, "--sink".into(), "null".into()];
+    let cases: Vec<Vec<String>> = vec![
+        file(kairos(&format!("127.0.0.1:{closed}"))), // unreachable
+        file(kairos("127.0.0.1:8080?no_such_option=1")),
+        file(kairos("127.0.0.1:8080?batch=lots")),
+        file(kairos(":8080")),
+        file(kairos("127.0.0.1:99999")),
+        file(format!("kairosdb:ftp://admin:{SECRET}@127.0.0.1:8080")),
+        file(format!("carrier:pigeon://admin:{SECRET}@roof")),
+        source(format!("kafka://127.0.0.1:9092/t?sasl.password={SECRET}&no_such_option=1")),
+        source(format!("kafka://127.0.0.1:9092/t?sasl.password={SECRET}&group=")),
+        source(format!("kafka://127.0.0.1:9092/t?sasl.password={SECRET}&idle_timeout=soon")),
+        source(format!("kafka://127.0.0.1:9092/bad topic?sasl.password={SECRET}")),
+        source(format!("kafka://127.0.0.1:9092/t?ssl.key.password={SECRET}&sasl.jaas.config={SECRET}&until_end=x")),
+        source(format!("nope://admin:{SECRET}@x")),
+        vec!["run".into(), "--config".into(), "bad-kafka.toml".into(), "--source".into(), "file:/dev/null".into()],
+        vec![
+            "gen".into(),
+            "--events".into(),
+            "1".into(),
+            "--out".into(),
+            format!("kafka://h:1/t?sasl.password={SECRET}&x=1"),
+        ],
+        vec!["gen".into(), "--events".into(), "1".into(), "--out".into(), format!("ftp://u:{SECRET}@h")],
+        // A positional value where a flag was meant: clap echoes it.
+        vec!["run".into(), format!("kafka://127.0.0.1:9092/t?sasl.password={SECRET}")],
+    ];
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = x.run(&args);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{args:?} should fail: {text}");
+        assert!(!text.contains(SECRET), "the secret leaked: {args:?}: {text}");
+        assert!(text.contains("expmon: error: "), "{args:?}: {text}");
+    }
+    // An unreachable broker with the secret in the config file's [kafka] table
+    // and in the address (waits for the 10 s connection deadline).
+    let mut args = source(format!("kafka://127.0.0.1:{closed}/t?sasl.password={SECRET}&sasl.username=u"));
+    args.extend(["--config".to_string(), "kafka.toml".into(), "--metrics-addr".into(), "off".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = x.run(&args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains(SECRET), "the secret leaked: {text}");
+}
+
+#[test]
+fn messages_name_the_problem_once_in_one_line() {
+    let x = Expmon::new();
+    // Invalid TOML: toml's two-line message on one line.
+    std::fs::write(x.path("broken.toml"), "[engine]\nx = [\n").unwrap();
+    let err = one_line_failure(&x, &["check-config", "broken.toml"], 1);
+    assert!(err.contains("broken.toml:"), "{err}");
+    // An empty file is refused, not read as "no experiments".
+    std::fs::write(x.path("empty.toml"), "\n# nothing\n").unwrap();
+    let err = one_line_failure(&x, &["check-config", "empty.toml"], 1);
+    assert!(err.contains("empty.toml: the file is empty"), "{err}");
+    // `group=` is a known option with an empty value, not "unknown option group".
+    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?group=", "--sink", "null"], 1);
+    assert!(err.contains("group: empty") && !err.contains("unknown option"), "{err}");
+    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?dead_letter=a b", "--sink", "null"], 1);
+    assert!(err.contains("dead_letter") && !err.contains("unknown option"), "{err}");
+    // A URL without a host says so (was reqwest's "builder error").
+    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://:8080"], 1);
+    assert!(err.contains("no host") && !err.contains("builder error"), "{err}");
+    // The OS error text once (was "Is a directory (os error 21): Is a directory (os error 21)").
+    std::fs::create_dir(x.path("adir")).unwrap();
+    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "file:adir"], 1);
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    let err = one_line_failure(&x, &["check-config", "adir"], 1);
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    // A sink's own option error names the sink and the option once.
+    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://h:1?bogus=1"], 1);
+    assert_eq!(err.matches("unknown option").count(), 1, "{err}");
+    assert!(!err.contains("expected file:PATH"), "{err}");
+}
+
+/// An emptied config file on a reload is refused as empty (it was reported
+/// as "allowed_lateness changed") and the running config stays.
+#[test]
+fn an_emptied_config_on_reload_is_refused_as_empty() {
+    use std::io::{BufRead, Write};
+    let x = Expmon::new();
+    std::fs::write(x.path("c.toml"), expmon::config::DEMO_CONFIG).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_expmon"))
+        .args(["run", "--config", "c.toml", "--source", "file:-", "--sink", "null", "--trigger", "50ms"])
+        .args(["--metrics-addr", "off", "--status", "false"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .current_dir(x.path(""))
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}}"#).unwrap();
+    stdin.flush().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |needle: &str, seen: &mut Vec<String>| {
+        // Bounded: the reload is checked at every 50 ms trigger.
+        while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            let found = line.contains(needle);
+            seen.push(line);
+            if found {
+                return true;
+            }
+        }
+        false
+    };
+    let mut seen = Vec::new();
+    assert!(wait_for("Ctrl-C to stop", &mut seen), "never started: {seen:?}");
+    std::fs::write(x.path("c.toml"), "").unwrap();
+    let refused = wait_for("reload refused", &mut seen);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(refused, "no refusal: {seen:?}");
+    let refused = seen.iter().find(|l| l.contains("reload refused")).unwrap_or_else(|| panic!("no refusal: {seen:?}"));
+    assert!(refused.contains("the file is empty"), "{refused}");
+    assert!(!refused.contains("allowed_lateness"), "{refused}");
+}
+
+/// A stop that could not deliver everything does not first claim it did.
+#[test]
+fn a_stop_with_undelivered_points_does_not_claim_everything_was_flushed() {
+    let x = Expmon::new();
+    let server = common::kairos_server::KairosServer::start();
+    server.state().faults.push_back(common::kairos_server::Fault::Down(std::time::Duration::from_secs(3600)));
+    let sink = format!("kairosdb:{}?linger=5ms&backoff=5ms&backoff_max=50ms&timeout=200ms&drain=1s", server.url());
+    let out = x.run(&[
+        "run",
+        "--source",
+        "gen:demo?rate=2000",
+        "--sink",
+        &sink,
+        "--duration",
+        "1s",
+        "--trigger",
+        "100ms",
+        "--metrics-addr",
+        "off",
+        "--status",
+        "false",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("could not be delivered"), "{err}");
+    assert!(!err.contains("drained, flushed and closed"), "{err}");
+}

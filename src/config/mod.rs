@@ -38,12 +38,16 @@ pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 /// the line and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read config file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}:{line}:{column}: {message}")]
     Syntax { path: String, line: usize, column: usize, message: String },
     #[error("{path}:{line}: {field}: {message}")]
     Invalid { path: String, line: usize, field: String, message: String },
+    /// Nothing in it: refused rather than read as "no experiments, default
+    /// engine" (an emptied file on a reload is a truncated write, not a wish).
+    #[error("{path}: the file is empty: no [engine] table and no [[experiment]]")]
+    Empty { path: String },
 }
 
 /// Checked engine settings (the `[engine]` table).
@@ -145,7 +149,7 @@ impl Config {
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+            .map_err(|error| ConfigError::Read { path: path.display().to_string(), error })?;
         Config::parse(&text, &path.display().to_string())
     }
 
@@ -153,8 +157,13 @@ impl Config {
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Syntax { path: origin.to_string(), line, column, message: e.message().trim().to_string() }
+            // toml's message may span lines ("invalid array\nexpected `]`"): one line here.
+            let message = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+            ConfigError::Syntax { path: origin.to_string(), line, column, message }
         })?;
+        if raw.engine.is_none() && raw.experiment.is_empty() && raw.kafka.is_none() {
+            return Err(ConfigError::Empty { path: origin.to_string() });
+        }
         Checker::new(text, origin).check(raw)
     }
 

@@ -39,7 +39,8 @@ impl Out {
         } else if out.starts_with("kafka://") {
             return Ok(Out::Kafka(KafkaOut::open(out).map_err(anyhow::Error::msg)?));
         } else {
-            bail!("bad --out {out:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC");
+            let shown = crate::redact::redact(out);
+            bail!("bad --out {shown:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC");
         };
         Ok(Out::Stream(BufWriter::with_capacity(1 << 20, stream)))
     }

@@ -240,7 +240,13 @@ impl fmt::Display for Summary {
             )?;
         }
         if let Some(t) = self.stop_took {
-            write!(f, "\n  stopped: drained, flushed and closed in {:.0} ms", t.as_secs_f64() * 1000.0)?;
+            let ms = t.as_secs_f64() * 1000.0;
+            if self.sink.undelivered == 0 {
+                write!(f, "\n  stopped: drained, flushed and closed in {ms:.0} ms")?;
+            } else {
+                // The error line that follows says how many were not delivered.
+                write!(f, "\n  stopped in {ms:.0} ms, not everything delivered")?;
+            }
         }
         if !self.sink.summary.is_empty() {
             write!(f, "\n  {}", self.sink.summary)?;

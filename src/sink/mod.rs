@@ -17,10 +17,15 @@ use crate::health::HealthPoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("sink {sink}: {source}")]
+    /// The I/O error is the source: printed after this by the `{:#}` chain.
+    #[error("sink {sink}")]
     Io { sink: String, source: std::io::Error },
+    /// Not a kind of sink expmon has (the spec is shown with its secrets hidden).
     #[error("bad sink {0:?}: expected file:PATH, kairosdb:http[s]://HOST:PORT or null")]
     BadSpec(String),
+    /// A known kind of sink with a bad address or option.
+    #[error("bad sink {sink:?}: {why}")]
+    BadOption { sink: String, why: String },
     #[error("kairosdb sink: {0}")]
     Kairos(String),
 }
@@ -92,11 +97,11 @@ pub fn open(spec: &str, catalog: &std::sync::Arc<crate::config::Catalog>) -> Res
     }
     if let Some(path) = spec.strip_prefix("file:") {
         if path.is_empty() {
-            return Err(SinkError::BadSpec(spec.to_string()));
+            return Err(SinkError::BadOption { sink: spec.to_string(), why: "no PATH after file:".into() });
         }
         return Ok(Box::new(FileSink::create(path)?));
     }
-    Err(SinkError::BadSpec(spec.to_string()))
+    Err(SinkError::BadSpec(crate::redact::redact(spec)))
 }
 
 /// Discards points, counting them.

@@ -69,7 +69,8 @@ pub struct KairosOptions {
 impl KairosOptions {
     /// Parses `http[s]://[user:pass@]host:port[?k=v&…]`.
     pub fn parse(spec: &str) -> Result<KairosOptions, SinkError> {
-        let bad = |why: String| SinkError::BadSpec(format!("kairosdb:{spec}: {why}"));
+        let shown = crate::redact::redact(&format!("kairosdb:{spec}"));
+        let bad = |why: String| SinkError::BadOption { sink: shown.clone(), why };
         let (base, query) = spec.split_once('?').unwrap_or((spec, ""));
         let (scheme, rest) = base.split_once("://").ok_or_else(|| bad("expected http://HOST:PORT".into()))?;
         if scheme != "http" && scheme != "https" {
@@ -83,9 +84,7 @@ impl KairosOptions {
             None => (None, rest),
         };
         let host = host.trim_end_matches('/');
-        if host.is_empty() {
-            return Err(bad("no host".into()));
-        }
+        check_host_port(host).map_err(|why| bad(why.into()))?;
         let mut o = KairosOptions {
             url: format!("{scheme}://{host}"),
             user,
@@ -128,6 +127,33 @@ impl KairosOptions {
             }
         }
         Ok(o)
+    }
+}
+
+/// `HOST[:PORT]` with a non-empty host (a name, an IPv4 address or `[IPv6]`)
+/// and, if given, a port number: what an HTTP client can connect to.
+fn check_host_port(authority: &str) -> Result<(), &'static str> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, rest) = v6.split_once(']').ok_or("an IPv6 host is written [ADDR]:PORT")?;
+            (h, rest.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("no host before the port (expected http://HOST:PORT)");
+    }
+    if host.contains(['/', '?', '#', ' ']) {
+        return Err("the host has a character a host name cannot have");
+    }
+    match port {
+        Some(p) if p.parse::<u16>().ok().filter(|p| *p > 0).is_none() => {
+            Err("the port is not a number from 1 to 65535")
+        }
+        _ => Ok(()),
     }
 }
 
