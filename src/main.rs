@@ -2,7 +2,7 @@
 //! print errors as one clear line.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,19 @@ use expmon::source::{FileSource, KafkaSource, Source};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "expmon", version, about = "Real-time A/B-experiment monitoring engine")]
+#[command(
+    name = "expmon",
+    version = VERSION,
+    about = "Real-time A/B-experiment monitoring engine",
+    long_about = "Real-time A/B-experiment monitoring engine: reads web and app events (JSON Lines from \
+                  Kafka, a file or its generator), sessionizes them, corrects out-of-order data and \
+                  writes exact per-minute metrics per experiment and variation to KairosDB or a file.",
+    after_help = "Examples:\n  expmon run                                   # the embedded demo\n  \
+                  expmon run --config /etc/expmon/expmon.toml --source kafka://k1:9092/events?group=expmon \\\n  \
+                  \x20         --sink kairosdb:http://kairos:8080 --checkpoint /var/lib/expmon/checkpoint\n  \
+                  expmon check-config /etc/expmon/expmon.toml\n\n\
+                  Exit status: 0 done, 1 a run or start failure, 2 a bad flag."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,20 +57,38 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `expmon --version`: the package version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("EXPMON_COMMIT"), ")");
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the engine. With no flags: the embedded demo (built-in config,
     /// generator source, file sink under ./expmon-out/, live status).
+    #[command(after_help = "Examples:\n  \
+        expmon run\n  \
+        expmon run --config exp.toml --source file:events.jsonl --sink file:points.jsonl --threads 2\n  \
+        expmon run --config exp.toml --source 'kafka://k1:9092,k2:9092/events?group=expmon&dead_letter=events-bad' \\\n  \
+        \x20         --sink 'kairosdb:http://kairos:8080?batch=5000' --checkpoint /var/lib/expmon/checkpoint")]
     Run(RunArgs),
     /// Generate events (seeded, reproducible).
+    #[command(after_help = "Examples:\n  \
+        expmon gen --profile peak --events 1000000 --seed 1 --out file:peak.jsonl --write-config peak.toml\n  \
+        expmon gen --profile demo --events 100000 --rate 2000 --out kafka://localhost:9092/events?partitions=8")]
     Gen(GenArgs),
     /// Check a config file and print what it holds, or the error.
+    #[command(after_help = "Example:\n  expmon check-config /etc/expmon/expmon.toml")]
     CheckConfig { file: PathBuf },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    #[command(after_help = "Example:\n  expmon completions bash > /usr/share/bash-completion/completions/expmon")]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    #[command(after_help = "Example:\n  expmon man | gzip > /usr/share/man/man1/expmon.1.gz")]
+    Man,
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Config file (TOML); default: the embedded demo config.
+    /// Config file (TOML) [default: the embedded demo config].
     #[arg(long)]
     config: Option<PathBuf>,
     /// file:PATH (`-` = stdin), kafka://HOST:PORT[,…]/TOPIC[?group=G&dead_letter=T&idle_timeout=D&librdkafka.key=V],
@@ -68,16 +98,16 @@ struct RunArgs {
     /// file:PATH, kairosdb:http[s]://[USER:PASS@]HOST:PORT[?batch=N&linger=D&inflight=N&timeout=D&queue=N&drain=D&dead_letter=PATH&ca=PEM], or null.
     #[arg(long, default_value = "file:expmon-out/points.jsonl")]
     sink: String,
-    /// Shard worker threads, 1 to 1024 (default: available cores).
+    /// Shard worker threads, 1 to 1024 [default: one per available core].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
     threads: Option<u16>,
     /// Pin shard workers to cores.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pin: bool,
-    /// Stop after this long (e.g. 30s, 5m); default: until the source ends or Ctrl-C.
+    /// Stop after this long (e.g. 30s, 5m) [default: until the source ends or Ctrl-C].
     #[arg(long, value_parser = positive_duration)]
     duration: Option<Duration>,
-    /// Override the config's trigger interval (e.g. 5s).
+    /// How often changed totals are written (e.g. 5s) [default: the config's `trigger`].
     #[arg(long, value_parser = positive_duration)]
     trigger: Option<Duration>,
     /// Checkpoint directory: snapshots of all state and the source position;
@@ -91,10 +121,10 @@ struct RunArgs {
     #[arg(long)]
     checkpoint_reset: bool,
     /// Live status: a refreshed panel on a terminal (with a progress bar for a
-    /// file replay), a log line every 10 s otherwise (default true).
-    #[arg(long)]
-    status: Option<bool>,
-    /// `instance` tag of the health metrics (default: the host name).
+    /// file replay), a log line every 10 s otherwise.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    status: bool,
+    /// `instance` tag of the health metrics [default: the host name].
     #[arg(long, value_parser = tag_value)]
     instance: Option<String>,
     /// Address of /metrics (Prometheus) and the results page, HOST:PORT or
@@ -209,6 +239,13 @@ fn main() {
             replay: a.replay,
         }),
         Command::CheckConfig { file } => cmd_check(&file),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "expmon", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
+        }
     };
     if let Err(e) = result {
         eprintln!("expmon: error: {e:#}");
@@ -287,7 +324,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone()).context("installing SIGHUP")?;
         opts.reload = Some(shard::ReloadOptions { path: path.clone(), requested });
     }
-    let show_status = a.status.unwrap_or(true);
+    let show_status = a.status;
     tracing::info!(
         "{} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
         source.describe(),
