@@ -128,4 +128,9 @@ impl Source for GenSource {
     fn describe(&self) -> String {
         self.spec.clone()
     }
+
+    fn identity(&self) -> crate::source::SourceId {
+        let (kind, name) = (crate::source::SourceKind::Gen, self.spec.clone());
+        crate::source::SourceId { kind, name, group: String::new(), file: None }
+    }
 }
