@@ -212,7 +212,8 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         fingerprint,
         source: source.identity(),
     });
-    let sink = expmon::sink::open(&a.sink, &catalog)?;
+    // A restored run continues the output of the runs before it.
+    let sink = expmon::sink::open(&a.sink, &catalog, restore.is_some())?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);

@@ -62,6 +62,9 @@ fn a_crash_at_each_failpoint_then_a_restore_at_other_thread_counts_is_exact() {
         [("checkpoint.written@3", ["1", "3"]), ("checkpoint.published@2", ["2", "1"]), ("sink.written@4", ["3", "2"])]
     {
         let _ = std::fs::remove_dir_all(dir.path("ck"));
+        // A restored run appends to its sink file: start each round with none.
+        let _ = std::fs::remove_file(dir.path("a.jsonl"));
+        let _ = std::fs::remove_file(dir.path("b.jsonl"));
         let first = run_file(&dir, &["--threads", threads[0], "--sink", "file:a.jsonl"], Some(failpoint));
         let err = String::from_utf8_lossy(&first.stderr);
         assert!(!first.status.success() && err.contains("aborting"), "{failpoint}: {err}");
@@ -240,6 +243,54 @@ fn a_checkpoint_of_a_file_resumes_the_same_file_grown_since() {
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(second.status.success() && err.contains("restoring the checkpoint"), "{err}");
     let got = totals_of_runs(&dir, &["a.jsonl".into(), "b.jsonl".into()], &config.engine.dc);
+    let d = diff(&reference(&config, &lines), &got);
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// Broke: the file sink truncated its file on restart, so after a restore the
+/// file alone lacked every point the new run did not touch.
+#[test]
+fn a_restored_run_appends_to_its_file_sink_so_the_file_alone_holds_every_point() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let lines = dir.events(15, 200_000);
+    write_events(&dir, &lines);
+    let first = run_file(&dir, &["--sink", "file:points.jsonl"], Some("checkpoint.published@2"));
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(!first.status.success() && err.contains("aborting"), "{err}");
+    let second = run_file(&dir, &["--sink", "file:points.jsonl", "--threads", "3"], None);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success() && err.contains("restoring the checkpoint"), "{err}");
+    assert!(!err.contains("torn"), "{err}");
+    let got = totals_of_runs(&dir, &["points.jsonl".into()], &config.engine.dc);
+    let d = diff(&reference(&config, &lines), &got);
+    assert!(d.is_empty(), "{d:#?}");
+}
+
+/// Broke: a kill mid-write left a torn last line (a record cut short) that
+/// the next run wrote after, so the file was no longer JSON Lines.
+#[test]
+fn a_torn_last_line_of_the_file_sink_is_cut_back_before_a_restored_run_appends() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let lines = dir.events(16, 200_000);
+    write_events(&dir, &lines);
+    let first = run_file(&dir, &["--sink", "file:points.jsonl"], Some("checkpoint.published@2"));
+    assert!(!first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    // What SIGKILL in the middle of a write leaves: the start of a record.
+    let torn = br#"{"name":"uswm.visit.fm.1231.item_page.beta","tags":{"dc":"#;
+    let mut f = std::fs::OpenOptions::new().append(true).open(dir.path("points.jsonl")).unwrap();
+    std::io::Write::write_all(&mut f, torn).unwrap();
+    drop(f);
+    let second = run_file(&dir, &["--sink", "file:points.jsonl"], None);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{err}");
+    assert!(err.contains(&format!("cut {} bytes back to the last whole line", torn.len())), "{err}");
+    let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap();
+    for (i, line) in text.lines().enumerate() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "line {}: {line}", i + 1);
+    }
+    let got = totals_of_runs(&dir, &["points.jsonl".into()], &config.engine.dc);
     let d = diff(&reference(&config, &lines), &got);
     assert!(d.is_empty(), "{d:#?}");
 }
