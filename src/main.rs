@@ -265,10 +265,33 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None => Config::demo(),
     };
     let (checkpoint, restore) = match &a.checkpoint {
-        Some(dir) => open_checkpoint(dir, &a, &config)?,
+        Some(dir) => {
+            let (interval, fingerprint, snapshot) = open_checkpoint(dir, &a, &config)?;
+            (Some((dir, interval, fingerprint)), snapshot)
+        }
         None if a.checkpoint_reset => return Err(UsageError("--checkpoint-reset needs --checkpoint DIR".into()).into()),
         None => (None, None),
     };
+    let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
+    let source = open_source(&a.source, &config, &resume)?;
+    if let (Some(snap), Some((dir, _, _))) = (&restore, &checkpoint) {
+        if let Err(why) = source.continues(&snap.source) {
+            bail!(
+                "checkpoint in {} was taken reading {}; this run reads {} ({why}); use --checkpoint-reset to start fresh",
+                dir.display(),
+                snap.source,
+                source.identity()
+            );
+        }
+        let sessions: usize = snap.shards.iter().map(Vec::len).sum();
+        tracing::info!(
+            "restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
+            (expmon::health::now_ms() - snap.created_ms) as f64 / 1000.0,
+            snap.totals.len(),
+            sessions / 1024,
+            snap.router.positions.len()
+        );
+    }
     let catalog = match &restore {
         // The checkpoint's experiments (its state refers to their indices),
         // then the file's applied to them as a reload.
@@ -282,9 +305,14 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None => Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?,
     };
     let catalog = Arc::new(catalog);
-    let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
-    let source = open_source(&a.source, &config, &resume)?;
-    let sink = expmon::sink::open(&a.sink, &catalog)?;
+    let checkpoint = checkpoint.map(|(dir, interval, fingerprint)| shard::CheckpointOptions {
+        dir: dir.clone(),
+        interval,
+        fingerprint,
+        source: source.identity(),
+    });
+    // A restored run continues the output of the runs before it.
+    let sink = expmon::sink::open(&a.sink, &catalog, restore.is_some())?;
     let threads = a.threads.map_or_else(shard::default_threads, usize::from);
     let mut opts = RunOptions::new(&catalog, threads.min(MAX_THREADS as usize));
     opts.checkpoint = checkpoint;
@@ -353,12 +381,14 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
 }
 
 /// Prepares `--checkpoint DIR`: creates it, sets an old checkpoint aside on
-/// request, and loads the one there (refusing an unusable one).
+/// request, and loads the one there (refusing an unusable one). Returns the
+/// interval, the config's fingerprint and the snapshot; whether the snapshot
+/// fits the source is checked once the source is open.
 fn open_checkpoint(
     dir: &std::path::Path,
     a: &RunArgs,
     config: &Config,
-) -> Result<(Option<shard::CheckpointOptions>, Option<expmon::checkpoint::Snapshot>)> {
+) -> Result<(Duration, u64, Option<expmon::checkpoint::Snapshot>)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
     if a.checkpoint_reset {
         if let Some(aside) = expmon::checkpoint::set_aside(dir)? {
@@ -367,23 +397,14 @@ fn open_checkpoint(
     }
     let fingerprint = expmon::checkpoint::fingerprint(config);
     let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
-    if let Some(s) = &snapshot {
-        let sessions: usize = s.shards.iter().map(Vec::len).sum();
-        tracing::info!(
-            "restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
-            (expmon::health::now_ms() - s.created_ms) as f64 / 1000.0,
-            s.totals.len(),
-            sessions / 1024,
-            s.router.positions.len()
-        );
-    }
-    let opts = shard::CheckpointOptions { dir: dir.to_path_buf(), interval: a.checkpoint_interval, fingerprint };
-    Ok((Some(opts), snapshot))
+    Ok((a.checkpoint_interval, fingerprint, snapshot))
 }
 
 fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) -> Result<Box<dyn Source>> {
     if let Some(path) = spec.strip_prefix("file:") {
-        let offset = resume.iter().find(|(p, _)| *p == 0).map_or(0, |&(_, o)| o.max(0) as u64);
+        // Stdin has no position: a checkpoint of another input is refused by
+        // its identity after this.
+        let offset = resume.iter().find(|(p, _)| *p == 0 && path != "-").map_or(0, |&(_, o)| o.max(0) as u64);
         return Ok(Box::new(FileSource::open_at(path, offset)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {

@@ -416,6 +416,10 @@ fn an_emptied_config_on_reload_is_refused_as_empty() {
     let mut seen = Vec::new();
     assert!(wait_for("Ctrl-C to stop", &mut seen), "never started: {seen:?}");
     std::fs::write(x.path("c.toml"), "").unwrap();
+    // The change may land before the run first looks at the file: SIGHUP
+    // asks for the reload whatever the file's time says.
+    let hup = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(hup.success());
     let refused = wait_for("reload refused", &mut seen);
     let _ = child.kill();
     let _ = child.wait();

@@ -22,11 +22,15 @@
 //! crashed process may have written an intermediate value after the snapshot).
 //!
 //! File format (little-endian): magic `EXPMONCP`, format version (u32),
-//! config fingerprint (u64), epoch (u64), creation time (ms), then sections
+//! config fingerprint (u64), epoch (u64), creation time (ms), the identity of
+//! the source it was reading ([`SourceId`]: kind, name, group, and for a
+//! regular file its size and the hash of its first bytes), then sections
 //! (router, totals, one per shard), then an xxh3-64 checksum of everything
-//! before it. A file with another magic, a newer version, a wrong checksum, a
+//! before it. A file with another magic, another version, a wrong checksum, a
 //! truncation or another config's fingerprint is refused with a message saying
-//! so; `--checkpoint-reset` sets it aside and starts fresh on purpose.
+//! so; `--checkpoint-reset` sets it aside and starts fresh on purpose. The
+//! caller refuses a snapshot whose source the new run's does not continue
+//! ([`crate::source::Source::continues`]): its position means nothing there.
 
 mod codec;
 
@@ -38,10 +42,11 @@ use std::sync::OnceLock;
 
 use crate::config::Config;
 use crate::names::Names;
-use crate::source::Offsets;
+use crate::source::{FileMark, Offsets, SourceId, SourceKind};
 
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
-pub const VERSION: u32 = 2;
+/// 3: the source identity after the creation time.
+pub const VERSION: u32 = 3;
 pub const FILE: &str = "checkpoint.bin";
 
 /// The router's part: watermark, per-partition clocks, names, position.
@@ -120,6 +125,8 @@ pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
 pub struct Snapshot {
     pub epoch: u64,
     pub created_ms: i64,
+    /// What the run that wrote it was reading.
+    pub source: SourceId,
     /// The experiments of the run that wrote it, by index (reloads included):
     /// the restored state refers to these indices.
     pub defs: Vec<crate::config::ExperimentDef>,
@@ -150,6 +157,7 @@ pub fn write_tmp(
     fingerprint: u64,
     epoch: u64,
     created_ms: i64,
+    source: &SourceId,
     sections: &[&[u8]],
 ) -> std::io::Result<PathBuf> {
     let mut head = Enc::default();
@@ -158,6 +166,7 @@ pub fn write_tmp(
     head.u64(fingerprint);
     head.u64(epoch);
     head.i64(created_ms);
+    encode_source(source, &mut head);
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     hasher.update(&head.buf);
     for s in sections {
@@ -173,6 +182,27 @@ pub fn write_tmp(
     let f = f.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     Ok(path)
+}
+
+fn encode_source(s: &SourceId, e: &mut Enc) {
+    e.u8(s.kind.code());
+    e.bytes(s.name.as_bytes());
+    e.bytes(s.group.as_bytes());
+    e.u8(s.file.is_some() as u8);
+    let m = s.file.unwrap_or(FileMark { len: 0, head_len: 0, head_hash: 0 });
+    e.u64(m.len);
+    e.u32(m.head_len);
+    e.u64(m.head_hash);
+}
+
+fn decode_source(d: &mut Dec<'_>) -> Result<SourceId, String> {
+    let code = d.u8()?;
+    let kind = SourceKind::from_code(code).ok_or_else(|| format!("unknown source kind {code}"))?;
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| "the source name is not UTF-8".to_string());
+    let (name, group) = (text(d.bytes()?)?, text(d.bytes()?)?);
+    let has_file = d.u8()? != 0;
+    let m = FileMark { len: d.u64()?, head_len: d.u32()?, head_hash: d.u64()? };
+    Ok(SourceId { kind, name, group, file: has_file.then_some(m) })
 }
 
 /// Makes a written temp file the checkpoint: rename, then fsync the folder.
@@ -217,6 +247,7 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
             return Err("it was written under other engine settings (dc, allowed_lateness or session_gap)".into());
         }
         let (epoch, created_ms) = (d.u64()?, d.i64()?);
+        let source = decode_source(&mut d)?;
         let defs = serde_json::from_slice(d.bytes()?).map_err(|e| format!("experiments section: {e}"))?;
         let router = RouterState::decode(&mut d)?;
         let mut totals = Vec::new();
@@ -230,7 +261,7 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
         if !d.is_done() {
             return Err("trailing bytes".into());
         }
-        Ok(Snapshot { epoch, created_ms, defs, router, totals, shards })
+        Ok(Snapshot { epoch, created_ms, source, defs, router, totals, shards })
     })();
     decoded.map(Some).map_err(bad)
 }
@@ -278,6 +309,11 @@ mod tests {
         }
     }
 
+    fn source() -> SourceId {
+        let file = Some(FileMark { len: 52_000, head_len: 4096, head_hash: 0x1234 });
+        SourceId { kind: SourceKind::File, name: "/data/a.jsonl".into(), group: String::new(), file }
+    }
+
     fn write(dir: &Path, fp: u64) -> PathBuf {
         let mut r = Enc::default();
         encode_defs(&[], &mut r);
@@ -287,7 +323,7 @@ mod tests {
         let mut shards = Enc::default();
         shards.u64(1);
         shards.bytes(&[1, 2, 3]);
-        let tmp = write_tmp(dir, fp, 7, 1000, &[&r.buf, &t.buf, &shards.buf]).unwrap();
+        let tmp = write_tmp(dir, fp, 7, 1000, &source(), &[&r.buf, &t.buf, &shards.buf]).unwrap();
         publish(dir, &tmp).unwrap();
         dir.join(FILE)
     }
@@ -298,7 +334,7 @@ mod tests {
         assert!(load(dir.path(), 1).unwrap().is_none());
         let path = write(dir.path(), 42);
         let s = load(dir.path(), 42).unwrap().unwrap();
-        assert_eq!((s.epoch, s.created_ms, s.router.clone()), (7, 1000, state()));
+        assert_eq!((s.epoch, s.created_ms, s.router.clone(), s.source.clone()), (7, 1000, state(), source()));
         assert_eq!(s.totals, vec![(1, 60_000, 3, Some(2))]);
         assert_eq!(s.shards, vec![vec![1, 2, 3]]);
 
@@ -316,6 +352,12 @@ mod tests {
         newer[8] = 9;
         std::fs::write(&path, &newer).unwrap();
         assert!(load(dir.path(), 42).unwrap_err().contains("newer"));
+        // A checkpoint of the format before source identities (version 2).
+        let mut older = good.clone();
+        older[8] = 2;
+        std::fs::write(&path, &older).unwrap();
+        let e = load(dir.path(), 42).unwrap_err();
+        assert!(e.contains("older") && e.contains("--checkpoint-reset") && !e.contains('\n'), "{e}");
         std::fs::write(&path, b"hello").unwrap();
         assert!(load(dir.path(), 42).unwrap_err().contains("not an expmon checkpoint"));
 

@@ -128,4 +128,22 @@ impl Source for GenSource {
     fn describe(&self) -> String {
         self.spec.clone()
     }
+
+    fn identity(&self) -> crate::source::SourceId {
+        let (kind, name) = (crate::source::SourceKind::Gen, self.spec.clone());
+        crate::source::SourceId { kind, name, group: String::new(), file: None }
+    }
+
+    /// A simulated-clock replay has no position: resumed, it would generate
+    /// and count its events again. A live generator makes new events, so it
+    /// continues a checkpoint of the same spec.
+    fn continues(&self, saved: &crate::source::SourceId) -> Result<(), String> {
+        if !self.is_live() {
+            return Err("a generator replay without rate= has no position to resume from".into());
+        }
+        if self.identity() != *saved {
+            return Err("another input".into());
+        }
+        Ok(())
+    }
 }

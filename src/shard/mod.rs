@@ -145,6 +145,8 @@ pub struct CheckpointOptions {
     pub interval: Duration,
     /// Of the configuration (see [`crate::checkpoint::fingerprint`]).
     pub fingerprint: u64,
+    /// What this run reads, recorded in each checkpoint.
+    pub source: crate::source::SourceId,
 }
 
 /// Why the router stopped reading.
@@ -524,7 +526,8 @@ impl Checkpointer {
             sections.push(bytes);
         }
         let epoch = group[0].marker.epoch;
-        let tmp = crate::checkpoint::write_tmp(&opts.dir, opts.fingerprint, epoch, now_ms(), &sections).map_err(io)?;
+        let tmp = crate::checkpoint::write_tmp(&opts.dir, opts.fingerprint, epoch, now_ms(), &opts.source, &sections)
+            .map_err(io)?;
         crate::checkpoint::failpoint("checkpoint.written");
         stats.checkpoints_written += 1;
         stats.checkpoint_pause_max_us = stats.checkpoint_pause_max_us.max(pause.as_micros() as u64);

@@ -87,8 +87,14 @@ pub trait Sink: Send {
 }
 
 /// Parses `file:PATH`, `kairosdb:URL` or `null`; a KairosDB sink checks its
-/// server before returning.
-pub fn open(spec: &str, catalog: &std::sync::Arc<crate::config::Catalog>) -> Result<Box<dyn Sink>, SinkError> {
+/// server before returning. `continuing`: the run continues from a restored
+/// checkpoint, so a file sink appends to what the runs before it wrote
+/// (otherwise it starts a fresh file).
+pub fn open(
+    spec: &str,
+    catalog: &std::sync::Arc<crate::config::Catalog>,
+    continuing: bool,
+) -> Result<Box<dyn Sink>, SinkError> {
     if let Some(url) = spec.strip_prefix("kairosdb:") {
         return Ok(Box::new(KairosSink::connect(KairosOptions::parse(url)?, catalog.clone())?));
     }
@@ -99,7 +105,7 @@ pub fn open(spec: &str, catalog: &std::sync::Arc<crate::config::Catalog>) -> Res
         if path.is_empty() {
             return Err(SinkError::BadOption { sink: spec.to_string(), why: "no PATH after file:".into() });
         }
-        return Ok(Box::new(FileSink::create(path)?));
+        return Ok(Box::new(if continuing { FileSink::append(path)? } else { FileSink::create(path)? }));
     }
     Err(SinkError::BadSpec(crate::redact::redact(spec)))
 }

@@ -1,12 +1,17 @@
 //! JSON Lines from a file or stdin. File order is arrival order. Blank lines
 //! are skipped; a trailing `\r` is removed; a line over [`MAX_LINE_BYTES`] is
 //! skipped whole and counted, never buffered.
+//!
+//! A regular file is identified by its canonical path, its size and a hash of
+//! its first [`HEAD_BYTES`]; it continues a checkpoint's input if it is that
+//! file, possibly grown since (an appended log). Stdin has no position: it
+//! continues only a checkpoint taken reading stdin.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-use super::{Fill, LineBatch, Source, MAX_LINE_BYTES};
+use super::{FileMark, Fill, LineBatch, Source, SourceId, SourceKind, HEAD_BYTES, MAX_LINE_BYTES};
 
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -22,6 +27,11 @@ pub struct FileSource {
     read_total: Option<u64>,
     /// The file's length when opened (a regular file).
     length: Option<u64>,
+    /// Where reading started (a checkpoint's position, or 0).
+    start: u64,
+    /// The first [`HEAD_BYTES`] of a regular file.
+    head: Vec<u8>,
+    identity: SourceId,
 }
 
 impl FileSource {
@@ -40,23 +50,45 @@ impl FileSource {
         }
         let mut f =
             File::open(Path::new(path)).map_err(|e| io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
         let length = f.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+        // Only a regular file is read twice; a FIFO's first bytes are input.
+        let mut head = Vec::new();
+        if length.is_some() {
+            (&mut f).take(HEAD_BYTES as u64).read_to_end(&mut head)?;
+        }
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset))?;
+        let canonical = std::fs::canonicalize(path).map_or_else(|_| path.to_string(), |p| p.display().to_string());
         let mut me = FileSource::from_reader(Box::new(f), format!("file:{path}"));
         me.read_total = Some(offset);
         me.length = length;
+        me.start = offset;
+        me.identity = SourceId {
+            kind: SourceKind::File,
+            name: canonical,
+            group: String::new(),
+            file: length.map(|len| FileMark { len, head_len: head.len() as u32, head_hash: xxh3(&head) }),
+        };
+        me.head = head;
         Ok(me)
     }
 
     pub fn from_reader(input: Box<dyn Read + Send>, name: String) -> FileSource {
         FileSource {
             input,
-            name,
             pending: Vec::with_capacity(READ_CHUNK),
             skipping: false,
             done: false,
             read_total: None,
             length: None,
+            start: 0,
+            head: Vec::new(),
+            identity: SourceId {
+                kind: SourceKind::Stdin,
+                name: if name == "file:-" { "-".into() } else { name.clone() },
+                group: String::new(),
+                file: None,
+            },
+            name,
         }
     }
 
@@ -89,6 +121,10 @@ impl FileSource {
         }
         self.pending.drain(..start);
     }
+}
+
+fn xxh3(b: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(b)
 }
 
 fn push_trimmed(batch: &mut LineBatch, line: &[u8]) {
@@ -150,6 +186,30 @@ impl Source for FileSource {
 
     fn describe(&self) -> String {
         self.name.clone()
+    }
+
+    fn identity(&self) -> SourceId {
+        self.identity.clone()
+    }
+
+    /// The same file (path), at least as long as when the checkpoint's run
+    /// opened it and as its position, and with the same first bytes.
+    fn continues(&self, saved: &SourceId) -> Result<(), String> {
+        let me = &self.identity;
+        if (me.kind, &me.name) != (saved.kind, &saved.name) {
+            return Err("another input".into());
+        }
+        let (Some(mine), Some(then)) = (me.file, saved.file) else {
+            return if me.file.is_none() && saved.file.is_none() { Ok(()) } else { Err("another input".into()) };
+        };
+        if mine.len < then.len.max(self.start) {
+            return Err("the file is shorter than when the checkpoint was taken".into());
+        }
+        let head = &self.head[..(then.head_len as usize).min(self.head.len())];
+        if head.len() != then.head_len as usize || xxh3(head) != then.head_hash {
+            return Err("the file's first bytes differ".into());
+        }
+        Ok(())
     }
 
     fn progress(&self) -> Option<(u64, u64)> {
@@ -263,6 +323,39 @@ mod tests {
             }
         }
         assert_eq!(lines, vec![b"a".to_vec(), b"b".to_vec()]);
+    }
+
+    fn mark(path: &std::path::Path) -> SourceId {
+        FileSource::open(path.to_str().unwrap()).unwrap().identity()
+    }
+
+    #[test]
+    fn a_file_continues_its_checkpoint_only_if_it_is_that_file_possibly_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+        std::fs::write(&a, b"{\"x\":1}\n").unwrap();
+        std::fs::write(&b, b"{\"x\":1}\n").unwrap();
+        let saved = mark(&a);
+        assert_eq!((saved.kind, saved.file.unwrap().len, saved.file.unwrap().head_len), (SourceKind::File, 8, 8));
+        let path = a.to_str().unwrap();
+        assert_eq!(FileSource::open_at(path, 8).unwrap().continues(&saved), Ok(()));
+        // Grown past HEAD_BYTES since (an appended log): still the same file.
+        let mut grown = b"{\"x\":1}\n".to_vec();
+        grown.extend(std::iter::repeat_n(b'y', 2 * HEAD_BYTES));
+        std::fs::write(&a, &grown).unwrap();
+        assert_eq!(FileSource::open_at(path, 8).unwrap().continues(&saved), Ok(()));
+        // Same content, other path: another input.
+        assert!(FileSource::open(b.to_str().unwrap()).unwrap().continues(&saved).unwrap_err().contains("another"));
+        // Rewritten: shorter, or the same length with other first bytes.
+        std::fs::write(&a, b"{}\n").unwrap();
+        assert!(FileSource::open(path).unwrap().continues(&saved).unwrap_err().contains("shorter"));
+        std::fs::write(&a, b"{\"x\":2}\n").unwrap();
+        assert!(FileSource::open(path).unwrap().continues(&saved).unwrap_err().contains("first bytes"));
+        // Stdin continues only stdin.
+        let stdin = FileSource::from_reader(Box::new(io::empty()), "file:-".into());
+        assert!(stdin.continues(&saved).is_err());
+        assert_eq!(stdin.continues(&stdin.identity()), Ok(()));
+        assert_eq!(stdin.identity().to_string(), "stdin");
     }
 
     #[test]

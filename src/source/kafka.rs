@@ -406,6 +406,17 @@ impl Source for KafkaSource {
         format!("kafka://{}/{} (group {})", self.spec.brokers, self.spec.topic, self.spec.group)
     }
 
+    /// The topic and the group (not the brokers: one cluster has many
+    /// addresses).
+    fn identity(&self) -> super::SourceId {
+        super::SourceId {
+            kind: super::SourceKind::Kafka,
+            name: self.spec.topic.clone(),
+            group: self.spec.group.clone(),
+            file: None,
+        }
+    }
+
     /// Positions of the partitions read, plus the checkpoint positions of
     /// partitions not assigned yet: the restored state covers them, so a
     /// checkpoint taken before (or during) the group join must carry them on.

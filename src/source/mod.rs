@@ -4,6 +4,10 @@
 //! A source fills a [`LineBatch`]: one contiguous buffer of raw lines plus their
 //! ranges, so the router reads many events per call and no line is allocated
 //! on its own. Sources do not parse; the router does.
+//!
+//! Every source names what it reads with a [`SourceId`]; a checkpoint records
+//! it, and a restore is refused unless the new source continues that input
+//! ([`Source::continues`]): a checkpoint's position means nothing elsewhere.
 
 mod file;
 mod kafka;
@@ -80,6 +84,72 @@ impl LineBatch {
     }
 }
 
+/// What a source reads, as recorded in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceId {
+    pub kind: SourceKind,
+    /// File: its canonical path; Kafka: the topic; generator: its spec;
+    /// stdin: `-` (another stream: its description).
+    pub name: String,
+    /// Kafka: the consumer group; empty otherwise.
+    pub group: String,
+    /// A regular file: enough to recognise it (and to accept it grown).
+    pub file: Option<FileMark>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    File,
+    Stdin,
+    Kafka,
+    Gen,
+}
+
+/// A regular file's size and the xxh3-64 of its first `head_len` bytes
+/// (`min(size, HEAD_BYTES)`), when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMark {
+    pub len: u64,
+    pub head_len: u32,
+    pub head_hash: u64,
+}
+
+/// How much of a file's start identifies it.
+pub const HEAD_BYTES: usize = 4096;
+
+impl SourceKind {
+    pub fn code(self) -> u8 {
+        match self {
+            SourceKind::File => 1,
+            SourceKind::Stdin => 2,
+            SourceKind::Kafka => 3,
+            SourceKind::Gen => 4,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<SourceKind> {
+        [SourceKind::File, SourceKind::Stdin, SourceKind::Kafka, SourceKind::Gen].into_iter().find(|k| k.code() == c)
+    }
+}
+
+impl std::fmt::Display for SourceId {
+    /// E.g. `file:/data/a.jsonl (52000 bytes, first 4096 xxh3 0x1f…)`,
+    /// `stdin`, `kafka topic events (group g1)`, `gen:demo?rate=2000`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            SourceKind::File => write!(f, "file:{}", self.name)?,
+            SourceKind::Stdin if self.name == "-" => write!(f, "stdin")?,
+            SourceKind::Stdin => write!(f, "{}", self.name)?,
+            SourceKind::Kafka => write!(f, "kafka topic {} (group {})", self.name, self.group)?,
+            SourceKind::Gen => write!(f, "{}", self.name)?,
+        }
+        if let Some(m) = &self.file {
+            write!(f, " ({} bytes, first {} xxh3 {:#018x})", m.len, m.head_len, m.head_hash)?;
+        }
+        Ok(())
+    }
+}
+
 /// What a call to [`Source::fill`] produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
@@ -98,6 +168,20 @@ pub trait Source: Send {
 
     /// Short description for logs, e.g. `file:events.jsonl`.
     fn describe(&self) -> String;
+
+    /// What this source reads, for checkpoints.
+    fn identity(&self) -> SourceId;
+
+    /// Whether this source continues the input a checkpoint was taken
+    /// reading (`saved`), so that its position applies here: `Err` says why
+    /// not. By default the identities must be equal.
+    fn continues(&self, saved: &SourceId) -> Result<(), String> {
+        if self.identity() == *saved {
+            Ok(())
+        } else {
+            Err("another input".into())
+        }
+    }
 
     /// Where the input stands: just past every line returned so far. `None`
     /// for a source that cannot resume.
