@@ -185,8 +185,8 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     let catalog = Arc::new(catalog);
     let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
     let source = open_source(&a.source, &config, &resume)?;
-    let sink = expmon::sink::open(&a.sink, &catalog)?;
     let mut opts = RunOptions::new(&catalog, a.threads.unwrap_or_else(shard::default_threads));
+    let sink = expmon::sink::open(&a.sink, &catalog, &opts.failures)?;
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);
     if a.metrics_addr != "off" {
