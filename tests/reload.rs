@@ -11,8 +11,8 @@ use common::kairos_server::{KairosServer, State};
 use common::runs::{last_health, send_signal, BIN};
 use common::*;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const T0: i64 = 1_767_225_600_000;

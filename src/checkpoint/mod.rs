@@ -250,6 +250,7 @@ pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
 /// the process at the named point, as a power cut would;
 /// `EXPMON_FAILPOINT=panic:NAME[@N]` panics the thread that reaches it instead
 /// (a bug in that thread), which must stop the run with one error line.
+#[track_caller]
 pub fn failpoint(name: &str) {
     static SPEC: OnceLock<Option<(bool, String, u64)>> = OnceLock::new();
     static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -1,7 +1,8 @@
 //! Thread failures of a run: every thread the engine spawns (shard workers,
 //! the writer, the KairosDB senders, and whoever else takes a [`Failures`])
-//! runs its body under [`Failures::spawn`], so that a thread that dies stops
-//! the whole run loudly instead of leaving a half-working engine.
+//! runs its body under [`Failures::spawn`], and the router under
+//! [`Failures::guard`], so that a thread that dies stops the whole run loudly
+//! instead of leaving a half-working engine.
 //!
 //! Protocol, when a guarded thread panics:
 //! 1. the panic hook installed by the first guarded spawn keeps the message and
@@ -114,26 +115,32 @@ impl Failures {
         self.inner.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Spawns a thread named `name` whose panic is recorded here (and stops
-    /// the run). Joining it gives `None` if it panicked.
+    /// Runs `body` on this thread under the guard, as the thread (or stage)
+    /// `name`: a panic is recorded here (and stops the run) and gives `None`.
+    pub fn guard<T>(&self, name: &str, body: impl FnOnce() -> T) -> Option<T> {
+        install_hook();
+        let was = GUARDED.with(|g| g.replace(true));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+        GUARDED.with(|g| g.set(was));
+        match result {
+            Ok(v) => Some(v),
+            Err(payload) => {
+                let message = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| payload_text(&*payload));
+                self.record(name, &message);
+                None
+            }
+        }
+    }
+
+    /// Spawns a thread named `name` whose body runs under [`Failures::guard`].
+    /// Joining it gives `None` if it panicked.
     pub fn spawn<T, F>(&self, name: String, body: F) -> std::io::Result<JoinHandle<Option<T>>>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        install_hook();
         let failures = self.clone();
-        std::thread::Builder::new().name(name.clone()).spawn(move || {
-            GUARDED.with(|g| g.set(true));
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
-                Ok(v) => Some(v),
-                Err(payload) => {
-                    let message = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| payload_text(&*payload));
-                    failures.record(&name, &message);
-                    None
-                }
-            }
-        })
+        std::thread::Builder::new().name(name.clone()).spawn(move || failures.guard(&name, body))
     }
 }
 

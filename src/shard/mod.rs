@@ -297,7 +297,11 @@ pub fn run(
         in_flight: &in_flight,
         committable: &committable,
     };
-    let source_result = route_loop(&mut router, source.as_mut(), &links, &opts, &mut first_line);
+    let routed = opts
+        .failures
+        .guard("expmon-router", || route_loop(&mut router, source.as_mut(), &links, &opts, &mut first_line));
+    // A router that panicked is a failure like any other: drain and stop.
+    let source_result = routed.unwrap_or(Ok(Ended::Stopped));
     let stopped_at = matches!(source_result, Ok(Ended::Stopped)).then(Instant::now);
 
     // End: pending batches, then the last marker. At the end of the input its
@@ -327,6 +331,11 @@ pub fn run(
         writer_result = Some(result);
     }
     if let Some(f) = opts.failures.first() {
+        if let Some(Ok((_, _, report))) = &writer_result {
+            if report.undelivered > 0 {
+                tracing::error!("{} upserts could not be delivered before the run stopped", report.undelivered);
+            }
+        }
         // Nothing is committed: the input since the last acknowledged
         // position is read again by the next run.
         let _ = source.close();
@@ -466,6 +475,7 @@ fn route_loop(
             return Ok(Ended::Input);
         }
         if lines.rebalanced || Instant::now() >= next_flush {
+            crate::checkpoint::failpoint("router.flush");
             next_flush = Instant::now() + opts.trigger;
             let reloaded = reload.check(router.catalog());
             let mut snapshot = false;
