@@ -191,7 +191,8 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Runs the engine until the source ends or `opts.stop` is set.
+/// Runs the engine until the source ends, `opts.stop` is set, or a thread
+/// dies (then [`RunError::Panicked`] names it).
 pub fn run(
     catalog: Arc<Catalog>,
     mut source: Box<dyn Source>,
@@ -431,7 +432,7 @@ fn route_loop(
                 Ok(Some(full)) => {
                     let batch = router.take_batch(full, recycle.try_recv().ok());
                     if shard_txs[full].send(ShardMsg::Events(batch)).is_err() {
-                        return Ok(Ended::Stopped); // the shard is gone; the writer's error says why
+                        return Ok(Ended::Stopped); // the shard is gone; its guard or the writer's error says why
                     }
                 }
                 Ok(None) => {}

@@ -22,7 +22,8 @@
 //!
 //! Shutdown protocol:
 //! 1. `close` marks the queue closing: senders stop lingering and drain.
-//! 2. It waits until nothing is outstanding or the drain deadline passes.
+//! 2. It waits until nothing is outstanding, the drain deadline passes, or
+//!    no sender is left.
 //! 3. Senders are told to stop; what was not delivered is reported.
 
 mod encode;
