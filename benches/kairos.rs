@@ -53,7 +53,7 @@ fn writer(c: &mut Criterion) {
                 let opts =
                     KairosOptions::parse(&format!("{}?batch=5000&linger=1ms&inflight=1&queue=1000000", server.url()))
                         .unwrap();
-                let mut sink = KairosSink::connect(opts, catalog.clone()).unwrap();
+                let mut sink = KairosSink::connect(opts, catalog.clone(), &Default::default()).unwrap();
                 let namer = Namer::new(&catalog);
                 let start = Instant::now();
                 for chunk in points.chunks(10_000) {

@@ -311,10 +311,10 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         fingerprint,
         source: source.identity(),
     });
-    // A restored run continues the output of the runs before it.
-    let sink = expmon::sink::open(&a.sink, &catalog, restore.is_some())?;
     let threads = a.threads.map_or_else(shard::default_threads, usize::from);
     let mut opts = RunOptions::new(&catalog, threads.min(MAX_THREADS as usize));
+    // A restored run continues the output of the runs before it.
+    let sink = expmon::sink::open(&a.sink, &catalog, &opts.failures, restore.is_some())?;
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);
     let (addr, explicit) = match a.metrics_addr {

@@ -2,13 +2,17 @@
 //! experiments added, stopped and changed take effect at the next trigger; a
 //! broken file is refused with its usual message and the running config
 //! stays; a checkpoint taken after a reload restores under the new file.
+//! The same scenario runs against every sink that names points: the file
+//! sink, and the KairosDB sink against the strict server.
 
 mod common;
 
+use common::kairos_server::{KairosServer, State};
 use common::runs::{last_health, send_signal, BIN};
 use common::*;
 use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const T0: i64 = 1_767_225_600_000;
@@ -41,18 +45,40 @@ tenant = "uswm"
 variations = [31, 32]
 "#;
 
+/// Where a run writes.
+#[derive(Clone)]
+enum Target {
+    /// The file sink, into this file of the run's directory.
+    File,
+    /// The KairosDB sink, to the strict server with this URL and state.
+    Kairos(String, Arc<Mutex<State>>),
+}
+
+impl Target {
+    fn kairos(server: &KairosServer) -> Target {
+        Target::Kairos(server.url(), server.state.clone())
+    }
+}
+
 struct Run {
     child: Child,
     stdin: Option<ChildStdin>,
     dir: std::path::PathBuf,
     out: String,
+    target: Target,
 }
 
 impl Run {
-    fn start(dir: &std::path::Path, out: &str) -> Run {
+    fn start(dir: &std::path::Path, out: &str, target: &Target) -> Run {
         let err = std::fs::File::create(dir.join(format!("{out}.log"))).unwrap();
+        let sink = match target {
+            Target::File => format!("file:{out}"),
+            Target::Kairos(url, _) => {
+                format!("kairosdb:{url}?linger=5ms&backoff=5ms&backoff_max=100ms&timeout=2s&drain=20s")
+            }
+        };
         let mut child = Command::new(BIN)
-            .args(["run", "--config", "cfg.toml", "--source", "file:-", "--sink", &format!("file:{out}")])
+            .args(["run", "--config", "cfg.toml", "--source", "file:-", "--sink", &sink])
             .args(["--checkpoint", "ck", "--metrics-addr", "off", "--status", "false"])
             .current_dir(dir)
             .stdin(Stdio::piped())
@@ -60,7 +86,7 @@ impl Run {
             .spawn()
             .unwrap();
         let stdin = child.stdin.take();
-        Run { child, stdin, dir: dir.to_path_buf(), out: out.to_string() }
+        Run { child, stdin, dir: dir.to_path_buf(), out: out.to_string(), target: target.clone() }
     }
 
     fn send(&mut self, lines: &[Vec<u8>]) {
@@ -76,15 +102,46 @@ impl Run {
         std::fs::read_to_string(self.dir.join(format!("{}.log", self.out))).unwrap_or_default()
     }
 
-    fn output(&self) -> String {
-        std::fs::read_to_string(self.dir.join(&self.out)).unwrap_or_default()
+    /// The last `expmon.events_in` the sink received (0 if none).
+    fn events_in(&self) -> i64 {
+        match &self.target {
+            Target::File => {
+                let out = std::fs::read_to_string(self.dir.join(&self.out)).unwrap_or_default();
+                last_health(&out, "events_in").0
+            }
+            Target::Kairos(_, state) => {
+                let st = state.lock().unwrap();
+                let newest = st.points.iter().filter(|(k, _)| k.0 == "expmon.events_in").max_by_key(|(k, _)| k.2);
+                newest.map_or(0, |(_, v)| *v)
+            }
+        }
+    }
+
+    /// Final non-zero totals the sink holds (health points apart).
+    fn totals(&self) -> Totals {
+        match &self.target {
+            Target::File => {
+                totals_from_jsonl(&std::fs::read_to_string(self.dir.join(&self.out)).unwrap_or_default(), "dc1")
+            }
+            Target::Kairos(_, state) => {
+                let mut out = Totals::new();
+                for ((name, tags, ts), v) in state.lock().unwrap().points.iter() {
+                    if name.starts_with("expmon.") || *v == 0 {
+                        continue;
+                    }
+                    assert_eq!(tags["dc"], "dc1", "every point carries the dc tag");
+                    out.insert((name.clone(), tags["device"].clone(), tags["login"].clone(), *ts), *v);
+                }
+                out
+            }
+        }
     }
 
     /// Waits until the last `expmon.events_in` written is `n`.
     fn wait_events(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (last, _) = last_health(&self.output(), "events_in");
+            let last = self.events_in();
             if last == n as i64 {
                 return;
             }
@@ -101,12 +158,12 @@ impl Run {
         }
     }
 
-    fn stop(mut self) -> String {
+    fn stop(mut self) -> Totals {
         send_signal(self.child.id(), "TERM");
         let status = self.child.wait().unwrap();
         drop(self.stdin.take());
         assert!(status.success(), "{}", self.log());
-        self.output()
+        self.totals()
     }
 }
 
@@ -117,17 +174,31 @@ fn sessions(prefix: &str, minute: i64, assign: &[(u64, i64)], n: usize) -> Vec<V
 }
 
 /// Final value of `name` at `minute` (device desktop, login in).
-fn value(out: &str, name: &str, minute: i64) -> i64 {
+fn value(out: &Totals, name: &str, minute: i64) -> i64 {
     let key = (name.to_string(), "desktop".to_string(), "in".to_string(), T0 + minute * MIN);
-    totals_from_jsonl(out, "dc1").get(&key).copied().unwrap_or(0)
+    out.get(&key).copied().unwrap_or(0)
 }
 
 #[test]
 fn experiments_added_stopped_and_changed_take_effect_and_a_bad_file_is_refused() {
+    reload_scenario(&Target::File);
+}
+
+/// The KairosDB senders named points with the catalog the sink was opened
+/// with: the first point of an added experiment panicked every sender and
+/// nothing was delivered any more.
+#[test]
+fn reload_with_kairosdb_sink_keeps_delivering() {
+    let server = KairosServer::start();
+    reload_scenario(&Target::kairos(&server));
+    assert!(server.state().refused.is_empty(), "{:?}", server.state().refused);
+}
+
+fn reload_scenario(target: &Target) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, BEFORE).unwrap();
-    let mut run = Run::start(dir.path(), "a.jsonl");
+    let mut run = Run::start(dir.path(), "a.jsonl", target);
     // Minute 0: 40 sessions in experiments 1 and 2.
     run.send(&sessions("old", 0, &[(1, 11), (2, 21)], 40));
     run.wait_events(40);
@@ -167,7 +238,7 @@ fn experiments_added_stopped_and_changed_take_effect_and_a_bad_file_is_refused()
 
     // The checkpoint of the reloaded run restores under the new file.
     std::fs::write(&cfg, AFTER).unwrap();
-    let mut again = Run::start(dir.path(), "b.jsonl");
+    let mut again = Run::start(dir.path(), "b.jsonl", target);
     again.wait_log("experiments of the checkpoint against the config file: 2 kept, 0 added, 0 changed, 0 stopped");
     again.send(&sessions("next", 3, &[(3, 32)], 5));
     again.wait_events(5);

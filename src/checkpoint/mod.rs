@@ -278,17 +278,27 @@ pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
 }
 
 /// Crash testing: `EXPMON_FAILPOINT=NAME` (or `NAME@N`, the Nth time) aborts
-/// the process at the named point, as a power cut would.
+/// the process at the named point, as a power cut would;
+/// `EXPMON_FAILPOINT=panic:NAME[@N]` panics the thread that reaches it instead
+/// (a bug in that thread), which must stop the run with one error line.
+#[track_caller]
 pub fn failpoint(name: &str) {
-    static SPEC: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static SPEC: OnceLock<Option<(bool, String, u64)>> = OnceLock::new();
     static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let spec = SPEC.get_or_init(|| {
         let v = std::env::var("EXPMON_FAILPOINT").ok()?;
-        let (n, at) = v.split_once('@').unwrap_or((&v, "1"));
-        Some((n.to_string(), at.parse().unwrap_or(1)))
+        let (panics, v) = match v.strip_prefix("panic:") {
+            Some(rest) => (true, rest),
+            None => (false, v.as_str()),
+        };
+        let (n, at) = v.split_once('@').unwrap_or((v, "1"));
+        Some((panics, n.to_string(), at.parse().unwrap_or(1)))
     });
-    if let Some((n, at)) = spec {
+    if let Some((panics, n, at)) = spec {
         if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
+            if *panics {
+                panic!("failpoint {name}");
+            }
             tracing::error!("failpoint {name}: aborting");
             std::process::abort();
         }

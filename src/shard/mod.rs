@@ -18,16 +18,22 @@
 //! 4. At end of input (or on stop) the marker's watermark is `i64::MAX`: every
 //!    session expires, every minute becomes final, and all threads exit.
 //!
+//! Failure: every thread runs under [`Failures`]; one that panics stops the
+//! run (the router stops reading, the others drain as on a stop, no final
+//! checkpoint or commit), and `run` returns [`RunError::Panicked`] naming it.
+//!
 //! Acknowledgement: the router remembers the source's position at each
 //! marker. Once the sink has acknowledged every flush up to that epoch (the
 //! writer publishes the count), the source commits that position (Kafka
 //! offsets), so a restart never skips input whose totals were not delivered.
 
 pub mod batch;
+pub mod failures;
 pub mod router;
 pub mod worker;
 
 pub use batch::{EventBatch, FlushMarker, ShardMsg, ShardReport};
+pub use failures::{Failures, ThreadFailure};
 pub use router::{shard_of, Router};
 pub use worker::{final_before, Worker};
 
@@ -52,8 +58,8 @@ pub enum RunError {
     Source { source_name: String, error: std::io::Error },
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("a {0} thread panicked")]
-    Panicked(&'static str),
+    #[error("thread {thread} panicked: {message}")]
+    Panicked { thread: String, message: String },
     #[error("{0}")]
     Checkpoint(String),
 }
@@ -85,6 +91,9 @@ pub struct RunOptions {
     pub results: Option<crate::serve::SharedResults>,
     /// Reload the experiments on SIGHUP or when the file changes.
     pub reload: Option<ReloadOptions>,
+    /// Threads that died; give the same to the sink (`sink::open`) and any
+    /// other thread of the run, so that its death stops the run too.
+    pub failures: Failures,
 }
 
 /// Reloading the experiments config while running.
@@ -174,6 +183,7 @@ impl RunOptions {
             published: None,
             results: None,
             reload: None,
+            failures: Failures::default(),
         }
     }
 }
@@ -183,7 +193,8 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// Runs the engine until the source ends or `opts.stop` is set.
+/// Runs the engine until the source ends, `opts.stop` is set, or a thread
+/// dies (then [`RunError::Panicked`] names it).
 pub fn run(
     catalog: Arc<Catalog>,
     mut source: Box<dyn Source>,
@@ -217,9 +228,8 @@ pub fn run(
         let (catalog, reports, recycle) = (catalog.clone(), report_tx.clone(), recycle_tx.clone());
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         workers.push(
-            std::thread::Builder::new()
-                .name(format!("expmon-shard-{shard}"))
-                .spawn(move || {
+            opts.failures
+                .spawn(format!("expmon-shard-{shard}"), move || {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
@@ -253,9 +263,9 @@ pub fn run(
             (catalog.clone(), opts.live.clone(), opts.instance.clone(), acked.clone());
         let totals = opts.restore.as_ref().map(|s| Totals::restore(&s.totals)).unwrap_or_default();
         let (published, results) = (opts.published.clone(), opts.results.clone());
-        std::thread::Builder::new()
-            .name("expmon-writer".into())
-            .spawn(move || {
+        let failures = opts.failures.clone();
+        opts.failures
+            .spawn("expmon-writer".into(), move || {
                 let experiments = ExperimentHealth::new(catalog.clone());
                 let mut w = Writer {
                     catalog: catalog.clone(),
@@ -268,7 +278,11 @@ pub fn run(
                     published,
                     results,
                 };
-                w.run(report_rx, n, &acked)
+                let result = w.run(report_rx, n, &acked);
+                if result.is_err() {
+                    failures.halt(); // stop reading: nobody writes any more
+                }
+                result
             })
             .expect("spawn writer thread")
     };
@@ -286,14 +300,21 @@ pub fn run(
         in_flight: &in_flight,
         committable: &committable,
     };
-    let source_result = route_loop(&mut router, source.as_mut(), &links, &opts, &mut first_line);
+    let routed = opts
+        .failures
+        .guard("expmon-router", || route_loop(&mut router, source.as_mut(), &links, &opts, &mut first_line));
+    // A router that panicked is a failure like any other: drain and stop.
+    let source_result = routed.unwrap_or(Ok(Ended::Stopped));
     let stopped_at = matches!(source_result, Ok(Ended::Stopped)).then(Instant::now);
 
     // End: pending batches, then the last marker. At the end of the input its
     // watermark is past everything; when stopped with checkpoints the open
-    // state is kept for the next run (and checkpointed) instead.
-    let keep_state = opts.checkpoint.is_some() && matches!(source_result, Ok(Ended::Stopped));
-    let snapshot = opts.checkpoint.is_some() && source_result.is_ok();
+    // state is kept for the next run (and checkpointed) instead. After a
+    // thread failure nothing new is checkpointed: the last published
+    // checkpoint (covering only acknowledged points) is where a restart begins.
+    let failed = opts.failures.failed();
+    let keep_state = opts.checkpoint.is_some() && (failed || matches!(source_result, Ok(Ended::Stopped)));
+    let snapshot = opts.checkpoint.is_some() && source_result.is_ok() && !failed;
     if snapshot {
         let _ = snap_tx.send(router.checkpoint_state(source.position().unwrap_or_default()));
     }
@@ -305,10 +326,28 @@ pub fn run(
         let _ = tx.send(ShardMsg::Flush(marker));
     }
     drop(shard_txs);
+    let mut writer_result = None;
     for w in workers {
-        w.join().map_err(|_| RunError::Panicked("shard"))?;
+        let _ = w.join(); // a panic was recorded by its guard
     }
-    let (writer_stats, shard_stats, mut sink_report) = writer.join().map_err(|_| RunError::Panicked("writer"))??;
+    if let Ok(Some(result)) = writer.join() {
+        writer_result = Some(result);
+    }
+    if let Some(f) = opts.failures.first() {
+        if let Some(Ok((_, _, report))) = &writer_result {
+            if report.undelivered > 0 {
+                tracing::error!("{} upserts could not be delivered before the run stopped", report.undelivered);
+            }
+        }
+        // Nothing is committed: the input since the last acknowledged
+        // position is read again by the next run.
+        let _ = source.close();
+        return Err(RunError::Panicked { thread: f.thread, message: f.message });
+    }
+    let Some(writer_result) = writer_result else {
+        return Err(RunError::Panicked { thread: "expmon-writer".into(), message: "(no message)".into() });
+    };
+    let (writer_stats, shard_stats, mut sink_report) = writer_result?;
     source_result?;
     if opts.checkpoint.is_some() {
         // Only positions covered by a published checkpoint are committed.
@@ -378,7 +417,7 @@ fn route_loop(
     let align_window = (router.lateness_ms() / 4).max(1000);
     let (mut ahead, mut held) = (Vec::new(), Vec::<bool>::new());
     loop {
-        if opts.stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+        if opts.stop.load(Relaxed) || opts.failures.failed() || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Ended::Stopped);
         }
         let fill =
@@ -395,7 +434,7 @@ fn route_loop(
                 Ok(Some(full)) => {
                     let batch = router.take_batch(full, recycle.try_recv().ok());
                     if shard_txs[full].send(ShardMsg::Events(batch)).is_err() {
-                        return Ok(Ended::Stopped); // the shard is gone; the writer's error says why
+                        return Ok(Ended::Stopped); // the shard is gone; its guard or the writer's error says why
                     }
                 }
                 Ok(None) => {}
@@ -439,6 +478,7 @@ fn route_loop(
             return Ok(Ended::Input);
         }
         if lines.rebalanced || Instant::now() >= next_flush {
+            crate::checkpoint::failpoint("router.flush");
             next_flush = Instant::now() + opts.trigger;
             let reloaded = reload.check(router.catalog());
             let mut snapshot = false;
@@ -568,6 +608,19 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// A reload reaches every stage after the writer in one step: what names
+    /// or indexes points (the sink, experiment health, results) takes the new
+    /// catalog before the first point built with it. Indices only grow, so
+    /// what is held or still queued stays valid under it.
+    fn set_catalog(&mut self, c: &Arc<Catalog>) {
+        self.catalog = c.clone();
+        self.sink.set_catalog(c);
+        self.experiments.set_catalog(c.clone());
+        if let Some(results) = &self.results {
+            results.lock().unwrap_or_else(|e| e.into_inner()).set_catalog(c.clone());
+        }
+    }
+
     /// Returns its own figures, the shards' last figures summed, and the sink's report.
     fn run(
         &mut self,
@@ -604,6 +657,7 @@ impl Writer<'_> {
                 points.clear();
                 stats.peak_points = stats.peak_points.max(self.totals.len() as u64);
                 self.totals.take_due(final_before(marker.watermark), &mut points);
+                crate::checkpoint::failpoint("writer.flush");
                 if !points.is_empty() {
                     let namer = Namer::new(&self.catalog);
                     self.sink.write(&points, &namer)?;
@@ -655,12 +709,7 @@ impl Writer<'_> {
                 acked.store(acked_flushes, Relaxed);
                 self.ckpt.publish_if_acknowledged(acked_flushes, &mut stats)?;
                 if let Some(c) = &marker.catalog {
-                    // A reload: indices only grow, so what is held stays valid.
-                    self.catalog = c.clone();
-                    self.experiments.set_catalog(c.clone());
-                    if let Some(results) = &self.results {
-                        results.lock().unwrap_or_else(|e| e.into_inner()).set_catalog(c.clone());
-                    }
+                    self.set_catalog(c);
                 }
                 if marker.last {
                     let report = self.sink.close()?;

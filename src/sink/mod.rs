@@ -3,6 +3,11 @@
 //!
 //! Every sink receives absolute totals (upserts, SPEC §5): writing a point again
 //! with the same value is harmless, which is what makes retries exact.
+//!
+//! A sink names points with the catalog of the run, and a reload hands it the
+//! new one ([`Sink::set_catalog`]) before any point that needs it is written;
+//! a sink that names later (KairosDB's senders) carries it along with the
+//! points.
 
 mod file;
 pub mod kairosdb;
@@ -56,6 +61,14 @@ pub trait Sink: Send {
     /// Writes one batch of changed totals.
     fn write(&mut self, points: &[Point], namer: &Namer) -> Result<(), SinkError>;
 
+    /// A reload: points written from now on may refer to experiments and
+    /// variations only `catalog` knows (indices only grow, so it also names
+    /// every point written before). A sink that names points only inside
+    /// [`Sink::write`], with the namer it is given, needs nothing here.
+    fn set_catalog(&mut self, catalog: &Arc<crate::config::Catalog>) {
+        let _ = catalog;
+    }
+
     /// Makes everything written so far durable (end of a trigger).
     fn flush(&mut self) -> Result<(), SinkError>;
 
@@ -87,16 +100,18 @@ pub trait Sink: Send {
 }
 
 /// Parses `file:PATH`, `kairosdb:URL` or `null`; a KairosDB sink checks its
-/// server before returning. `continuing`: the run continues from a restored
-/// checkpoint, so a file sink appends to what the runs before it wrote
-/// (otherwise it starts a fresh file).
+/// server before returning, and its threads report a death to `failures`
+/// (the run's, [`crate::shard::RunOptions::failures`]). `continuing`: the run
+/// continues from a restored checkpoint, so a file sink appends to what the
+/// runs before it wrote (otherwise it starts a fresh file).
 pub fn open(
     spec: &str,
-    catalog: &std::sync::Arc<crate::config::Catalog>,
+    catalog: &Arc<crate::config::Catalog>,
+    failures: &crate::shard::Failures,
     continuing: bool,
 ) -> Result<Box<dyn Sink>, SinkError> {
     if let Some(url) = spec.strip_prefix("kairosdb:") {
-        return Ok(Box::new(KairosSink::connect(KairosOptions::parse(url)?, catalog.clone())?));
+        return Ok(Box::new(KairosSink::connect(KairosOptions::parse(url)?, catalog.clone(), failures)?));
     }
     if spec == "null" {
         return Ok(Box::new(NullSink::default()));

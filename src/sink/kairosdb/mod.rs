@@ -11,9 +11,19 @@
 //! are retried with exponential backoff and full jitter. Writing the same
 //! metric, tags and timestamp again overwrites, so re-sending is harmless.
 //!
+//! The catalog that names points travels with the queue: a reload replaces it
+//! there before the first point that needs it is put, and a sender names a
+//! batch with the queue's catalog read after taking it (indices only grow, so
+//! a newer catalog names older points too).
+//!
+//! A sender that panics puts its batch back for the others, then dies under
+//! the run's [`Failures`] guard (which stops the run); once no sender is left,
+//! nothing waits for them any more (see [`CoalescingQueue`]).
+//!
 //! Shutdown protocol:
 //! 1. `close` marks the queue closing: senders stop lingering and drain.
-//! 2. It waits until nothing is outstanding or the drain deadline passes.
+//! 2. It waits until nothing is outstanding, the drain deadline passes, or
+//!    no sender is left.
 //! 3. Senders are told to stop; what was not delivered is reported.
 
 mod encode;
@@ -36,6 +46,7 @@ use super::{Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
 use crate::health::HealthPoint;
+use crate::shard::Failures;
 
 /// Options of the KairosDB sink, from the query string of its spec.
 #[derive(Debug, Clone)]
@@ -169,7 +180,6 @@ pub struct KairosStats {
 
 struct Shared {
     opts: KairosOptions,
-    catalog: Arc<Catalog>,
     queue: CoalescingQueue,
     client: reqwest::blocking::Client,
     stats: KairosStats,
@@ -182,12 +192,13 @@ struct Shared {
 
 pub struct KairosSink {
     shared: Arc<Shared>,
-    senders: Vec<JoinHandle<()>>,
+    senders: Vec<JoinHandle<Option<()>>>,
 }
 
 impl KairosSink {
-    /// Checks that `opts.url` answers as KairosDB, then starts the senders.
-    pub fn connect(opts: KairosOptions, catalog: Arc<Catalog>) -> Result<KairosSink, SinkError> {
+    /// Checks that `opts.url` answers as KairosDB, then starts the senders
+    /// (whose death is recorded in `failures`).
+    pub fn connect(opts: KairosOptions, catalog: Arc<Catalog>, failures: &Failures) -> Result<KairosSink, SinkError> {
         let mut builder =
             reqwest::blocking::Client::builder().timeout(opts.timeout).pool_max_idle_per_host(opts.in_flight);
         if let Some(path) = &opts.ca {
@@ -199,9 +210,8 @@ impl KairosSink {
         let client = builder.build().map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
         check_version(&client, &opts)?;
         let shared = Arc::new(Shared {
-            queue: CoalescingQueue::new(opts.queue_points),
+            queue: CoalescingQueue::new(opts.queue_points, catalog),
             client,
-            catalog,
             stats: KairosStats::default(),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             stop: AtomicBool::new(false),
@@ -212,9 +222,13 @@ impl KairosSink {
         let senders = (0..shared.opts.in_flight)
             .map(|i| {
                 let s = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("expmon-kairos-{i}"))
-                    .spawn(move || send_loop(&s, crate::health::now_ms() as u64 ^ i as u64))
+                s.queue.sender_joined();
+                failures
+                    .spawn(format!("expmon-kairos-{i}"), move || {
+                        // Leaves the queue however the thread ends (panics included).
+                        let _left = SenderLeaves(&s.queue);
+                        send_loop(&s, crate::health::now_ms() as u64 ^ i as u64)
+                    })
                     .expect("spawn kairosdb sender")
             })
             .collect();
@@ -223,6 +237,15 @@ impl KairosSink {
 
     pub fn stats(&self) -> &KairosStats {
         &self.shared.stats
+    }
+}
+
+/// Tells the queue a sender is gone when dropped.
+struct SenderLeaves<'a>(&'a CoalescingQueue);
+
+impl Drop for SenderLeaves<'_> {
+    fn drop(&mut self) {
+        self.0.sender_left();
     }
 }
 
@@ -298,12 +321,28 @@ fn send_loop(s: &Shared, seed: u64) {
         if batch.is_empty() {
             continue;
         }
+        // Read after the take: at least as new as every point in the batch.
+        let catalog = s.queue.catalog();
         // Split by bytes: encode, and if too big, send halves.
         let mut parts = vec![batch];
         while let Some(part) = parts.pop() {
             // The namer holds read locks on the name tables: never across a
             // request or a backoff, or a new name would stall the router.
-            let (body, raw_len) = encode_batch(&part, &Namer::new(&s.catalog), s.catalog.engine.ttl_s);
+            let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::checkpoint::failpoint("kairos.send");
+                encode_batch(&part, &Namer::new(&catalog), catalog.engine.ttl_s)
+            }));
+            let (body, raw_len) = match encoded {
+                Ok(encoded) => encoded,
+                Err(panic) => {
+                    // Its points go back for the other senders; then this thread dies, loudly.
+                    s.queue.finish(&part, false);
+                    for rest in parts.drain(..) {
+                        s.queue.finish(&rest, false);
+                    }
+                    std::panic::resume_unwind(panic);
+                }
+            };
             if raw_len > s.opts.batch_bytes && part.len() > 1 {
                 let mut a = part;
                 let b = a.split_off(a.len() / 2);
@@ -326,7 +365,7 @@ fn send_loop(s: &Shared, seed: u64) {
                     failures = 0;
                     s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
                     tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
-                    dead_letter(s, &part, &Namer::new(&s.catalog), &why);
+                    dead_letter(s, &part, &Namer::new(&catalog), &why);
                     s.queue.finish(&part, true);
                 }
                 Outcome::Retry(why) => {
@@ -355,7 +394,7 @@ fn send_loop(s: &Shared, seed: u64) {
 /// a newer one arrived.
 fn send_health(s: &Shared) {
     let Some((ts, points)) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-    let body = encode_health(&points, ts, s.catalog.engine.ttl_s);
+    let body = encode_health(&points, ts, s.queue.catalog().engine.ttl_s);
     s.stats.requests.fetch_add(1, Relaxed);
     match post(s, body) {
         Outcome::Delivered => {}
@@ -408,6 +447,10 @@ impl Sink for KairosSink {
     fn write(&mut self, points: &[Point], _: &Namer) -> Result<(), SinkError> {
         self.shared.queue.put(points);
         Ok(())
+    }
+
+    fn set_catalog(&mut self, catalog: &Arc<Catalog>) {
+        self.shared.queue.set_catalog(catalog.clone());
     }
 
     /// Delivery is asynchronous (the queue bound is the backpressure); a

@@ -13,21 +13,27 @@
 //!   the oldest flush whose value it stands for (a newer total replacing a
 //!   waiting one keeps the older number). Flush `k` is acknowledged once no
 //!   point carries a number `<= k`: every total written up to it, or a newer
-//!   one, has been delivered (or refused for good and dead-lettered).
+//!   one, has been delivered (or refused for good and dead-lettered);
+//! - it holds the catalog that names its points: a reload replaces it before
+//!   the first point that needs the new one is put, so a catalog read after a
+//!   `take` names every point taken;
+//! - once every sender that joined has left (they all died), nothing waits for
+//!   them: `put` no longer blocks at the bound and `wait_drained` returns what
+//!   is left at once, counted as undelivered.
 
 use ahash::AHashMap;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::aggregate::{Point, SeriesKey};
+use crate::config::Catalog;
 
 type PointId = (SeriesKey, i64);
 
 /// The number of a flush (1-based).
 type FlushNo = u64;
 
-#[derive(Default)]
 struct Inner {
     /// Newest total of each waiting point, with its flush number.
     pending: AHashMap<PointId, (i64, FlushNo)>,
@@ -41,6 +47,11 @@ struct Inner {
     /// When the oldest waiting point arrived (for the linger time).
     oldest: Option<Instant>,
     closing: bool,
+    /// Names the points (the newest catalog of the run).
+    catalog: Arc<Catalog>,
+    /// Senders running, and whether some joined and all have left since.
+    senders: usize,
+    orphaned: bool,
 }
 
 impl Inner {
@@ -64,8 +75,44 @@ pub struct CoalescingQueue {
 }
 
 impl CoalescingQueue {
-    pub fn new(bound: usize) -> CoalescingQueue {
-        CoalescingQueue { inner: Mutex::default(), has_work: Condvar::new(), has_room: Condvar::new(), bound }
+    pub fn new(bound: usize, catalog: Arc<Catalog>) -> CoalescingQueue {
+        let inner = Inner {
+            pending: AHashMap::default(),
+            order: VecDeque::new(),
+            in_flight: AHashMap::default(),
+            open: BTreeMap::new(),
+            sealed: 0,
+            oldest: None,
+            closing: false,
+            catalog,
+            senders: 0,
+            orphaned: false,
+        };
+        CoalescingQueue { inner: Mutex::new(inner), has_work: Condvar::new(), has_room: Condvar::new(), bound }
+    }
+
+    /// The catalog naming the points (read it after a `take`).
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.lock().catalog.clone()
+    }
+
+    /// A reload: points put from now on may need `catalog`.
+    pub fn set_catalog(&self, catalog: Arc<Catalog>) {
+        self.lock().catalog = catalog;
+    }
+
+    /// A sender starts taking from this queue.
+    pub fn sender_joined(&self) {
+        self.lock().senders += 1;
+    }
+
+    /// A sender is gone (it ended, or died); after the last one nothing waits.
+    pub fn sender_left(&self) {
+        let mut g = self.lock();
+        g.senders = g.senders.saturating_sub(1);
+        g.orphaned |= g.senders == 0;
+        drop(g);
+        self.has_room.notify_all();
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -95,7 +142,7 @@ impl CoalescingQueue {
                 v.0 = p.value; // keeps its (older) flush number
                 continue;
             }
-            while g.pending.len() >= self.bound {
+            while g.pending.len() >= self.bound && !g.orphaned {
                 g = self.has_room.wait(g).unwrap_or_else(|e| e.into_inner());
             }
             let flush = g.sealed + 1;
@@ -198,7 +245,7 @@ impl CoalescingQueue {
         loop {
             let left = g.pending.len() + g.in_flight.len();
             let now = Instant::now();
-            if left == 0 || now >= deadline {
+            if left == 0 || now >= deadline || g.orphaned {
                 return left;
             }
             g = self.has_room.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
@@ -211,13 +258,18 @@ mod tests {
     use super::*;
     use crate::aggregate::MetricKind;
 
+    fn queue(bound: usize) -> CoalescingQueue {
+        let config = crate::config::Config::demo();
+        CoalescingQueue::new(bound, Arc::new(Catalog::build(&config, Default::default()).unwrap()))
+    }
+
     fn p(v: u32, value: i64) -> Point {
         Point { key: SeriesKey::new(MetricKind::VisitFm, v, 1, 1, 1), minute: 0, value }
     }
 
     #[test]
     fn coalesces_and_never_sends_a_point_twice_at_once() {
-        let q = CoalescingQueue::new(100);
+        let q = queue(100);
         q.put(&[p(1, 1), p(2, 1), p(1, 5)]);
         let b = q.take(10, Duration::ZERO).unwrap();
         assert_eq!(b, vec![p(1, 5), p(2, 1)], "newest total only");
@@ -238,7 +290,7 @@ mod tests {
 
     #[test]
     fn a_flush_is_acknowledged_once_its_totals_or_newer_ones_are_delivered() {
-        let q = CoalescingQueue::new(100);
+        let q = queue(100);
         q.put(&[p(1, 1), p(2, 1)]);
         q.seal(); // flush 1
         assert_eq!(q.unacknowledged(), 1);
@@ -258,7 +310,7 @@ mod tests {
 
     #[test]
     fn put_blocks_at_the_bound_until_room() {
-        let q = std::sync::Arc::new(CoalescingQueue::new(2));
+        let q = std::sync::Arc::new(queue(2));
         q.put(&[p(1, 1), p(2, 1)]);
         let q2 = q.clone();
         let t = std::thread::spawn(move || q2.put(&[p(3, 1)]));
@@ -268,5 +320,18 @@ mod tests {
         t.join().unwrap();
         q.finish(&b, true);
         assert_eq!(q.outstanding(), 2);
+    }
+
+    #[test]
+    fn once_every_sender_has_left_nothing_waits_for_them() {
+        let q = queue(1);
+        q.sender_joined();
+        q.sender_joined();
+        q.put(&[p(1, 1)]);
+        q.sender_left();
+        let far = Instant::now() + Duration::from_secs(3600);
+        q.sender_left(); // the last one: from now on nobody delivers
+        q.put(&[p(2, 1), p(3, 1)]); // beyond the bound, without blocking
+        assert_eq!(q.wait_drained(far), 3, "what is left is returned at once, as undelivered");
     }
 }
