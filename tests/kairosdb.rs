@@ -242,3 +242,37 @@ fn https_with_a_private_ca() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach KairosDB"), "{}", stderr(&out));
 }
+
+/// What broke: the health points (`expmon.*`, with `expmon.experiment.*` of
+/// 1,000 experiments) went out as one request of 10,505 points with
+/// `batch=2000`, past both batch limits.
+#[test]
+fn health_points_respect_the_batch_limits() {
+    let r = Run::new("10");
+    let out = r.expmon(&[
+        "gen",
+        "--profile",
+        "peak",
+        "--events",
+        "3000",
+        "--seed",
+        "1",
+        "--out",
+        "file:peak.jsonl",
+        "--write-config",
+        "peak.toml",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let server = KairosServer::start();
+    let (batch, batch_bytes) = (2000, 150_000);
+    let sink = format!("kairosdb:{}?batch={batch}&batch_bytes={batch_bytes}&linger=5ms", server.url());
+    let out =
+        r.expmon(&["run", "--config", "peak.toml", "--source", "file:peak.jsonl", "--sink", &sink, "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = server.state();
+    let health = st.points.keys().filter(|k| k.0.starts_with("expmon.")).count();
+    assert!(health > batch, "enough health points to need several requests: {health}");
+    assert!(st.refused.is_empty(), "{:?}", st.refused);
+    let over: Vec<_> = st.request_sizes.iter().filter(|&&(n, bytes)| n > batch || bytes > batch_bytes).collect();
+    assert!(over.is_empty(), "requests over batch={batch} or batch_bytes={batch_bytes}: {over:?}");
+}

@@ -54,6 +54,9 @@ pub struct State {
     pub down_until: Option<Instant>,
     /// Metrics refused by validation or by a Partial400 fault.
     pub refused: Vec<String>,
+    /// Data points and JSON bytes (before gzip) of each datapoints request
+    /// that parsed as a JSON array, in arrival order (to check batch limits).
+    pub request_sizes: Vec<(usize, usize)>,
     /// Answer /api/v1/version as something that is not KairosDB.
     pub impostor: bool,
     /// Accept datapoints without decoding them (for throughput benchmarks).
@@ -259,6 +262,8 @@ fn datapoints(state: &Mutex<State>, headers: &BTreeMap<String, String>, body: &[
     let partial = matches!(fault, Some(Fault::Partial400));
     let mut errors = Vec::new();
     let mut st = state.lock().unwrap();
+    let points = metrics.iter().map(|m| m["datapoints"].as_array().map_or(0, Vec::len)).sum();
+    st.request_sizes.push((points, raw.len()));
     if gzip {
         st.gzip_requests += 1;
     }

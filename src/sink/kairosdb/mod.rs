@@ -4,7 +4,9 @@
 //! Data path: the writer stage `put`s changed totals into a bounded
 //! [`CoalescingQueue`]; `inflight` sender threads take batches (by points,
 //! bytes and linger time), encode them grouped by series, and POST them to
-//! `/api/v1/datapoints`. Protocol facts respected (from KairosDB's docs):
+//! `/api/v1/datapoints`. Health points take the same batching (`batch`,
+//! `batch_bytes`) from their own slot, where a newer snapshot replaces one
+//! not yet sent. Protocol facts respected (from KairosDB's docs):
 //! `204` means queued; `400` returns `{"errors":[…]}` and may have stored the
 //! valid part, so it is never retried (the points are counted, logged and
 //! written to a dead-letter file); `5xx`, `429`, timeouts and transport errors
@@ -35,7 +37,7 @@ use std::time::{Duration, Instant};
 use super::{Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
-use crate::health::HealthPoint;
+use crate::health::{HealthPoint, HealthValue};
 
 /// Options of the KairosDB sink, from the query string of its spec.
 #[derive(Debug, Clone)]
@@ -264,81 +266,132 @@ fn send_loop(s: &Shared, seed: u64) {
     let mut failures = 0u32;
     let mut last_log = Instant::now() - Duration::from_secs(60);
     while !s.stop.load(Relaxed) {
-        send_health(s);
-        let Some(batch) = s.queue.take(s.opts.batch_points, s.opts.linger) else {
-            send_health(s);
-            return;
-        };
-        if batch.is_empty() {
+        let mut failed = send_health(s);
+        match s.queue.take(s.opts.batch_points, s.opts.linger) {
+            None => {
+                send_health(s);
+                return;
+            }
+            Some(batch) if batch.is_empty() => {}
+            Some(batch) => {
+                let ttl_s = s.catalog.engine.ttl_s;
+                // The namer holds read locks on the name tables: never across a
+                // request or a backoff, or a new name would stall the router.
+                let sent = send_parts(
+                    s,
+                    batch,
+                    |part| encode_batch(part, &Namer::new(&s.catalog), ttl_s),
+                    |part, why| {
+                        let namer = Namer::new(&s.catalog);
+                        dead_letter(s, why, part.iter().map(|p| point_line(p, &namer)))
+                    },
+                    // Failed points go back to the queue, where a newer total
+                    // may replace them meanwhile.
+                    |part, done| s.queue.finish(part, done),
+                );
+                failed = failed.or(sent);
+            }
+        }
+        let Some(why) = failed else {
+            failures = 0;
             continue;
+        };
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
+            last_log = Instant::now();
         }
-        // Split by bytes: encode, and if too big, send halves.
-        let mut parts = vec![batch];
-        while let Some(part) = parts.pop() {
-            // The namer holds read locks on the name tables: never across a
-            // request or a backoff, or a new name would stall the router.
-            let (body, raw_len) = encode_batch(&part, &Namer::new(&s.catalog), s.catalog.engine.ttl_s);
-            if raw_len > s.opts.batch_bytes && part.len() > 1 {
-                let mut a = part;
-                let b = a.split_off(a.len() / 2);
-                parts.push(a);
-                parts.push(b);
-                continue;
-            }
-            let started = Instant::now();
-            let outcome = post(s, body);
-            s.stats.requests.fetch_add(1, Relaxed);
-            let us = started.elapsed().as_micros().max(1) as u64;
-            let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
-            match outcome {
-                Outcome::Delivered => {
-                    failures = 0;
-                    s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
-                    s.queue.finish(&part, true);
-                }
-                Outcome::Rejected(why) => {
-                    failures = 0;
-                    s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
-                    tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
-                    dead_letter(s, &part, &Namer::new(&s.catalog), &why);
-                    s.queue.finish(&part, true);
-                }
-                Outcome::Retry(why) => {
-                    s.stats.retries.fetch_add(1, Relaxed);
-                    // Back to the queue: a newer total may replace it meanwhile.
-                    s.queue.finish(&part, false);
-                    for rest in parts.drain(..) {
-                        s.queue.finish(&rest, false);
-                    }
-                    if last_log.elapsed() >= Duration::from_secs(10) {
-                        tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
-                        last_log = Instant::now();
-                    }
-                    // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
-                    let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
-                    failures += 1;
-                    let sleep = cap.mul_f64(rng.gen::<f64>());
-                    sleep_unless_stopped(s, sleep);
-                }
-            }
-        }
+        // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
+        let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
+        failures += 1;
+        let sleep = cap.mul_f64(rng.gen::<f64>());
+        sleep_unless_stopped(s, sleep);
     }
 }
 
-/// Sends the pending health snapshot, if any; on failure it goes back unless
-/// a newer one arrived.
-fn send_health(s: &Shared) {
-    let Some((ts, points)) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-    let body = encode_health(&points, ts, s.catalog.engine.ttl_s);
-    s.stats.requests.fetch_add(1, Relaxed);
-    match post(s, body) {
-        Outcome::Delivered => {}
-        Outcome::Rejected(why) => tracing::error!("kairosdb refused health points: {why}"),
-        Outcome::Retry(_) => {
-            s.stats.retries.fetch_add(1, Relaxed);
-            s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, points));
+/// Sends one batch (at most `batch` points) in requests of at most
+/// `batch_bytes` JSON bytes: a part that encodes bigger is halved. The same
+/// path serves experiment points and health points, so both respect both
+/// limits. A part delivered, or refused for good (then `refused` dead-letters
+/// it), ends with `finish(part, true)`. At the first retryable failure that
+/// part and the parts not yet sent end with `finish(part, false)`, and the
+/// error is returned.
+fn send_parts<T>(
+    s: &Shared,
+    batch: Vec<T>,
+    encode: impl Fn(&[T]) -> (Vec<u8>, usize),
+    refused: impl Fn(&[T], &str),
+    mut finish: impl FnMut(&[T], bool),
+) -> Option<String> {
+    let mut parts = vec![batch];
+    while let Some(part) = parts.pop() {
+        let (body, raw_len) = encode(&part);
+        if raw_len > s.opts.batch_bytes && part.len() > 1 {
+            let mut a = part;
+            let b = a.split_off(a.len() / 2);
+            parts.push(a);
+            parts.push(b);
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = post(s, body);
+        s.stats.requests.fetch_add(1, Relaxed);
+        let us = started.elapsed().as_micros().max(1) as u64;
+        let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
+        match outcome {
+            Outcome::Delivered => {
+                s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
+                finish(&part, true);
+            }
+            Outcome::Rejected(why) => {
+                s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
+                tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
+                refused(&part, &why);
+                finish(&part, true);
+            }
+            Outcome::Retry(why) => {
+                s.stats.retries.fetch_add(1, Relaxed);
+                finish(&part, false);
+                for rest in parts.drain(..) {
+                    finish(&rest, false);
+                }
+                return Some(why);
+            }
         }
     }
+    None
+}
+
+/// Sends the pending health snapshot, if any, in batches like experiment
+/// points; what a retryable failure left unsent goes back unless a newer
+/// snapshot arrived. Returns that failure.
+fn send_health(s: &Shared) -> Option<String> {
+    let (ts, points) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    let ttl_s = s.catalog.engine.ttl_s;
+    let mut unsent = Vec::new();
+    let mut failed = None;
+    let mut points = points.into_iter().peekable();
+    while points.peek().is_some() {
+        let batch: Vec<HealthPoint> = points.by_ref().take(s.opts.batch_points).collect();
+        if failed.is_some() {
+            unsent.extend(batch);
+            continue;
+        }
+        failed = send_parts(
+            s,
+            batch,
+            |part| encode_health(part, ts, ttl_s),
+            |part, why| dead_letter(s, why, part.iter().map(|p| health_line(p, ts))),
+            |part, done| {
+                if !done {
+                    unsent.extend_from_slice(part);
+                }
+            },
+        );
+    }
+    if !unsent.is_empty() {
+        s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, unsent));
+    }
+    failed
 }
 
 fn sleep_unless_stopped(s: &Shared, d: Duration) {
@@ -352,7 +405,26 @@ fn sleep_unless_stopped(s: &Shared, d: Duration) {
     }
 }
 
-fn dead_letter(s: &Shared, points: &[Point], namer: &Namer, why: &str) {
+/// A refused experiment point as a dead-letter line (the file sink's format).
+fn point_line(p: &Point, namer: &Namer) -> serde_json::Value {
+    serde_json::json!({
+        "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
+        "timestamp": p.minute, "value": p.value,
+    })
+}
+
+/// A refused health point as a dead-letter line (the file sink's format).
+fn health_line(p: &HealthPoint, ts_ms: i64) -> serde_json::Value {
+    let tags: serde_json::Map<String, serde_json::Value> =
+        p.tags.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
+    let value = match p.value {
+        HealthValue::Int(v) => serde_json::Value::from(v),
+        HealthValue::Float(v) => serde_json::Value::from(v),
+    };
+    serde_json::json!({"name": p.name, "tags": tags, "timestamp": ts_ms, "value": value})
+}
+
+fn dead_letter(s: &Shared, why: &str, lines: impl Iterator<Item = serde_json::Value>) {
     let mut g = s.dead_letter.lock().unwrap_or_else(|e| e.into_inner());
     if g.is_none() {
         let path = std::path::Path::new(&s.opts.dead_letter);
@@ -368,11 +440,8 @@ fn dead_letter(s: &Shared, points: &[Point], namer: &Namer, why: &str) {
         }
     }
     let Some(w) = g.as_mut() else { return };
-    for p in points {
-        let line = serde_json::json!({
-            "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
-            "timestamp": p.minute, "value": p.value, "error": why,
-        });
+    for mut line in lines {
+        line["error"] = why.into();
         let _ = writeln!(w, "{line}");
     }
     let _ = w.flush();
