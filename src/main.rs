@@ -248,8 +248,18 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     } else {
         eprintln!("{summary}");
     }
+    let mut lost = Vec::new();
     if summary.sink.undelivered > 0 {
-        bail!("{} upserts could not be delivered to {} before the drain deadline", summary.sink.undelivered, a.sink);
+        lost.push(format!(
+            "{} upserts could not be delivered to {} before the drain deadline",
+            summary.sink.undelivered, a.sink
+        ));
+    }
+    if summary.sink.refused > 0 {
+        lost.push(format!("{} upserts {}", summary.sink.refused, summary.sink.refused_detail));
+    }
+    if !lost.is_empty() {
+        bail!("{}", lost.join("; "));
     }
     Ok(())
 }

@@ -8,15 +8,18 @@
 //! `batch_bytes`) from their own slot, where a newer snapshot replaces one
 //! not yet sent. Protocol facts respected (from KairosDB's docs):
 //! `204` means queued; `400` returns `{"errors":[…]}` and may have stored the
-//! valid part, so it is never retried (the points are counted, logged and
-//! written to a dead-letter file); `5xx`, `429`, timeouts and transport errors
-//! are retried with exponential backoff and full jitter. Writing the same
+//! valid part, so it is never retried (the points are counted, logged at most
+//! every 10 s, written to a dead-letter file with the error text once per
+//! request, as `refuse` describes, and reported at the end as a loss); `5xx`,
+//! `429`, timeouts and transport errors are retried with exponential backoff
+//! and full jitter. Writing the same
 //! metric, tags and timestamp again overwrites, so re-sending is harmless.
 //!
 //! Shutdown protocol:
 //! 1. `close` marks the queue closing: senders stop lingering and drain.
 //! 2. It waits until nothing is outstanding or the drain deadline passes.
-//! 3. Senders are told to stop; what was not delivered is reported.
+//! 3. Senders are told to stop; what was not delivered, and what was refused,
+//!    is reported.
 
 mod encode;
 mod queue;
@@ -151,7 +154,7 @@ struct Shared {
     stats: KairosStats,
     latency_us: Mutex<Histogram<u64>>,
     stop: AtomicBool,
-    dead_letter: Mutex<Option<BufWriter<File>>>,
+    refusals: Mutex<Refusals>,
     /// The newest health snapshot not yet sent (a newer one replaces it).
     health: Mutex<Option<(i64, Vec<HealthPoint>)>>,
 }
@@ -181,7 +184,7 @@ impl KairosSink {
             stats: KairosStats::default(),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             stop: AtomicBool::new(false),
-            dead_letter: Mutex::new(None),
+            refusals: Mutex::default(),
             health: Mutex::new(None),
             opts,
         });
@@ -225,13 +228,36 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
     }
 }
 
+/// Most bytes of a server's error text kept in the dead-letter file (per
+/// refused request).
+const ERROR_TEXT_MAX: usize = 1024;
+/// Most bytes of a server's error text in a log line.
+const LOG_TEXT_MAX: usize = 300;
+
 /// What became of one request.
 enum Outcome {
     Delivered,
     /// A 4xx other than 429: the server refused the points; never retried.
-    Rejected(String),
-    /// Worth retrying: transport error, timeout, 5xx, 429.
+    /// The error text is cut to [`ERROR_TEXT_MAX`].
+    Rejected {
+        status: u16,
+        error: String,
+    },
+    /// Worth retrying: transport error, timeout, 5xx, 429 (cut to [`LOG_TEXT_MAX`]).
     Retry(String),
+}
+
+/// `text` cut to at most `max` bytes at a char boundary; a cut text ends
+/// with `…` and its full length.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
 fn post(s: &Shared, body: Vec<u8>) -> Outcome {
@@ -245,7 +271,7 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
         req = req.basic_auth(u, Some(p));
     }
     match req.send() {
-        Err(e) => Outcome::Retry(e.to_string()),
+        Err(e) => Outcome::Retry(clip(&e.to_string(), LOG_TEXT_MAX)),
         Ok(resp) => {
             let status = resp.status();
             if status.is_success() {
@@ -253,9 +279,9 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
             }
             let text = resp.text().unwrap_or_default();
             if status.as_u16() == 429 || status.is_server_error() {
-                Outcome::Retry(format!("{status} {text}"))
+                Outcome::Retry(clip(&format!("{status} {text}"), LOG_TEXT_MAX))
             } else {
-                Outcome::Rejected(format!("{status} {text}"))
+                Outcome::Rejected { status: status.as_u16(), error: clip(&text, ERROR_TEXT_MAX) }
             }
         }
     }
@@ -281,9 +307,9 @@ fn send_loop(s: &Shared, seed: u64) {
                     s,
                     batch,
                     |part| encode_batch(part, &Namer::new(&s.catalog), ttl_s),
-                    |part, why| {
+                    |part, status, error| {
                         let namer = Namer::new(&s.catalog);
-                        dead_letter(s, why, part.iter().map(|p| point_line(p, &namer)))
+                        refuse(s, status, error, part.iter().map(|p| point_line(p, &namer)))
                     },
                     // Failed points go back to the queue, where a newer total
                     // may replace them meanwhile.
@@ -311,15 +337,15 @@ fn send_loop(s: &Shared, seed: u64) {
 /// Sends one batch (at most `batch` points) in requests of at most
 /// `batch_bytes` JSON bytes: a part that encodes bigger is halved. The same
 /// path serves experiment points and health points, so both respect both
-/// limits. A part delivered, or refused for good (then `refused` dead-letters
-/// it), ends with `finish(part, true)`. At the first retryable failure that
+/// limits. A part delivered, or refused for good (then `refused` counts and
+/// dead-letters it), ends with `finish(part, true)`. At the first retryable failure that
 /// part and the parts not yet sent end with `finish(part, false)`, and the
 /// error is returned.
 fn send_parts<T>(
     s: &Shared,
     batch: Vec<T>,
     encode: impl Fn(&[T]) -> (Vec<u8>, usize),
-    refused: impl Fn(&[T], &str),
+    refused: impl Fn(&[T], u16, &str),
     mut finish: impl FnMut(&[T], bool),
 ) -> Option<String> {
     let mut parts = vec![batch];
@@ -342,10 +368,9 @@ fn send_parts<T>(
                 s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
                 finish(&part, true);
             }
-            Outcome::Rejected(why) => {
+            Outcome::Rejected { status, error } => {
                 s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
-                tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
-                refused(&part, &why);
+                refused(&part, status, &error);
                 finish(&part, true);
             }
             Outcome::Retry(why) => {
@@ -380,7 +405,7 @@ fn send_health(s: &Shared) -> Option<String> {
             s,
             batch,
             |part| encode_health(part, ts, ttl_s),
-            |part, why| dead_letter(s, why, part.iter().map(|p| health_line(p, ts))),
+            |part, status, error| refuse(s, status, error, part.iter().map(|p| health_line(p, ts))),
             |part, done| {
                 if !done {
                     unsent.extend_from_slice(part);
@@ -424,27 +449,90 @@ fn health_line(p: &HealthPoint, ts_ms: i64) -> serde_json::Value {
     serde_json::json!({"name": p.name, "tags": tags, "timestamp": ts_ms, "value": value})
 }
 
-fn dead_letter(s: &Shared, why: &str, lines: impl Iterator<Item = serde_json::Value>) {
-    let mut g = s.dead_letter.lock().unwrap_or_else(|e| e.into_inner());
-    if g.is_none() {
-        let path = std::path::Path::new(&s.opts.dead_letter);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// Points refused for good: what the dead-letter file holds, what the end
+/// of the run reports, and the rate limit of the log.
+#[derive(Default)]
+struct Refusals {
+    file: Option<BufWriter<File>>,
+    /// Refused requests (numbering their dead-letter lines).
+    requests: u64,
+    /// HTTP statuses of the refusals.
+    statuses: std::collections::BTreeSet<u16>,
+    /// Refused points that could not be written to the dead-letter file, and why.
+    lost: u64,
+    lost_why: String,
+    /// When a refusal was last logged, and the refusals not logged since.
+    logged: Option<Instant>,
+    quiet_requests: u64,
+    quiet_points: u64,
+}
+
+/// Records one refused request: its line and its points in the dead-letter
+/// file (appended), then at most one log line every 10 s.
+///
+/// Dead-letter format: one line per refused request,
+/// `{"request":N,"status":400,"error":"…","points":M,"at":MS}` (N counts from 1
+/// in each run; the error text cut to [`ERROR_TEXT_MAX`] bytes; `at` is the
+/// wall clock), followed by its M points in the file sink's format, each with
+/// `"request":N`.
+fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<Item = serde_json::Value>) {
+    let points = lines.len() as u64;
+    let mut g = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+    g.requests += 1;
+    g.statuses.insert(status);
+    let request = g.requests;
+    let mut text = serde_json::json!({
+        "request": request, "status": status, "error": error, "points": points, "at": crate::health::now_ms(),
+    })
+    .to_string();
+    text.push('\n');
+    for mut line in lines {
+        line["request"] = request.into();
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let kept = match write_dead_letter(&mut g.file, &s.opts.dead_letter, &text) {
+        Ok(()) => format!("dead-lettered to {}", s.opts.dead_letter),
+        Err(e) => {
+            g.lost += points;
+            g.lost_why = e.clone();
+            format!("NOT kept: {e}")
+        }
+    };
+    if g.logged.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        g.quiet_requests += 1;
+        g.quiet_points += points;
+        return;
+    }
+    let quiet = match g.quiet_requests {
+        0 => String::new(),
+        n => format!(" ({n} more requests, {} points, refused since last said)", g.quiet_points),
+    };
+    tracing::error!(
+        "kairosdb refused {points} points with HTTP {status} (not retried, {kept}; said at most every 10 s){quiet}: {}",
+        clip(error, LOG_TEXT_MAX)
+    );
+    (g.logged, g.quiet_requests, g.quiet_points) = (Some(Instant::now()), 0, 0);
+}
+
+/// Appends `text` to the dead-letter file, opening it on first use.
+fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), String> {
+    if file.is_none() {
+        let p = std::path::Path::new(path);
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        match File::options().create(true).append(true).open(path) {
-            Ok(f) => *g = Some(BufWriter::new(f)),
-            Err(e) => {
-                tracing::error!("cannot open dead-letter file {}: {e}", s.opts.dead_letter);
-                return;
-            }
-        }
+        let f = File::options()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("cannot open dead-letter file {path}: {e}"))?;
+        *file = Some(BufWriter::new(f));
     }
-    let Some(w) = g.as_mut() else { return };
-    for mut line in lines {
-        line["error"] = why.into();
-        let _ = writeln!(w, "{line}");
-    }
-    let _ = w.flush();
+    let w = file.as_mut().expect("opened above");
+    w.write_all(text.as_bytes())
+        .and_then(|()| w.flush())
+        .map_err(|e| format!("cannot write dead-letter file {path}: {e}"))
 }
 
 impl Sink for KairosSink {
@@ -494,8 +582,19 @@ impl Sink for KairosSink {
         let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let st = &s.stats;
+        let refused = st.points_rejected.load(Relaxed);
+        let r = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let statuses: Vec<String> = r.statuses.iter().map(u16::to_string).collect();
+        let mut refused_detail = format!("refused by KairosDB (HTTP {})", statuses.join(", "));
+        match r.lost {
+            0 => refused_detail += &format!(", kept in {}", s.opts.dead_letter),
+            n if n == refused => refused_detail += &format!(", lost: {}", r.lost_why),
+            n => refused_detail += &format!(", kept in {} but {n} of them lost: {}", s.opts.dead_letter, r.lost_why),
+        }
         Ok(SinkReport {
             undelivered: left as u64,
+            refused,
+            refused_detail,
             summary: format!(
                 "kairosdb {}: {} points delivered in {} requests, {} rejected, {} retries, {} undelivered; \
                  write latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -527,6 +626,15 @@ impl Drop for KairosSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_cuts_long_error_text_at_a_char_boundary() {
+        assert_eq!(clip("short", 300), "short");
+        let text = "é".repeat(400); // 800 bytes
+        let cut = clip(&text, 301);
+        assert!(cut.starts_with(&"é".repeat(150)) && cut.ends_with("… (800 bytes)"), "{cut}");
+        assert!(cut.len() < 320);
+    }
 
     #[test]
     fn options_parse_with_defaults_credentials_and_refusals() {
