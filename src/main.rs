@@ -373,9 +373,19 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     } else {
         eprintln!("{summary}");
     }
+    let mut lost = Vec::new();
     if summary.sink.undelivered > 0 {
-        let sink = expmon::redact::redact(&a.sink);
-        bail!("{} upserts could not be delivered to {sink} before the drain deadline", summary.sink.undelivered);
+        lost.push(format!(
+            "{} upserts could not be delivered to {} before the drain deadline",
+            summary.sink.undelivered,
+            expmon::redact::redact(&a.sink)
+        ));
+    }
+    if summary.sink.refused > 0 {
+        lost.push(format!("{} upserts {}", summary.sink.refused, summary.sink.refused_detail));
+    }
+    if !lost.is_empty() {
+        bail!("{}", lost.join("; "));
     }
     Ok(())
 }

@@ -49,11 +49,15 @@ impl Run {
     }
 }
 
-/// Experiment points of a file-sink or dead-letter file (health lines skipped).
+/// Experiment points of a file-sink or dead-letter file (health lines and the
+/// dead-letter file's request lines skipped).
 fn read_points(text: &str) -> BTreeMap<StoredId, i64> {
     let mut out = BTreeMap::new();
     for l in text.lines().filter(|l| !l.starts_with(r#"{"name":"expmon."#)) {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v.get("name").is_none() {
+            continue;
+        }
         let tags =
             v["tags"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
         out.insert(
@@ -162,10 +166,17 @@ fn partial_400_is_not_retried_and_goes_to_the_dead_letter_file() {
     let server = KairosServer::start();
     server.state().faults.extend([Fault::Partial400, Fault::Partial400]);
     let out = r.run(&spec(&server, "&dead_letter=rejected.jsonl"));
-    assert!(out.status.success(), "{}", stderr(&out));
+    // A point refused for good is a loss the operator must see: exit 1, one line.
+    assert!(!out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains("kairosdb refused"), "{err}");
-    let dead = read_points(&std::fs::read_to_string(r.path("rejected.jsonl")).unwrap());
+    let text = std::fs::read_to_string(r.path("rejected.jsonl")).unwrap();
+    let refused_line = format!(
+        "expmon: error: {} upserts refused by KairosDB (HTTP 400), kept in rejected.jsonl",
+        text.lines().filter(|l| l.starts_with(r#"{"name":"#)).count()
+    );
+    assert_eq!(err.trim_end().lines().last(), Some(refused_line.as_str()), "{err}");
+    let dead = read_points(&text);
     assert!(!dead.is_empty());
     let st = server.state();
     assert_eq!(st.requests as usize, st.requests as usize);
@@ -241,4 +252,79 @@ fn https_with_a_private_ca() {
     let out = r.run(&format!("kairosdb:{url}"));
     assert!(!out.status.success());
     assert!(stderr(&out).contains("cannot reach KairosDB"), "{}", stderr(&out));
+}
+
+/// What broke: the health points (`expmon.*`, with `expmon.experiment.*` of
+/// 1,000 experiments) went out as one request of 10,505 points with
+/// `batch=2000`, past both batch limits.
+#[test]
+fn health_points_respect_the_batch_limits() {
+    let r = Run::new("10");
+    let out = r.expmon(&[
+        "gen",
+        "--profile",
+        "peak",
+        "--events",
+        "3000",
+        "--seed",
+        "1",
+        "--out",
+        "file:peak.jsonl",
+        "--write-config",
+        "peak.toml",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let server = KairosServer::start();
+    let (batch, batch_bytes) = (2000, 150_000);
+    let sink = format!("kairosdb:{}?batch={batch}&batch_bytes={batch_bytes}&linger=5ms", server.url());
+    let out =
+        r.expmon(&["run", "--config", "peak.toml", "--source", "file:peak.jsonl", "--sink", &sink, "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = server.state();
+    let health = st.points.keys().filter(|k| k.0.starts_with("expmon.")).count();
+    assert!(health > batch, "enough health points to need several requests: {health}");
+    assert!(st.refused.is_empty(), "{:?}", st.refused);
+    let over: Vec<_> = st.request_sizes.iter().filter(|&&(n, bytes)| n > batch || bytes > batch_bytes).collect();
+    assert!(over.is_empty(), "requests over batch={batch} or batch_bytes={batch_bytes}: {over:?}");
+}
+
+/// What broke: with KairosDB answering 400 to everything (its error text
+/// naming each refused metric), each dead-letter line repeated its request's
+/// whole error text (1,540 points made 92.6 MB), a log line held all of it
+/// (58,781 characters), and the run exited 0.
+#[test]
+fn refused_requests_keep_the_dead_letter_file_linear_and_fail_the_run() {
+    let r = Run::new("3000");
+    let expected = r.expected();
+    let server = KairosServer::start();
+    server.state().refuse_all = true;
+    let out = r.run(&spec(&server, "&dead_letter=rejected.jsonl"));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    let long: Vec<_> = err.lines().filter(|l| l.len() > 1000).map(|l| l.len()).collect();
+    assert!(long.is_empty(), "stderr lines over 1,000 characters: {long:?}");
+    assert!(err.contains("kairosdb refused"), "{err}");
+
+    // One request line (error text bounded) then its points, each tagged with it.
+    let text = std::fs::read_to_string(r.path("rejected.jsonl")).unwrap();
+    let (mut requests, mut points, mut announced, mut current) = (0, 0, 0, 0);
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        if v.get("name").is_some() {
+            assert!(l.len() < 400, "a point line carries no error text: {l}");
+            assert_eq!(v["request"], current, "{l}");
+            points += 1;
+        } else {
+            assert!(l.len() < 2600, "the error text is cut: {} bytes", l.len());
+            assert_eq!(v["status"], 400, "{l}");
+            current = v["request"].as_u64().unwrap();
+            announced += v["points"].as_u64().unwrap();
+            requests += 1;
+        }
+    }
+    assert!(requests > 1 && points as u64 == announced, "{requests} requests, {points} points, {announced} announced");
+    assert_eq!(read_points(&text), expected, "every refused experiment point is kept");
+    let refused = format!("expmon: error: {points} upserts refused by KairosDB (HTTP 400), kept in rejected.jsonl");
+    assert_eq!(err.trim_end().lines().last(), Some(refused.as_str()), "{err}");
+    assert!(err.contains(&format!("{points} rejected")), "the summary counts them: {err}");
 }

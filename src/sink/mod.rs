@@ -52,6 +52,12 @@ pub struct SinkHealth {
 pub struct SinkReport {
     /// Upserts that could not be delivered before the drain deadline.
     pub undelivered: u64,
+    /// Upserts the destination refused for good (never retried): a loss the
+    /// run's exit status reports.
+    pub refused: u64,
+    /// Who refused them and where they are kept, e.g.
+    /// `refused by KairosDB (HTTP 400), kept in PATH`.
+    pub refused_detail: String,
     /// One line for the run summary; empty if the sink has nothing to add.
     pub summary: String,
 }

@@ -54,12 +54,19 @@ pub struct State {
     pub down_until: Option<Instant>,
     /// Metrics refused by validation or by a Partial400 fault.
     pub refused: Vec<String>,
+    /// Data points and JSON bytes (before gzip) of each datapoints request
+    /// that parsed as a JSON array, in arrival order (to check batch limits).
+    pub request_sizes: Vec<(usize, usize)>,
     /// Answer /api/v1/version as something that is not KairosDB.
     pub impostor: bool,
     /// Accept datapoints without decoding them (for throughput benchmarks).
     pub sink_only: bool,
     /// If set, every request must carry `Authorization: Basic <this>`.
     pub basic_auth: Option<String>,
+    /// Refuse every metric of every datapoints request (400, nothing stored),
+    /// with one error per metric naming it, as KairosDB lists each invalid
+    /// metric: the error text grows with the request.
+    pub refuse_all: bool,
 }
 
 pub struct KairosServer {
@@ -257,12 +264,21 @@ fn datapoints(state: &Mutex<State>, headers: &BTreeMap<String, String>, body: &[
         _ => return Some((400, r#"{"errors":["Invalid json: expected an array of metrics"]}"#.into())),
     };
     let partial = matches!(fault, Some(Fault::Partial400));
+    let refuse_all = state.lock().unwrap().refuse_all;
     let mut errors = Vec::new();
     let mut st = state.lock().unwrap();
+    let points = metrics.iter().map(|m| m["datapoints"].as_array().map_or(0, Vec::len)).sum();
+    st.request_sizes.push((points, raw.len()));
     if gzip {
         st.gzip_requests += 1;
     }
     for (i, m) in metrics.iter().enumerate() {
+        if refuse_all {
+            let name = m["name"].as_str().unwrap_or("");
+            errors.push(format!("metric[{i}](name={name}).tags refused by this server, which refuses every metric"));
+            st.refused.push(name.to_string());
+            continue;
+        }
         if partial && i >= metrics.len() / 2 {
             errors.push(format!("metric[{i}] refused by injected fault"));
             st.refused.push(m["name"].as_str().unwrap_or("").to_string());

@@ -16,8 +16,9 @@ use crate::aggregate::{Namer, Point};
 use crate::health::HealthPoint;
 use crate::sink::push_json_str;
 
-/// Encodes health points, all stamped `ts_ms`, as a gzipped body.
-pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> Vec<u8> {
+/// Encodes health points, all stamped `ts_ms`: the gzipped body and the
+/// length of the JSON before compression.
+pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> (Vec<u8>, usize) {
     let mut json = String::from("[");
     for (i, p) in points.iter().enumerate() {
         if i > 0 {
@@ -41,7 +42,7 @@ pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> Vec<u8> 
         ));
     }
     json.push(']');
-    gzip(&json)
+    (gzip(&json), json.len())
 }
 
 fn gzip(json: &str) -> Vec<u8> {

@@ -4,11 +4,15 @@
 //! Data path: the writer stage `put`s changed totals into a bounded
 //! [`CoalescingQueue`]; `inflight` sender threads take batches (by points,
 //! bytes and linger time), encode them grouped by series, and POST them to
-//! `/api/v1/datapoints`. Protocol facts respected (from KairosDB's docs):
+//! `/api/v1/datapoints`. Health points take the same batching (`batch`,
+//! `batch_bytes`) from their own slot, where a newer snapshot replaces one
+//! not yet sent. Protocol facts respected (from KairosDB's docs):
 //! `204` means queued; `400` returns `{"errors":[…]}` and may have stored the
-//! valid part, so it is never retried (the points are counted, logged and
-//! written to a dead-letter file); `5xx`, `429`, timeouts and transport errors
-//! are retried with exponential backoff and full jitter. Writing the same
+//! valid part, so it is never retried (the points are counted, logged at most
+//! every 10 s, written to a dead-letter file with the error text once per
+//! request, as `refuse` describes, and reported at the end as a loss); `5xx`,
+//! `429`, timeouts and transport errors are retried with exponential backoff
+//! and full jitter. Writing the same
 //! metric, tags and timestamp again overwrites, so re-sending is harmless.
 //!
 //! The catalog that names points travels with the queue: a reload replaces it
@@ -24,7 +28,8 @@
 //! 1. `close` marks the queue closing: senders stop lingering and drain.
 //! 2. It waits until nothing is outstanding, the drain deadline passes, or
 //!    no sender is left.
-//! 3. Senders are told to stop; what was not delivered is reported.
+//! 3. Senders are told to stop; what was not delivered, and what was refused,
+//!    is reported.
 
 mod encode;
 mod queue;
@@ -45,7 +50,7 @@ use std::time::{Duration, Instant};
 use super::{Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
-use crate::health::HealthPoint;
+use crate::health::{HealthPoint, HealthValue};
 use crate::shard::Failures;
 
 /// Options of the KairosDB sink, from the query string of its spec.
@@ -185,7 +190,7 @@ struct Shared {
     stats: KairosStats,
     latency_us: Mutex<Histogram<u64>>,
     stop: AtomicBool,
-    dead_letter: Mutex<Option<BufWriter<File>>>,
+    refusals: Mutex<Refusals>,
     /// The newest health snapshot not yet sent (a newer one replaces it).
     health: Mutex<Option<(i64, Vec<HealthPoint>)>>,
 }
@@ -215,7 +220,7 @@ impl KairosSink {
             stats: KairosStats::default(),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
             stop: AtomicBool::new(false),
-            dead_letter: Mutex::new(None),
+            refusals: Mutex::default(),
             health: Mutex::new(None),
             opts,
         });
@@ -272,13 +277,36 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
     }
 }
 
+/// Most bytes of a server's error text kept in the dead-letter file (per
+/// refused request).
+const ERROR_TEXT_MAX: usize = 1024;
+/// Most bytes of a server's error text in a log line.
+const LOG_TEXT_MAX: usize = 300;
+
 /// What became of one request.
 enum Outcome {
     Delivered,
     /// A 4xx other than 429: the server refused the points; never retried.
-    Rejected(String),
-    /// Worth retrying: transport error, timeout, 5xx, 429.
+    /// The error text is cut to [`ERROR_TEXT_MAX`].
+    Rejected {
+        status: u16,
+        error: String,
+    },
+    /// Worth retrying: transport error, timeout, 5xx, 429 (cut to [`LOG_TEXT_MAX`]).
     Retry(String),
+}
+
+/// `text` cut to at most `max` bytes at a char boundary; a cut text ends
+/// with `…` and its full length.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len())
 }
 
 fn post(s: &Shared, body: Vec<u8>) -> Outcome {
@@ -292,7 +320,7 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
         req = req.basic_auth(u, Some(p));
     }
     match req.send() {
-        Err(e) => Outcome::Retry(e.to_string()),
+        Err(e) => Outcome::Retry(clip(&e.to_string(), LOG_TEXT_MAX)),
         Ok(resp) => {
             let status = resp.status();
             if status.is_success() {
@@ -300,9 +328,9 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
             }
             let text = resp.text().unwrap_or_default();
             if status.as_u16() == 429 || status.is_server_error() {
-                Outcome::Retry(format!("{status} {text}"))
+                Outcome::Retry(clip(&format!("{status} {text}"), LOG_TEXT_MAX))
             } else {
-                Outcome::Rejected(format!("{status} {text}"))
+                Outcome::Rejected { status: status.as_u16(), error: clip(&text, ERROR_TEXT_MAX) }
             }
         }
     }
@@ -313,97 +341,148 @@ fn send_loop(s: &Shared, seed: u64) {
     let mut failures = 0u32;
     let mut last_log = Instant::now() - Duration::from_secs(60);
     while !s.stop.load(Relaxed) {
-        send_health(s);
-        let Some(batch) = s.queue.take(s.opts.batch_points, s.opts.linger) else {
-            send_health(s);
-            return;
-        };
-        if batch.is_empty() {
+        let mut failed = send_health(s);
+        match s.queue.take(s.opts.batch_points, s.opts.linger) {
+            None => {
+                send_health(s);
+                return;
+            }
+            Some(batch) if batch.is_empty() => {}
+            Some(batch) => {
+                // Read after the take: at least as new as every point in the batch.
+                let catalog = s.queue.catalog();
+                let ttl_s = catalog.engine.ttl_s;
+                // The namer holds read locks on the name tables: never across a
+                // request or a backoff, or a new name would stall the router.
+                let sent = send_parts(
+                    s,
+                    batch,
+                    |part| {
+                        crate::checkpoint::failpoint("kairos.send");
+                        encode_batch(part, &Namer::new(&catalog), ttl_s)
+                    },
+                    |part, status, error| {
+                        let namer = Namer::new(&catalog);
+                        refuse(s, status, error, part.iter().map(|p| point_line(p, &namer)))
+                    },
+                    // Failed points go back to the queue, where a newer total
+                    // may replace them meanwhile.
+                    |part, done| s.queue.finish(part, done),
+                );
+                failed = failed.or(sent);
+            }
+        }
+        let Some(why) = failed else {
+            failures = 0;
             continue;
+        };
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
+            last_log = Instant::now();
         }
-        // Read after the take: at least as new as every point in the batch.
-        let catalog = s.queue.catalog();
-        // Split by bytes: encode, and if too big, send halves.
-        let mut parts = vec![batch];
-        while let Some(part) = parts.pop() {
-            // The namer holds read locks on the name tables: never across a
-            // request or a backoff, or a new name would stall the router.
-            let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                crate::checkpoint::failpoint("kairos.send");
-                encode_batch(&part, &Namer::new(&catalog), catalog.engine.ttl_s)
-            }));
-            let (body, raw_len) = match encoded {
-                Ok(encoded) => encoded,
-                Err(panic) => {
-                    // Its points go back for the other senders; then this thread dies, loudly.
-                    s.queue.finish(&part, false);
-                    for rest in parts.drain(..) {
-                        s.queue.finish(&rest, false);
-                    }
-                    std::panic::resume_unwind(panic);
-                }
-            };
-            if raw_len > s.opts.batch_bytes && part.len() > 1 {
-                let mut a = part;
-                let b = a.split_off(a.len() / 2);
-                parts.push(a);
-                parts.push(b);
-                continue;
-            }
-            let started = Instant::now();
-            let outcome = post(s, body);
-            s.stats.requests.fetch_add(1, Relaxed);
-            let us = started.elapsed().as_micros().max(1) as u64;
-            let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
-            match outcome {
-                Outcome::Delivered => {
-                    failures = 0;
-                    s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
-                    s.queue.finish(&part, true);
-                }
-                Outcome::Rejected(why) => {
-                    failures = 0;
-                    s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
-                    tracing::error!("kairosdb refused {} points (not retried, dead-lettered): {why}", part.len());
-                    dead_letter(s, &part, &Namer::new(&catalog), &why);
-                    s.queue.finish(&part, true);
-                }
-                Outcome::Retry(why) => {
-                    s.stats.retries.fetch_add(1, Relaxed);
-                    // Back to the queue: a newer total may replace it meanwhile.
-                    s.queue.finish(&part, false);
-                    for rest in parts.drain(..) {
-                        s.queue.finish(&rest, false);
-                    }
-                    if last_log.elapsed() >= Duration::from_secs(10) {
-                        tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
-                        last_log = Instant::now();
-                    }
-                    // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
-                    let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
-                    failures += 1;
-                    let sleep = cap.mul_f64(rng.gen::<f64>());
-                    sleep_unless_stopped(s, sleep);
-                }
-            }
-        }
+        // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
+        let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
+        failures += 1;
+        let sleep = cap.mul_f64(rng.gen::<f64>());
+        sleep_unless_stopped(s, sleep);
     }
 }
 
-/// Sends the pending health snapshot, if any; on failure it goes back unless
-/// a newer one arrived.
-fn send_health(s: &Shared) {
-    let Some((ts, points)) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take() else { return };
-    let body = encode_health(&points, ts, s.queue.catalog().engine.ttl_s);
-    s.stats.requests.fetch_add(1, Relaxed);
-    match post(s, body) {
-        Outcome::Delivered => {}
-        Outcome::Rejected(why) => tracing::error!("kairosdb refused health points: {why}"),
-        Outcome::Retry(_) => {
-            s.stats.retries.fetch_add(1, Relaxed);
-            s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, points));
+/// Sends one batch (at most `batch` points) in requests of at most
+/// `batch_bytes` JSON bytes: a part that encodes bigger is halved. The same
+/// path serves experiment points and health points, so both respect both
+/// limits. A part delivered, or refused for good (then `refused` counts and
+/// dead-letters it), ends with `finish(part, true)`. At the first retryable failure that
+/// part and the parts not yet sent end with `finish(part, false)`, and the
+/// error is returned.
+fn send_parts<T>(
+    s: &Shared,
+    batch: Vec<T>,
+    encode: impl Fn(&[T]) -> (Vec<u8>, usize),
+    refused: impl Fn(&[T], u16, &str),
+    mut finish: impl FnMut(&[T], bool),
+) -> Option<String> {
+    let mut parts = vec![batch];
+    while let Some(part) = parts.pop() {
+        let encoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| encode(&part)));
+        let (body, raw_len) = match encoded {
+            Ok(encoded) => encoded,
+            Err(panic) => {
+                // Its points go back for the other senders; then this thread
+                // dies under the run's guard, loudly.
+                finish(&part, false);
+                for rest in parts.drain(..) {
+                    finish(&rest, false);
+                }
+                std::panic::resume_unwind(panic);
+            }
+        };
+        if raw_len > s.opts.batch_bytes && part.len() > 1 {
+            let mut a = part;
+            let b = a.split_off(a.len() / 2);
+            parts.push(a);
+            parts.push(b);
+            continue;
+        }
+        let started = Instant::now();
+        let outcome = post(s, body);
+        s.stats.requests.fetch_add(1, Relaxed);
+        let us = started.elapsed().as_micros().max(1) as u64;
+        let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
+        match outcome {
+            Outcome::Delivered => {
+                s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
+                finish(&part, true);
+            }
+            Outcome::Rejected { status, error } => {
+                s.stats.points_rejected.fetch_add(part.len() as u64, Relaxed);
+                refused(&part, status, &error);
+                finish(&part, true);
+            }
+            Outcome::Retry(why) => {
+                s.stats.retries.fetch_add(1, Relaxed);
+                finish(&part, false);
+                for rest in parts.drain(..) {
+                    finish(&rest, false);
+                }
+                return Some(why);
+            }
         }
     }
+    None
+}
+
+/// Sends the pending health snapshot, if any, in batches like experiment
+/// points; what a retryable failure left unsent goes back unless a newer
+/// snapshot arrived. Returns that failure.
+fn send_health(s: &Shared) -> Option<String> {
+    let (ts, points) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    let ttl_s = s.queue.catalog().engine.ttl_s;
+    let mut unsent = Vec::new();
+    let mut failed = None;
+    let mut points = points.into_iter().peekable();
+    while points.peek().is_some() {
+        let batch: Vec<HealthPoint> = points.by_ref().take(s.opts.batch_points).collect();
+        if failed.is_some() {
+            unsent.extend(batch);
+            continue;
+        }
+        failed = send_parts(
+            s,
+            batch,
+            |part| encode_health(part, ts, ttl_s),
+            |part, status, error| refuse(s, status, error, part.iter().map(|p| health_line(p, ts))),
+            |part, done| {
+                if !done {
+                    unsent.extend_from_slice(part);
+                }
+            },
+        );
+    }
+    if !unsent.is_empty() {
+        s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, unsent));
+    }
+    failed
 }
 
 fn sleep_unless_stopped(s: &Shared, d: Duration) {
@@ -417,30 +496,109 @@ fn sleep_unless_stopped(s: &Shared, d: Duration) {
     }
 }
 
-fn dead_letter(s: &Shared, points: &[Point], namer: &Namer, why: &str) {
-    let mut g = s.dead_letter.lock().unwrap_or_else(|e| e.into_inner());
-    if g.is_none() {
-        let path = std::path::Path::new(&s.opts.dead_letter);
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// A refused experiment point as a dead-letter line (the file sink's format).
+fn point_line(p: &Point, namer: &Namer) -> serde_json::Value {
+    serde_json::json!({
+        "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
+        "timestamp": p.minute, "value": p.value,
+    })
+}
+
+/// A refused health point as a dead-letter line (the file sink's format).
+fn health_line(p: &HealthPoint, ts_ms: i64) -> serde_json::Value {
+    let tags: serde_json::Map<String, serde_json::Value> =
+        p.tags.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
+    let value = match p.value {
+        HealthValue::Int(v) => serde_json::Value::from(v),
+        HealthValue::Float(v) => serde_json::Value::from(v),
+    };
+    serde_json::json!({"name": p.name, "tags": tags, "timestamp": ts_ms, "value": value})
+}
+
+/// Points refused for good: what the dead-letter file holds, what the end
+/// of the run reports, and the rate limit of the log.
+#[derive(Default)]
+struct Refusals {
+    file: Option<BufWriter<File>>,
+    /// Refused requests (numbering their dead-letter lines).
+    requests: u64,
+    /// HTTP statuses of the refusals.
+    statuses: std::collections::BTreeSet<u16>,
+    /// Refused points that could not be written to the dead-letter file, and why.
+    lost: u64,
+    lost_why: String,
+    /// When a refusal was last logged, and the refusals not logged since.
+    logged: Option<Instant>,
+    quiet_requests: u64,
+    quiet_points: u64,
+}
+
+/// Records one refused request: its line and its points in the dead-letter
+/// file (appended), then at most one log line every 10 s.
+///
+/// Dead-letter format: one line per refused request,
+/// `{"request":N,"status":400,"error":"…","points":M,"at":MS}` (N counts from 1
+/// in each run; the error text cut to [`ERROR_TEXT_MAX`] bytes; `at` is the
+/// wall clock), followed by its M points in the file sink's format, each with
+/// `"request":N`.
+fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<Item = serde_json::Value>) {
+    let points = lines.len() as u64;
+    let mut g = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+    g.requests += 1;
+    g.statuses.insert(status);
+    let request = g.requests;
+    let mut text = serde_json::json!({
+        "request": request, "status": status, "error": error, "points": points, "at": crate::health::now_ms(),
+    })
+    .to_string();
+    text.push('\n');
+    for mut line in lines {
+        line["request"] = request.into();
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let kept = match write_dead_letter(&mut g.file, &s.opts.dead_letter, &text) {
+        Ok(()) => format!("dead-lettered to {}", s.opts.dead_letter),
+        Err(e) => {
+            g.lost += points;
+            g.lost_why = e.clone();
+            format!("NOT kept: {e}")
+        }
+    };
+    if g.logged.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        g.quiet_requests += 1;
+        g.quiet_points += points;
+        return;
+    }
+    let quiet = match g.quiet_requests {
+        0 => String::new(),
+        n => format!(" ({n} more requests, {} points, refused since last said)", g.quiet_points),
+    };
+    tracing::error!(
+        "kairosdb refused {points} points with HTTP {status} (not retried, {kept}; said at most every 10 s){quiet}: {}",
+        clip(error, LOG_TEXT_MAX)
+    );
+    (g.logged, g.quiet_requests, g.quiet_points) = (Some(Instant::now()), 0, 0);
+}
+
+/// Appends `text` to the dead-letter file, opening it on first use.
+fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), String> {
+    if file.is_none() {
+        let p = std::path::Path::new(path);
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        match File::options().create(true).append(true).open(path) {
-            Ok(f) => *g = Some(BufWriter::new(f)),
-            Err(e) => {
-                tracing::error!("cannot open dead-letter file {}: {e}", s.opts.dead_letter);
-                return;
-            }
-        }
+        let f = File::options()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("cannot open dead-letter file {path}: {e}"))?;
+        *file = Some(BufWriter::new(f));
     }
-    let Some(w) = g.as_mut() else { return };
-    for p in points {
-        let line = serde_json::json!({
-            "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
-            "timestamp": p.minute, "value": p.value, "error": why,
-        });
-        let _ = writeln!(w, "{line}");
-    }
-    let _ = w.flush();
+    let w = file.as_mut().expect("opened above");
+    w.write_all(text.as_bytes())
+        .and_then(|()| w.flush())
+        .map_err(|e| format!("cannot write dead-letter file {path}: {e}"))
 }
 
 impl Sink for KairosSink {
@@ -494,8 +652,19 @@ impl Sink for KairosSink {
         let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let st = &s.stats;
+        let refused = st.points_rejected.load(Relaxed);
+        let r = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let statuses: Vec<String> = r.statuses.iter().map(u16::to_string).collect();
+        let mut refused_detail = format!("refused by KairosDB (HTTP {})", statuses.join(", "));
+        match r.lost {
+            0 => refused_detail += &format!(", kept in {}", s.opts.dead_letter),
+            n if n == refused => refused_detail += &format!(", lost: {}", r.lost_why),
+            n => refused_detail += &format!(", kept in {} but {n} of them lost: {}", s.opts.dead_letter, r.lost_why),
+        }
         Ok(SinkReport {
             undelivered: left as u64,
+            refused,
+            refused_detail,
             summary: format!(
                 "kairosdb {}: {} points delivered in {} requests, {} rejected, {} retries, {} undelivered; \
                  write latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -527,6 +696,15 @@ impl Drop for KairosSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_cuts_long_error_text_at_a_char_boundary() {
+        assert_eq!(clip("short", 300), "short");
+        let text = "é".repeat(400); // 800 bytes
+        let cut = clip(&text, 301);
+        assert!(cut.starts_with(&"é".repeat(150)) && cut.ends_with("… (800 bytes)"), "{cut}");
+        assert!(cut.len() < 320);
+    }
 
     #[test]
     fn options_parse_with_defaults_credentials_and_refusals() {
