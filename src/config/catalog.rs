@@ -189,6 +189,7 @@ impl Catalog {
             ("trigger", a.trigger_ms == b.trigger_ms),
             ("ttl", a.ttl_s == b.ttl_s),
             ("stall_factor", a.stall_factor == b.stall_factor),
+            ("max_future", a.max_future_ms == b.max_future_ms),
         ] {
             if !same {
                 return Err(format!("engine.{field} changed: engine settings need a restart"));

@@ -32,6 +32,8 @@ pub struct Router {
     device: Interner,
     login: Interner,
     lateness_ms: i64,
+    /// How far past the wall clock an event's ts may be (`[engine] max_future`).
+    max_future_ms: i64,
     max_ts: Option<i64>,
     /// One clock per input partition; a file has one.
     clocks: Vec<Clock>,
@@ -67,6 +69,7 @@ impl Router {
             device: Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY),
             login: Interner::new(names, NameKind::Login, TAG_CAPACITY),
             lateness_ms: catalog.engine.allowed_lateness_ms,
+            max_future_ms: catalog.engine.max_future_ms,
             catalog,
             max_ts: None,
             clocks: vec![Clock { max_ts: None, counts: true }],
@@ -134,13 +137,18 @@ impl Router {
         self.watermark = self.watermark.max(candidate);
     }
 
-    /// Routes one line from input partition `part`. Returns the shard whose
+    /// Routes one line from input partition `part`. `now_ms` is the wall
+    /// clock, read by the caller once per batch of lines: an event more than
+    /// `max_future` past it is rejected (`ts_future`), live or replayed, so
+    /// that one broken clock cannot drag the watermark forward; `None` sets no
+    /// bound (tests and benchmarks of fixed data). Returns the shard whose
     /// batch just became full, if any (the caller must then
     /// [`Router::take_batch`] it), or why the line was refused.
     pub fn route(&mut self, line: &[u8], part: usize, now_ms: Option<i64>) -> Result<Option<usize>, Reject> {
         self.stats.events_in += 1;
+        let latest_ts = now_ms.map(|now| now.saturating_add(self.max_future_ms));
         let mut scratch = std::mem::take(&mut self.scratch);
-        let routed = match parse_event(line, now_ms, &mut scratch) {
+        let routed = match parse_event(line, latest_ts, &mut scratch) {
             Ok(ev) => Ok(self.route_event(ev, part)),
             Err(r) => {
                 self.stats.rejected[r.index()] += 1;
