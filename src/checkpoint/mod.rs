@@ -41,7 +41,9 @@ use crate::names::Names;
 use crate::source::Offsets;
 
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
-pub const VERSION: u32 = 2;
+/// 3: a session's event cells hold device ids in 12 bits and login ids in 4
+/// (they were a byte each).
+pub const VERSION: u32 = 3;
 pub const FILE: &str = "checkpoint.bin";
 
 /// The router's part: watermark, per-partition clocks, names, position.

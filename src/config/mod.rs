@@ -17,7 +17,6 @@ mod duration;
 
 pub use catalog::{
     AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
-    MP_CAPACITY, TAG_CAPACITY,
 };
 
 pub use duration::parse_duration_ms;

@@ -11,12 +11,14 @@
 //!   idle), never moving backwards (SPEC §4); an event is late if it is
 //!   behind W or behind its own partition's watermark;
 //! - nothing is logged, locked or allocated per event (a new name takes the
-//!   name table's lock once, when first seen).
+//!   name table's lock once, when first seen);
+//! - a valid event is never dropped for a name: beyond a table's bound its
+//!   name becomes `_other`, counted in [`RouterStats::names_replaced`].
 
 use std::sync::Arc;
 
 use super::batch::{BatchEvent, EventBatch};
-use crate::config::{AssignLookup, Catalog, MP_CAPACITY, TAG_CAPACITY};
+use crate::config::{AssignLookup, Catalog};
 use crate::event::{parse_event, Event, ParseScratch, Reject};
 use crate::health::RouterStats;
 use crate::names::{Interner, NameKind};
@@ -65,9 +67,9 @@ impl Router {
     pub fn new(catalog: Arc<Catalog>, shards: usize) -> Router {
         let names = catalog.names.clone();
         Router {
-            mp: Interner::new(names.clone(), NameKind::Mp, MP_CAPACITY),
-            device: Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY),
-            login: Interner::new(names, NameKind::Login, TAG_CAPACITY),
+            mp: Interner::new(names.clone(), NameKind::Mp, NameKind::Mp.capacity()),
+            device: Interner::new(names.clone(), NameKind::Device, NameKind::Device.capacity()),
+            login: Interner::new(names, NameKind::Login, NameKind::Login.capacity()),
             lateness_ms: catalog.engine.allowed_lateness_ms,
             max_future_ms: catalog.engine.max_future_ms,
             catalog,
@@ -184,12 +186,15 @@ impl Router {
             self.stats.unknown_tenant += 1;
             return None;
         };
-        let (Some(mp), Some(device), Some(login)) =
-            (self.mp.intern(&ev.mp), self.device.intern(&ev.device), self.login.intern(&ev.login))
-        else {
-            self.stats.name_capacity_dropped += 1;
-            return None;
-        };
+        // A name beyond its table's bound becomes `_other`: counted, never dropped.
+        let (mp, mp_other) = self.mp.resolve(&ev.mp);
+        let (device, device_other) = self.device.resolve(&ev.device);
+        let (login, login_other) = self.login.resolve(&ev.login);
+        if mp_other | device_other | login_other {
+            self.stats.names_replaced[NameKind::Mp.index()] += mp_other as u64;
+            self.stats.names_replaced[NameKind::Device.index()] += device_other as u64;
+            self.stats.names_replaced[NameKind::Login.index()] += login_other as u64;
+        }
         let key = SessionKey::new(tenant, &ev.session);
         let shard = shard_of(&key, self.shards);
         let batch = &mut self.batches[shard];
