@@ -339,6 +339,52 @@ mod tests {
         assert_eq!(r.stats.late_dropped, 1);
     }
 
+    fn device_line(ts: i64, device: &str) -> Vec<u8> {
+        format!(r#"{{"ts":{},"tenant":"uswm","session":"s","mp":"home_page","device":"{device}"}}"#, T0 + ts)
+            .into_bytes()
+    }
+
+    /// What broke: after a reload whose config named a new device, the
+    /// router's interner handed out that device's id again to the next new
+    /// name, so events were tagged with another device and never met the
+    /// new condition.
+    #[test]
+    fn a_reload_naming_a_new_device_keeps_every_id_unique() {
+        let mut r = router();
+        r.route(&device_line(0, "dev-a"), 0, None).unwrap();
+        let mut config = Config::demo();
+        let mut x = config.experiments[0].clone();
+        (x.id, x.variations) = (999_001, vec![999_011]);
+        x.qualify = vec![crate::config::Condition { device: Some("tablet-x".into()), ..Default::default() }];
+        config.experiments.push(x);
+        let (reloaded, _) = r.catalog().reload(&config).unwrap();
+        let wanted = reloaded.experiments.last().unwrap().conditions[0].device.unwrap();
+        r.set_catalog(Arc::new(reloaded));
+        r.route(&device_line(1, "dev-b"), 0, None).unwrap();
+        r.route(&device_line(2, "tablet-x"), 0, None).unwrap();
+        let batch = r.take_batch(0, None);
+        let names = r.catalog().names.clone();
+        let tags: Vec<String> = batch.events.iter().map(|e| names.device.get(e.device).to_string()).collect();
+        assert_eq!(tags, ["dev-a", "dev-b", "tablet-x"]);
+        assert_eq!(batch.events[2].device, wanted, "the event meets the reloaded condition");
+    }
+
+    /// A name beyond a full table becomes `_other`, counted; the event is routed.
+    #[test]
+    fn a_name_beyond_a_full_table_is_routed_as_other_and_counted() {
+        let mut r = router();
+        r.device = Interner::new(r.catalog().names.clone(), NameKind::Device, r.catalog().names.device.len() + 1);
+        r.route(&device_line(0, "dev-a"), 0, None).unwrap();
+        r.route(&device_line(1, "dev-b"), 0, None).unwrap();
+        r.route(&device_line(2, "dev-c"), 0, None).unwrap();
+        assert_eq!(r.stats.routed, 3);
+        assert_eq!(r.stats.names_replaced, [0, 2, 0]);
+        let batch = r.take_batch(0, None);
+        let names = r.catalog().names.clone();
+        let tags: Vec<String> = batch.events.iter().map(|e| names.device.get(e.device).to_string()).collect();
+        assert_eq!(tags, ["dev-a", crate::names::OTHER, crate::names::OTHER]);
+    }
+
     #[test]
     fn partitions_running_ahead_are_held_back() {
         let mut r = router();
