@@ -207,16 +207,6 @@ impl fmt::Display for Summary {
             ", late dropped {}, unknown tenant {}, unknown experiment {}, unknown variation {}",
             r.late_dropped, r.unknown_tenant, r.unknown_experiment, r.unknown_variation
         )?;
-        write!(f, "  names replaced by _other (table full) {}", r.names_replaced.iter().sum::<u64>())?;
-        let tables: Vec<String> = crate::names::NameKind::ALL
-            .iter()
-            .filter(|k| r.names_replaced[k.index()] > 0)
-            .map(|k| format!("{}={}", k.as_str(), r.names_replaced[k.index()]))
-            .collect();
-        if !tables.is_empty() {
-            write!(f, " ({})", tables.join(", "))?;
-        }
-        writeln!(f)?;
         let s = &self.shards;
         writeln!(
             f,
@@ -227,6 +217,16 @@ impl fmt::Display for Summary {
             crate::session::MAX_EVENTS_PER_SESSION,
             s.overflow_dropped
         )?;
+        write!(f, "  names replaced by _other (table full) {}", r.names_replaced.iter().sum::<u64>())?;
+        let tables: Vec<String> = crate::names::NameKind::ALL
+            .iter()
+            .filter(|k| r.names_replaced[k.index()] > 0)
+            .map(|k| format!("{}={}", k.as_str(), r.names_replaced[k.index()]))
+            .collect();
+        if !tables.is_empty() {
+            write!(f, " ({})", tables.join(", "))?;
+        }
+        writeln!(f)?;
         let w = &self.writer;
         write!(
             f,
