@@ -382,6 +382,8 @@ fn malformed_lines_of_every_reason_are_counted_and_skipped() {
         (Reject::WrongType, base(r#","login":true"#)),
         (Reject::BadAssignKey, base(r#","assign":{"-1":3}"#)),
         (Reject::TsOutOfRange, br#"{"ts":5,"tenant":"uswm","session":"s","mp":"m"}"#.to_vec()),
+        // Year 2100: a broken clock, refused in a replay too (else it drags W past the last line).
+        (Reject::TsFuture, br#"{"ts":4102444800000,"tenant":"uswm","session":"s","mp":"m"}"#.to_vec()),
         (Reject::TooLong, base(&format!(r#","session":"{}""#, "s".repeat(300)))),
         (
             Reject::TooMany,

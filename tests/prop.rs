@@ -173,6 +173,7 @@ fn config(experiments: Vec<Experiment>) -> Config {
             trigger_ms: 60_000,
             ttl_s: 86_400,
             stall_factor: 10,
+            max_future_ms: 5 * 60_000,
         },
         experiments,
         kafka: Vec::new(),

@@ -45,7 +45,8 @@ use crate::names::Names;
 use crate::source::{FileMark, Offsets, SourceId, SourceKind};
 
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
-/// 3: the source identity after the creation time.
+/// 3: the source identity after the creation time; a session's event cells
+/// hold device ids in 12 bits and login ids in 4 (they were a byte each).
 pub const VERSION: u32 = 3;
 pub const FILE: &str = "checkpoint.bin";
 

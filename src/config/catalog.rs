@@ -13,11 +13,6 @@ use std::sync::Arc;
 use super::{Config, EngineConfig, Experiment};
 use crate::names::{NameKind, Names};
 
-/// Most distinct measurement points (ids are `u16`; one value means "no mp").
-pub const MP_CAPACITY: usize = 0xFFFF;
-/// Most distinct device strings, and most distinct login strings (ids are
-/// stored in one byte per kept event).
-pub const TAG_CAPACITY: usize = 0xFF;
 /// Most experiments in one config (session state stores a `u16` index).
 pub const EXPERIMENT_CAPACITY: usize = 0xFFFF;
 /// Most variations of one experiment (session state stores a 7-bit slot).
@@ -189,6 +184,7 @@ impl Catalog {
             ("trigger", a.trigger_ms == b.trigger_ms),
             ("ttl", a.ttl_s == b.ttl_s),
             ("stall_factor", a.stall_factor == b.stall_factor),
+            ("max_future", a.max_future_ms == b.max_future_ms),
         ] {
             if !same {
                 return Err(format!("engine.{field} changed: engine settings need a restart"));
@@ -228,9 +224,9 @@ impl Catalog {
             experiments: defs.iter().map(|d| d.experiment.clone()).collect(),
             kafka: Vec::new(),
         };
-        let mut mp = crate::names::Interner::new(names.clone(), NameKind::Mp, MP_CAPACITY);
-        let mut device = crate::names::Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY);
-        let mut login = crate::names::Interner::new(names.clone(), NameKind::Login, TAG_CAPACITY);
+        let interner = |kind: NameKind| crate::names::Interner::new(names.clone(), kind, kind.capacity());
+        let (mut mp, mut device, mut login) =
+            (interner(NameKind::Mp), interner(NameKind::Device), interner(NameKind::Login));
         let full = |what: &str| format!("config names more than the supported number of {what}");
         let mut cat = Catalog {
             engine: config.engine.clone(),

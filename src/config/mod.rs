@@ -17,7 +17,6 @@ mod duration;
 
 pub use catalog::{
     AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
-    MP_CAPACITY, TAG_CAPACITY,
 };
 
 pub use duration::parse_duration_ms;
@@ -67,6 +66,10 @@ pub struct EngineConfig {
     /// experiment below its recent rate divided by this, while its tenant's
     /// traffic goes on.
     pub stall_factor: u32,
+    /// Events with a `ts` later than the wall clock plus this are rejected
+    /// (`ts_future`), in replays too: one broken clock must not drag the
+    /// watermark past everything after it.
+    pub max_future_ms: i64,
 }
 
 /// One qualification condition: equalities on a single event. `None` fields are
@@ -121,6 +124,7 @@ struct RawEngine {
     trigger: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
     stall_factor: Option<Spanned<i64>>,
+    max_future: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -179,8 +183,8 @@ impl Config {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "engine: dc={} allowed_lateness={}ms session_gap={}ms trigger={}ms ttl={}s",
-            e.dc, e.allowed_lateness_ms, e.session_gap_ms, e.trigger_ms, e.ttl_s
+            "engine: dc={} allowed_lateness={}ms session_gap={}ms trigger={}ms ttl={}s max_future={}ms",
+            e.dc, e.allowed_lateness_ms, e.session_gap_ms, e.trigger_ms, e.ttl_s, e.max_future_ms
         );
         let mut tenants: BTreeMap<&str, usize> = BTreeMap::new();
         for x in &self.experiments {
@@ -300,6 +304,7 @@ impl<'a> Checker<'a> {
                             ))
                         }
                     },
+                    max_future_ms: self.duration(&e.max_future, "max_future", d.max_future_ms, false)?,
                 }
             }
         };
@@ -455,6 +460,7 @@ impl Default for EngineConfig {
             trigger_ms: 60_000,
             ttl_s: 30 * 86_400,
             stall_factor: 10,
+            max_future_ms: 5 * 60_000,
         }
     }
 }
@@ -536,6 +542,17 @@ qualify = [
         let e = err("[engine]\ndc = \"x\"\nlatenes = \"5m\"\n");
         assert!(e.starts_with("t.toml:3:"), "{e}");
         assert!(e.contains("latenes"), "{e}");
+    }
+
+    #[test]
+    fn max_future_defaults_to_five_minutes_and_is_checked() {
+        assert_eq!(Config::parse("", "t.toml").unwrap().engine.max_future_ms, 300_000);
+        let c = Config::parse("[engine]\nmax_future = \"1h\"\n", "t.toml").unwrap();
+        assert_eq!(c.engine.max_future_ms, 3_600_000);
+        let e = err("[engine]\nmax_future = \"0s\"\n");
+        assert!(e.starts_with("t.toml:2: engine.max_future: must be greater than zero"), "{e}");
+        let e = err("[engine]\n\nmax_future = \"soon\"\n");
+        assert!(e.starts_with("t.toml:3: engine.max_future:"), "{e}");
     }
 
     #[test]

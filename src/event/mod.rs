@@ -26,8 +26,6 @@ pub const MAX_ATTR_BYTES: usize = 256;
 pub const MAX_ENTRIES: usize = 64;
 /// 2000-01-01T00:00:00Z in ms: the earliest valid `ts`.
 pub const MIN_TS_MS: i64 = 946_684_800_000;
-/// Live sources refuse events more than this far in the future.
-pub const MAX_FUTURE_MS: i64 = 86_400_000;
 
 /// Experiment id of an assignment key too large for `u64`; never configured.
 pub const UNKNOWN_EXPERIMENT_ID: u64 = u64::MAX;
@@ -63,8 +61,12 @@ pub enum Reject {
     WrongType,
     /// An `assign` key that is not ASCII digits.
     BadAssignKey,
-    /// `ts` before 2000-01-01, or (live sources) more than a day ahead.
+    /// `ts` before 2000-01-01.
     TsOutOfRange,
+    /// `ts` after the wall clock plus `[engine] max_future` (a broken clock):
+    /// refused in replays too, or it would drag the watermark past every
+    /// event after it.
+    TsFuture,
     /// A string over its bound, or an over-long line.
     TooLong,
     /// More than [`MAX_ENTRIES`] assignments or attributes.
@@ -74,7 +76,7 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::NotUtf8,
         Reject::NotJson,
         Reject::NotObject,
@@ -82,6 +84,7 @@ impl Reject {
         Reject::WrongType,
         Reject::BadAssignKey,
         Reject::TsOutOfRange,
+        Reject::TsFuture,
         Reject::TooLong,
         Reject::TooMany,
         Reject::EmptyField,
@@ -97,6 +100,7 @@ impl Reject {
             Reject::WrongType => "wrong_type",
             Reject::BadAssignKey => "bad_assign_key",
             Reject::TsOutOfRange => "ts_out_of_range",
+            Reject::TsFuture => "ts_future",
             Reject::TooLong => "too_long",
             Reject::TooMany => "too_many",
             Reject::EmptyField => "empty_field",
@@ -121,11 +125,13 @@ pub struct ParseScratch {
     assign: Vec<(u64, i64)>,
 }
 
-/// Parses one event. `now_ms` is `Some` for live sources, which refuse events
-/// more than a day in the future; replays pass `None`.
+/// Parses one event. `latest_ts` is the greatest valid `ts`: the wall clock
+/// plus `[engine] max_future`, read by the caller once per batch (the engine
+/// always passes it, for live sources and replays alike); `None` sets no upper
+/// bound (tests and benchmarks of fixed data).
 pub fn parse_event<'a>(
     line: &'a [u8],
-    now_ms: Option<i64>,
+    latest_ts: Option<i64>,
     scratch: &'a mut ParseScratch,
 ) -> Result<Event<'a>, Reject> {
     let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
@@ -135,7 +141,7 @@ pub fn parse_event<'a>(
         Some(raw) => raw,
         None => parse_event_serde(text, assign)?,
     };
-    finish(raw, &scratch.assign, now_ms)
+    finish(raw, &scratch.assign, latest_ts)
 }
 
 /// The general path: any JSON, through serde_json, with exact rejection reasons.
@@ -153,8 +159,9 @@ fn parse_event_serde<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Result<
     Ok(raw)
 }
 
-/// Required fields, defaults, bounds and the ts range, common to both paths.
-fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], now_ms: Option<i64>) -> Result<Event<'a>, Reject> {
+/// Required fields, defaults, bounds and the ts range, common to both paths
+/// (so the fast path and serde cannot disagree on them).
+fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], latest_ts: Option<i64>) -> Result<Event<'a>, Reject> {
     let RawEvent { ts, tenant, session, mp, device, login, attrs } = raw;
     let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
         return Err(Reject::MissingField);
@@ -172,8 +179,11 @@ fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], now_ms: Option<i64>) 
     if [&tenant, &session, &mp, &device, &login].iter().any(|s| s.is_empty()) {
         return Err(Reject::EmptyField);
     }
-    if ts < MIN_TS_MS || now_ms.is_some_and(|now| ts > now.saturating_add(MAX_FUTURE_MS)) {
+    if ts < MIN_TS_MS {
         return Err(Reject::TsOutOfRange);
+    }
+    if latest_ts.is_some_and(|latest| ts > latest) {
+        return Err(Reject::TsFuture);
     }
     Ok(Event { ts, tenant, session, mp, device, login, assign, attrs: attrs.unwrap_or_default() })
 }
@@ -510,11 +520,18 @@ mod tests {
     }
 
     #[test]
-    fn future_ts_only_refused_live() {
+    fn future_ts_refused_beyond_the_latest_valid_ts() {
         let line = br#"{"ts":1800000000000,"tenant":"a","session":"s","mp":"m"}"#;
         let mut scratch = ParseScratch::default();
         assert!(parse_event(line, None, &mut scratch).is_ok());
-        assert_eq!(parse_event(line, Some(1_700_000_000_000), &mut scratch), Err(Reject::TsOutOfRange));
+        assert!(parse_event(line, Some(1_800_000_000_000), &mut scratch).is_ok(), "the bound itself is valid");
+        assert_eq!(parse_event(line, Some(1_799_999_999_999), &mut scratch), Err(Reject::TsFuture));
+        // i64::MAX on both paths: the fast path takes 18 digits at most, serde the rest.
+        let max = br#"{"ts":9223372036854775807,"tenant":"a","session":"s","mp":"m"}"#;
+        assert_eq!(parse_event(max, Some(1_800_000_000_000), &mut scratch), Err(Reject::TsFuture));
+        let max = br#"{"ts":999999999999999999,"tenant":"a","session":"s","mp":"m"}"#;
+        assert!(fast::parse_fast(std::str::from_utf8(max).unwrap(), &mut Vec::new()).is_some());
+        assert_eq!(parse_event(max, Some(1_800_000_000_000), &mut scratch), Err(Reject::TsFuture));
     }
 
     /// The fast path's contract: when it accepts, serde agrees exactly.

@@ -31,8 +31,9 @@ pub struct RouterStats {
     pub unknown_experiment: u64,
     /// Assignments naming a variation not configured for their experiment.
     pub unknown_variation: u64,
-    /// Valid events dropped because a name table was full.
-    pub name_capacity_dropped: u64,
+    /// Names replaced by `_other` because their table was full, by
+    /// [`crate::names::NameKind::index`] (the events still count).
+    pub names_replaced: [u64; 3],
 }
 
 impl RouterStats {
@@ -104,6 +105,8 @@ pub struct Live {
     pub unknown_tenant: AtomicU64,
     pub unknown_experiment: AtomicU64,
     pub unknown_variation: AtomicU64,
+    /// Names replaced by `_other`, by table (see [`RouterStats::names_replaced`]).
+    pub names_replaced: [AtomicU64; 3],
     /// Consumer lag per input partition (Kafka), refreshed every trigger.
     pub kafka_lag: std::sync::Mutex<Vec<(i32, i64)>>,
     /// Session state bytes over all shards, at the last flush.
@@ -131,6 +134,9 @@ impl Live {
         self.unknown_tenant.store(s.unknown_tenant, Relaxed);
         self.unknown_experiment.store(s.unknown_experiment, Relaxed);
         self.unknown_variation.store(s.unknown_variation, Relaxed);
+        for (a, &n) in self.names_replaced.iter().zip(s.names_replaced.iter()) {
+            a.store(n, Relaxed);
+        }
     }
 }
 
@@ -211,6 +217,16 @@ impl fmt::Display for Summary {
             crate::session::MAX_EVENTS_PER_SESSION,
             s.overflow_dropped
         )?;
+        write!(f, "  names replaced by _other (table full) {}", r.names_replaced.iter().sum::<u64>())?;
+        let tables: Vec<String> = crate::names::NameKind::ALL
+            .iter()
+            .filter(|k| r.names_replaced[k.index()] > 0)
+            .map(|k| format!("{}={}", k.as_str(), r.names_replaced[k.index()]))
+            .collect();
+        if !tables.is_empty() {
+            write!(f, " ({})", tables.join(", "))?;
+        }
+        writeln!(f)?;
         let w = &self.writer;
         write!(
             f,

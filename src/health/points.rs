@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Live, ShardStats, WriterStats};
 use crate::event::Reject;
+use crate::names::NameKind;
 use crate::sink::SinkHealth;
 
 /// One health figure with its tags, sorted by tag name (`dc`, `instance`,
@@ -84,6 +85,7 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
         point("assignment_conflicts", h.shards.conflicts),
         point("sessions_active", h.shards.active_sessions),
         point("sessions_evicted", h.shards.sessions_evicted),
+        point("session_overflow_dropped", h.shards.overflow_dropped),
         point("points_active", h.writer.active_points),
         point("upserts_written", h.writer.upserts_written),
         point("write_requests", h.sink.requests),
@@ -96,6 +98,11 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
         let n = l.rejected_by_reason[r.index()].load(Relaxed);
         let name = "expmon.events_rejected_by_reason".into();
         out.push(HealthPoint { name, tags: tags(Some(("reason", r.as_str().into()))), value: (n as i64).into() });
+    }
+    for kind in NameKind::ALL {
+        let n = l.names_replaced[kind.index()].load(Relaxed);
+        let name = "expmon.names_replaced_other".into();
+        out.push(HealthPoint { name, tags: tags(Some(("table", kind.as_str().into()))), value: (n as i64).into() });
     }
     for (q, us) in [("p50", h.sink.latency_p50_us), ("p99", h.sink.latency_p99_us), ("max", h.sink.latency_max_us)] {
         let name = "expmon.write_latency_us".into();

@@ -161,7 +161,7 @@ impl Events<'_> {
 
     #[inline]
     fn key(&self, e: &EvRec) -> OrderKey {
-        OrderKey { ts: self.ts(e), device: e.device as u16, login: e.login as u16 }
+        OrderKey { ts: self.ts(e), device: e.device, login: e.login as u16 }
     }
 
     /// Whether event `i` is the first of those with its mp and `ts >= bound`
@@ -238,7 +238,7 @@ fn emit_from(
             continue;
         }
         let Some(slot) = x.visit_slot(e.mp, v) else { continue };
-        let (mp, d, l) = (e.mp, e.device as u16, e.login as u16);
+        let (mp, d, l) = (e.mp, e.device, e.login as u16);
         out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, sign);
         if events.is_first_visit(ord, i, a.ts) {
             out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, sign);
@@ -470,7 +470,7 @@ impl SessionTable {
                         let mut first = NONE;
                         for i in 0..session.n_events() {
                             let e = session.event(i);
-                            if c.matches(e.mp, e.device as u16, e.login as u16, |k| session.attr_of(i, k))
+                            if c.matches(e.mp, e.device, e.login as u16, |k| session.attr_of(i, k))
                                 && (first == NONE || e.off < session.event(first as usize).off)
                             {
                                 first = i as u8;
@@ -624,7 +624,7 @@ fn fast_in_order(
         return;
     }
     let view = session.view(s, x, cond_start);
-    let (v, mp, d, l) = (view.variation, e.mp, e.device as u16, e.login as u16);
+    let (v, mp, d, l) = (view.variation, e.mp, e.device, e.login as u16);
     out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of
     // its mp counts, i.e. the latest earlier visit of its mp is before the bound.

@@ -24,25 +24,29 @@ pub(super) struct OrderKey {
     pub login: u16,
 }
 
-/// A kept event, packed in one cell: ts offset 32 bits, mp 16, device 8, login 8.
+/// A kept event, packed in one cell: ts offset 32 bits, mp 16, device 12,
+/// login 4 (the name tables' bounds, [`crate::names`], keep ids within them).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct EvRec {
     /// ts − session base, in ms.
     pub off: u32,
     pub mp: u16,
-    pub device: u8,
+    /// Below 2¹².
+    pub device: u16,
+    /// Below 2⁴.
     pub login: u8,
 }
 
 impl EvRec {
     #[inline]
     pub fn from_cell(c: u64) -> EvRec {
-        EvRec { off: c as u32, mp: (c >> 32) as u16, device: (c >> 48) as u8, login: (c >> 56) as u8 }
+        EvRec { off: c as u32, mp: (c >> 32) as u16, device: ((c >> 48) & 0xFFF) as u16, login: (c >> 60) as u8 }
     }
 
     #[inline]
     fn cell(self) -> u64 {
-        self.off as u64 | (self.mp as u64) << 32 | (self.device as u64) << 48 | (self.login as u64) << 56
+        debug_assert!(self.device < 1 << 12 && self.login < 1 << 4);
+        self.off as u64 | (self.mp as u64) << 32 | (self.device as u64) << 48 | (self.login as u64) << 60
     }
 }
 
@@ -178,7 +182,7 @@ impl Session {
     #[inline]
     pub fn key(&self, i: u8) -> OrderKey {
         let e = self.event(i as usize);
-        OrderKey { ts: self.base + e.off as i64, device: e.device as u16, login: e.login as u16 }
+        OrderKey { ts: self.base + e.off as i64, device: e.device, login: e.login as u16 }
     }
 
     /// The greatest event ts (meaningless before the first event).
@@ -230,10 +234,10 @@ impl Session {
     }
 
     /// Records an event; `None` if it would not fit (too many events, a tag id
-    /// over a byte, or a time span beyond what offsets hold).
+    /// over its bits, or a time span beyond what offsets hold).
     pub fn push_event(&mut self, ts: i64, mp: u16, device: u16, login: u16) -> Option<u8> {
         let n = self.n_events();
-        if n >= MAX_EVENTS_PER_SESSION || device > 0xFF || login > 0xFF {
+        if n >= MAX_EVENTS_PER_SESSION || device >= 1 << 12 || login >= 1 << 4 {
             return None;
         }
         if n == 0 {
@@ -256,7 +260,7 @@ impl Session {
         }
         self.max_off = self.max_off.max((ts - self.base) as u32);
         self.grow(1);
-        self.cells.push(EvRec { off: (ts - self.base) as u32, mp, device: device as u8, login: login as u8 }.cell());
+        self.cells.push(EvRec { off: (ts - self.base) as u32, mp, device, login: login as u8 }.cell());
         Some(n as u8)
     }
 
@@ -308,7 +312,7 @@ mod tests {
 
     #[test]
     fn cells_round_trip() {
-        let e = EvRec { off: 0xDEAD_BEEF, mp: 0xFFFE, device: 7, login: 255 };
+        let e = EvRec { off: 0xDEAD_BEEF, mp: 0xFFFE, device: 4095, login: 15 };
         let back = EvRec::from_cell(e.cell());
         assert_eq!((back.off, back.mp, back.device, back.login), (e.off, e.mp, e.device, e.login));
         let x = ExpState { experiment: 65535, slot: 127, assigned: 254, conflict: true };

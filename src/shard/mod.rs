@@ -400,7 +400,6 @@ fn route_loop(
     first_line: &mut Option<Instant>,
 ) -> Result<Ended, RunError> {
     let (shard_txs, recycle, acked) = (links.shard_txs, links.recycle, links.acked);
-    let live_source = source.is_live();
     let mut next_snapshot = opts.checkpoint.as_ref().map(|c| Instant::now() + c.interval);
     let mut reload = Reloader::new(opts.reload.clone());
     let mut lines = LineBatch::default();
@@ -426,7 +425,9 @@ fn route_loop(
         if first_line.is_none() && !lines.is_empty() {
             *first_line = Some(Instant::now());
         }
-        let now = live_source.then(now_ms);
+        // The wall clock once per fill: events past it by more than
+        // `max_future` are refused, in replays too.
+        let now = Some(now_ms());
         let one_partition = lines.part.is_empty();
         for i in 0..lines.len() {
             let part = if one_partition { 0 } else { lines.part[i] as usize };

@@ -11,12 +11,14 @@
 //!   idle), never moving backwards (SPEC §4); an event is late if it is
 //!   behind W or behind its own partition's watermark;
 //! - nothing is logged, locked or allocated per event (a new name takes the
-//!   name table's lock once, when first seen).
+//!   name table's lock once, when first seen);
+//! - a valid event is never dropped for a name: beyond a table's bound its
+//!   name becomes `_other`, counted in [`RouterStats::names_replaced`].
 
 use std::sync::Arc;
 
 use super::batch::{BatchEvent, EventBatch};
-use crate::config::{AssignLookup, Catalog, MP_CAPACITY, TAG_CAPACITY};
+use crate::config::{AssignLookup, Catalog};
 use crate::event::{parse_event, Event, ParseScratch, Reject};
 use crate::health::RouterStats;
 use crate::names::{Interner, NameKind};
@@ -32,6 +34,8 @@ pub struct Router {
     device: Interner,
     login: Interner,
     lateness_ms: i64,
+    /// How far past the wall clock an event's ts may be (`[engine] max_future`).
+    max_future_ms: i64,
     max_ts: Option<i64>,
     /// One clock per input partition; a file has one.
     clocks: Vec<Clock>,
@@ -63,10 +67,11 @@ impl Router {
     pub fn new(catalog: Arc<Catalog>, shards: usize) -> Router {
         let names = catalog.names.clone();
         Router {
-            mp: Interner::new(names.clone(), NameKind::Mp, MP_CAPACITY),
-            device: Interner::new(names.clone(), NameKind::Device, TAG_CAPACITY),
-            login: Interner::new(names, NameKind::Login, TAG_CAPACITY),
+            mp: Interner::new(names.clone(), NameKind::Mp, NameKind::Mp.capacity()),
+            device: Interner::new(names.clone(), NameKind::Device, NameKind::Device.capacity()),
+            login: Interner::new(names, NameKind::Login, NameKind::Login.capacity()),
             lateness_ms: catalog.engine.allowed_lateness_ms,
+            max_future_ms: catalog.engine.max_future_ms,
             catalog,
             max_ts: None,
             clocks: vec![Clock { max_ts: None, counts: true }],
@@ -134,13 +139,18 @@ impl Router {
         self.watermark = self.watermark.max(candidate);
     }
 
-    /// Routes one line from input partition `part`. Returns the shard whose
+    /// Routes one line from input partition `part`. `now_ms` is the wall
+    /// clock, read by the caller once per batch of lines: an event more than
+    /// `max_future` past it is rejected (`ts_future`), live or replayed, so
+    /// that one broken clock cannot drag the watermark forward; `None` sets no
+    /// bound (tests and benchmarks of fixed data). Returns the shard whose
     /// batch just became full, if any (the caller must then
     /// [`Router::take_batch`] it), or why the line was refused.
     pub fn route(&mut self, line: &[u8], part: usize, now_ms: Option<i64>) -> Result<Option<usize>, Reject> {
         self.stats.events_in += 1;
+        let latest_ts = now_ms.map(|now| now.saturating_add(self.max_future_ms));
         let mut scratch = std::mem::take(&mut self.scratch);
-        let routed = match parse_event(line, now_ms, &mut scratch) {
+        let routed = match parse_event(line, latest_ts, &mut scratch) {
             Ok(ev) => Ok(self.route_event(ev, part)),
             Err(r) => {
                 self.stats.rejected[r.index()] += 1;
@@ -176,12 +186,15 @@ impl Router {
             self.stats.unknown_tenant += 1;
             return None;
         };
-        let (Some(mp), Some(device), Some(login)) =
-            (self.mp.intern(&ev.mp), self.device.intern(&ev.device), self.login.intern(&ev.login))
-        else {
-            self.stats.name_capacity_dropped += 1;
-            return None;
-        };
+        // A name beyond its table's bound becomes `_other`: counted, never dropped.
+        let (mp, mp_other) = self.mp.resolve(&ev.mp);
+        let (device, device_other) = self.device.resolve(&ev.device);
+        let (login, login_other) = self.login.resolve(&ev.login);
+        if mp_other | device_other | login_other {
+            self.stats.names_replaced[NameKind::Mp.index()] += mp_other as u64;
+            self.stats.names_replaced[NameKind::Device.index()] += device_other as u64;
+            self.stats.names_replaced[NameKind::Login.index()] += login_other as u64;
+        }
         let key = SessionKey::new(tenant, &ev.session);
         let shard = shard_of(&key, self.shards);
         let batch = &mut self.batches[shard];
@@ -324,6 +337,52 @@ mod tests {
         assert_eq!(r.stats.late_dropped, 1);
         r.route(&line(7 * MIN), 1, None).unwrap(); // on time for partition 1
         assert_eq!(r.stats.late_dropped, 1);
+    }
+
+    fn device_line(ts: i64, device: &str) -> Vec<u8> {
+        format!(r#"{{"ts":{},"tenant":"uswm","session":"s","mp":"home_page","device":"{device}"}}"#, T0 + ts)
+            .into_bytes()
+    }
+
+    /// What broke: after a reload whose config named a new device, the
+    /// router's interner handed out that device's id again to the next new
+    /// name, so events were tagged with another device and never met the
+    /// new condition.
+    #[test]
+    fn a_reload_naming_a_new_device_keeps_every_id_unique() {
+        let mut r = router();
+        r.route(&device_line(0, "dev-a"), 0, None).unwrap();
+        let mut config = Config::demo();
+        let mut x = config.experiments[0].clone();
+        (x.id, x.variations) = (999_001, vec![999_011]);
+        x.qualify = vec![crate::config::Condition { device: Some("tablet-x".into()), ..Default::default() }];
+        config.experiments.push(x);
+        let (reloaded, _) = r.catalog().reload(&config).unwrap();
+        let wanted = reloaded.experiments.last().unwrap().conditions[0].device.unwrap();
+        r.set_catalog(Arc::new(reloaded));
+        r.route(&device_line(1, "dev-b"), 0, None).unwrap();
+        r.route(&device_line(2, "tablet-x"), 0, None).unwrap();
+        let batch = r.take_batch(0, None);
+        let names = r.catalog().names.clone();
+        let tags: Vec<String> = batch.events.iter().map(|e| names.device.get(e.device).to_string()).collect();
+        assert_eq!(tags, ["dev-a", "dev-b", "tablet-x"]);
+        assert_eq!(batch.events[2].device, wanted, "the event meets the reloaded condition");
+    }
+
+    /// A name beyond a full table becomes `_other`, counted; the event is routed.
+    #[test]
+    fn a_name_beyond_a_full_table_is_routed_as_other_and_counted() {
+        let mut r = router();
+        r.device = Interner::new(r.catalog().names.clone(), NameKind::Device, r.catalog().names.device.len() + 1);
+        r.route(&device_line(0, "dev-a"), 0, None).unwrap();
+        r.route(&device_line(1, "dev-b"), 0, None).unwrap();
+        r.route(&device_line(2, "dev-c"), 0, None).unwrap();
+        assert_eq!(r.stats.routed, 3);
+        assert_eq!(r.stats.names_replaced, [0, 2, 0]);
+        let batch = r.take_batch(0, None);
+        let names = r.catalog().names.clone();
+        let tags: Vec<String> = batch.events.iter().map(|e| names.device.get(e.device).to_string()).collect();
+        assert_eq!(tags, ["dev-a", crate::names::OTHER, crate::names::OTHER]);
     }
 
     #[test]

@@ -163,7 +163,8 @@ pub trait Source: Send {
     /// Clears `batch` and fills it with the next lines.
     fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill>;
 
-    /// Live sources refuse events more than a day ahead of the wall clock.
+    /// Whether events arrive as they happen (rather than a replay). Every
+    /// source's events are refused past the wall clock plus `max_future`.
     fn is_live(&self) -> bool;
 
     /// Short description for logs, e.g. `file:events.jsonl`.

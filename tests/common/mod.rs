@@ -130,8 +130,11 @@ pub fn reference(config: &Config, lines: &[Vec<u8>]) -> Totals {
     // 1. Parse and drop late events, in arrival order.
     let mut max_ts: Option<i64> = None;
     let mut kept = Vec::new();
+    // SPEC §1: a ts after the wall clock + max_future is invalid (replays too).
+    let latest = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+        + config.engine.max_future_ms;
     for line in lines {
-        let Some(e) = ref_parse(line) else { continue };
+        let Some(e) = ref_parse(line).filter(|e| e.ts <= latest) else { continue };
         if let Some(m) = max_ts {
             if e.ts < m - lateness {
                 continue;
