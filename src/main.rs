@@ -326,7 +326,8 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         let published = Arc::new(expmon::serve::Published::default());
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
         match expmon::serve::spawn(addr, published.clone(), results.clone()) {
-            Ok(bound) => {
+            Ok(http) => {
+                let bound = http.addr;
                 tracing::info!("results page http://{bound}/ · metrics http://{bound}/metrics");
                 opts.published = Some(published);
                 opts.results = Some(results);

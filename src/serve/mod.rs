@@ -2,10 +2,16 @@
 //! `/metrics` (Prometheus text of the health figures of the last trigger),
 //! `/healthz`, and the results page `/` with its JSON API
 //! (`/api/experiments`, `/api/experiment?tenant=T&id=N`), served from the
-//! engine's recent in-memory totals — no KairosDB needed.
+//! engine's recent in-memory totals — no KairosDB needed. This file holds
+//! the routes; `http.rs` the server and its bounds on size, time and
+//! connections.
 
+mod http;
 mod results;
 
+pub use http::{
+    HttpServer, HEADER_READ_TIMEOUT, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_CONNECTION_LIFETIME, MAX_HEAD_BYTES,
+};
 pub use results::{Results, SharedResults, KEEP_MINUTES};
 
 use std::fmt::Write as _;
@@ -50,52 +56,57 @@ pub fn prometheus_text(points: &[HealthPoint]) -> String {
     out
 }
 
-/// Starts the server on its own thread. Fails with a clear message if the
-/// address cannot be bound.
-pub fn spawn(addr: SocketAddr, published: Arc<Published>, results: SharedResults) -> Result<SocketAddr, String> {
-    let server = tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))?;
-    let bound = server.server_addr().to_ip().unwrap_or(addr);
-    std::thread::Builder::new()
-        .name("expmon-http".into())
-        .spawn(move || {
-            for req in server.incoming_requests() {
-                let url = req.url().to_string();
-                let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-                let (status, ctype, body) = match path {
-                    "/metrics" => {
-                        let h = published.health.lock().unwrap_or_else(|e| e.into_inner());
-                        (200, "text/plain; version=0.0.4", prometheus_text(&h))
-                    }
-                    "/healthz" => (200, "text/plain", "ok\n".to_string()),
-                    "/" => (200, "text/html; charset=utf-8", PAGE.to_string()),
-                    "/api/experiments" => {
-                        (200, "application/json", results.lock().unwrap_or_else(|e| e.into_inner()).experiments_json())
-                    }
-                    "/api/experiment" => {
-                        let arg = |k: &str| {
-                            query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')))
-                        };
-                        let found = match (arg("tenant"), arg("id").and_then(|i| i.parse().ok())) {
-                            (Some(t), Some(id)) => {
-                                results.lock().unwrap_or_else(|e| e.into_inner()).experiment_json(t, id)
-                            }
-                            _ => None,
-                        };
-                        match found {
-                            Some(json) => (200, "application/json", json),
-                            None => (404, "application/json", "{\"error\":\"no such experiment\"}".to_string()),
-                        }
-                    }
-                    _ => (404, "text/plain", "not found\n".to_string()),
-                };
-                let header =
-                    tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()).expect("valid header");
-                let _ =
-                    req.respond(tiny_http::Response::from_string(body).with_status_code(status).with_header(header));
+/// Starts the server on its own thread (`expmon-http`, see [`http`] for its
+/// limits). Binds `addr` before returning, and fails with a clear message if
+/// it cannot be bound.
+pub fn spawn(addr: SocketAddr, published: Arc<Published>, results: SharedResults) -> Result<HttpServer, String> {
+    http::spawn(addr, Pages { published, results })
+}
+
+/// One route's answer.
+struct Page {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+/// The routes, over what the writer publishes.
+struct Pages {
+    published: Arc<Published>,
+    results: SharedResults,
+}
+
+impl Pages {
+    /// The answer to a GET of `path` with the (undecoded) `query`.
+    fn get(&self, path: &str, query: &str) -> Page {
+        let page = |status, content_type, body| Page { status, content_type, body };
+        match path {
+            "/metrics" => {
+                let h = self.published.health.lock().unwrap_or_else(|e| e.into_inner());
+                page(200, "text/plain; version=0.0.4", prometheus_text(&h))
             }
-        })
-        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
-    Ok(bound)
+            "/healthz" => page(200, "text/plain", "ok\n".to_string()),
+            "/" => page(200, "text/html; charset=utf-8", PAGE.to_string()),
+            "/api/experiments" => {
+                page(200, "application/json", self.results.lock().unwrap_or_else(|e| e.into_inner()).experiments_json())
+            }
+            "/api/experiment" => {
+                let arg =
+                    |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
+                let found = match (arg("tenant"), arg("id").and_then(|i| i.parse().ok())) {
+                    (Some(t), Some(id)) => {
+                        self.results.lock().unwrap_or_else(|e| e.into_inner()).experiment_json(t, id)
+                    }
+                    _ => None,
+                };
+                match found {
+                    Some(json) => page(200, "application/json", json),
+                    None => page(404, "application/json", "{\"error\":\"no such experiment\"}".to_string()),
+                }
+            }
+            _ => page(404, "text/plain", "not found\n".to_string()),
+        }
+    }
 }
 
 #[cfg(test)]
