@@ -325,7 +325,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     if let Some(addr) = addr {
         let published = Arc::new(expmon::serve::Published::default());
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
-        match expmon::serve::spawn(addr, published.clone(), results.clone()) {
+        match expmon::serve::spawn(addr, published.clone(), results.clone(), &opts.failures) {
             Ok(http) => {
                 let bound = http.addr;
                 tracing::info!("results page http://{bound}/ · metrics http://{bound}/metrics");

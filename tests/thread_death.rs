@@ -146,3 +146,56 @@ fn a_dead_kairos_sender_publishes_no_checkpoint_past_undelivered_points() {
     let d = diff(&expected, &server_totals(&server));
     assert!(d.is_empty(), "after the restart, {} differences, first: {d:#?}", d.len());
 }
+
+/// The HTTP thread is an engine thread too: a panic while answering a
+/// request (here at the `http.request` failpoint) stops the run with one
+/// line, where it used to end only that connection's task, unseen.
+#[test]
+fn a_panicking_http_handler_stops_the_run_with_one_error_line() {
+    use std::io::{BufRead, Read, Write};
+    let r = Run::new("10");
+    let mut child = Command::new(BIN)
+        .args(["run", "--source", "file:-", "--sink", "null", "--trigger", "50ms", "--status", "false"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .current_dir(r.path(""))
+        .env_remove("RUST_BACKTRACE")
+        .env("EXPMON_FAILPOINT", "panic:http.request")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take().unwrap(); // open and quiet: the run goes on until told
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        assert!(err.read_line(&mut line).unwrap() > 0, "no address logged: {seen}");
+        seen.push_str(&line);
+        if let Some(rest) = line.split("metrics http://").nth(1) {
+            break rest.trim().trim_end_matches("/metrics").to_string();
+        }
+    };
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 500"), "{}", String::from_utf8_lossy(&answer));
+    // The run stops by itself although its stdin stays open; bounded at 30 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run went on after its HTTP thread panicked: {seen}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    err.read_to_string(&mut seen).unwrap();
+    assert_eq!(status.code(), Some(1), "{seen}");
+    let about: Vec<&str> = seen.lines().filter(|l| l.contains("panicked") || l.contains("expmon: error")).collect();
+    assert_eq!(about.len(), 1, "one line about the death: {seen}");
+    assert!(about[0].starts_with("expmon: error: thread expmon-http panicked: failpoint http.request"), "{seen}");
+}

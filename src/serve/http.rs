@@ -11,7 +11,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use super::Pages;
+use crate::shard::Failures;
 
 /// Connections open at once; one more is closed at once with a 503.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -46,15 +46,16 @@ const ACCEPT_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct HttpServer {
     /// The address bound (the actual port when asked for port 0).
     pub addr: SocketAddr,
-    /// Becomes true when the `expmon-http` thread has ended, whatever the
-    /// cause (a panic included). It never ends on its own while the process
-    /// runs, so the run should stop, loudly, when this is set.
-    pub exited: Arc<AtomicBool>,
 }
 
+/// The thread's name, as a failure of the run names it.
+const THREAD: &str = "expmon-http";
+
 /// Binds `addr` now (so a busy port is the caller's error), then serves
-/// `pages` on the `expmon-http` thread.
-pub(super) fn spawn(addr: SocketAddr, pages: Pages) -> Result<HttpServer, String> {
+/// `pages` on the `expmon-http` thread, under the run's [`Failures`] guard:
+/// the thread ending (it never does on its own) or a request handler
+/// panicking stops the run with one error line, as any engine thread does.
+pub(super) fn spawn(addr: SocketAddr, pages: Pages, failures: &Failures) -> Result<HttpServer, String> {
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
@@ -64,32 +65,20 @@ pub(super) fn spawn(addr: SocketAddr, pages: Pages) -> Result<HttpServer, String
         .enable_time()
         .build()
         .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
-    let exited = Arc::new(AtomicBool::new(false));
-    let guard = ExitFlag(exited.clone());
-    std::thread::Builder::new()
-        .name("expmon-http".into())
-        .spawn(move || {
-            let _guard = guard;
-            runtime.block_on(accept_loop(listener, Arc::new(pages)));
+    let run_failures = failures.clone();
+    failures
+        .spawn(THREAD.into(), move || {
+            runtime.block_on(accept_loop(listener, Arc::new(pages), run_failures.clone()));
+            run_failures.record(THREAD, "the HTTP server stopped");
         })
         .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
-    Ok(HttpServer { addr: bound, exited })
-}
-
-/// Sets its flag when dropped: when the thread holding it ends or unwinds.
-struct ExitFlag(Arc<AtomicBool>);
-
-impl Drop for ExitFlag {
-    fn drop(&mut self) {
-        tracing::error!("the HTTP thread (--metrics-addr) stopped");
-        self.0.store(true, Ordering::SeqCst);
-    }
+    Ok(HttpServer { addr: bound })
 }
 
 /// Accepts connections for ever, each on its own task while a permit of
 /// [`MAX_CONNECTIONS`] is free. Accept errors (out of file descriptors, a
 /// connection reset before it was accepted) pass: wait a moment, go on.
-async fn accept_loop(listener: std::net::TcpListener, pages: Arc<Pages>) {
+async fn accept_loop(listener: std::net::TcpListener, pages: Arc<Pages>, failures: Failures) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -131,11 +120,15 @@ async fn accept_loop(listener: std::net::TcpListener, pages: Arc<Pages>) {
             tracing::warn!("HTTP port: closed {refused} connections at the cap of {MAX_CONNECTIONS}");
             refused = 0;
         }
-        let pages = pages.clone();
+        let (pages, failures) = (pages.clone(), failures.clone());
         let conn = http.serve_connection(
             TokioIo::new(stream),
             hyper::service::service_fn(move |req| {
-                let response = respond(&pages, &req);
+                // A panic in a handler would only end its task, unseen: it is
+                // a bug of the engine's, so it stops the run like any thread's.
+                let response = failures
+                    .guard(THREAD, || respond(&pages, &req))
+                    .unwrap_or_else(|| closing(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n"));
                 async move { Ok::<_, Infallible>(response) }
             }),
         );
@@ -157,6 +150,7 @@ fn respond(pages: &Pages, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.body().size_hint().upper().is_none_or(|n| n > MAX_BODY_BYTES) {
         return closing(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
+    crate::checkpoint::failpoint("http.request");
     let page = pages.get(req.uri().path(), req.uri().query().unwrap_or(""));
     let mut r = Response::new(Full::new(Bytes::from(page.body)));
     *r.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -172,22 +166,4 @@ fn closing(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// What broke: nothing told the run that the HTTP thread had died.
-    #[test]
-    fn http_thread_exit_sets_the_exited_flag_even_on_panic() {
-        let exited = Arc::new(AtomicBool::new(false));
-        let guard = ExitFlag(exited.clone());
-        let t = std::thread::spawn(move || {
-            let _guard = guard;
-            panic!("the HTTP thread dies");
-        });
-        assert!(t.join().is_err());
-        assert!(exited.load(Ordering::SeqCst));
-    }
 }

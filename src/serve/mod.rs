@@ -59,8 +59,13 @@ pub fn prometheus_text(points: &[HealthPoint]) -> String {
 /// Starts the server on its own thread (`expmon-http`, see [`http`] for its
 /// limits). Binds `addr` before returning, and fails with a clear message if
 /// it cannot be bound.
-pub fn spawn(addr: SocketAddr, published: Arc<Published>, results: SharedResults) -> Result<HttpServer, String> {
-    http::spawn(addr, Pages { published, results })
+pub fn spawn(
+    addr: SocketAddr,
+    published: Arc<Published>,
+    results: SharedResults,
+    failures: &crate::shard::Failures,
+) -> Result<HttpServer, String> {
+    http::spawn(addr, Pages { published, results }, failures)
 }
 
 /// One route's answer.

@@ -225,10 +225,15 @@ impl Source for FileSource {
 /// Reads a pipe (stdin) on its own thread, so that a quiet pipe never blocks
 /// the router: a read with nothing new for 100 ms answers `WouldBlock`, and
 /// the router goes on flushing and watching for a stop.
+///
+/// The thread sends an empty chunk at the end of the input: a channel that
+/// closes without it means the thread died (a panic), and reading fails
+/// loudly instead of passing for the end of the input.
 struct PipeReader {
     chunks: crossbeam_channel::Receiver<io::Result<Vec<u8>>>,
     current: Vec<u8>,
     at: usize,
+    ended: bool,
 }
 
 impl PipeReader {
@@ -239,7 +244,10 @@ impl PipeReader {
             .spawn(move || loop {
                 let mut buf = vec![0; READ_CHUNK];
                 match input.read(&mut buf) {
-                    Ok(0) => return,
+                    Ok(0) => {
+                        let _ = tx.send(Ok(Vec::new()));
+                        return;
+                    }
                     Ok(n) => {
                         buf.truncate(n);
                         if tx.send(Ok(buf)).is_err() {
@@ -254,20 +262,29 @@ impl PipeReader {
                 }
             })
             .expect("spawn stdin reader");
-        PipeReader { chunks: rx, current: Vec::new(), at: 0 }
+        PipeReader { chunks: rx, current: Vec::new(), at: 0, ended: false }
     }
 }
 
 impl Read for PipeReader {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.at == self.current.len() {
+            if self.ended {
+                return Ok(0);
+            }
             match self.chunks.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(chunk) => {
                     self.current = chunk?;
                     self.at = 0;
+                    if self.current.is_empty() {
+                        self.ended = true;
+                        return Ok(0);
+                    }
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Err(io::ErrorKind::WouldBlock.into()),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(0),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(io::Error::other("the thread reading it (expmon-stdin) died"))
+                }
             }
         }
         let n = out.len().min(self.current.len() - self.at);
@@ -280,6 +297,38 @@ impl Read for PipeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What broke: a stdin reader thread that died looked like the end of the
+    /// input, so a run stopped with exit 0 on part of it.
+    #[test]
+    fn a_dead_stdin_reader_is_an_error_not_the_end_of_the_input() {
+        struct Dies;
+        impl Read for Dies {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                panic!("the reader dies")
+            }
+        }
+        let mut pipe = PipeReader::spawn(Dies);
+        let mut buf = [0u8; 16];
+        let err = loop {
+            match pipe.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => break other,
+            }
+        };
+        assert!(err.is_err_and(|e| e.to_string().contains("expmon-stdin")));
+        let mut ok = PipeReader::spawn(io::Cursor::new(b"a\n".to_vec()));
+        let mut got = Vec::new();
+        loop {
+            match ok.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, b"a\n");
+    }
 
     fn all_lines(data: Vec<u8>) -> (Vec<Vec<u8>>, u64) {
         let mut s = FileSource::from_reader(Box::new(io::Cursor::new(data)), "t".into());
