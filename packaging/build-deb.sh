@@ -30,7 +30,8 @@ install -d "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/ve
 "$bin" completions bash >"$root/usr/share/bash-completion/completions/expmon"
 "$bin" completions zsh >"$root/usr/share/zsh/vendor-completions/_expmon"
 "$bin" completions fish >"$root/usr/share/fish/vendor_completions.d/expmon.fish"
-"$bin" man | gzip -9n >"$root/usr/share/man/man1/expmon.1.gz"
+"$bin" man "$root/usr/share/man/man1"
+gzip -9n "$root"/usr/share/man/man1/*.1
 install -m 0644 README.md "$root/usr/share/doc/expmon/README.md"
 
 install -d "$root/DEBIAN"

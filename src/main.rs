@@ -81,9 +81,10 @@ enum Command {
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     #[command(after_help = "Example:\n  expmon completions bash > /usr/share/bash-completion/completions/expmon")]
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff) to stdout.
-    #[command(after_help = "Example:\n  expmon man | gzip > /usr/share/man/man1/expmon.1.gz")]
-    Man,
+    /// Print the man page (roff) to stdout, or write the pages of expmon and
+    /// of each subcommand (expmon.1, expmon-run.1, …) into DIR.
+    #[command(after_help = "Examples:\n  expmon man | man -l -\n  expmon man /usr/share/man/man1")]
+    Man { dir: Option<PathBuf> },
 }
 
 #[derive(clap::Args)]
@@ -240,11 +241,19 @@ fn main() {
         }),
         Command::CheckConfig { file } => cmd_check(&file),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "expmon", &mut std::io::stdout());
-            Ok(())
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "expmon", &mut out);
+            print_out(&out)
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()).context("writing the man page")
+        Command::Man { dir: Some(dir) } => std::fs::create_dir_all(&dir)
+            .and_then(|()| clap_mangen::generate_to(Cli::command(), &dir))
+            .with_context(|| format!("writing man pages into {}", dir.display())),
+        Command::Man { dir: None } => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => print_out(&out),
+                Err(e) => Err(e).context("rendering the man page"),
+            }
         }
     };
     if let Err(e) = result {
@@ -255,8 +264,18 @@ fn main() {
 
 fn cmd_check(file: &std::path::Path) -> Result<()> {
     let config = Config::load(file)?;
-    print!("{}: ok\n{}", file.display(), config.summary());
-    Ok(())
+    print_out(format!("{}: ok\n{}", file.display(), config.summary()).as_bytes())
+}
+
+/// Writes a command's output to stdout; a reader that went away (`| head`)
+/// is not an error.
+fn print_out(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {

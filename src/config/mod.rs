@@ -546,7 +546,7 @@ qualify = [
 
     #[test]
     fn max_future_defaults_to_five_minutes_and_is_checked() {
-        assert_eq!(Config::parse("", "t.toml").unwrap().engine.max_future_ms, 300_000);
+        assert_eq!(Config::parse("[engine]\n", "t.toml").unwrap().engine.max_future_ms, 300_000);
         let c = Config::parse("[engine]\nmax_future = \"1h\"\n", "t.toml").unwrap();
         assert_eq!(c.engine.max_future_ms, 3_600_000);
         let e = err("[engine]\nmax_future = \"0s\"\n");
