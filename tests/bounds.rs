@@ -112,15 +112,6 @@ fn a_far_future_ts_early_in_a_replay_is_rejected_and_drops_nothing_as_late() {
 
 const T0: i64 = 1_767_225_600_000;
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 /// The value of the `/metrics` series `name…{…label…}` (a `_total` suffix allowed).
 fn metric(text: &str, name: &str, label: &str) -> Option<i64> {
     text.lines()

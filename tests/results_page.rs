@@ -133,12 +133,3 @@ fn the_results_page_renders_the_reference_numbers_in_a_browser() {
     }
     assert!(dom.matches("<path class=\"line\"").count() >= 2 * 5, "two variations, five charts");
 }
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::Read;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
-    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}

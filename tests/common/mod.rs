@@ -312,3 +312,14 @@ pub fn with_attrs(line: Vec<u8>, attrs: &[(&str, &str)]) -> Vec<u8> {
         .into();
     serde_json::to_vec(&o).unwrap()
 }
+
+/// The whole answer (status line, headers, body) to `GET path` on a loopback
+/// port, or "" if nothing listens there (yet).
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
