@@ -251,7 +251,8 @@ pub fn compare_all(arms: &[ArmSums], cfg: &SequentialConfig) -> Vec<Comparison> 
 fn fieller_relative(mc: f64, mt: f64, se2_c: f64, se2_t: f64, c: f64) -> Interval {
     let c2 = c * c;
     let a = mc * mc - c2 * se2_c;
-    if !(a > 0.0) {
+    // NaN-safe: only a strictly positive `a` gives a bounded set.
+    if a.is_nan() || a <= 0.0 {
         return Interval { low: f64::NEG_INFINITY, high: f64::INFINITY };
     }
     let root = (c2 * (se2_t * a + se2_c * mt * mt)).sqrt();
@@ -265,6 +266,142 @@ mod tests {
     use crate::stats::sim::{log_normal, SimArm};
     use rand::SeedableRng;
     use rand_pcg::Pcg64Mcg;
+
+    #[test]
+    fn intervals_match_independent_computation() {
+        // python3 - <<'EOF'
+        // from math import log, sqrt
+        // def cs(nc, sc, qc, nt, st, qt, alpha=0.05, tuning=10000.0):
+        //     l = 2 * log(1 / alpha); rho2 = (l + log(1 + l)) / tuning
+        //     mc, mt = sc / nc, st / nt
+        //     vc, vt = qc / nc - mc * mc, qt / nt - mt * mt
+        //     N = nc + nt; V = vc / nc + vt / nt
+        //     # the paper's boundary for a mean of N observations of variance N*V
+        //     half = sqrt(N * V) * sqrt((N * rho2 + 1) / (N * N * rho2) * log((N * rho2 + 1) / alpha**2))
+        //     d = mt - mc; c = half / sqrt(V)
+        //     # Fieller: A u^2 + B u + C <= 0, u = 1 + r, by the textbook quadratic formula
+        //     A = mc * mc - c * c * vc / nc; B = -2 * mt * mc; C = mt * mt - c * c * vt / nt
+        //     r = sqrt(B * B - 4 * A * C)
+        //     print([repr(v) for v in (c, d - half, d + half, mt / mc - 1, (-B - r) / (2 * A) - 1, (-B + r) / (2 * A) - 1)])
+        // cs(2000, 200, 200, 2000, 260, 260)
+        // cs(2000, 200, 200, 2000, 290, 290)
+        // cs(5000, 600, 600, 5000, 480, 480)
+        // cs(1000, 65000, 2.0e7, 1200, 90000, 3.1e7)
+        // EOF
+        type Case = (ArmSums, ArmSums, Verdict, [f64; 6]);
+        let cases: [Case; 4] = [
+            (
+                ArmSums::bernoulli(2000, 200),
+                ArmSums::bernoulli(2000, 260),
+                Verdict::NoDetectableDifference,
+                [
+                    3.1237790916747286,
+                    -0.0014789528871192725,
+                    0.06147895288711927,
+                    0.3,
+                    -0.012984821682256675,
+                    0.7323968730387167,
+                ],
+            ),
+            (
+                ArmSums::bernoulli(2000, 200),
+                ArmSums::bernoulli(2000, 290),
+                Verdict::Better,
+                [
+                    3.123779091674729,
+                    0.012689265296099504,
+                    0.07731073470390046,
+                    0.45,
+                    0.11130102227775329,
+                    0.9218893426967594,
+                ],
+            ),
+            (
+                ArmSums::bernoulli(5000, 600),
+                ArmSums::bernoulli(5000, 480),
+                Verdict::Worse,
+                [
+                    3.0352089903762534,
+                    -0.042827301302514595,
+                    -0.005172698697485389,
+                    -0.2,
+                    -0.3309657786640715,
+                    -0.04711946497429287,
+                ],
+            ),
+            (
+                ArmSums::new(1000, 65000.0, 2.0e7),
+                ArmSums::new(1200, 90000.0, 3.1e7),
+                Verdict::NoDetectableDifference,
+                [
+                    3.318399458508576,
+                    -8.95130864478681,
+                    28.95130864478681,
+                    0.15384615384615374,
+                    -0.1211899000915474,
+                    0.5278311934087503,
+                ],
+            ),
+        ];
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-10 * b.abs().max(1.0);
+        for (c, t, verdict, want) in cases {
+            let got = compare(&c, &t, &SequentialConfig::default());
+            assert_eq!(got.verdict, verdict, "{got:?}");
+            let lift = got.lift.unwrap();
+            let have = [
+                lift.multiplier,
+                lift.difference_ci.low,
+                lift.difference_ci.high,
+                lift.relative.unwrap(),
+                lift.relative_ci.low,
+                lift.relative_ci.high,
+            ];
+            for (h, w) in have.iter().zip(want) {
+                assert!(close(*h, w), "{have:?} vs {want:?}");
+            }
+            // The relative interval excludes 0 exactly when the difference's does.
+            assert_eq!(lift.relative_ci.contains(0.0), lift.difference_ci.contains(0.0));
+        }
+    }
+
+    #[test]
+    fn boundary_is_the_papers_mean_boundary_and_widens_slowly() {
+        let rho2 = mixture_rho2(0.05, 10_000.0);
+        // Written per standard error or as in the paper, the same half-width.
+        let (t, var) = (2_500.0, 4.0);
+        let paper = (var * (t * rho2 + 1.0) / (t * t * rho2) * ((t * rho2 + 1.0) / 0.0025_f64).ln()).sqrt();
+        assert!((mean_half_width(t, var, rho2, 0.05) - paper).abs() < 1e-12);
+        // Wider than the fixed-horizon 1.96 everywhere, but only slowly growing.
+        let c = |t: f64| boundary_multiplier(t, rho2, 0.05);
+        assert!(c(10_000.0) > 1.96 && c(10_000.0) < c(1_000_000.0) && c(1_000_000.0) < 4.0);
+        assert!(c(100.0) > c(10_000.0), "tightest (per se) near the tuning, not at small t");
+    }
+
+    #[test]
+    fn not_enough_data_below_min_n_or_without_variance() {
+        let cfg = SequentialConfig::default();
+        let ok = ArmSums::bernoulli(1000, 100);
+        assert_eq!(compare(&ArmSums::bernoulli(99, 10), &ok, &cfg).verdict, Verdict::NotEnoughData);
+        assert_eq!(compare(&ok, &ArmSums::bernoulli(99, 10), &cfg).verdict, Verdict::NotEnoughData);
+        // No conversions yet, or every session converted: zero variance.
+        assert_eq!(compare(&ArmSums::bernoulli(1000, 0), &ok, &cfg).verdict, Verdict::NotEnoughData);
+        assert_eq!(compare(&ok, &ArmSums::bernoulli(1000, 1000), &cfg).verdict, Verdict::NotEnoughData);
+        assert_eq!(compare(&ArmSums::default(), &ArmSums::default(), &cfg).lift, None);
+        // Rounding that would make sum_sq/n − mean² negative is clamped.
+        assert_eq!(ArmSums::new(3, 3.0 * 0.1, 3.0 * 0.1 * 0.1 - 1e-18).variance(), 0.0);
+        assert_eq!(compare_all(&[ok], &cfg), Vec::new());
+        assert_eq!(compare_all(&[ok, ok, ok], &cfg).len(), 2);
+    }
+
+    #[test]
+    fn relative_interval_is_unbounded_when_the_control_mean_is_not_resolved() {
+        // 2 conversions in 1,000 control sessions: m_C² < c²·V_C.
+        let got = compare(&ArmSums::bernoulli(1000, 2), &ArmSums::bernoulli(1000, 30), &SequentialConfig::default());
+        assert_eq!(got.verdict, Verdict::Better);
+        let lift = got.lift.unwrap();
+        assert_eq!(lift.relative_ci, Interval { low: f64::NEG_INFINITY, high: f64::INFINITY });
+        assert!(lift.difference_ci.low > 0.0);
+    }
 
     /// A simulated two-arm experiment: conversion probabilities and, for
     /// revenue, log-normal order values (the treatment's scaled).
@@ -290,9 +427,8 @@ mod tests {
         let mut control = SimArm::new(s.p_control, rng);
         let mut treatment = SimArm::new(s.p_treatment, rng);
         let mut value_c = |r: &mut Pcg64Mcg| s.order_value.map_or(1.0, |(mu, sd)| log_normal(r, mu, sd));
-        let mut value_t = |r: &mut Pcg64Mcg| {
-            s.order_value.map_or(1.0, |(mu, sd)| log_normal(r, mu, sd)) * s.treatment_value_scale
-        };
+        let mut value_t =
+            |r: &mut Pcg64Mcg| s.order_value.map_or(1.0, |(mu, sd)| log_normal(r, mu, sd)) * s.treatment_value_scale;
         for k in 1..=looks {
             control.advance(batch, rng, &mut value_c);
             treatment.advance(batch, rng, &mut value_t);
@@ -324,7 +460,7 @@ mod tests {
     const CONVERSION_AA: Scenario =
         Scenario { p_control: 0.10, p_treatment: 0.10, order_value: None, treatment_value_scale: 1.0 };
     /// Revenue per session: 5% of sessions buy, order values log-normal with a
-    /// median of 40.00 (4000 cents) and sigma 1 (mean 65.95, sd 86.4: a long
+    /// median of 40.00 (4000 cents) and sigma 1 (mean ≈ 65.95, sd ≈ 86.4: a long
     /// right tail); 95% of sessions are 0.
     const REVENUE_AA: Scenario =
         Scenario { p_control: 0.05, p_treatment: 0.05, order_value: Some((8.294, 1.0)), treatment_value_scale: 1.0 };

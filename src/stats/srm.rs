@@ -243,7 +243,11 @@ mod tests {
                 ever_001 += (last <= 0.001) as usize;
             }
             let (r01, r001) = (ever_01 as f64 / sims as f64, ever_001 as f64 / sims as f64);
-            eprintln!("A/A SRM {split:?}: ever p ≤ 0.01 in {:.2}%, ever p ≤ 0.001 in {:.2}%", r01 * 100.0, r001 * 100.0);
+            eprintln!(
+                "A/A SRM {split:?}: ever p ≤ 0.01 in {:.2}%, ever p ≤ 0.001 in {:.2}%",
+                r01 * 100.0,
+                r001 * 100.0
+            );
             assert!(r01 <= 0.0167, "{r01}");
             assert!(r001 <= 0.0031, "{r001}");
         }
@@ -269,6 +273,8 @@ mod tests {
         let mut rng = Pcg64Mcg::seed_from_u64(1513);
         let ps = run_srm(&mut rng, &[1.0, 1.0], &[1.0, 1.0], 100, 200);
         assert!(ps.windows(2).all(|w| w[1] <= w[0]));
+        let raw = [[60, 40], [100, 100]].map(|x| srm_p_value(&x, &[1.0, 1.0], SrmPrior::default()).unwrap());
+        assert!(raw[1] > raw[0], "{raw:?}");
     }
 
     #[test]
