@@ -8,8 +8,8 @@
 //! # The boundary
 //!
 //! Waudby-Smith, Arnold, Wu, Howard, Ramdas, "Time-uniform central limit
-//! theory and asymptotic confidence sequences" (Ann. Statist., 2024; arXiv
-//! 2103.06476), Theorem 2.2, normal-mixture ("Robbins") boundary: for the mean
+//! theory and asymptotic confidence sequences" (arXiv 2103.06476, 2021/2023),
+//! the Gaussian-mixture ("Robbins") asymptotic boundary: for the mean
 //! of t i.i.d. observations with finite variance,
 //!
 //! ```text
@@ -32,8 +32,8 @@
 //! d = m_T − m_C is (to first order) a mean over all N = n_C + n_T sessions of
 //! their influence terms, with variance V = σ̂_T²/n_T + σ̂_C²/n_C. The
 //! boundary is applied with t = N and standard error √V: `d ± c(N)·√V`
-//! (the two-sample form GrowthBook and Eppo document; the paper's §3 gives the
-//! randomised-experiment version).
+//! (the two-sample form GrowthBook and Eppo document; the paper treats
+//! randomised experiments with the same boundary).
 //!
 //! # Relative lift: Fieller, not the delta method
 //!
@@ -469,7 +469,7 @@ mod tests {
     // true ever-rejection rate of 5%, the measured share is Binomial(2000,
     // 0.05)/2000 with sd sqrt(0.05·0.95/2000) = 0.49%; 6% is 2 sd above the
     // nominal level, so a method at its nominal 5% passes with probability
-    // ~98%, and one at 7% (a real violation) fails with probability ~98%.
+    // ~98%, and one at 7% (a real violation) fails with probability ~96%.
     const AA_SIMS: usize = 2_000;
     const AA_LIMIT: f64 = 0.06;
 
