@@ -18,3 +18,4 @@ pub mod session; // per-session state, expiry, out-of-order correction
 pub mod shard; // router, pinned shard workers, writer: the runtime
 pub mod sink; // file, KairosDB, null and memory sinks
 pub mod source; // file, Kafka and generator sources
+pub mod stats; // always-valid lift intervals and sequential SRM over running sums
