@@ -317,3 +317,18 @@ fn the_dashboard_uses_only_exported_metrics() {
         ["expmon_a_total", "expmon_b"].map(String::from).into()
     );
 }
+
+/// The README's table shows every family of [`FAMILIES`] beside its KairosDB
+/// point name.
+#[test]
+fn the_readme_table_lists_every_family() {
+    let readme = include_str!("../README.md");
+    for f in FAMILIES.iter() {
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{}", f.point)) && l.contains(&format!("`{}", f.exposed())))
+            .unwrap_or_else(|| panic!("README has no row for {} ↔ {}", f.point, f.exposed()));
+        let kind = format!("{:?}", f.kind).to_lowercase();
+        assert!(row.ends_with(&format!("| {kind} |")), "{row}");
+    }
+}
