@@ -186,8 +186,8 @@ fn names_beyond_a_full_table_become_other_and_every_total_stays_exact() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let metrics = loop {
         let m = http_get(port, "/metrics");
-        if metric(&m, "expmon_events_in", "").is_some_and(|v| v == lines.len() as i64)
-            && metric(&m, "expmon_session_overflow_dropped", "").is_some_and(|v| v > 0)
+        if metric(&m, "expmon_events_in_total", "").is_some_and(|v| v == lines.len() as i64)
+            && metric(&m, "expmon_session_overflow_dropped_total", "").is_some_and(|v| v > 0)
         {
             break m;
         }
@@ -203,14 +203,18 @@ fn names_beyond_a_full_table_become_other_and_every_total_stays_exact() {
     // /metrics, the health points and the summary agree.
     let device_label = r#"table="device""#;
     assert_eq!(
-        metric(&metrics, "expmon_names_replaced_other", device_label),
+        metric(&metrics, "expmon_names_replaced_other_total", device_label),
         Some(device_replaced as i64),
         "{metrics}"
     );
     let login_label = r#"table="login""#;
-    assert_eq!(metric(&metrics, "expmon_names_replaced_other", login_label), Some(login_replaced as i64), "{metrics}");
-    assert_eq!(metric(&metrics, "expmon_names_replaced_other", r#"table="mp""#), Some(0), "{metrics}");
-    assert_eq!(metric(&metrics, "expmon_session_overflow_dropped", ""), Some(300 - cap as i64), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "expmon_names_replaced_other_total", login_label),
+        Some(login_replaced as i64),
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "expmon_names_replaced_other_total", r#"table="mp""#), Some(0), "{metrics}");
+    assert_eq!(metric(&metrics, "expmon_session_overflow_dropped_total", ""), Some(300 - cap as i64), "{metrics}");
     let health = |table| last_tagged_health(&text, "names_replaced_other", "table", table);
     assert_eq!(health("device"), Some(device_replaced as i64));
     assert_eq!(health("login"), Some(login_replaced as i64));

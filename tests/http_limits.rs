@@ -250,7 +250,7 @@ fn the_routes_still_answer_byte_for_byte() {
     assert_eq!(body, include_str!("../src/serve/page.html"));
     let (head, body) = split(run.get("/metrics"));
     assert!(has_status(&head, 200) && head.contains("\r\ncontent-type: text/plain; version=0.0.4\r\n"));
-    assert!(body.is_empty() || body.starts_with("# TYPE expmon_"), "{body}");
+    assert!(body.is_empty() || body.starts_with("# HELP expmon_"), "{body}");
     let (head, body) = split(run.get("/api/experiments"));
     assert!(has_status(&head, 200) && head.contains("\r\ncontent-type: application/json\r\n"));
     assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok(), "{body}");

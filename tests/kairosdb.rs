@@ -328,3 +328,61 @@ fn refused_requests_keep_the_dead_letter_file_linear_and_fail_the_run() {
     assert_eq!(err.trim_end().lines().last(), Some(refused.as_str()), "{err}");
     assert!(err.contains(&format!("{points} rejected")), "the summary counts them: {err}");
 }
+
+/// The KairosDB sink's write latency reaches `/metrics` as a Prometheus
+/// histogram: one observation per write request (`_count` equals
+/// `expmon_write_requests_total` once the sink is idle), `le="+Inf"` equal to
+/// `_count`, a positive `_sum`.
+#[test]
+fn write_latency_is_a_prometheus_histogram_of_every_request() {
+    use std::io::{Read, Write};
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let r = Run::new("3000");
+    let server = KairosServer::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = Kill(
+        Command::new(env!("CARGO_BIN_EXE_expmon"))
+            .args(["run", "--source", "file:-", "--sink", &spec(&server, ""), "--trigger", "100ms"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--status", "false"])
+            .current_dir(r.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    stdin.write_all(&std::fs::read(r.path("events.jsonl")).unwrap()).unwrap();
+    stdin.flush().unwrap();
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        let count = value(&text, "expmon_write_latency_seconds_count{");
+        if count.is_some_and(|c| c >= 2.0) && count == value(&text, "expmon_write_requests_total{") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no latency histogram in 60 s: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(stdin);
+    assert!(text.contains("# TYPE expmon_write_latency_seconds histogram"), "{text}");
+    let count = value(&text, "expmon_write_latency_seconds_count{");
+    let inf = text
+        .lines()
+        .find(|l| l.starts_with("expmon_write_latency_seconds_bucket{") && l.contains("le=\"+Inf\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(inf, count, "{text}");
+    assert!(value(&text, "expmon_write_latency_seconds_sum{").is_some_and(|s| s > 0.0), "{text}");
+}

@@ -89,7 +89,7 @@ fn the_results_page_renders_the_reference_numbers_in_a_browser() {
     stdin.flush().unwrap();
     // Wait until every event went through a flush.
     let deadline = Instant::now() + Duration::from_secs(30);
-    let want = "expmon_events_in{dc=\"dc1\",instance=";
+    let want = "expmon_events_in_total{dc=\"dc1\",instance=";
     loop {
         let metrics = http_get(port, "/metrics");
         let n = metrics.lines().find(|l| l.starts_with(want)).and_then(|l| l.rsplit(' ').next()?.parse::<usize>().ok());

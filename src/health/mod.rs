@@ -12,6 +12,7 @@ use crate::event::Reject;
 
 mod experiments;
 mod points;
+pub mod prometheus;
 
 pub use experiments::{chi_square_sf, srm_pvalue, srm_state, ExperimentHealth};
 pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint, HealthValue};

@@ -14,46 +14,27 @@ pub use http::{
 };
 pub use results::{Results, SharedResults, KEEP_MINUTES};
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::health::prometheus::prometheus_text;
 use crate::health::HealthPoint;
+use crate::sink::LatencyBuckets;
 
 const PAGE: &str = include_str!("page.html");
 
 /// What the writer publishes each trigger for the server.
 #[derive(Debug, Default)]
 pub struct Published {
-    pub health: Mutex<Vec<HealthPoint>>,
+    pub health: Mutex<Snapshot>,
 }
 
-/// Renders health points as Prometheus text exposition: `expmon.events_in`
-/// becomes `expmon_events_in`, tags become labels, one `# TYPE` per name.
-pub fn prometheus_text(points: &[HealthPoint]) -> String {
-    let mut out = String::new();
-    let mut last_name = String::new();
-    let mut sorted: Vec<&HealthPoint> = points.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    for p in sorted {
-        let name: String =
-            p.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
-        if name != last_name {
-            let _ = writeln!(out, "# TYPE {name} gauge");
-            last_name = name.clone();
-        }
-        out.push_str(&name);
-        out.push('{');
-        for (i, (k, v)) in p.tags.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-            let _ = write!(out, "{k}=\"{v}\"");
-        }
-        let _ = writeln!(out, "}} {}", p.value);
-    }
-    out
+/// The last trigger's figures: its health points and the sink's write
+/// latencies by bucket (see [`crate::health::prometheus`]).
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub points: Vec<HealthPoint>,
+    pub write_latency: LatencyBuckets,
 }
 
 /// Starts the server on its own thread (`expmon-http`, see [`http`] for its
@@ -88,7 +69,7 @@ impl Pages {
         match path {
             "/metrics" => {
                 let h = self.published.health.lock().unwrap_or_else(|e| e.into_inner());
-                page(200, "text/plain; version=0.0.4", prometheus_text(&h))
+                page(200, "text/plain; version=0.0.4", prometheus_text(&h.points, &h.write_latency))
             }
             "/healthz" => page(200, "text/plain", "ok\n".to_string()),
             "/" => page(200, "text/html; charset=utf-8", PAGE.to_string()),
@@ -111,25 +92,5 @@ impl Pages {
             }
             _ => page(404, "text/plain", "not found\n".to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::health::HealthValue;
-
-    #[test]
-    fn prometheus_text_has_types_labels_and_values() {
-        let p = |name: &str, tags: Vec<(&'static str, String)>, value| HealthPoint { name: name.into(), tags, value };
-        let text = prometheus_text(&[
-            p("expmon.events_in", vec![("dc", "dc1".into())], HealthValue::Int(5)),
-            p("expmon.experiment.srm_pvalue", vec![("tenant", "a\"b".into())], HealthValue::Float(0.25)),
-        ]);
-        assert_eq!(
-            text,
-            "# TYPE expmon_events_in gauge\nexpmon_events_in{dc=\"dc1\"} 5\n\
-             # TYPE expmon_experiment_srm_pvalue gauge\nexpmon_experiment_srm_pvalue{tenant=\"a\\\"b\"} 0.25\n"
-        );
     }
 }

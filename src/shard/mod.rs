@@ -699,7 +699,8 @@ impl Writer<'_> {
                 health.extend(self.experiments.points(final_at, &self.catalog.engine.dc, self.instance));
                 self.sink.write_health(now_ms(), &health)?;
                 if let Some(p) = &self.published {
-                    *p.health.lock().unwrap_or_else(|e| e.into_inner()) = health;
+                    let snapshot = crate::serve::Snapshot { points: health, write_latency: sink_health.latency };
+                    *p.health.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
                 }
                 self.sink.flush()?;
                 if marker.snapshot {

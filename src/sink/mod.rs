@@ -45,6 +45,37 @@ pub struct SinkHealth {
     pub latency_p50_us: u64,
     pub latency_p99_us: u64,
     pub latency_max_us: u64,
+    /// Every write's latency, counted into fixed buckets (for `/metrics`).
+    pub latency: LatencyBuckets,
+}
+
+/// Upper bounds (µs, inclusive) of the write-latency buckets that `/metrics`
+/// exposes as the `expmon_write_latency_seconds` histogram: 100 µs to 30 s.
+pub const WRITE_LATENCY_BOUNDS_US: [u64; 17] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000, 30_000_000,
+];
+
+/// Write latencies counted by bucket since the sink started: `counts[i]` is
+/// the writes in `(bound[i-1], bound[i]]`, the last slot those above every
+/// bound; `sum_us` their exact sum. Only ever grows (a Prometheus histogram).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LatencyBuckets {
+    pub counts: [u64; WRITE_LATENCY_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl LatencyBuckets {
+    pub fn record(&mut self, us: u64) {
+        let slot = WRITE_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[slot] += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Writes recorded.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 /// What a sink reports when it is closed.

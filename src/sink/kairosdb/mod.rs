@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Sink, SinkError, SinkHealth, SinkReport};
+use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
 use crate::health::{HealthPoint, HealthValue};
@@ -189,6 +189,8 @@ struct Shared {
     client: reqwest::blocking::Client,
     stats: KairosStats,
     latency_us: Mutex<Histogram<u64>>,
+    /// The same latencies in `/metrics`' fixed buckets.
+    latency_buckets: Mutex<LatencyBuckets>,
     stop: AtomicBool,
     refusals: Mutex<Refusals>,
     /// The newest health snapshot not yet sent (a newer one replaces it).
@@ -219,6 +221,7 @@ impl KairosSink {
             client,
             stats: KairosStats::default(),
             latency_us: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")),
+            latency_buckets: Mutex::default(),
             stop: AtomicBool::new(false),
             refusals: Mutex::default(),
             health: Mutex::new(None),
@@ -429,6 +432,7 @@ fn send_parts<T>(
         s.stats.requests.fetch_add(1, Relaxed);
         let us = started.elapsed().as_micros().max(1) as u64;
         let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
+        s.latency_buckets.lock().unwrap_or_else(|e| e.into_inner()).record(us);
         match outcome {
             Outcome::Delivered => {
                 s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
@@ -638,6 +642,7 @@ impl Sink for KairosSink {
             latency_p50_us: h.value_at_quantile(0.5),
             latency_p99_us: h.value_at_quantile(0.99),
             latency_max_us: h.max(),
+            latency: *s.latency_buckets.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 
