@@ -353,3 +353,63 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
     }
     assert!(d.is_empty(), "seed {seed}, {killed} kills: {} differences: {d:#?}", d.len());
 }
+
+/// Broke: the end of a finite input finalized everything before its last
+/// checkpoint, which then held no sessions and no open totals; a file grown
+/// since (an appended log) resumed at its saved offset and rebuilt the open
+/// minutes from zero, overwriting their totals with smaller ones, exit 0.
+#[test]
+fn a_file_that_grows_after_its_run_ended_resumes_exactly() {
+    let dir = Dir::new();
+    let config = dir.config();
+    let lines = dir.events(17, 200_000);
+    write_events(&dir, &lines[..120_000]);
+    let first = run_file(&dir, &["--sink", "file:points.jsonl"], None);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let mut f = std::fs::OpenOptions::new().append(true).open(dir.path("events.jsonl")).unwrap();
+    std::io::Write::write_all(&mut f, &jsonl(&lines[120_000..])).unwrap();
+    drop(f);
+    let second = run_file(&dir, &["--sink", "file:points.jsonl", "--threads", "3"], None);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success() && err.contains("restoring the checkpoint"), "{err}");
+    let got = totals_of_runs(&dir, &["points.jsonl".into()], &config.engine.dc);
+    let d = diff(&reference(&config, &lines), &got);
+    assert!(d.is_empty(), "{} wrong, e.g. {:#?}", d.len(), &d[..d.len().min(5)]);
+}
+
+/// Broke: a run that crashed before its first checkpoint left a value in
+/// KairosDB; the fresh run after it never wrote that point, because its
+/// deltas cancelled within one flush (an assignment moved a minute earlier),
+/// so the stale value stayed. Under `--checkpoint` a fresh run writes points
+/// touched at net zero too.
+#[test]
+fn a_fresh_run_under_checkpoints_overwrites_what_a_crashed_run_left_in_kairosdb() {
+    use common::kairos_server::KairosServer;
+    let dir = Dir::new();
+    let t: i64 = 1_767_225_600_000; // a minute boundary
+    let ev = |ts: i64, mp: &str| {
+        format!(
+            r#"{{"ts":{ts},"tenant":"uswm","session":"s","mp":"{mp}","device":"desktop","login":"in","assign":{{"123":1231}}}}"#
+        )
+    };
+    // The first event assigns at minute t; the second, earlier, moves the
+    // assignment to the minute before: minute t nets zero in one flush.
+    std::fs::write(
+        dir.path("events.jsonl"),
+        format!("{}\n{}\n", ev(t + 30_000, "home_page"), ev(t - 10_000, "item_page")),
+    )
+    .unwrap();
+    let server = KairosServer::start();
+    let tags: std::collections::BTreeMap<String, String> = [("dc", "dc1"), ("device", "desktop"), ("login", "in")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let stale = ("uswm.session.assigned.1231".to_string(), tags, t);
+    server.state().points.insert(stale.clone(), 1); // what the crashed run wrote
+    let sink = format!("kairosdb:{}?linger=5ms", server.url());
+    let out = run_file(&dir, &["--sink", &sink], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.state().points.get(&stale), Some(&0), "the stale value was overwritten with the true total");
+    let before = (stale.0.clone(), stale.1.clone(), t - 60_000);
+    assert_eq!(server.state().points.get(&before), Some(&1));
+}

@@ -91,6 +91,12 @@ impl Totals {
         Totals { points, dirty: Vec::new(), rewrite_touched: true }
     }
 
+    /// Empty totals that rewrite every point touched, even at a net zero: for
+    /// a fresh run where the sink may hold values of a run that crashed.
+    pub fn rewriting_touched() -> Totals {
+        Totals { rewrite_touched: true, ..Totals::default() }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.points.is_empty()
     }

@@ -220,6 +220,7 @@ pub fn run(
     }
 
     let restoring = opts.restore.is_some();
+    let checkpointing = opts.checkpoint.is_some();
     let mut shard_txs: Vec<Sender<ShardMsg>> = Vec::with_capacity(n);
     let mut workers = Vec::with_capacity(n);
     for (shard, sessions) in restored.into_iter().enumerate() {
@@ -237,6 +238,11 @@ pub fn run(
                     let mut worker = Worker::new(shard, catalog);
                     if restoring {
                         worker.restore(&sessions);
+                    } else if checkpointing {
+                        // A run before this one may have crashed before its
+                        // first checkpoint, leaving values in the sink: points
+                        // touched at net zero are written (as 0) too.
+                        worker.rewrite_zero_totals();
                     }
                     drop(sessions);
                     worker.run(rx, reports, recycle);
@@ -261,7 +267,11 @@ pub fn run(
     let writer = {
         let (catalog, live, instance, acked) =
             (catalog.clone(), opts.live.clone(), opts.instance.clone(), acked.clone());
-        let totals = opts.restore.as_ref().map(|s| Totals::restore(&s.totals)).unwrap_or_default();
+        let totals = match &opts.restore {
+            Some(s) => Totals::restore(&s.totals),
+            None if checkpointing => Totals::rewriting_touched(),
+            None => Totals::default(),
+        };
         let (published, results) = (opts.published.clone(), opts.results.clone());
         let failures = opts.failures.clone();
         opts.failures
@@ -307,13 +317,18 @@ pub fn run(
     let source_result = routed.unwrap_or(Ok(Ended::Stopped));
     let stopped_at = matches!(source_result, Ok(Ended::Stopped)).then(Instant::now);
 
-    // End: pending batches, then the last marker. At the end of the input its
-    // watermark is past everything; when stopped with checkpoints the open
-    // state is kept for the next run (and checkpointed) instead. After a
-    // thread failure nothing new is checkpointed: the last published
-    // checkpoint (covering only acknowledged points) is where a restart begins.
+    // End: pending batches, then the last marker. Without checkpoints its
+    // watermark is past everything: every session expires and every minute is
+    // final. With checkpoints the open state is kept for the next run (and
+    // checkpointed) instead, at the end of the input too: a file that grows
+    // after it (an appended log) resumes exactly where it ended, with its
+    // watermark, its open sessions and its open totals — finalizing would
+    // start those minutes again from zero and overwrite their totals with
+    // smaller ones. Every changed total is written either way. After a thread
+    // failure nothing new is checkpointed: the last published checkpoint
+    // (covering only acknowledged points) is where a restart begins.
     let failed = opts.failures.failed();
-    let keep_state = opts.checkpoint.is_some() && (failed || matches!(source_result, Ok(Ended::Stopped)));
+    let keep_state = opts.checkpoint.is_some();
     let snapshot = opts.checkpoint.is_some() && source_result.is_ok() && !failed;
     if snapshot {
         let _ = snap_tx.send(router.checkpoint_state(source.position().unwrap_or_default()));

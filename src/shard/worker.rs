@@ -46,6 +46,13 @@ impl Worker {
         self.counters.set_track_touched(true);
     }
 
+    /// Reports counters touched at net zero too, so that their points are
+    /// rewritten: a sink may hold a stale value of them (a restore does this
+    /// by itself).
+    pub fn rewrite_zero_totals(&mut self) {
+        self.counters.set_track_touched(true);
+    }
+
     pub fn apply(&mut self, batch: &EventBatch) {
         // Session state is mostly out of cache; looking the sessions of a
         // stretch of events up first, with nothing depending on the loads, lets
