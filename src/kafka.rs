@@ -43,7 +43,12 @@ impl KafkaSpec {
         let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
         let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
-        if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':') || b.ends_with(':')) {
+        if brokers.contains('@') {
+            return Err(bad("brokers are HOST:PORT: credentials go in sasl.username and sasl.password"));
+        }
+        let host_port =
+            |b: &str| b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if brokers.is_empty() || !brokers.split(',').all(host_port) {
             return Err(bad("brokers must be HOST:PORT[,HOST:PORT…]"));
         }
         let valid_topic = |t: &str| {
@@ -94,6 +99,20 @@ impl KafkaSpec {
         Ok(out)
     }
 
+    /// `what` failed with librdkafka's error `e`, as one line: librdkafka
+    /// echoes settings in its errors (an unknown property with its value), so
+    /// the value of every secret setting (see [`crate::redact`]) of `base` and
+    /// of the address is replaced by `***`.
+    pub fn client_error(&self, base: &[(String, String)], what: &str, e: impl std::fmt::Display) -> String {
+        let mut text = format!("{what} for {}: {e}", self.brokers);
+        for (k, v) in base.iter().chain(&self.settings) {
+            if !v.is_empty() && crate::redact::is_secret_key(k) {
+                text = text.replace(v.as_str(), crate::redact::HIDDEN);
+            }
+        }
+        text
+    }
+
     /// A librdkafka configuration: brokers, then `base` (the config file's
     /// `[kafka]` table), then the address's own settings.
     pub fn client_config(&self, base: &[(String, String)]) -> ClientConfig {
@@ -133,12 +152,13 @@ pub fn topic_partitions(
 /// Returns the topic's partition count.
 pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, String> {
     let timeout = Duration::from_secs(10);
-    let probe: BaseConsumer = spec.client_config(base).create().map_err(|e| format!("kafka client: {e}"))?;
+    let probe: BaseConsumer =
+        spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka client", e))?;
     if let Ok(n) = topic_partitions(&probe, spec, timeout) {
         return Ok(n);
     }
     let admin: AdminClient<DefaultClientContext> =
-        spec.client_config(base).create().map_err(|e| format!("kafka admin client: {e}"))?;
+        spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka admin client", e))?;
     let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
     let results = futures_executor::block_on(admin.create_topics([&topic], &opts))

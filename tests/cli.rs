@@ -290,6 +290,12 @@ fn secrets_never_appear_in_error_messages() {
         format!("{}\n[kafka]\n\"sasl.password\" = \"{SECRET}\"\n", expmon::config::DEMO_CONFIG),
     )
     .unwrap();
+    // librdkafka echoes an unknown property with its value in its error.
+    std::fs::write(
+        x.path("token.toml"),
+        format!("{}\n[kafka]\n\"api.token\" = \"{SECRET}\"\n", expmon::config::DEMO_CONFIG),
+    )
+    .unwrap();
     std::fs::write(
         x.path("bad-kafka.toml"),
         format!("[kafka]\n\"sasl.password\" = \"{SECRET}\"\n\n[engine]\ntrigger = \"0s\"\n"),
@@ -313,6 +319,12 @@ fn secrets_never_appear_in_error_messages() {
         source(format!("kafka://127.0.0.1:9092/bad topic?sasl.password={SECRET}")),
         source(format!("kafka://127.0.0.1:9092/t?ssl.key.password={SECRET}&sasl.jaas.config={SECRET}&until_end=x")),
         source(format!("nope://admin:{SECRET}@x")),
+        source(format!("kafka://u:{SECRET}@127.0.0.1:{closed}/t")),
+        {
+            let mut a = source(format!("kafka://127.0.0.1:{closed}/t?sasl.oauthbearer.client.secret={SECRET}&x.y=1"));
+            a.extend(["--config".to_string(), "token.toml".into()]);
+            a
+        },
         vec!["run".into(), "--config".into(), "bad-kafka.toml".into(), "--source".into(), "file:/dev/null".into()],
         vec![
             "gen".into(),
@@ -358,6 +370,8 @@ fn messages_name_the_problem_once_in_one_line() {
     // `group=` is a known option with an empty value, not "unknown option group".
     let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?group=", "--sink", "null"], 1);
     assert!(err.contains("group: empty") && !err.contains("unknown option"), "{err}");
+    let err = one_line_failure(&x, &["run", "--source", "kafka://:9092/t", "--sink", "null"], 1);
+    assert!(err.contains("brokers must be HOST:PORT"), "{err}");
     let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?dead_letter=a b", "--sink", "null"], 1);
     assert!(err.contains("dead_letter") && !err.contains("unknown option"), "{err}");
     // A URL without a host says so (was reqwest's "builder error").

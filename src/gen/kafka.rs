@@ -55,9 +55,8 @@ impl KafkaOut {
         for (k, v) in &spec.settings {
             cfg.set(k, v);
         }
-        let producer = cfg
-            .create_with_context(Ctx(delivery.clone()))
-            .map_err(|e| format!("kafka producer for {}: {e}", spec.brokers))?;
+        let producer =
+            cfg.create_with_context(Ctx(delivery.clone())).map_err(|e| spec.client_error(&[], "kafka producer", e))?;
         Ok(KafkaOut { producer, delivery, topic: spec.topic })
     }
 

@@ -252,7 +252,7 @@ impl KafkaSource {
                 changed: changed.clone(),
                 verbose: base.iter().chain(&spec.settings).any(|(k, _)| k == "debug"),
             })
-            .map_err(|e| format!("kafka consumer for {}: {e}", spec.brokers))?;
+            .map_err(|e| spec.client_error(base, "kafka consumer", e))?;
         let topic_partitions = topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
         shared.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
         let dead_letter = match &spec.dead_letter {
@@ -260,7 +260,7 @@ impl KafkaSource {
                 spec.client_config(base)
                     .set("linger.ms", "20")
                     .create()
-                    .map_err(|e| format!("kafka dead-letter producer for {}: {e}", spec.brokers))?,
+                    .map_err(|e| spec.client_error(base, "kafka dead-letter producer", e))?,
             ),
             None => None,
         };
