@@ -386,3 +386,20 @@ fn write_latency_is_a_prometheus_histogram_of_every_request() {
     assert_eq!(inf, count, "{text}");
     assert!(value(&text, "expmon_write_latency_seconds_sum{").is_some_and(|s| s > 0.0), "{text}");
 }
+
+/// Broke: every sender thread had its own "at most every 10 s" limiter, so a
+/// failing server got a retry warning per sender at once.
+#[test]
+fn retry_warnings_are_limited_across_all_senders() {
+    let r = Run::new("5000");
+    let server = KairosServer::start();
+    server.state().faults.push_back(Fault::Down(Duration::from_millis(1500)));
+    let started = std::time::Instant::now();
+    let out = r.run(&spec(&server, "&inflight=4"));
+    let elapsed_s = started.elapsed().as_secs();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let warnings = err.lines().filter(|l| l.contains("retrying with backoff")).count();
+    assert!(warnings >= 1, "the outage was said: {err}");
+    assert!(warnings as u64 <= 1 + elapsed_s / 10, "{warnings} warnings in {elapsed_s} s: {err}");
+}

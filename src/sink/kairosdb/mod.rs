@@ -195,7 +195,13 @@ struct Shared {
     refusals: Mutex<Refusals>,
     /// The newest health snapshot not yet sent (a newer one replaces it).
     health: Mutex<Option<(i64, Vec<HealthPoint>)>>,
+    /// When a retry was last logged, by any sender: at most one line every
+    /// [`RETRY_LOG_EVERY`] for all of them together.
+    retry_logged: Mutex<Option<Instant>>,
 }
+
+/// How often a failing, retried write is logged.
+const RETRY_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub struct KairosSink {
     shared: Arc<Shared>,
@@ -225,6 +231,7 @@ impl KairosSink {
             stop: AtomicBool::new(false),
             refusals: Mutex::default(),
             health: Mutex::new(None),
+            retry_logged: Mutex::new(None),
             opts,
         });
         let senders = (0..shared.opts.in_flight)
@@ -331,7 +338,7 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
             }
             let text = resp.text().unwrap_or_default();
             if status.as_u16() == 429 || status.is_server_error() {
-                Outcome::Retry(clip(&format!("{status} {text}"), LOG_TEXT_MAX))
+                Outcome::Retry(clip(format!("{status} {text}").trim_end(), LOG_TEXT_MAX))
             } else {
                 Outcome::Rejected { status: status.as_u16(), error: clip(&text, ERROR_TEXT_MAX) }
             }
@@ -342,7 +349,6 @@ fn post(s: &Shared, body: Vec<u8>) -> Outcome {
 fn send_loop(s: &Shared, seed: u64) {
     let mut rng = Pcg64Mcg::seed_from_u64(seed);
     let mut failures = 0u32;
-    let mut last_log = Instant::now() - Duration::from_secs(60);
     while !s.stop.load(Relaxed) {
         let mut failed = send_health(s);
         match s.queue.take(s.opts.batch_points, s.opts.linger) {
@@ -379,9 +385,12 @@ fn send_loop(s: &Shared, seed: u64) {
             failures = 0;
             continue;
         };
-        if last_log.elapsed() >= Duration::from_secs(10) {
-            tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
-            last_log = Instant::now();
+        {
+            let mut logged = s.retry_logged.lock().unwrap_or_else(|e| e.into_inner());
+            if logged.is_none_or(|t| t.elapsed() >= RETRY_LOG_EVERY) {
+                tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
+                *logged = Some(Instant::now());
+            }
         }
         // Full jitter: sleep uniformly in [0, min(max, base·2ⁿ)].
         let cap = s.opts.backoff.saturating_mul(1 << failures.min(20)).min(s.opts.backoff_max);
