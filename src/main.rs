@@ -283,13 +283,14 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::demo(),
     };
-    let (checkpoint, restore) = match &a.checkpoint {
+    // `_lock` is held until the run ends: one run per checkpoint directory.
+    let (checkpoint, restore, _lock) = match &a.checkpoint {
         Some(dir) => {
-            let (interval, fingerprint, snapshot) = open_checkpoint(dir, &a, &config)?;
-            (Some((dir, interval, fingerprint)), snapshot)
+            let (interval, fingerprint, snapshot, lock) = open_checkpoint(dir, &a, &config)?;
+            (Some((dir, interval, fingerprint)), snapshot, Some(lock))
         }
         None if a.checkpoint_reset => return Err(UsageError("--checkpoint-reset needs --checkpoint DIR".into()).into()),
-        None => (None, None),
+        None => (None, None, None),
     };
     let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
     let source = open_source(&a.source, &config, &resume)?;
@@ -418,8 +419,9 @@ fn open_checkpoint(
     dir: &std::path::Path,
     a: &RunArgs,
     config: &Config,
-) -> Result<(Duration, u64, Option<expmon::checkpoint::Snapshot>)> {
+) -> Result<(Duration, u64, Option<expmon::checkpoint::Snapshot>, std::fs::File)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
+    let lock = expmon::checkpoint::lock_dir(dir).map_err(anyhow::Error::msg)?;
     if a.checkpoint_reset {
         if let Some(aside) = expmon::checkpoint::set_aside(dir)? {
             tracing::warn!("checkpoint set aside as {}; starting fresh", aside.display());
@@ -427,7 +429,7 @@ fn open_checkpoint(
     }
     let fingerprint = expmon::checkpoint::fingerprint(config);
     let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
-    Ok((a.checkpoint_interval, fingerprint, snapshot))
+    Ok((a.checkpoint_interval, fingerprint, snapshot, lock))
 }
 
 fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) -> Result<Box<dyn Source>> {

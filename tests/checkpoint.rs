@@ -413,3 +413,36 @@ fn a_fresh_run_under_checkpoints_overwrites_what_a_crashed_run_left_in_kairosdb(
     let before = (stale.0.clone(), stale.1.clone(), t - 60_000);
     assert_eq!(server.state().points.get(&before), Some(&1));
 }
+
+/// Broke: two runs on one checkpoint directory overwrote each other's
+/// checkpoints (one died publishing, and their shared file sink got torn
+/// lines in the middle). The second is refused while the first runs.
+#[test]
+fn a_second_run_on_a_checkpoint_directory_in_use_is_refused() {
+    let dir = Dir::new();
+    let mut first = Command::new(BIN)
+        .args(["run", "--source", "file:-", "--sink", "null", "--checkpoint", "ck", "--metrics-addr", "off"])
+        .args(["--status", "false"])
+        .current_dir(dir.path(""))
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The lock is taken before the run logs that it started.
+    let mut err = std::io::BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0 && !line.contains("Ctrl-C to stop") {
+        line.clear();
+    }
+    assert!(line.contains("Ctrl-C to stop"), "the first run started");
+    let second = run_file(&dir, &["--sink", "null", "--metrics-addr", "off"], None);
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{text}");
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    assert!(text.contains("is in use by another expmon run"), "{text}");
+    drop(first.stdin.take()); // end of input: the first run ends and lets go
+    assert!(first.wait().unwrap().success());
+    write_events(&dir, &dir.events(18, 1_000));
+    let third = run_file(&dir, &["--sink", "null", "--metrics-addr", "off", "--checkpoint-reset"], None);
+    assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));
+}

@@ -267,6 +267,27 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
     decoded.map(Some).map_err(bad)
 }
 
+/// Holds `DIR/lock` locked for as long as the returned file lives: two runs
+/// on one checkpoint directory would overwrite each other's checkpoints (and
+/// their file sink's lines), so the second is refused. The lock is the
+/// kernel's (`flock`): a killed run releases it.
+pub fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(format!("checkpoint directory {} is in use by another expmon run", dir.display()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// `--checkpoint-reset`: moves an existing checkpoint aside (never deletes it).
 pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     let path = dir.join(FILE);
