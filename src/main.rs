@@ -10,6 +10,7 @@ use std::time::Duration;
 use expmon::config::{parse_duration_ms, Catalog, Config};
 use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
+use expmon::sink::SinkError;
 use expmon::source::{FileSource, KafkaSource, Source};
 
 /// mimalloc: faster than glibc malloc on the peak replay (see README,
@@ -334,7 +335,11 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     let threads = a.threads.map_or_else(shard::default_threads, usize::from);
     let mut opts = RunOptions::new(&catalog, threads.min(MAX_THREADS as usize));
     // A restored run continues the output of the runs before it.
-    let sink = expmon::sink::open(&a.sink, &catalog, &opts.failures, restore.is_some())?;
+    let sink = match expmon::sink::open(&a.sink, &catalog, &opts.failures, restore.is_some()) {
+        Ok(sink) => sink,
+        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError(e.to_string()).into()),
+        Err(e) => return Err(e.into()),
+    };
     opts.checkpoint = checkpoint;
     opts.restore = restore.map(Arc::new);
     let (addr, explicit) = match a.metrics_addr {
@@ -353,7 +358,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
                 opts.results = Some(results);
             }
             Err(e) if !explicit => tracing::warn!("{e}; running without it"),
-            Err(e) => bail!("--metrics-addr {addr}: {e}"),
+            Err(e) => bail!(e), // names the flag and the address
         }
     }
     opts.pin = a.pin;
@@ -440,12 +445,15 @@ fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) ->
         return Ok(Box::new(FileSource::open_at(path, offset)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {
-        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(anyhow::Error::msg)?));
+        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(UsageError)?));
     }
     if spec.starts_with("kafka://") {
-        let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(anyhow::Error::msg)?;
+        let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(UsageError)?;
         return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka, resume).map_err(anyhow::Error::msg)?));
     }
     let shown = expmon::redact::redact(spec);
-    bail!("bad source {shown:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")
+    Err(UsageError(format!(
+        "bad source {shown:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]"
+    ))
+    .into())
 }

@@ -367,15 +367,16 @@ fn messages_name_the_problem_once_in_one_line() {
     std::fs::write(x.path("empty.toml"), "\n# nothing\n").unwrap();
     let err = one_line_failure(&x, &["check-config", "empty.toml"], 1);
     assert!(err.contains("empty.toml: the file is empty"), "{err}");
+    // A malformed address is a bad flag (exit 2).
     // `group=` is a known option with an empty value, not "unknown option group".
-    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?group=", "--sink", "null"], 1);
+    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?group=", "--sink", "null"], 2);
     assert!(err.contains("group: empty") && !err.contains("unknown option"), "{err}");
-    let err = one_line_failure(&x, &["run", "--source", "kafka://:9092/t", "--sink", "null"], 1);
+    let err = one_line_failure(&x, &["run", "--source", "kafka://:9092/t", "--sink", "null"], 2);
     assert!(err.contains("brokers must be HOST:PORT"), "{err}");
-    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?dead_letter=a b", "--sink", "null"], 1);
+    let err = one_line_failure(&x, &["run", "--source", "kafka://127.0.0.1:9/t?dead_letter=a b", "--sink", "null"], 2);
     assert!(err.contains("dead_letter") && !err.contains("unknown option"), "{err}");
     // A URL without a host says so (was reqwest's "builder error").
-    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://:8080"], 1);
+    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://:8080"], 2);
     assert!(err.contains("no host") && !err.contains("builder error"), "{err}");
     // The OS error text once (was "Is a directory (os error 21): Is a directory (os error 21)").
     std::fs::create_dir(x.path("adir")).unwrap();
@@ -384,7 +385,7 @@ fn messages_name_the_problem_once_in_one_line() {
     let err = one_line_failure(&x, &["check-config", "adir"], 1);
     assert_eq!(err.matches("os error").count(), 1, "{err}");
     // A sink's own option error names the sink and the option once.
-    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://h:1?bogus=1"], 1);
+    let err = one_line_failure(&x, &["run", "--source", "file:/dev/null", "--sink", "kairosdb:http://h:1?bogus=1"], 2);
     assert_eq!(err.matches("unknown option").count(), 1, "{err}");
     assert!(!err.contains("expected file:PATH"), "{err}");
 }

@@ -132,7 +132,12 @@ impl KairosOptions {
                 "batch_bytes" => o.batch_bytes = num()?,
                 "linger" => o.linger = dur()?,
                 "inflight" => o.in_flight = num()?,
-                "timeout" => o.timeout = dur()?,
+                "timeout" => {
+                    o.timeout = dur()?;
+                    if o.timeout.is_zero() {
+                        return Err(bad("timeout must be more than 0".into()));
+                    }
+                }
                 "queue" => o.queue_points = num()?,
                 "backoff" => o.backoff = dur()?,
                 "backoff_max" => o.backoff_max = dur()?,
