@@ -323,6 +323,13 @@ pub fn ev(ts: i64, session: &str, mp: &str, device: &str, login: &str, assign: &
     serde_json::to_vec(&o).unwrap()
 }
 
+/// Adds a `value` to an event line.
+pub fn with_value(line: Vec<u8>, value: i64) -> Vec<u8> {
+    let mut o: serde_json::Value = serde_json::from_slice(&line).unwrap();
+    o["value"] = value.into();
+    serde_json::to_vec(&o).unwrap()
+}
+
 /// Adds attributes to an event line.
 pub fn with_attrs(line: Vec<u8>, attrs: &[(&str, &str)]) -> Vec<u8> {
     let mut o: serde_json::Value = serde_json::from_slice(&line).unwrap();
