@@ -241,14 +241,24 @@ impl Session {
 
     pub fn push_attr(&mut self, event: u8, name: u32, value: u32) {
         debug_assert_ne!(name, VALUE_KEY);
-        self.extras.get_or_insert_with(Default::default).push((event, name, value));
+        self.push_extra((event, name, value));
     }
 
     /// Records the non-zero value of event `event` (a zero is not stored).
     pub fn push_value(&mut self, event: u8, value: i32) {
         if value != 0 {
-            self.extras.get_or_insert_with(Default::default).push((event, VALUE_KEY, value as u32));
+            self.push_extra((event, VALUE_KEY, value as u32));
         }
+    }
+
+    /// Appends an extras entry, growing by half at most (a `Vec` would start
+    /// at 4 entries: most sessions with extras hold one or two).
+    fn push_extra(&mut self, x: Extra) {
+        let v = self.extras.get_or_insert_with(Default::default);
+        if v.len() == v.capacity() {
+            v.reserve_exact((v.len() / 2).max(1));
+        }
+        v.push(x);
     }
 
     /// Attribute and value entries, in the order they were added.
@@ -348,6 +358,27 @@ mod tests {
         assert_eq!(ExpState::from_bits(x.bits()), x);
         let y = ExpState { experiment: 7, slot: 0, assigned: 0, conflict: false };
         assert_eq!(ExpState::from_bits(y.bits()), y);
+    }
+
+    #[test]
+    fn values_are_kept_only_for_events_that_carry_one_and_survive_a_checkpoint() {
+        let mut s = Session::default();
+        for (i, v) in [0, 1299, 0, -10_000_000].into_iter().enumerate() {
+            let idx = s.push_event(1_000 + i as i64, 4, 0, 0).unwrap();
+            s.push_value(idx, v);
+        }
+        s.push_attr(1, 7, 9);
+        assert_eq!(s.extras(), &[(1, VALUE_KEY, 1299), (3, VALUE_KEY, -10_000_000i32 as u32), (1, 7, 9)]);
+        assert_eq!(s.heap_bytes() - s.cells.capacity() * 8, 24 + 3 * 12, "exact growth for small lists");
+        assert_eq!(s.attr_of(1, 7), Some(9));
+        let mut e = crate::checkpoint::Enc::default();
+        s.encode(&mut e);
+        let back = Session::decode(&mut crate::checkpoint::Dec::new(&e.buf)).unwrap();
+        assert_eq!(back.extras(), s.extras());
+        let mut plain = Session::default();
+        plain.push_event(1_000, 4, 0, 0);
+        plain.push_value(0, 0);
+        assert!(plain.extras.is_none(), "a zero value costs nothing");
     }
 
     #[test]
