@@ -124,7 +124,14 @@ pub struct MinuteCounters {
 
 impl MinuteCounters {
     pub fn new(catalog: Arc<Catalog>) -> MinuteCounters {
-        MinuteCounters { catalog, index: AHashMap::new(), regions: Vec::new(), last: None, track_touched: false, spilled: Vec::new() }
+        MinuteCounters {
+            catalog,
+            index: AHashMap::new(),
+            regions: Vec::new(),
+            last: None,
+            track_touched: false,
+            spilled: Vec::new(),
+        }
     }
 
     /// After a restore: report every touched counter, even at net zero.

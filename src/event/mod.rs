@@ -591,7 +591,9 @@ mod tests {
         let many: Vec<String> = (0..65).map(|i| format!("\"{i}\":1")).collect();
         assert_eq!(rej(base(&format!(r#","assign":{{{}}}"#, many.join(","))).as_bytes()), Reject::TooMany);
         assert_eq!(rej(base(r#","login":"""#).as_bytes()), Reject::EmptyField);
-        for bad in ["12.5", "12.0", "1e3", r#""12""#, "true", "[1]", "{}", "20000000", "-10000001", "12345678901234567890"] {
+        for bad in
+            ["12.5", "12.0", "1e3", r#""12""#, "true", "[1]", "{}", "20000000", "-10000001", "12345678901234567890"]
+        {
             assert_eq!(rej(base(&format!(r#","value":{bad}"#)).as_bytes()), Reject::BadValue, "{bad}");
         }
     }

@@ -304,7 +304,13 @@ fn emit_from(
             if value != 0 {
                 add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, sign * value);
                 let y = events.value_before(ord, i, f);
-                add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, sign * square_step(y, value));
+                add_amount(
+                    out,
+                    SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l),
+                    slot,
+                    ts,
+                    sign * square_step(y, value),
+                );
             }
         }
     }
