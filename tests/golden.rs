@@ -393,6 +393,7 @@ fn malformed_lines_of_every_reason_are_counted_and_skipped() {
             )),
         ),
         (Reject::EmptyField, base(r#","device":"""#)),
+        (Reject::BadValue, base(r#","value":12.5"#)),
     ];
     assert_eq!(bad.len(), Reject::ALL.len(), "one line per reason");
     let mut lines = vec![good.clone()];
@@ -420,4 +421,177 @@ fn malformed_lines_of_every_reason_are_counted_and_skipped() {
             p("uswm.visit.fm.1231.item_page.beta", d, "in", 1, 1),
         ],
     );
+}
+
+#[test]
+fn value_of_a_purchase_and_its_refund() {
+    // Qualified at 10:00; a 50.00 order at 10:02, a 20.00 refund at 10:05.
+    let lines = vec![
+        ev(T0, "s1", "home_page", "desktop", "in", &[(123, 1231)]),
+        with_value(ev(T0 + 2 * MIN, "s1", "checkout", "desktop", "in", &[]), 5000),
+        with_value(ev(T0 + 5 * MIN, "s1", "checkout", "desktop", "in", &[]), -2000),
+    ];
+    let d = "desktop";
+    check(
+        &lines,
+        &[
+            p("uswm.session.assigned.1231", d, "in", 0, 1),
+            p("uswm.session.fm.1231", d, "in", 0, 1),
+            p("uswm.visit.assigned.1231.home_page", d, "in", 0, 1),
+            p("uswm.visit.assigned.1231.home_page.beta", d, "in", 0, 1),
+            p("uswm.visit.fm.1231.home_page", d, "in", 0, 1),
+            p("uswm.visit.fm.1231.home_page.beta", d, "in", 0, 1),
+            p("uswm.visit.assigned.1231.checkout", d, "in", 2, 1),
+            p("uswm.visit.assigned.1231.checkout", d, "in", 5, 1),
+            p("uswm.visit.assigned.1231.checkout.beta", d, "in", 2, 1),
+            p("uswm.visit.fm.1231.checkout", d, "in", 2, 1),
+            p("uswm.visit.fm.1231.checkout", d, "in", 5, 1),
+            p("uswm.visit.fm.1231.checkout.beta", d, "in", 2, 1),
+            p("uswm.value.assigned.1231.checkout", d, "in", 2, 5000),
+            p("uswm.value.assigned.1231.checkout", d, "in", 5, -2000),
+            p("uswm.value.fm.1231.checkout", d, "in", 2, 5000),
+            p("uswm.value.fm.1231.checkout", d, "in", 5, -2000),
+            // y = 5000, then 3000: 5000² and 3000² − 5000²; they add up to 3000².
+            p("uswm.value_sq.fm.1231.checkout", d, "in", 2, 25_000_000),
+            p("uswm.value_sq.fm.1231.checkout", d, "in", 5, -16_000_000),
+        ],
+    );
+}
+
+#[test]
+fn late_earlier_exposure_moves_f_and_brings_a_purchase_into_the_fm_values() {
+    // F is 10:04 until the 10:02 exposure arrives late: the 10:03 purchase then
+    // counts for fm, and the 10:05 one's value_sq increment changes from 2000²
+    // to 3000² − 1000².
+    let lines = vec![
+        ev(T0, "s1", "item_page", "desktop", "in", &[(123, 1231)]),
+        with_value(ev(T0 + 3 * MIN, "s1", "checkout", "desktop", "in", &[]), 1000),
+        ev(T0 + 4 * MIN, "s1", "home_page", "desktop", "in", &[]),
+        with_value(ev(T0 + 5 * MIN, "s1", "checkout", "desktop", "in", &[]), 2000),
+        ev(T0 + 2 * MIN, "s1", "home_page", "desktop", "in", &[]),
+    ];
+    let d = "desktop";
+    check(
+        &lines,
+        &[
+            p("uswm.session.assigned.1231", d, "in", 0, 1),
+            p("uswm.session.fm.1231", d, "in", 2, 1),
+            p("uswm.visit.assigned.1231.item_page", d, "in", 0, 1),
+            p("uswm.visit.assigned.1231.item_page.beta", d, "in", 0, 1),
+            p("uswm.visit.assigned.1231.home_page", d, "in", 2, 1),
+            p("uswm.visit.assigned.1231.home_page", d, "in", 4, 1),
+            p("uswm.visit.assigned.1231.home_page.beta", d, "in", 2, 1),
+            p("uswm.visit.assigned.1231.checkout", d, "in", 3, 1),
+            p("uswm.visit.assigned.1231.checkout", d, "in", 5, 1),
+            p("uswm.visit.assigned.1231.checkout.beta", d, "in", 3, 1),
+            p("uswm.visit.fm.1231.home_page", d, "in", 2, 1),
+            p("uswm.visit.fm.1231.home_page", d, "in", 4, 1),
+            p("uswm.visit.fm.1231.home_page.beta", d, "in", 2, 1),
+            p("uswm.visit.fm.1231.checkout", d, "in", 3, 1),
+            p("uswm.visit.fm.1231.checkout", d, "in", 5, 1),
+            p("uswm.visit.fm.1231.checkout.beta", d, "in", 3, 1),
+            p("uswm.value.assigned.1231.checkout", d, "in", 3, 1000),
+            p("uswm.value.assigned.1231.checkout", d, "in", 5, 2000),
+            p("uswm.value.fm.1231.checkout", d, "in", 3, 1000),
+            p("uswm.value.fm.1231.checkout", d, "in", 5, 2000),
+            p("uswm.value_sq.fm.1231.checkout", d, "in", 3, 1_000_000),
+            p("uswm.value_sq.fm.1231.checkout", d, "in", 5, 8_000_000),
+        ],
+    );
+}
+
+#[test]
+fn late_purchase_in_the_middle_corrects_the_value_sq_increments_after_it() {
+    // Purchases of 1.00 at 10:02 and 3.00 at 10:06 arrive; 2.00 at 10:04 (on
+    // mobile) arrives late. Running totals 100, 300, 600: the 10:06 increment
+    // goes from 400² − 100² to 600² − 300².
+    let lines = vec![
+        ev(T0, "s1", "home_page", "desktop", "in", &[(123, 1232)]),
+        with_value(ev(T0 + 2 * MIN, "s1", "checkout", "desktop", "in", &[]), 100),
+        with_value(ev(T0 + 6 * MIN, "s1", "checkout", "desktop", "in", &[]), 300),
+        with_value(ev(T0 + 4 * MIN, "s1", "checkout", "mobile", "in", &[]), 200),
+    ];
+    let (d, m) = ("desktop", "mobile");
+    check(
+        &lines,
+        &[
+            p("uswm.session.assigned.1232", d, "in", 0, 1),
+            p("uswm.session.fm.1232", d, "in", 0, 1),
+            p("uswm.visit.assigned.1232.home_page", d, "in", 0, 1),
+            p("uswm.visit.assigned.1232.home_page.beta", d, "in", 0, 1),
+            p("uswm.visit.fm.1232.home_page", d, "in", 0, 1),
+            p("uswm.visit.fm.1232.home_page.beta", d, "in", 0, 1),
+            p("uswm.visit.assigned.1232.checkout", d, "in", 2, 1),
+            p("uswm.visit.assigned.1232.checkout", m, "in", 4, 1),
+            p("uswm.visit.assigned.1232.checkout", d, "in", 6, 1),
+            p("uswm.visit.assigned.1232.checkout.beta", d, "in", 2, 1),
+            p("uswm.visit.fm.1232.checkout", d, "in", 2, 1),
+            p("uswm.visit.fm.1232.checkout", m, "in", 4, 1),
+            p("uswm.visit.fm.1232.checkout", d, "in", 6, 1),
+            p("uswm.visit.fm.1232.checkout.beta", d, "in", 2, 1),
+            p("uswm.value.assigned.1232.checkout", d, "in", 2, 100),
+            p("uswm.value.assigned.1232.checkout", m, "in", 4, 200),
+            p("uswm.value.assigned.1232.checkout", d, "in", 6, 300),
+            p("uswm.value.fm.1232.checkout", d, "in", 2, 100),
+            p("uswm.value.fm.1232.checkout", m, "in", 4, 200),
+            p("uswm.value.fm.1232.checkout", d, "in", 6, 300),
+            p("uswm.value_sq.fm.1232.checkout", d, "in", 2, 10_000),
+            p("uswm.value_sq.fm.1232.checkout", m, "in", 4, 80_000),
+            p("uswm.value_sq.fm.1232.checkout", d, "in", 6, 270_000),
+        ],
+    );
+}
+
+#[test]
+fn a_contribution_of_zero_creates_no_point_and_bad_values_are_rejected() {
+    // A checkout without a value, one with 0 and one with null: counted
+    // visits, but no value point is ever written, not even a 0.
+    let lines = vec![
+        ev(T0, "s1", "home_page", "desktop", "in", &[(123, 1231)]),
+        ev(T0 + MIN, "s1", "checkout", "desktop", "in", &[]),
+        with_value(ev(T0 + 2 * MIN, "s1", "checkout", "desktop", "in", &[]), 0),
+        String::from_utf8(ev(T0 + 3 * MIN, "s1", "checkout", "desktop", "in", &[]))
+            .unwrap()
+            .replace('}', r#","value":null}"#)
+            .into_bytes(),
+        // Malformed values: the whole event is rejected by reason.
+        String::from_utf8(ev(T0 + 4 * MIN, "s1", "checkout", "desktop", "in", &[]))
+            .unwrap()
+            .replace('}', r#","value":"12"}"#)
+            .into_bytes(),
+        with_value(ev(T0 + 4 * MIN, "s1", "checkout", "desktop", "in", &[]), 20_000_000),
+    ];
+    let (points, s) = run_engine(&config(), &lines, 2);
+    assert!(points.iter().all(|p| !p.name.contains(".value")), "no value point at all");
+    assert_eq!(s.router.rejected[Reject::BadValue.index()], 2);
+    let visits = final_totals(&points, "dc1");
+    let checkout_visits: i64 =
+        visits.iter().filter(|(k, _)| k.0 == "uswm.visit.assigned.1231.checkout").map(|(_, v)| v).sum();
+    assert_eq!(checkout_visits, 3);
+    assert!(diff(&reference(&config(), &lines), &visits).is_empty());
+}
+
+#[test]
+fn value_sq_total_beyond_64_bits_is_clamped_when_written_and_counted() {
+    // Two sessions, each 250 purchases of 100,000.00 in one minute: each adds
+    // (2.5·10⁹)² = 6.25·10¹⁸ to one point, whose total (1.25·10¹⁹) is beyond
+    // i64: written as i64::MAX, never wrapped; value.fm stays exact.
+    let mut lines = Vec::new();
+    for s in ["s1", "s2"] {
+        lines.push(ev(T0, s, "home_page", "desktop", "in", &[(123, 1231)]));
+        for i in 0..250 {
+            lines.push(with_value(ev(T0 + MIN + i * 100, s, "checkout", "desktop", "in", &[]), 10_000_000));
+        }
+    }
+    let c = config();
+    let expected = reference(&c, &lines);
+    let key = |name: &str| (name.to_string(), "desktop".to_string(), "in".to_string(), T0 + MIN);
+    assert_eq!(expected[&key("uswm.value_sq.fm.1231.checkout")], i64::MAX);
+    assert_eq!(expected[&key("uswm.value.fm.1231.checkout")], 5_000_000_000);
+    for threads in [1, 3] {
+        let (points, s) = run_engine(&c, &lines, threads);
+        let got = final_totals(&points, "dc1");
+        assert!(diff(&expected, &got).is_empty(), "threads={threads}: {:#?}", diff(&expected, &got));
+        assert!(s.writer.totals_clamped >= 1, "threads={threads}");
+    }
 }

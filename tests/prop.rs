@@ -1,7 +1,9 @@
 //! Property tests: random experiments and sessions, delivered in random orders
 //! within the lateness (plus some events far beyond it), must give final totals
-//! identical to the reference at 1 and 3 shard threads. And the parser must
-//! never panic, whatever the bytes.
+//! identical to the reference at 1, 2 and 4 shard threads. Events carry values
+//! (refunds included, and some malformed ones that must be rejected) so that
+//! the value metrics, `value_sq`'s order-dependent increments above all, are
+//! held to the reference too. And the parser must never panic, whatever the bytes.
 
 mod common;
 
@@ -65,6 +67,26 @@ struct GenEvent {
     pay: Option<usize>,
     /// Delay in seconds: within half the lateness, or (rarely) far beyond it.
     delay_s: i64,
+    /// The `value` field, if any: mostly integers (negative: refunds), a few
+    /// malformed (a float, a string, out of range) and nulls.
+    value: Option<serde_json::Value>,
+}
+
+fn value() -> impl Strategy<Value = Option<serde_json::Value>> {
+    prop_oneof![
+        6 => Just(None),
+        4 => (-3000..10_000i64).prop_map(|v| Some(v.into())),
+        1 => (9_999_990..=10_000_000i64).prop_map(|v| Some(v.into())),
+        1 => prop::sample::select(vec![
+            serde_json::json!(12.5),
+            serde_json::json!("12"),
+            serde_json::json!(20_000_000),
+            serde_json::json!(-10_000_001),
+            serde_json::Value::Null,
+            serde_json::json!(0),
+        ])
+        .prop_map(Some),
+    ]
 }
 
 fn event() -> impl Strategy<Value = GenEvent> {
@@ -76,8 +98,9 @@ fn event() -> impl Strategy<Value = GenEvent> {
         prop::collection::vec((0..5usize, 0..4usize), 0..3),
         prop::option::of(0..2usize),
         prop_oneof![8 => Just(0i64), 8 => 0..(LATENESS / SEC / 2 - 1), 1 => (3 * LATENESS / SEC)..(4 * LATENESS / SEC)],
+        value(),
     )
-        .prop_map(|(offset_s, mp, device, login, assign, pay, delay_s)| GenEvent {
+        .prop_map(|(offset_s, mp, device, login, assign, pay, delay_s, value)| GenEvent {
             offset_s,
             mp,
             device,
@@ -85,6 +108,7 @@ fn event() -> impl Strategy<Value = GenEvent> {
             assign,
             pay,
             delay_s,
+            value,
         })
 }
 
@@ -142,6 +166,9 @@ fn world_lines(experiments: &[Experiment], sessions: &[GenSession]) -> Vec<Vec<u
                 if !assign.is_empty() {
                     o["assign"] = assign.into();
                 }
+                if let Some(v) = &e.value {
+                    o["value"] = v.clone();
+                }
                 if let Some(p) = e.pay {
                     let pay = ["x", "y"][p];
                     o["attrs"] = serde_json::json!({ "pay": pay });
@@ -191,7 +218,7 @@ proptest! {
         let c = config(experiments);
         let lines = world_lines(&c.experiments, &sessions);
         let expected = reference(&c, &lines);
-        for threads in [1, 3] {
+        for threads in [1, 2, 4] {
             let got = engine_totals(&c, &lines, threads);
             let d = diff(&expected, &got);
             prop_assert!(d.is_empty(), "threads={}: {:#?}", threads, d);

@@ -1,9 +1,9 @@
 //! Per-shard, per-minute delta counters in dense regions.
 //!
 //! A region holds the counters of one (tenant, mp, device, login, minute):
-//! - a visit region has 4 `i64` (the visit kinds) for each variation that
-//!   reports the mp, at its [`VisitSlot`] (experiments listing the mp first,
-//!   then those reporting every mp);
+//! - a visit region has 7 `i64` (the 4 visit counts and the 3 value sums) for
+//!   each variation that reports the mp, at its [`VisitSlot`] (experiments
+//!   listing the mp first, then those reporting every mp);
 //! - the no-mp region has 2 (the session kinds) for each variation of the
 //!   tenant, at its `tenant_slot`.
 //!
@@ -14,6 +14,12 @@
 //! Counters hold deltas since the last drain. A drain hands out every non-zero
 //! counter and then frees all regions — they are all zero — so memory follows
 //! the traffic of one trigger interval, not the run.
+//!
+//! Value sums (`value_sq` above all: one session's square may reach ~6.5·10¹⁸)
+//! can leave the `i64` range within one interval. A counter never wraps: when
+//! an addition would overflow, its current count is set aside as a delta of
+//! its own (the writer sums deltas in `i128`) and the counter restarts from the
+//! addition, so the deltas handed out always add up to the exact change.
 
 use ahash::AHashMap;
 use std::sync::Arc;
@@ -29,7 +35,7 @@ pub struct Delta {
     pub delta: i64,
 }
 
-const VISIT_KINDS: usize = 4;
+const VISIT_KINDS: usize = 7;
 const SESSION_KINDS: usize = 2;
 
 /// Offset of a kind among its variation's counters.
@@ -40,6 +46,9 @@ fn offset(kind: MetricKind) -> usize {
         MetricKind::SessionFm | MetricKind::VisitAssignedBeta => 1,
         MetricKind::VisitFm => 2,
         MetricKind::VisitFmBeta => 3,
+        MetricKind::ValueAssigned => 4,
+        MetricKind::ValueFm => 5,
+        MetricKind::ValueSqFm => 6,
     }
 }
 
@@ -51,11 +60,14 @@ fn kind_at(session: bool, offset: usize) -> MetricKind {
         (false, 0) => MetricKind::VisitAssigned,
         (false, 1) => MetricKind::VisitAssignedBeta,
         (false, 2) => MetricKind::VisitFm,
-        (false, _) => MetricKind::VisitFmBeta,
+        (false, 3) => MetricKind::VisitFmBeta,
+        (false, 4) => MetricKind::ValueAssigned,
+        (false, 5) => MetricKind::ValueFm,
+        (false, _) => MetricKind::ValueSqFm,
     }
 }
 
-/// (tenant, mp, device, login) packed: 16 + 16 + 12 + 12 bits.
+/// (tenant, mp, device, login) packed: 16 + 16 + 12 + 12 bits (logins use 11).
 #[inline]
 fn region_key(tenant: u16, key: SeriesKey) -> u64 {
     (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
@@ -74,11 +86,20 @@ struct Region {
 }
 
 impl Region {
+    /// Adds `delta`; if the sum would leave `i64`, restarts the counter at
+    /// `delta` and returns the count it held (to be handed out on its own).
     #[inline]
-    fn add(&mut self, cell: usize, delta: i64) {
-        self.counts[cell] += delta;
+    fn add(&mut self, cell: usize, delta: i64) -> Option<i64> {
         if let Some(t) = &mut self.touched {
             t[cell / 64] |= 1 << (cell % 64);
+        }
+        let c = &mut self.counts[cell];
+        match c.checked_add(delta) {
+            Some(v) => {
+                *c = v;
+                None
+            }
+            None => Some(std::mem::replace(c, delta)),
         }
     }
 
@@ -97,11 +118,20 @@ pub struct MinuteCounters {
     last: Option<(u64, i64, u32)>,
     /// Report touched counters even when their net change is zero.
     track_touched: bool,
+    /// Counts set aside because adding to them would have overflowed.
+    spilled: Vec<Delta>,
 }
 
 impl MinuteCounters {
     pub fn new(catalog: Arc<Catalog>) -> MinuteCounters {
-        MinuteCounters { catalog, index: AHashMap::new(), regions: Vec::new(), last: None, track_touched: false }
+        MinuteCounters {
+            catalog,
+            index: AHashMap::new(),
+            regions: Vec::new(),
+            last: None,
+            track_touched: false,
+            spilled: Vec::new(),
+        }
     }
 
     /// After a restore: report every touched counter, even at net zero.
@@ -142,8 +172,11 @@ impl MinuteCounters {
     pub fn add_session(&mut self, key: SeriesKey, ts: i64, delta: i64) {
         debug_assert_eq!(key.mp(), NO_MP);
         let var = self.catalog.variations[key.variation() as usize];
-        let r = self.region(var.tenant, key, minute_of(ts));
-        self.regions[r].add(var.tenant_slot as usize * SESSION_KINDS + offset(key.kind()), delta);
+        let minute = minute_of(ts);
+        let r = self.region(var.tenant, key, minute);
+        if let Some(full) = self.regions[r].add(var.tenant_slot as usize * SESSION_KINDS + offset(key.kind()), delta) {
+            self.spilled.push(Delta { key, minute, delta: full });
+        }
     }
 
     /// Adds `delta` to the visit-kind point `(key, minute(ts))`, whose
@@ -151,18 +184,22 @@ impl MinuteCounters {
     #[inline]
     pub fn add_visit(&mut self, key: SeriesKey, slot: VisitSlot, ts: i64, delta: i64) {
         let tenant = self.catalog.variations[key.variation() as usize].tenant;
-        let i = self.region(tenant, key, minute_of(ts));
+        let minute = minute_of(ts);
+        let i = self.region(tenant, key, minute);
         let r = &mut self.regions[i];
         let s = match slot {
             VisitSlot::Listed(s) => s,
             VisitSlot::Every(s) => r.listed + s,
         };
-        r.add(s as usize * VISIT_KINDS + offset(key.kind()), delta);
+        if let Some(full) = r.add(s as usize * VISIT_KINDS + offset(key.kind()), delta) {
+            self.spilled.push(Delta { key, minute, delta: full });
+        }
     }
 
     /// Appends every non-zero delta since the last drain to `out` and frees
     /// all counters (they are zero again).
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
+        out.append(&mut self.spilled);
         for r in &self.regions {
             let tenant = (r.key >> 40) as u16;
             let (mp, device, login) =
@@ -262,6 +299,23 @@ mod tests {
     }
 
     #[test]
+    fn a_sum_beyond_i64_is_handed_out_in_parts_never_wrapped() {
+        let mut c = MinuteCounters::new(catalog());
+        let k = SeriesKey::new(MetricKind::ValueSqFm, 1, 0, 3, 4);
+        for _ in 0..3 {
+            add(&mut c, k, 60_000, 6_000_000_000_000_000_000);
+        }
+        add(&mut c, k, 60_000, -1);
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        assert!(out.iter().all(|d| d.key == k && d.minute == 60_000));
+        assert_eq!(out.iter().map(|d| d.delta as i128).sum::<i128>(), 18_000_000_000_000_000_000 - 1);
+        out.clear();
+        c.drain(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn every_kind_round_trips_through_its_region() {
         let cat = catalog();
         for kind in [
@@ -271,6 +325,9 @@ mod tests {
             MetricKind::VisitAssignedBeta,
             MetricKind::VisitFm,
             MetricKind::VisitFmBeta,
+            MetricKind::ValueAssigned,
+            MetricKind::ValueFm,
+            MetricKind::ValueSqFm,
         ] {
             let session = matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm);
             // Variations 0, 1 list mps 0 and 1; 3, 4 report every mp (e.g. 9).

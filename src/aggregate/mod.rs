@@ -26,7 +26,7 @@ pub fn minute_of(ts: i64) -> i64 {
     ts - ts.rem_euclid(MINUTE_MS)
 }
 
-/// The six metrics of SPEC §3.
+/// The nine metrics of SPEC §3: six counts and three value sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum MetricKind {
@@ -36,6 +36,13 @@ pub enum MetricKind {
     VisitAssignedBeta = 3,
     VisitFm = 4,
     VisitFmBeta = 5,
+    /// `T.value.assigned.v.m`: the values of visits at `ts >= A`.
+    ValueAssigned = 6,
+    /// `T.value.fm.v.m`: the values of visits at `ts >= F`.
+    ValueFm = 7,
+    /// `T.value_sq.fm.v.m`: the increments `y_k² − y_{k−1}²` of the running
+    /// value total of visits at `ts >= F`.
+    ValueSqFm = 8,
 }
 
 impl MetricKind {
@@ -46,41 +53,49 @@ impl MetricKind {
             2 => MetricKind::VisitAssigned,
             3 => MetricKind::VisitAssignedBeta,
             4 => MetricKind::VisitFm,
-            _ => MetricKind::VisitFmBeta,
+            5 => MetricKind::VisitFmBeta,
+            6 => MetricKind::ValueAssigned,
+            7 => MetricKind::ValueFm,
+            _ => MetricKind::ValueSqFm,
         }
+    }
+
+    /// Whether the metric sums event values (the others count).
+    pub fn is_value(self) -> bool {
+        matches!(self, MetricKind::ValueAssigned | MetricKind::ValueFm | MetricKind::ValueSqFm)
     }
 }
 
 /// `mp` field of session-level metrics.
 pub const NO_MP: u16 = u16::MAX;
 
-/// A metric and its tags, packed: kind 3 bits, variation index 21, mp 16,
-/// device 12, login 12.
+/// A metric and its tags, packed: kind 4 bits, variation index 21, mp 16,
+/// device 12, login 11 (login ids stay below 2⁴, [`crate::names::LOGIN_CAPACITY`]).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SeriesKey(pub u64);
 
 impl SeriesKey {
     #[inline]
     pub fn new(kind: MetricKind, variation: u32, mp: u16, device: u16, login: u16) -> SeriesKey {
-        debug_assert!(variation < 1 << 21 && device < 1 << 12 && login < 1 << 12);
+        debug_assert!(variation < 1 << 21 && device < 1 << 12 && login < 1 << 11);
         SeriesKey(
-            (kind as u64) << 61 | (variation as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64,
+            (kind as u64) << 60 | (variation as u64) << 39 | (mp as u64) << 23 | (device as u64) << 11 | login as u64,
         )
     }
     pub fn kind(self) -> MetricKind {
-        MetricKind::from_bits(self.0 >> 61)
+        MetricKind::from_bits(self.0 >> 60)
     }
     pub fn variation(self) -> u32 {
-        ((self.0 >> 40) & ((1 << 21) - 1)) as u32
+        ((self.0 >> 39) & ((1 << 21) - 1)) as u32
     }
     pub fn mp(self) -> u16 {
-        (self.0 >> 24) as u16
+        (self.0 >> 23) as u16
     }
     pub fn device(self) -> u16 {
-        ((self.0 >> 12) & 0xFFF) as u16
+        ((self.0 >> 11) & 0xFFF) as u16
     }
     pub fn login(self) -> u16 {
-        (self.0 & 0xFFF) as u16
+        (self.0 & 0x7FF) as u16
     }
 }
 
@@ -109,7 +124,8 @@ impl<'a> Namer<'a> {
         }
     }
 
-    /// Appends the metric name of `key` to `out`, e.g. `uswm.visit.fm.1231.item_page.beta`.
+    /// Appends the metric name of `key` to `out`, e.g. `uswm.visit.fm.1231.item_page.beta`
+    /// or `uswm.value_sq.fm.1231.checkout`.
     pub fn write_name(&self, key: SeriesKey, out: &mut String) {
         use std::fmt::Write;
         let var = self.catalog.variations[key.variation() as usize];
@@ -122,6 +138,9 @@ impl<'a> Namer<'a> {
             MetricKind::VisitAssignedBeta => ("visit.assigned", true),
             MetricKind::VisitFm => ("visit.fm", false),
             MetricKind::VisitFmBeta => ("visit.fm", true),
+            MetricKind::ValueAssigned => ("value.assigned", false),
+            MetricKind::ValueFm => ("value.fm", false),
+            MetricKind::ValueSqFm => ("value_sq.fm", false),
         };
         let _ = write!(out, "{tenant}.{family}.{}", var.id);
         if key.mp() != NO_MP {
@@ -158,12 +177,14 @@ mod tests {
 
     #[test]
     fn series_key_round_trips() {
-        let k = SeriesKey::new(MetricKind::VisitFmBeta, (1 << 21) - 1, 65534, 4095, 7);
-        assert_eq!(k.kind(), MetricKind::VisitFmBeta);
-        assert_eq!(k.variation(), (1 << 21) - 1);
-        assert_eq!(k.mp(), 65534);
-        assert_eq!(k.device(), 4095);
-        assert_eq!(k.login(), 7);
+        for kind in [MetricKind::VisitFmBeta, MetricKind::ValueSqFm] {
+            let k = SeriesKey::new(kind, (1 << 21) - 1, 65534, 4095, 2047);
+            assert_eq!(k.kind(), kind);
+            assert_eq!(k.variation(), (1 << 21) - 1);
+            assert_eq!(k.mp(), 65534);
+            assert_eq!(k.device(), 4095);
+            assert_eq!(k.login(), 2047);
+        }
         let s = SeriesKey::new(MetricKind::SessionAssigned, 3, NO_MP, 0, 0);
         assert_eq!(s.mp(), NO_MP);
         assert_eq!(s.kind(), MetricKind::SessionAssigned);

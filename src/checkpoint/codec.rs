@@ -23,6 +23,9 @@ impl Enc {
     pub fn i64(&mut self, v: i64) {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
+    pub fn i128(&mut self, v: i128) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
     pub fn opt_i64(&mut self, v: Option<i64>) {
         self.u8(v.is_some() as u8);
         self.i64(v.unwrap_or(0));
@@ -76,6 +79,9 @@ impl<'a> Dec<'a> {
     }
     pub fn i64(&mut self) -> Result<i64, String> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    pub fn i128(&mut self) -> Result<i128, String> {
+        Ok(i128::from_le_bytes(self.take(16)?.try_into().expect("16 bytes")))
     }
     pub fn opt_i64(&mut self) -> Result<Option<i64>, String> {
         let has = self.u8()? != 0;

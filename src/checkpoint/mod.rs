@@ -47,7 +47,9 @@ use crate::source::{FileMark, Offsets, SourceId, SourceKind};
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
 /// 3: the source identity after the creation time; a session's event cells
 /// hold device ids in 12 bits and login ids in 4 (they were a byte each).
-pub const VERSION: u32 = 3;
+/// 4: sessions carry the values of their events; totals are `i128`; series
+/// keys have a 4-bit kind (the value metrics).
+pub const VERSION: u32 = 4;
 pub const FILE: &str = "checkpoint.bin";
 
 /// The router's part: watermark, per-partition clocks, names, position.
@@ -108,15 +110,16 @@ impl RouterState {
     }
 }
 
-/// A total held by the writer: `(series key, minute, total, last written)`.
-pub type TotalRecord = (u64, i64, i64, Option<i64>);
+/// A total held by the writer: `(series key, minute, exact total, last
+/// written, as clamped to i64)`.
+pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
 pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
     e.u64(totals.len() as u64);
     for &(k, m, t, w) in totals {
         e.u64(k);
         e.i64(m);
-        e.i64(t);
+        e.i128(t);
         e.opt_i64(w);
     }
 }
@@ -252,8 +255,8 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
         let defs = serde_json::from_slice(d.bytes()?).map_err(|e| format!("experiments section: {e}"))?;
         let router = RouterState::decode(&mut d)?;
         let mut totals = Vec::new();
-        for _ in 0..d.count(33)? {
-            totals.push((d.u64()?, d.i64()?, d.i64()?, d.opt_i64()?));
+        for _ in 0..d.count(41)? {
+            totals.push((d.u64()?, d.i64()?, d.i128()?, d.opt_i64()?));
         }
         let mut shards = Vec::new();
         for _ in 0..d.count(4)? {

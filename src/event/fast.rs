@@ -212,6 +212,8 @@ pub(super) fn parse_fast<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Opt
             "login" => ev.login = sc.opt_string()?,
             "assign" => sc.assign(assign)?,
             "attrs" => ev.attrs = sc.attrs()?,
+            // An integer or null; a float, a string etc. goes to serde (bad_value).
+            "value" => ev.value = if sc.null() { None } else { Some(sc.integer()?) },
             _ => sc.skip_scalar()?,
         }
         Some(())

@@ -7,6 +7,9 @@
 //! Rules: unknown fields are ignored; `null` is the same as absent; of duplicate
 //! keys the last wins (also inside `assign` and `attrs`); empty names are
 //! refused because they cannot become a metric name part or a KairosDB tag.
+//! The optional `value` is a JSON integer with abs ≤ [`MAX_VALUE`] (absent or
+//! null: 0); a float, a string or any other type, or an integer out of range,
+//! is [`Reject::BadValue`] on both paths.
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use smallvec::SmallVec;
@@ -27,6 +30,9 @@ pub const MAX_ENTRIES: usize = 64;
 /// 2000-01-01T00:00:00Z in ms: the earliest valid `ts`.
 pub const MIN_TS_MS: i64 = 946_684_800_000;
 
+/// Largest abs(`value`) of an event (SPEC §1).
+pub const MAX_VALUE: i64 = 10_000_000;
+
 /// Experiment id of an assignment key too large for `u64`; never configured.
 pub const UNKNOWN_EXPERIMENT_ID: u64 = u64::MAX;
 
@@ -44,6 +50,8 @@ pub struct Event<'a> {
     pub assign: &'a [(u64, i64)],
     /// attribute name → value, in input order, keys unique.
     pub attrs: SmallVec<[(Cow<'a, str>, Cow<'a, str>); 2]>,
+    /// The amount the event carries (0 when absent), abs ≤ [`MAX_VALUE`].
+    pub value: i32,
 }
 
 /// Why an input was rejected. Each reason is counted separately.
@@ -73,10 +81,13 @@ pub enum Reject {
     TooMany,
     /// An empty tenant, session, mp, device or login.
     EmptyField,
+    /// A `value` that is not an integer (a float, a string, …) or whose
+    /// abs exceeds [`MAX_VALUE`].
+    BadValue,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::NotUtf8,
         Reject::NotJson,
         Reject::NotObject,
@@ -88,6 +99,7 @@ impl Reject {
         Reject::TooLong,
         Reject::TooMany,
         Reject::EmptyField,
+        Reject::BadValue,
     ];
 
     /// Stable snake_case name, used in health metrics and dead-letter records.
@@ -104,6 +116,7 @@ impl Reject {
             Reject::TooLong => "too_long",
             Reject::TooMany => "too_many",
             Reject::EmptyField => "empty_field",
+            Reject::BadValue => "bad_value",
         }
     }
 
@@ -162,7 +175,7 @@ fn parse_event_serde<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Result<
 /// Required fields, defaults, bounds and the ts range, common to both paths
 /// (so the fast path and serde cannot disagree on them).
 fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], latest_ts: Option<i64>) -> Result<Event<'a>, Reject> {
-    let RawEvent { ts, tenant, session, mp, device, login, attrs } = raw;
+    let RawEvent { ts, tenant, session, mp, device, login, attrs, value } = raw;
     let (Some(ts), Some(tenant), Some(session), Some(mp)) = (ts, tenant, session, mp) else {
         return Err(Reject::MissingField);
     };
@@ -185,7 +198,11 @@ fn finish<'a>(raw: RawEvent<'a>, assign: &'a [(u64, i64)], latest_ts: Option<i64
     if latest_ts.is_some_and(|latest| ts > latest) {
         return Err(Reject::TsFuture);
     }
-    Ok(Event { ts, tenant, session, mp, device, login, assign, attrs: attrs.unwrap_or_default() })
+    let value = value.unwrap_or(0);
+    if !(-MAX_VALUE..=MAX_VALUE).contains(&value) {
+        return Err(Reject::BadValue);
+    }
+    Ok(Event { ts, tenant, session, mp, device, login, assign, attrs: attrs.unwrap_or_default(), value: value as i32 })
 }
 
 fn classify(e: &serde_json::Error, reason: &Cell<Option<Reject>>) -> Reject {
@@ -209,6 +226,9 @@ struct RawEvent<'a> {
     device: Option<Cow<'a, str>>,
     login: Option<Cow<'a, str>>,
     attrs: Option<Attrs<'a>>,
+    /// `value` as read: any integer (range checked in `finish`; one beyond
+    /// `i64` reads as `i64::MAX`, out of range too), `None` if absent or null.
+    value: Option<i64>,
 }
 
 /// Deserializes the top-level object; records our own rejection reasons in
@@ -274,6 +294,7 @@ impl<'de> Visitor<'de> for EventSeed<'_> {
                     map.next_value_seed(OptionSeed(AssignSeed { reason: self.reason, out: &mut *self.assign }))?;
                 }
                 "attrs" => ev.attrs = map.next_value_seed(OptionSeed(AttrsSeed { reason: self.reason }))?,
+                "value" => ev.value = map.next_value_seed(ValueSeed { reason: self.reason })?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -368,6 +389,59 @@ impl<'de> de::Deserialize<'de> for Variation {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+/// The `value` field: an integer, or null; anything else is [`Reject::BadValue`].
+struct ValueSeed<'r> {
+    reason: &'r Cell<Option<Reject>>,
+}
+
+impl<'de> DeserializeSeed<'de> for ValueSeed<'_> {
+    type Value = Option<i64>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<i64>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed<'_> {
+    type Value = Option<i64>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an integer value")
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Option<i64>, E> {
+        Ok(Some(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Option<i64>, E> {
+        Ok(Some(i64::try_from(v).unwrap_or(i64::MAX)))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Option<i64>, E> {
+        Ok(None)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Option<i64>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<i64>, E> {
+        Err(self.bad())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<i64>, E> {
+        Err(self.bad())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<i64>, E> {
+        Err(self.bad())
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Option<i64>, A::Error> {
+        Err(self.bad())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Option<i64>, A::Error> {
+        Err(self.bad())
+    }
+}
+
+impl ValueSeed<'_> {
+    fn bad<E: de::Error>(&self) -> E {
+        self.reason.set(Some(Reject::BadValue));
+        E::custom(Reject::BadValue.as_str())
     }
 }
 
@@ -517,6 +591,29 @@ mod tests {
         let many: Vec<String> = (0..65).map(|i| format!("\"{i}\":1")).collect();
         assert_eq!(rej(base(&format!(r#","assign":{{{}}}"#, many.join(","))).as_bytes()), Reject::TooMany);
         assert_eq!(rej(base(r#","login":"""#).as_bytes()), Reject::EmptyField);
+        for bad in
+            ["12.5", "12.0", "1e3", r#""12""#, "true", "[1]", "{}", "20000000", "-10000001", "12345678901234567890"]
+        {
+            assert_eq!(rej(base(&format!(r#","value":{bad}"#)).as_bytes()), Reject::BadValue, "{bad}");
+        }
+    }
+
+    #[test]
+    fn value_is_an_integer_within_its_range_absent_or_null_is_zero() {
+        let line = |v: &str| format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m"{v}}}"#);
+        for (v, want) in [("", 0), (r#","value":null"#, 0), (r#","value":1299"#, 1299), (r#","value":-500"#, -500)] {
+            let l = line(v);
+            assert_eq!(parse_event(l.as_bytes(), None, &mut ParseScratch::default()).unwrap().value, want, "{l}");
+        }
+        for bound in [10_000_000i64, -10_000_000] {
+            let l = line(&format!(r#","value":{bound}"#));
+            assert!(fast::parse_fast(&l, &mut Vec::new()).is_some());
+            assert_eq!(parse_event(l.as_bytes(), None, &mut ParseScratch::default()).unwrap().value as i64, bound);
+        }
+        // Duplicates: the last wins, on both paths.
+        let l = line(r#","value":5,"value":7"#);
+        same_as_serde(&l);
+        assert_eq!(parse_event(l.as_bytes(), None, &mut ParseScratch::default()).unwrap().value, 7);
     }
 
     #[test]
@@ -552,6 +649,9 @@ mod tests {
             r#" { "ts" : 1525356185123 , "tenant":"a","session":"s","mp":"m","x":true,"y":null,"z":-5,"w":"q" } "#,
             r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{"0123":5,"123":6,"9":null},"attrs":{"k":"v","k":"w","z":null}}"#,
             r#"{"ts":null,"tenant":"a","session":"s","mp":"m","assign":null,"attrs":{}}"#,
+            r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"checkout","value":-1299}"#,
+            r#"{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","value":null}"#,
+            r#"{"value":20000000}"#,
             r#"{}"#,
         ] {
             assert!(fast::parse_fast(line, &mut Vec::new()).is_some(), "{line}");
@@ -567,6 +667,8 @@ mod tests {
             r#"{"ts":1,}"#,
             r#"{"ts":1} x"#,
             r#"{"ts":12345678901234567890}"#,
+            r#"{"value":12.5}"#,
+            r#"{"value":"12"}"#,
         ] {
             assert!(fast::parse_fast(line, &mut Vec::new()).is_none(), "{line}");
         }
@@ -576,7 +678,7 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
         /// Generated JSON-ish events: whenever the fast path accepts, serde agrees.
         #[test]
-        fn fast_path_contract(s in r#" ?\{ ?(("(ts|tenant|session|mp|device|login|assign|attrs|x)" ?: ?(-?[0-9]{1,20}(\.5)?|"[a-z0-9\\"\t]{0,5}"|null|true|\{ ?("[0-9a-z]{0,3}" ?: ?(-?0?[0-9]{1,20}|"[a-z]{0,3}"|null|1e3) ?,? ?){0,3}\}|\[\]) ?,? ?){0,9})\} ?x?"#) {
+        fn fast_path_contract(s in r#" ?\{ ?(("(ts|tenant|session|mp|device|login|assign|attrs|value|x)" ?: ?(-?[0-9]{1,20}(\.5)?|"[a-z0-9\\"\t]{0,5}"|null|true|\{ ?("[0-9a-z]{0,3}" ?: ?(-?0?[0-9]{1,20}|"[a-z]{0,3}"|null|1e3) ?,? ?){0,3}\}|\[\]) ?,? ?){0,9})\} ?x?"#) {
             same_as_serde(&s);
         }
     }

@@ -7,7 +7,13 @@
 //! to resume after a long gap (a new session under the same id). Events arrive
 //! in clock order, but ~2% carry a time up to half the lateness earlier (out of
 //! order, kept), ~0.2% a time three to four lateness periods earlier (late,
-//! dropped by the engine), and ~0.1% are malformed lines.
+//! dropped by the engine), and ~0.1% are malformed lines (some of them a
+//! checkout whose `value` is a float, a string or out of range).
+//!
+//! Revenue: events at purchase-like mps ([`is_purchase_mp`]: `checkout`,
+//! `payment`) carry a `value`, the order's amount in cents, log-normal around
+//! $45 (a few orders in the thousands, never over the 10,000,000 bound); ~5%
+//! are refunds, carried as negative values.
 //!
 //! Timing: replays run on a simulated clock from a fixed start; with a rate the
 //! generator is open-loop on the wall clock ([`Pacer`]) and timestamps are now.
@@ -199,6 +205,9 @@ impl Generator {
             let pay = ["paypal", "card", "giftcard"][pick_weighted(&mut self.rng, [0.3, 0.6, 0.1].into_iter())];
             let _ = write!(line, r#","attrs":{{"payment":"{pay}"}}"#);
         }
+        if is_purchase_mp(mp) {
+            let _ = write!(line, r#","value":{}"#, order_value_cents(&mut self.rng));
+        }
         line.push('}');
         s.emitted += 1;
         s.remaining -= 1;
@@ -224,6 +233,10 @@ impl Generator {
             r#"{"tenant":"uswm","session":"x","mp":"home_page"}"#.to_string(),
             format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","assign":{{"12a":1}}}}"#),
             format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"home_page","device":"{}"}}"#, "d".repeat(80)),
+            // Values that must be rejected (`bad_value`): not integers, or out of range.
+            format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"checkout","value":12.5}}"#),
+            format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"checkout","value":"12"}}"#),
+            format!(r#"{{"ts":{now},"tenant":"uswm","session":"x","mp":"checkout","value":20000000}}"#),
             "[1,2,3]".to_string(),
             "GET /index.html HTTP/1.1".to_string(),
         ];
@@ -239,6 +252,25 @@ impl Generator {
     }
 }
 
+/// Whether events at `mp` are purchases that carry an order value.
+pub fn is_purchase_mp(mp: &str) -> bool {
+    matches!(mp, "checkout" | "payment")
+}
+
+/// An order's value in cents: log-normal (median $45, σ 0.9), a refund (its
+/// negative) 5% of the time; always within abs ≤ 10,000,000 (SPEC §1).
+fn order_value_cents<R: Rng>(rng: &mut R) -> i64 {
+    // Box–Muller: a standard normal from two uniforms.
+    let (u1, u2): (f64, f64) = (rng.gen_range(f64::EPSILON..1.0), rng.gen());
+    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    let cents = (4500.0 * (0.9 * z).exp()).round().clamp(1.0, 10_000_000.0) as i64;
+    if rng.gen_bool(0.05) {
+        -cents
+    } else {
+        cents
+    }
+}
+
 fn pick_weighted<R: Rng>(rng: &mut R, weights: impl Iterator<Item = f64> + Clone) -> usize {
     let total: f64 = weights.clone().sum();
     let mut x = rng.gen::<f64>() * total;
@@ -251,4 +283,37 @@ fn pick_weighted<R: Rng>(rng: &mut R, weights: impl Iterator<Item = f64> + Clone
         last = i;
     }
     last
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{parse_event, ParseScratch, Reject, MAX_VALUE};
+
+    #[test]
+    fn purchases_carry_order_values_with_some_refunds_and_a_few_bad_values() {
+        let mut g = Generator::new(Profile::demo(), 7, REPLAY_START_MS);
+        let (mut purchases, mut refunds, mut bad_values, mut valued_elsewhere) = (0, 0, 0, 0);
+        let mut scratch = ParseScratch::default();
+        let mut line = Vec::new();
+        for _ in 0..100_000 {
+            line.clear();
+            g.next_line(&mut line);
+            match parse_event(&line, None, &mut scratch) {
+                Ok(e) if is_purchase_mp(&e.mp) && e.tenant != "unknown_site" => {
+                    assert!(e.value != 0 && (e.value as i64).abs() <= MAX_VALUE);
+                    purchases += 1;
+                    refunds += (e.value < 0) as u32;
+                }
+                Ok(e) => valued_elsewhere += (e.value != 0) as u32,
+                Err(Reject::BadValue) => bad_values += 1,
+                Err(_) => {}
+            }
+        }
+        assert!(purchases > 1_000, "{purchases}");
+        let share = refunds as f64 / purchases as f64;
+        assert!((0.03..0.07).contains(&share), "refunds {share}");
+        assert!(bad_values > 0);
+        assert_eq!(valued_elsewhere, 0, "only purchases carry values");
+    }
 }

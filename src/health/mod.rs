@@ -75,6 +75,8 @@ impl std::ops::AddAssign for ShardStats {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriterStats {
     pub upserts_written: u64,
+    /// Upserts whose total was beyond 64 bits and written clamped (SPEC §3).
+    pub totals_clamped: u64,
     pub active_points: u64,
     pub flushes: u64,
     /// Most session-state bytes seen at a flush, over all shards, and the
@@ -234,6 +236,9 @@ impl fmt::Display for Summary {
             "  upserts written {} in {} flushes, peak points held {}",
             w.upserts_written, w.flushes, w.peak_points
         )?;
+        if w.totals_clamped > 0 {
+            write!(f, "\n  totals clamped to 64 bits {}", w.totals_clamped)?;
+        }
         if w.peak_state_sessions > 0 {
             write!(
                 f,

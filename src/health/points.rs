@@ -88,6 +88,7 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
         point("session_overflow_dropped", h.shards.overflow_dropped),
         point("points_active", h.writer.active_points),
         point("upserts_written", h.writer.upserts_written),
+        point("totals_clamped", h.writer.totals_clamped),
         point("write_requests", h.sink.requests),
         point("write_errors", h.sink.rejected_points),
         point("write_retries", h.sink.retries),

@@ -3,11 +3,12 @@
 //! A [`SessionTable`] belongs to one shard: every session key lives on exactly
 //! one shard, so no state here is shared. For each session it keeps its events
 //! (8 bytes each: ts offset, mp, device, login; plus the few attributes that
-//! conditions look at) and, per assigned experiment, 4 bytes: the winning
-//! variation and *which event* carries it, and per qualification condition one
-//! byte: the event that first met it. Times and tags are read from the events,
-//! so a session assigned to 20 experiments costs about 320 bytes, table slot
-//! included (see `state.rs`). From that state the six metrics of SPEC §3 follow.
+//! conditions look at, and 12 bytes for each event with a non-zero `value`)
+//! and, per assigned experiment, 4 bytes: the winning variation and *which
+//! event* carries it, and per qualification condition one byte: the event that
+//! first met it. Times and tags are read from the events, so a session assigned
+//! to 20 experiments costs about 320 bytes, table slot included (see
+//! `state.rs`). From that state the nine metrics of SPEC §3 follow.
 //!
 //! Correction protocol, for an arriving event `e` with timestamp `t`:
 //! 1. Note each experiment's view (variation, assignment key, F) before `e`.
@@ -17,8 +18,17 @@
 //!
 //! Step 3 is exact because adding an event at `t` never changes a contribution
 //! located before `t` (SPEC §3, key property): the deltas at `>= t` are all
-//! that differ. A fast path skips the −1/+1 work when the experiment's view is
-//! unchanged and `e` is later than every event seen, which is the common case.
+//! that differ. That holds for `value_sq` too: the increment `y_k² − y_{k−1}²`
+//! of an event depends on the events before it in order, so an event at `t`
+//! changes the increments of the later events of its mp (by `2·value(e)·value(g)`
+//! each), all located at `>= t`. A fast path skips the −1/+1 work when the
+//! experiment's view is unchanged and `e` is later than every event seen, which
+//! is the common case; another (`same_view_out_of_order`) emits only what a
+//! late event changes when the view stays.
+//!
+//! Events tied in order `(ts, device, login)` are ordered by index (arrival)
+//! among themselves, the same way before and after an event is added; they
+//! share a minute and tags, so that choice cannot change a total.
 
 use ahash::AHashMap;
 use std::cmp::Ordering;
@@ -29,8 +39,8 @@ mod state;
 pub use state::{MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
 
 use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
-use crate::config::{Catalog, CompiledExperiment};
-use state::{EvRec, ExpState, OrderKey, Session, NONE};
+use crate::config::{Catalog, CompiledExperiment, VisitSlot};
+use state::{EvRec, ExpState, Extra, OrderKey, Session, NONE, VALUE_KEY};
 
 /// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
 /// the tenant index so that ids are scoped by tenant. Two distinct ids collide
@@ -56,6 +66,8 @@ pub struct SessionEvent<'a> {
     pub mp: u16,
     pub device: u16,
     pub login: u16,
+    /// The event's `value` (0 when absent).
+    pub value: i32,
     /// (experiment index, variation index), experiments unique.
     pub assigns: &'a [(u32, u32)],
     /// (attribute name id, value id) of attributes some condition mentions.
@@ -141,6 +153,8 @@ impl Order<'_> {
 struct Events<'a> {
     base: i64,
     cells: &'a [u64],
+    /// The session's extras; entries of events beyond `cells` are ignored.
+    extras: &'a [Extra],
 }
 
 impl Events<'_> {
@@ -162,6 +176,43 @@ impl Events<'_> {
     #[inline]
     fn key(&self, e: &EvRec) -> OrderKey {
         OrderKey { ts: self.ts(e), device: e.device, login: e.login as u16 }
+    }
+
+    /// `(event index, value)` of every event with a non-zero value.
+    #[inline]
+    fn values(&self) -> impl Iterator<Item = (usize, i64)> + '_ {
+        let n = self.cells.len();
+        self.extras
+            .iter()
+            .filter(move |x| x.1 == VALUE_KEY && (x.0 as usize) < n)
+            .map(|x| (x.0 as usize, x.2 as i32 as i64))
+    }
+
+    /// The value of event `i` (0 if it carries none).
+    #[inline]
+    fn value(&self, i: usize) -> i64 {
+        self.values().find(|&(j, _)| j == i).map_or(0, |(_, v)| v)
+    }
+
+    /// `y_{k−1}` of event `i`: the sum of the values of the events with its mp
+    /// and `ts >= bound` that precede it in order (ties: the lower index first).
+    fn value_before(&self, ord: &Order, i: usize, bound: i64) -> i64 {
+        let e = self.get(i);
+        let ek = self.key(&e);
+        self.values()
+            .filter(|&(j, _)| {
+                let g = self.get(j);
+                j != i
+                    && g.mp == e.mp
+                    && self.ts(&g) >= bound
+                    && match ord.cmp(self.key(&g), ek) {
+                        Ordering::Less => true,
+                        Ordering::Equal => j < i,
+                        Ordering::Greater => false,
+                    }
+            })
+            .map(|(_, v)| v)
+            .sum()
     }
 
     /// Whether event `i` is the first of those with its mp and `ts >= bound`
@@ -243,12 +294,40 @@ fn emit_from(
         if events.is_first_visit(ord, i, a.ts) {
             out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, sign);
         }
+        let value = events.value(i);
+        add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, sign * value);
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
             out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, sign);
             if events.is_first_visit(ord, i, f) {
                 out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, sign);
             }
+            if value != 0 {
+                add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, sign * value);
+                let y = events.value_before(ord, i, f);
+                add_amount(
+                    out,
+                    SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l),
+                    slot,
+                    ts,
+                    sign * square_step(y, value),
+                );
+            }
         }
+    }
+}
+
+/// `(y + value)² − y²`: the `value_sq` increment of an event whose running
+/// total before it is `y`. |y| ≤ 254 · 10⁷, so it stays far inside `i64`.
+#[inline]
+fn square_step(y: i64, value: i64) -> i64 {
+    value * (2 * y + value)
+}
+
+/// Adds an amount to a value metric; a contribution of 0 creates no point.
+#[inline]
+fn add_amount(out: &mut MinuteCounters, key: SeriesKey, slot: VisitSlot, ts: i64, amount: i64) {
+    if amount != 0 {
+        out.add_visit(key, slot, ts, amount);
     }
 }
 
@@ -404,6 +483,7 @@ impl SessionTable {
         for &(name, value) in ev.attrs {
             session.push_attr(idx, name, value);
         }
+        session.push_value(idx, ev.value);
         let ord = Order { catalog };
 
         // 1. Until an experiment's state changes, its view before the event is
@@ -520,8 +600,9 @@ impl SessionTable {
                     .max()
             })
             .flatten();
-        let events = Events { base: session.base, cells };
-        let before_events = Events { base: session.base, cells: &cells[..idx as usize] };
+        let extras = session.extras();
+        let events = Events { base: session.base, cells, extras };
+        let before_events = Events { base: session.base, cells: &cells[..idx as usize], extras };
         let mut cond_start = 0;
         for (i, before) in self.before.iter().enumerate() {
             let s = session.exp(i);
@@ -529,16 +610,16 @@ impl SessionTable {
             let cs = cond_start;
             cond_start += x.conditions.len();
             match *before {
-                Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, out),
+                Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::Same => {
                     let view = session.view(&s, x, cs);
                     let e = EvRec::from_cell(cells[idx as usize]);
-                    same_view_out_of_order(&ord, x, view, &before_events, e, out);
+                    same_view_out_of_order(&ord, x, view, &before_events, e, ev.value as i64, out);
                 }
                 Before::Was(b) => {
                     let after = session.view(&s, x, cs);
                     if in_order && b == after {
-                        fast_in_order(x, session, &s, cs, prior, out);
+                        fast_in_order(x, session, &s, cs, prior, ev.value, out);
                     } else {
                         emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
                         emit_from(&ord, x, after, &events, ev.ts, 1, out);
@@ -550,16 +631,20 @@ impl SessionTable {
     }
 }
 
-/// Deltas of an out-of-order event `e` for an experiment whose view it did not
-/// change: its own visits, and the betas and `session.fm` it takes over by
-/// being earlier than the first so far (`before` holds the other events). The
-/// same as emitting everything at `>= t` with −1 and +1, without the work.
+/// Deltas of an out-of-order event `e` (value `value`) for an experiment whose
+/// view it did not change: its own visits and values, the betas and
+/// `session.fm` it takes over by being earlier than the first so far, and the
+/// `value_sq` increments of the later events of its mp, which grow by
+/// `2·value·value(g)` now that `e` precedes them (`before` holds the other
+/// events). The same as emitting everything at `>= t` with −1 and +1, without
+/// the work.
 fn same_view_out_of_order(
     ord: &Order,
     x: &CompiledExperiment,
     view: View,
     before: &Events,
     e: EvRec,
+    value: i64,
     out: &mut MinuteCounters,
 ) {
     let (ek, v) = (before.key(&e), view.variation);
@@ -589,6 +674,29 @@ fn same_view_out_of_order(
             out.add_visit(SeriesKey::new(beta, v, e.mp, ek.device, ek.login), slot, ts, 1);
         }
     }
+    if value == 0 || ts < view.assigned_at.ts {
+        return;
+    }
+    let (mp, d, l) = (e.mp, ek.device, ek.login);
+    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
+    let Some(f) = view.fm_at.filter(|&f| ts >= f) else { return };
+    add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+    // `e` has the greatest index: of the events tied with it, all precede it.
+    let mut y = 0;
+    for (j, vg) in before.values() {
+        let g = before.get(j);
+        if g.mp != mp || before.ts(&g) < f {
+            continue;
+        }
+        let gk = before.key(&g);
+        if ord.cmp(gk, ek) == Ordering::Greater {
+            let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, gk.device, gk.login);
+            add_amount(out, key, slot, gk.ts, 2 * value * vg);
+        } else {
+            y += vg;
+        }
+    }
+    add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
 }
 
 /// An experiment's view before the current event, when it differs from after.
@@ -605,7 +713,8 @@ enum Before {
 /// Deltas of an event later than every other event of its session, for an
 /// experiment whose view it did not change. Nothing was located at `>= t`
 /// before, and F is the ts of an earlier event, so `session.fm` cannot move:
-/// only the event's own visits (and betas, if first) are new.
+/// only the event's own visits (and betas, if first) and values are new; its
+/// `value_sq` increment is over all the other values of its mp at `>= F`.
 #[inline]
 fn fast_in_order(
     x: &CompiledExperiment,
@@ -613,6 +722,7 @@ fn fast_in_order(
     s: &ExpState,
     cond_start: usize,
     prior: Option<i64>,
+    value: i32,
     out: &mut MinuteCounters,
 ) {
     let events = session.event_cells();
@@ -632,10 +742,26 @@ fn fast_in_order(
     if !prior_since(a) {
         out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
     }
+    let value = value as i64;
+    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
         out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, 1);
         if !prior_since(f) {
             out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, 1);
+        }
+        if value != 0 {
+            add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+            let last = events.len() - 1;
+            let events = Events { base: session.base, cells: events, extras: session.extras() };
+            let y: i64 = events
+                .values()
+                .filter(|&(j, _)| {
+                    let g = events.get(j);
+                    j != last && g.mp == mp && events.ts(&g) >= f
+                })
+                .map(|(_, v)| v)
+                .sum();
+            add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
         }
     }
 }

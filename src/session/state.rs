@@ -12,9 +12,24 @@
 //! after its table slot, and no per-vector headers or slack. Experiments and
 //! condition bytes are inserted before the events (a short memmove, only when
 //! an experiment is first assigned); events are appended.
+//!
+//! What few events carry goes in a second, boxed list of `(event, key, value)`
+//! entries, 12 bytes each, allocated only for a session that has any: the
+//! attributes conditions look at (key: the attribute name id), and non-zero
+//! event values (key [`VALUE_KEY`], the value's bits). Most sessions have
+//! neither and pay 8 bytes for the empty box pointer; a purchase costs one
+//! 12-byte entry (plus, for the session's first entry, the 24-byte list header).
 
 /// Index of "no event".
 pub(super) const NONE: u8 = u8::MAX;
+
+/// Key of an extras entry holding an event's value (attribute name ids are
+/// catalog indices, far below it).
+pub(super) const VALUE_KEY: u32 = u32::MAX;
+
+/// An extras entry: (event index, attribute name id or [`VALUE_KEY`], value id
+/// or the event value's bits).
+pub(super) type Extra = (u8, u32, u32);
 
 /// Event order of SPEC §3: by ts, then device, then login, strings bytewise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,11 +108,11 @@ pub(super) struct Session {
     max_off: u32,
     n_exps: u16,
     n_conds: u16,
-    /// (event index, attribute name id, value id): the attributes conditions
-    /// look at, kept to evaluate experiments assigned later. Rare, so boxed:
-    /// 8 bytes in every session instead of a 24-byte `Vec` header.
+    /// [`Extra`] entries: the attributes conditions look at (kept to evaluate
+    /// experiments assigned later) and the non-zero event values. Rare, so
+    /// boxed: 8 bytes in every session instead of a 24-byte `Vec` header.
     #[allow(clippy::box_collection)]
-    attrs: Option<Box<Vec<(u8, u32, u32)>>>,
+    extras: Option<Box<Vec<Extra>>>,
     cells: Vec<u64>,
 }
 
@@ -118,9 +133,9 @@ impl Session {
         e.u32(self.max_off);
         e.u16(self.n_exps);
         e.u16(self.n_conds);
-        let attrs = self.attrs.as_deref().map_or(&[][..], |a| &a[..]);
-        e.u32(attrs.len() as u32);
-        for &(i, k, v) in attrs {
+        let extras = self.extras();
+        e.u32(extras.len() as u32);
+        for &(i, k, v) in extras {
             e.u8(i);
             e.u32(k);
             e.u32(v);
@@ -135,10 +150,10 @@ impl Session {
     /// layout is consistent.
     pub fn decode(d: &mut crate::checkpoint::Dec<'_>) -> Result<Session, String> {
         let (base, max_off, n_exps, n_conds) = (d.i64()?, d.u32()?, d.u16()?, d.u16()?);
-        let n_attrs = d.u32()? as usize;
-        let mut attrs = Vec::new();
-        for _ in 0..n_attrs {
-            attrs.push((d.u8()?, d.u32()?, d.u32()?));
+        let n_extras = d.u32()? as usize;
+        let mut extras = Vec::new();
+        for _ in 0..n_extras {
+            extras.push((d.u8()?, d.u32()?, d.u32()?));
         }
         let n_cells = d.u32()? as usize;
         let fixed = exp_cells(n_exps as usize) + cond_cells(n_conds as usize);
@@ -149,8 +164,8 @@ impl Session {
         for _ in 0..n_cells {
             cells.push(d.u64()?);
         }
-        let attrs = (!attrs.is_empty()).then(|| Box::new(attrs));
-        Ok(Session { base, max_off, n_exps, n_conds, attrs, cells })
+        let extras = (!extras.is_empty()).then(|| Box::new(extras));
+        Ok(Session { base, max_off, n_exps, n_conds, extras, cells })
     }
 
     #[inline]
@@ -221,11 +236,35 @@ impl Session {
     }
 
     pub fn attr_of(&self, event: usize, name: u32) -> Option<u32> {
-        self.attrs.as_ref()?.iter().find(|a| a.0 as usize == event && a.1 == name).map(|a| a.2)
+        self.extras().iter().find(|a| a.0 as usize == event && a.1 == name).map(|a| a.2)
     }
 
     pub fn push_attr(&mut self, event: u8, name: u32, value: u32) {
-        self.attrs.get_or_insert_with(Default::default).push((event, name, value));
+        debug_assert_ne!(name, VALUE_KEY);
+        self.push_extra((event, name, value));
+    }
+
+    /// Records the non-zero value of event `event` (a zero is not stored).
+    pub fn push_value(&mut self, event: u8, value: i32) {
+        if value != 0 {
+            self.push_extra((event, VALUE_KEY, value as u32));
+        }
+    }
+
+    /// Appends an extras entry, growing by half at most (a `Vec` would start
+    /// at 4 entries: most sessions with extras hold one or two).
+    fn push_extra(&mut self, x: Extra) {
+        let v = self.extras.get_or_insert_with(Default::default);
+        if v.len() == v.capacity() {
+            v.reserve_exact((v.len() / 2).max(1));
+        }
+        v.push(x);
+    }
+
+    /// Attribute and value entries, in the order they were added.
+    #[inline]
+    pub fn extras(&self) -> &[Extra] {
+        self.extras.as_deref().map_or(&[][..], |a| &a[..])
     }
 
     /// Reserves room for a new session's first event and its assignments.
@@ -302,7 +341,7 @@ impl Session {
 
     /// Heap bytes owned (for the bytes-per-session figure).
     pub fn heap_bytes(&self) -> usize {
-        self.cells.capacity() * 8 + self.attrs.as_ref().map_or(0, |a| 24 + a.capacity() * size_of::<(u8, u32, u32)>())
+        self.cells.capacity() * 8 + self.extras.as_ref().map_or(0, |a| 24 + a.capacity() * size_of::<Extra>())
     }
 }
 
@@ -319,6 +358,27 @@ mod tests {
         assert_eq!(ExpState::from_bits(x.bits()), x);
         let y = ExpState { experiment: 7, slot: 0, assigned: 0, conflict: false };
         assert_eq!(ExpState::from_bits(y.bits()), y);
+    }
+
+    #[test]
+    fn values_are_kept_only_for_events_that_carry_one_and_survive_a_checkpoint() {
+        let mut s = Session::default();
+        for (i, v) in [0, 1299, 0, -10_000_000].into_iter().enumerate() {
+            let idx = s.push_event(1_000 + i as i64, 4, 0, 0).unwrap();
+            s.push_value(idx, v);
+        }
+        s.push_attr(1, 7, 9);
+        assert_eq!(s.extras(), &[(1, VALUE_KEY, 1299), (3, VALUE_KEY, -10_000_000i32 as u32), (1, 7, 9)]);
+        assert_eq!(s.heap_bytes() - s.cells.capacity() * 8, 24 + 3 * 12, "exact growth for small lists");
+        assert_eq!(s.attr_of(1, 7), Some(9));
+        let mut e = crate::checkpoint::Enc::default();
+        s.encode(&mut e);
+        let back = Session::decode(&mut crate::checkpoint::Dec::new(&e.buf)).unwrap();
+        assert_eq!(back.extras(), s.extras());
+        let mut plain = Session::default();
+        plain.push_event(1_000, 4, 0, 0);
+        plain.push_value(0, 0);
+        assert!(plain.extras.is_none(), "a zero value costs nothing");
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct BatchEvent {
     pub mp: u16,
     pub device: u16,
     pub login: u16,
+    /// The event's `value` (0 when absent).
+    pub value: i32,
     pub assigns: (u32, u16),
     pub attrs: (u32, u16),
 }
@@ -47,6 +49,7 @@ impl EventBatch {
             mp: e.mp,
             device: e.device,
             login: e.login,
+            value: e.value,
             assigns: &self.assigns[a0 as usize..a0 as usize + an as usize],
             attrs: &self.attrs[t0 as usize..t0 as usize + tn as usize],
         }

@@ -680,6 +680,7 @@ impl Writer<'_> {
                     crate::checkpoint::failpoint("sink.written");
                 }
                 stats.upserts_written += points.len() as u64;
+                stats.totals_clamped = self.totals.clamped();
                 stats.flushes += 1;
                 stats.active_points = self.totals.len() as u64;
                 let mut sum = ShardStats::default();

@@ -221,6 +221,7 @@ impl Router {
             mp,
             device,
             login,
+            value: ev.value,
             assigns: (assign_start, (batch.assigns.len() as u32 - assign_start) as u16),
             attrs: (attr_start, (batch.attrs.len() as u32 - attr_start) as u16),
         });

@@ -7,6 +7,7 @@
 //! more than `session_gap` apart (test data keeps gaps far from that bound, SPEC
 //! §4), and evaluate each metric's definition directly. No streaming, no
 //! retractions, no code shared with the engine beyond the `Config` type.
+//! Totals are summed in `i128` and clamped to `i64` at the end (SPEC §3).
 
 #![allow(dead_code)]
 
@@ -39,6 +40,7 @@ struct RefEvent {
     login: String,
     assign: BTreeMap<u64, i64>,
     attrs: BTreeMap<String, String>,
+    value: i64,
 }
 
 /// Validity per SPEC §1, written independently of the engine's parser.
@@ -100,7 +102,13 @@ fn ref_parse(line: &[u8]) -> Option<RefEvent> {
             return None;
         }
     }
-    Some(RefEvent { ts, tenant, session, mp, device, login, assign, attrs })
+    // SPEC §1: an integer (no fraction, no exponent) with abs <= 10^7; absent/null = 0.
+    let value = match get("value") {
+        None => 0,
+        Some(v) if v.is_i64() || v.is_u64() => v.as_i64().filter(|x| x.abs() <= 10_000_000)?,
+        Some(_) => return None,
+    };
+    Some(RefEvent { ts, tenant, session, mp, device, login, assign, attrs, value })
 }
 
 fn minute(ts: i64) -> i64 {
@@ -149,7 +157,7 @@ pub fn reference(config: &Config, lines: &[Vec<u8>]) -> Totals {
     for e in kept.into_iter().filter(|e| tenants.contains(e.tenant.as_str())) {
         by_id.entry((e.tenant.clone(), e.session.clone())).or_default().push(e);
     }
-    let mut out = Totals::new();
+    let mut out = BTreeMap::new();
     for ((tenant, _), mut events) in by_id {
         events.sort_by_key(|e| e.ts);
         let mut start = 0;
@@ -160,15 +168,18 @@ pub fn reference(config: &Config, lines: &[Vec<u8>]) -> Totals {
             }
         }
     }
-    out.retain(|_, v| *v != 0);
-    out
+    out.into_iter()
+        .filter(|(_, v)| *v != 0)
+        .map(|(k, v)| (k, v.clamp(i64::MIN as i128, i64::MAX as i128) as i64))
+        .collect()
 }
 
-fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mut Totals) {
+fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mut BTreeMap<PointId, i128>) {
     let dc = &config.engine.dc;
     let _ = dc;
-    let mut add = |name: String, e: &RefEvent| {
-        *out.entry((name, e.device.clone(), e.login.clone(), minute(e.ts))).or_default() += 1;
+    // A contribution of `amount` at e's minute and tags (counts add 1).
+    let mut add = |name: String, e: &RefEvent, amount: i128| {
+        *out.entry((name, e.device.clone(), e.login.clone(), minute(e.ts))).or_default() += amount;
     };
     for x in config.experiments.iter().filter(|x| x.tenant == tenant) {
         let carriers: Vec<(&RefEvent, i64)> = s
@@ -180,12 +191,12 @@ fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mu
         };
         let a_ev = first(carriers.iter().filter(|c| c.1 == v).map(|c| c.0)).unwrap();
         let a = a_ev.ts;
-        add(format!("{tenant}.session.assigned.{v}"), a_ev);
+        add(format!("{tenant}.session.assigned.{v}"), a_ev, 1);
         let firsts: Option<Vec<i64>> =
             x.qualify.iter().map(|c| s.iter().filter(|e| meets(c, e)).map(|e| e.ts).min()).collect();
         let f = firsts.map(|fs| fs.into_iter().fold(a, i64::max));
         if let Some(f) = f {
-            add(format!("{tenant}.session.fm.{v}"), first(s.iter().filter(|e| e.ts >= f)).unwrap());
+            add(format!("{tenant}.session.fm.{v}"), first(s.iter().filter(|e| e.ts >= f)).unwrap(), 1);
         }
         let mps: BTreeSet<String> = match &x.mps {
             Some(list) => list.iter().cloned().collect(),
@@ -194,18 +205,28 @@ fn session_contributions(config: &Config, tenant: &str, s: &[RefEvent], out: &mu
         for m in &mps {
             let visits_a: Vec<&RefEvent> = s.iter().filter(|e| e.mp == *m && e.ts >= a).collect();
             for e in &visits_a {
-                add(format!("{tenant}.visit.assigned.{v}.{m}"), e);
+                add(format!("{tenant}.visit.assigned.{v}.{m}"), e, 1);
+                add(format!("{tenant}.value.assigned.{v}.{m}"), e, e.value as i128);
             }
             if let Some(b) = first(visits_a.iter().copied()) {
-                add(format!("{tenant}.visit.assigned.{v}.{m}.beta"), b);
+                add(format!("{tenant}.visit.assigned.{v}.{m}.beta"), b, 1);
             }
             if let Some(f) = f {
-                let visits_f: Vec<&RefEvent> = s.iter().filter(|e| e.mp == *m && e.ts >= f).collect();
+                let mut visits_f: Vec<&RefEvent> = s.iter().filter(|e| e.mp == *m && e.ts >= f).collect();
                 for e in &visits_f {
-                    add(format!("{tenant}.visit.fm.{v}.{m}"), e);
+                    add(format!("{tenant}.visit.fm.{v}.{m}"), e, 1);
+                    add(format!("{tenant}.value.fm.{v}.{m}"), e, e.value as i128);
+                }
+                // value_sq: y_k = value(e1) + … + value(e_k) in event order; e_k adds y_k² − y_{k−1}².
+                visits_f.sort_by(|a, b| key(a).cmp(&key(b)));
+                let mut y: i128 = 0;
+                for e in &visits_f {
+                    let next = y + e.value as i128;
+                    add(format!("{tenant}.value_sq.fm.{v}.{m}"), e, next * next - y * y);
+                    y = next;
                 }
                 if let Some(b) = first(visits_f.iter().copied()) {
-                    add(format!("{tenant}.visit.fm.{v}.{m}.beta"), b);
+                    add(format!("{tenant}.visit.fm.{v}.{m}.beta"), b, 1);
                 }
             }
         }
@@ -299,6 +320,13 @@ pub fn ev(ts: i64, session: &str, mp: &str, device: &str, login: &str, assign: &
             assign.iter().map(|(x, v)| (x.to_string(), (*v).into())).collect();
         o["assign"] = a.into();
     }
+    serde_json::to_vec(&o).unwrap()
+}
+
+/// Adds a `value` to an event line.
+pub fn with_value(line: Vec<u8>, value: i64) -> Vec<u8> {
+    let mut o: serde_json::Value = serde_json::from_slice(&line).unwrap();
+    o["value"] = value.into();
     serde_json::to_vec(&o).unwrap()
 }
 
