@@ -92,7 +92,7 @@ const fn gauge(point: &'static str, name: &'static str, help: &'static str) -> F
 
 /// Every `expmon.*` health point and its Prometheus family, in `/metrics`
 /// order.
-pub static FAMILIES: [Family; 29] = [
+pub static FAMILIES: [Family; 30] = [
     counter("expmon.events_in", "expmon_events_in", "Non-blank input lines read."),
     counter("expmon.events_rejected", "expmon_events_rejected", "Input lines rejected, all reasons."),
     counter("expmon.events_rejected_by_reason", "expmon_events_rejected_by_reason", "Input lines rejected, by reason."),
@@ -112,6 +112,11 @@ pub static FAMILIES: [Family; 29] = [
         "expmon.names_replaced_other",
         "expmon_names_replaced_other",
         "Names replaced by _other because their table was full, by table.",
+    ),
+    counter(
+        "expmon.totals_clamped",
+        "expmon_totals_clamped",
+        "Writes of a total beyond 64 bits, clamped to the nearest 64-bit value.",
     ),
     counter(
         "expmon.assignment_conflicts",
