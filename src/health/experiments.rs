@@ -125,8 +125,9 @@ impl ExperimentHealth {
 
     /// Judges stalls in the minutes that became final (before
     /// `final_before`), in order; the state shown is that of the last one with
-    /// any traffic.
-    fn judge_stalls(&mut self, final_before: i64) {
+    /// any traffic. Called at every flush, so that the per-minute history
+    /// stays a few minutes long however fast event time runs.
+    pub fn judge_stalls(&mut self, final_before: i64) {
         if final_before <= self.judged_before.max(i64::MIN + 1) {
             return;
         }
