@@ -1,6 +1,6 @@
 //! Experiment health: signals that an experiment is broken, computed by the
-//! writer from the same deltas that make the totals, written every trigger as
-//! `expmon.experiment.*` points (tags `dc`, `instance`, `tenant`,
+//! writer from the same deltas that make the totals, written at triggers as
+//! `expmon.experiment.*` points (when changed, see [`super::HealthWrites`]) (tags `dc`, `instance`, `tenant`,
 //! `experiment`, and more per signal).
 //!
 //! - **Sample ratio mismatch (SRM):** a chi-square goodness-of-fit test of the
