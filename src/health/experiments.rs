@@ -1,7 +1,7 @@
 //! Experiment health: signals that an experiment is broken, computed by the
-//! writer from the same deltas that make the totals, written at triggers as
-//! `expmon.experiment.*` points (when changed, see [`super::HealthWrites`]) (tags `dc`, `instance`, `tenant`,
-//! `experiment`, and more per signal).
+//! writer from the same deltas that make the totals, written at triggers (when
+//! changed, see [`super::HealthWrites`]) as `expmon.experiment.*` points (tags
+//! `dc`, `instance`, `tenant`, `experiment`, and more per signal).
 //!
 //! - **Sample ratio mismatch (SRM):** a chi-square goodness-of-fit test of the
 //!   sessions assigned to each variation, cumulative since the experiment
