@@ -73,9 +73,10 @@ for s in "${shapes[@]}"; do
   rss_kib=$(echo "$out" | sed -n 's/.*max RSS \([0-9]*\) KiB/\1/p')
   rss=$(awk -v k="$rss_kib" 'BEGIN { printf "%.0f MiB", k / 1024 }')
   held=$(echo "$out" | grep -o 'peak points held [0-9]*' | tr -dc '0-9')
-  span=$(head -c 2000000 "$data" | grep -o '"ts":[0-9]*' | head -1 | tr -dc '0-9')
-  last=$(tail -c 2000000 "$data" | grep -o '"ts":[0-9]*' | tail -1 | tr -dc '0-9')
-  minutes=$(awk -v a="$span" -v b="$last" 'BEGIN { printf "%.1f min", (b - a) / 60000 }')
+  # Event time from the first to the last line's ts (sed, not head: no SIGPIPE).
+  first=$(head -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n 1p | tr -dc '0-9' || true)
+  last=$(tail -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n '$p' | tr -dc '0-9' || true)
+  minutes=$(awk -v a="$first" -v b="$last" 'BEGIN { printf "%.1f min", (b - a) / 60000 }')
   line="| $name | $events | $minutes | $rate | $per_cpu | $rss | $held |"
   echo "$line"
   echo "$line" >> "$report"
