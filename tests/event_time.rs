@@ -129,6 +129,7 @@ fn an_idle_run_of_the_peak_config_writes_few_health_points_per_trigger_and_still
     let mut engine_lines = 0u64;
     let mut keys = std::collections::BTreeSet::new();
     let mut assigned_x = Vec::new();
+    let x_id = x.id.to_string();
     let mut totals_x: BTreeMap<(String, i64, String), i64> = BTreeMap::new();
     for l in text.lines() {
         let v: serde_json::Value = serde_json::from_str(l).unwrap();
@@ -136,7 +137,8 @@ fn an_idle_run_of_the_peak_config_writes_few_health_points_per_trigger_and_still
         if name.starts_with("expmon.experiment.") {
             experiment_lines += 1;
             keys.insert((name.clone(), v["tags"].to_string()));
-            if name == "expmon.experiment.assigned_sessions" && v["tags"]["experiment"] == x.id.to_string() {
+            if name == "expmon.experiment.assigned_sessions" && v["tags"]["experiment"].as_str() == Some(x_id.as_str())
+            {
                 assigned_x.push(v["value"].as_i64().unwrap());
             }
         } else if name.starts_with("expmon.") {

@@ -36,7 +36,7 @@ impl HealthWrites {
 
     /// The points of `all` (one trigger's full set) to write now.
     pub fn due(&mut self, all: &[HealthPoint]) -> Vec<HealthPoint> {
-        let rewrite = self.triggers % REWRITE_TRIGGERS == 0;
+        let rewrite = self.triggers.is_multiple_of(REWRITE_TRIGGERS);
         self.triggers += 1;
         let mut out = Vec::new();
         for p in all {
