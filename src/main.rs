@@ -182,6 +182,14 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A share for `gen --assign-every`: a number from 0 to 1.
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err("expected a share, a number from 0 to 1".to_string()),
+    }
+}
+
 /// A flag that is wrong in itself: one line, exit status 2 (as clap's own).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -202,6 +210,16 @@ struct GenArgs {
     /// Events per second, open loop (timestamps follow the wall clock); default: as fast as possible.
     #[arg(long, value_parser = positive_rate)]
     rate: Option<f64>,
+    /// Events per second of event time, for replays (the profile's own by
+    /// default: peak 60000, demo 1000); with --events it sets the span, e.g.
+    /// --events 1980000 --event-rate 550 is one hour.
+    #[arg(long, value_parser = positive_rate, conflicts_with = "rate")]
+    event_rate: Option<f64>,
+    /// Share (0 to 1) of a session's later events that carry its full
+    /// assignment map; its first event always does. 1: every event, as real
+    /// beacons carry the assignment cookie (default: the profile's, 0.25).
+    #[arg(long, value_parser = share)]
+    assign_every: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// file:PATH, `-`, or kafka://HOST:PORT/TOPIC[?partitions=N&…] (keyed by
@@ -235,6 +253,8 @@ fn main() {
             profile: a.profile,
             events: a.events,
             rate: a.rate,
+            event_rate: a.event_rate,
+            assign_every: a.assign_every,
             seed: a.seed,
             out: a.out,
             write_config: a.write_config,

@@ -183,6 +183,43 @@ fn bad_flags_give_one_clear_line() {
     }
 }
 
+/// `expmon gen --event-rate` sets the span of event time of a replay and
+/// `--assign-every 1` puts the assignment map on every event (SPEC §1 lines).
+#[test]
+fn gen_shape_knobs_set_the_event_time_density_and_the_assigned_share() {
+    let x = Expmon::new();
+    let shape = |profile: &str, out: &str, extra: &[&str]| {
+        let mut args = vec!["gen", "--profile", profile, "--events", "5500", "--seed", "2", "--out", out];
+        args.extend_from_slice(extra);
+        x.ok(&args);
+        let mut span = (i64::MAX, i64::MIN);
+        let (mut valid, mut assigned) = (0u64, 0u64);
+        // The generator's malformed lines include invalid UTF-8: read bytes.
+        for l in std::fs::read(x.path(out.trim_start_matches("file:"))).unwrap().split(|&b| b == b'\n') {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) else { continue };
+            let (Some(ts), Some(tenant)) = (v["ts"].as_i64(), v["tenant"].as_str()) else { continue };
+            if tenant == "unknown_site" || v["session"] == "x" {
+                continue;
+            }
+            span = (span.0.min(ts), span.1.max(ts));
+            valid += 1;
+            assigned += v.get("assign").is_some() as u64;
+        }
+        (span.1 - span.0, assigned as f64 / valid as f64)
+    };
+    let (span, share) = shape("peak", "file:every.jsonl", &["--event-rate", "550", "--assign-every", "1"]);
+    // 5,500 events at 550/s: 10 s, plus the late ones' lateness (10 min) at most.
+    assert!((9_900..=10_000 + 4 * 600_000).contains(&span), "{span} ms");
+    assert_eq!(share, 1.0, "every event carries the assignments");
+    let (span, _) = shape("peak", "file:default.jsonl", &[]);
+    assert!(span < 4 * 600_000 + 1_000, "peak's own 60,000/s: {span} ms");
+    // demo's sessions are few enough that most events are not their first.
+    let (_, share) = shape("demo", "file:demo.jsonl", &[]);
+    assert!(share < 0.5, "by default later events carry them a quarter of the time: {share}");
+    let (_, share) = shape("demo", "file:demo-every.jsonl", &["--assign-every", "1"]);
+    assert!(share > 0.75, "with 1, every event of an assigned session: {share}");
+}
+
 #[test]
 fn generator_is_reproducible_and_in_process_source_matches_it() {
     let x = Expmon::new();
@@ -262,6 +299,9 @@ fn every_bad_flag_is_refused_in_one_line_with_exit_2() {
         (vec!["gen", "--events", "10", "--rate=-5", "--out", "-"], "--rate"),
         (vec!["gen", "--events", "10", "--rate", "NaN", "--out", "-"], "--rate"),
         (vec!["gen", "--events", "ten", "--out", "-"], "--events"),
+        (vec!["gen", "--events", "10", "--event-rate", "0", "--out", "-"], "--event-rate"),
+        (vec!["gen", "--events", "10", "--assign-every", "1.5", "--out", "-"], "--assign-every"),
+        (vec!["gen", "--events", "10", "--rate", "5", "--event-rate", "5", "--out", "-"], "--event-rate"),
     ] {
         let err = one_line_failure(&x, &args, 2);
         assert!(err.contains(needle), "{args:?}: {err}");

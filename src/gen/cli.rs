@@ -17,6 +17,13 @@ pub struct GenOptions {
     /// Lines to write; with `replay`, at most this many (`None`: all).
     pub events: Option<u64>,
     pub rate: Option<f64>,
+    /// Events per second of event time (a replay's density; with `events`
+    /// it sets the span: 2M events at 550/s are one hour). Not with `rate`,
+    /// whose events are stamped with the wall clock.
+    pub event_rate: Option<f64>,
+    /// Share of a session's later events that carry its full assignment map
+    /// (its first event always does): 1 = every event, as real beacons do.
+    pub assign_every: Option<f64>,
     pub seed: u64,
     pub out: String,
     pub write_config: Option<PathBuf>,
@@ -74,6 +81,12 @@ pub fn run_gen(o: &GenOptions) -> Result<()> {
     let mut profile = Profile::by_name(&o.profile).map_err(anyhow::Error::msg)?;
     if let Some(path) = &o.write_config {
         std::fs::write(path, profile.config_toml()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(r) = o.event_rate {
+        profile.event_time_rate = r;
+    }
+    if let Some(f) = o.assign_every {
+        profile.assign_repeat_fraction = f;
     }
     let mut out = Out::open(&o.out)?;
     let start = match o.rate {

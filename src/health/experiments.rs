@@ -1,7 +1,7 @@
 //! Experiment health: signals that an experiment is broken, computed by the
-//! writer from the same deltas that make the totals, written every trigger as
-//! `expmon.experiment.*` points (tags `dc`, `instance`, `tenant`,
-//! `experiment`, and more per signal).
+//! writer from the same deltas that make the totals, written at triggers (when
+//! changed, see [`super::HealthWrites`]) as `expmon.experiment.*` points (tags
+//! `dc`, `instance`, `tenant`, `experiment`, and more per signal).
 //!
 //! - **Sample ratio mismatch (SRM):** a chi-square goodness-of-fit test of the
 //!   sessions assigned to each variation, cumulative since the experiment
@@ -125,8 +125,9 @@ impl ExperimentHealth {
 
     /// Judges stalls in the minutes that became final (before
     /// `final_before`), in order; the state shown is that of the last one with
-    /// any traffic.
-    fn judge_stalls(&mut self, final_before: i64) {
+    /// any traffic. Called at every flush, so that the per-minute history
+    /// stays a few minutes long however fast event time runs.
+    pub fn judge_stalls(&mut self, final_before: i64) {
         if final_before <= self.judged_before.max(i64::MIN + 1) {
             return;
         }

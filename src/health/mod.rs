@@ -13,9 +13,11 @@ use crate::event::Reject;
 mod experiments;
 mod points;
 pub mod prometheus;
+mod writes;
 
 pub use experiments::{chi_square_sf, srm_pvalue, srm_state, ExperimentHealth};
 pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint, HealthValue};
+pub use writes::{HealthWrites, REWRITE_TRIGGERS};
 
 /// Counted by the router, per event, in plain fields.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -85,6 +87,10 @@ pub struct WriterStats {
     pub peak_state_sessions: u64,
     /// Most points held by the writer at once.
     pub peak_points: u64,
+    /// Flushes that wrote health points (processing-time triggers and the
+    /// last), and the health points they wrote.
+    pub health_writes: u64,
+    pub health_points_written: u64,
     /// Checkpoints written and published, the longest pause one caused (the
     /// slowest shard's encoding), and the size of the last.
     pub checkpoints_written: u64,
@@ -233,8 +239,8 @@ impl fmt::Display for Summary {
         let w = &self.writer;
         write!(
             f,
-            "  upserts written {} in {} flushes, peak points held {}",
-            w.upserts_written, w.flushes, w.peak_points
+            "  upserts written {} in {} flushes, peak points held {}; health points written {} at {} triggers",
+            w.upserts_written, w.flushes, w.peak_points, w.health_points_written, w.health_writes
         )?;
         if w.totals_clamped > 0 {
             write!(f, "\n  totals clamped to 64 bits {}", w.totals_clamped)?;

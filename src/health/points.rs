@@ -1,5 +1,5 @@
 //! The engine's own metrics as points (SPEC §6), written through the sink every
-//! trigger under `expmon.*`, tagged with `dc` and `instance`.
+//! processing-time trigger under `expmon.*`, tagged with `dc` and `instance`.
 
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -68,6 +68,9 @@ pub struct FlushMarker {
     pub snapshot: bool,
     /// A reloaded configuration, used from this marker on (after the drain).
     pub catalog: Option<std::sync::Arc<crate::config::Catalog>>,
+    /// Write health points at this flush: set at processing-time triggers
+    /// and on the last marker, not at event-time flushes.
+    pub health: bool,
 }
 
 pub enum ShardMsg {

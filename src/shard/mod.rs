@@ -7,14 +7,20 @@
 //! - each worker owns the sessions and minute counters of its shard;
 //! - the writer owns the merged [`Totals`] and the sink.
 //!
-//! Flush protocol (every `trigger`, processing time, and once at the end):
+//! Flush protocol (at every `trigger`, processing time; after a fill that
+//! moves `minute(W)` past the last marker's, event time; and once at the end):
 //! 1. The router sends each shard its pending batch, then a [`FlushMarker`]
-//!    carrying an epoch number and the current watermark.
+//!    carrying an epoch number and the current watermark. Every marker takes
+//!    the next epoch; only trigger markers may ask for a checkpoint, carry a
+//!    reloaded config, or ask for health points.
 //! 2. Each shard, on the marker, expires sessions at that watermark, drains its
 //!    non-zero deltas and frees final minutes, and sends a [`ShardReport`].
 //! 3. The writer waits for all shards' reports of an epoch, adds the deltas to
-//!    the totals, writes every changed total, flushes the sink, and forgets the
-//!    points of final minutes.
+//!    the totals, writes every changed total, forgets the points of final
+//!    minutes, and (trigger markers only) writes the health points that are
+//!    due (see [`crate::health::HealthWrites`]); then it flushes the sink.
+//!    Since minutes are final by event time, a replay far faster than real
+//!    time holds the lateness window's state, not everything it has read.
 //! 4. At end of input (or on stop) the marker's watermark is `i64::MAX`: every
 //!    session expires, every minute becomes final, and all threads exit.
 //!
@@ -45,7 +51,9 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Namer, Totals};
 use crate::config::Catalog;
-use crate::health::{health_points, now_ms, ExperimentHealth, HealthInputs, Live, ShardStats, Summary, WriterStats};
+use crate::health::{
+    health_points, now_ms, ExperimentHealth, HealthInputs, HealthWrites, Live, ShardStats, Summary, WriterStats,
+};
 use crate::sink::{Sink, SinkError, SinkReport};
 use crate::source::{Fill, LineBatch, Offsets, Source};
 
@@ -285,6 +293,7 @@ pub fn run(
                     instance: &instance,
                     ckpt,
                     experiments,
+                    health_writes: HealthWrites::new(),
                     published,
                     results,
                 };
@@ -337,7 +346,7 @@ pub fn run(
     for (i, tx) in shard_txs.iter().enumerate() {
         let batch = router.take_batch(i, None);
         let _ = tx.send(ShardMsg::Events(batch));
-        let marker = FlushMarker { epoch: u64::MAX, watermark, last: true, snapshot, catalog: None };
+        let marker = FlushMarker { epoch: u64::MAX, watermark, last: true, snapshot, catalog: None, health: true };
         let _ = tx.send(ShardMsg::Flush(marker));
     }
     drop(shard_txs);
@@ -421,6 +430,9 @@ fn route_loop(
     let mut next_flush = Instant::now() + opts.trigger;
     let deadline = opts.max_duration.map(|d| Instant::now() + d);
     let mut epoch = 0u64;
+    // The final bound of the last marker's watermark: a marker goes out as
+    // soon as `minute(W)` passes it (event time), besides every trigger.
+    let mut flushed_before = i64::MIN;
     // Source positions at each marker not yet acknowledged, oldest first.
     let mut unacked: VecDeque<(u64, Offsets)> = VecDeque::new();
     // Watermark alignment across input partitions: none may run more than a
@@ -511,27 +523,51 @@ fn route_loop(
                 }
             }
             *opts.live.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()) = source.lag();
-            for (i, tx) in shard_txs.iter().enumerate() {
-                if router.pending(i) > 0 {
-                    let batch = router.take_batch(i, recycle.try_recv().ok());
-                    if tx.send(ShardMsg::Events(batch)).is_err() {
-                        return Ok(Ended::Stopped);
-                    }
-                }
-                let catalog = reloaded.clone();
-                if tx
-                    .send(ShardMsg::Flush(FlushMarker { epoch, watermark: wm, last: false, snapshot, catalog }))
-                    .is_err()
-                {
-                    return Ok(Ended::Stopped);
-                }
+            let marker =
+                FlushMarker { epoch, watermark: wm, last: false, snapshot, catalog: reloaded.clone(), health: true };
+            if !send_flush(router, links, marker) {
+                return Ok(Ended::Stopped);
             }
             if let Some(c) = reloaded {
                 router.set_catalog(c);
             }
             epoch += 1;
+            flushed_before = final_before(wm);
+        } else if final_before(wm) > flushed_before {
+            // Event time passed a minute since the last marker: the same step
+            // (no checkpoint, reload or health), so that final minutes are
+            // written and freed however fast the input is replayed.
+            if opts.checkpoint.is_none() {
+                if let Some(pos) = source.position() {
+                    unacked.push_back((epoch, pos));
+                }
+            }
+            let marker =
+                FlushMarker { epoch, watermark: wm, last: false, snapshot: false, catalog: None, health: false };
+            if !send_flush(router, links, marker) {
+                return Ok(Ended::Stopped);
+            }
+            epoch += 1;
+            flushed_before = final_before(wm);
         }
     }
+}
+
+/// Step 1 of the flush protocol: each shard's pending batch, then `marker`.
+/// `false` if a shard is gone (its guard or the writer's error says why).
+fn send_flush(router: &mut Router, links: &Links<'_>, marker: FlushMarker) -> bool {
+    for (i, tx) in links.shard_txs.iter().enumerate() {
+        if router.pending(i) > 0 {
+            let batch = router.take_batch(i, links.recycle.try_recv().ok());
+            if tx.send(ShardMsg::Events(batch)).is_err() {
+                return false;
+            }
+        }
+        if tx.send(ShardMsg::Flush(marker.clone())).is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// The writer's side of checkpointing (see [`crate::checkpoint`]).
@@ -619,6 +655,8 @@ struct Writer<'a> {
     instance: &'a str,
     ckpt: Checkpointer,
     experiments: ExperimentHealth,
+    /// Which health points each trigger writes (all of them go to `/metrics`).
+    health_writes: HealthWrites,
     published: Option<Arc<crate::serve::Published>>,
     results: Option<crate::serve::SharedResults>,
 }
@@ -701,22 +739,28 @@ impl Writer<'_> {
                 live.active_sessions.store(sum.active_sessions, Relaxed);
                 live.active_points.store(stats.active_points, Relaxed);
                 live.upserts_written.store(stats.upserts_written, Relaxed);
-                let mut health = health_points(&HealthInputs {
-                    live,
-                    shards: &sum,
-                    writer: &stats,
-                    sink: &sink_health,
-                    trigger_ms: started.elapsed().as_millis() as u64,
-                    now_ms: now_ms(),
-                    dc: &self.catalog.engine.dc,
-                    instance: self.instance,
-                });
                 let final_at = final_before(marker.watermark);
-                health.extend(self.experiments.points(final_at, &self.catalog.engine.dc, self.instance));
-                self.sink.write_health(now_ms(), &health)?;
-                if let Some(p) = &self.published {
-                    let snapshot = crate::serve::Snapshot { points: health, write_latency: sink_health.latency };
-                    *p.health.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+                self.experiments.judge_stalls(final_at);
+                if marker.health {
+                    let mut health = health_points(&HealthInputs {
+                        live,
+                        shards: &sum,
+                        writer: &stats,
+                        sink: &sink_health,
+                        trigger_ms: started.elapsed().as_millis() as u64,
+                        now_ms: now_ms(),
+                        dc: &self.catalog.engine.dc,
+                        instance: self.instance,
+                    });
+                    health.extend(self.experiments.points(final_at, &self.catalog.engine.dc, self.instance));
+                    let due = self.health_writes.due(&health);
+                    stats.health_points_written += due.len() as u64;
+                    stats.health_writes += 1;
+                    self.sink.write_health(now_ms(), &due)?;
+                    if let Some(p) = &self.published {
+                        let snapshot = crate::serve::Snapshot { points: health, write_latency: sink_health.latency };
+                        *p.health.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+                    }
                 }
                 self.sink.flush()?;
                 if marker.snapshot {

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The engine on every traffic shape (issue 13): pre-generate each shape with
+# `expmon gen`, replay it file → null at 2 shard threads, and save what
+# happened (command, versions, CPU, commit, summaries) under perf/runs/.
+#
+# Shapes (sizes by environment variable):
+#   peak          the `peak` profile as it is (60,000 events/s of event time)
+#   assigned-5.8k every event carries its assignments, 5,800 events/s of event time
+#   assigned-550  the same at 550 events/s: ASSIGNED_550_EVENTS=1980000 is 1 hour
+#   sparse-1h     every event assigned, SPARSE_RATE events/s, 1 hour
+#   sparse-4h     the same, 4 hours (4× the events): memory should equal 1 hour's
+#
+# Each run reports events/s (the summary), events per CPU-second (user+sys
+# of /usr/bin/time), peak RSS (its max resident set) and the peak points the
+# writer held (the summary).
+#
+#   perf/shapes.sh
+#   EVENTS=2000000 SPARSE_RATE=138 perf/shapes.sh
+#   EXPMON=/tmp/before/release/expmon perf/shapes.sh   # another build, same data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. perf/lib.sh
+
+EVENTS=${EVENTS:-1000000}
+ASSIGNED_550_EVENTS=${ASSIGNED_550_EVENTS:-1980000}
+SPARSE_RATE=${SPARSE_RATE:-125}
+THREADS=${THREADS:-2}
+EXPMON=${EXPMON:-}
+sparse_1h=$((SPARSE_RATE * 3600))
+
+if [ -z "$EXPMON" ]; then
+  cargo build --release --quiet
+  EXPMON=./target/release/expmon
+fi
+mkdir -p target/perf
+config=target/perf/peak.toml
+
+# name | events | extra gen flags
+shapes=(
+  "peak|$EVENTS|"
+  "assigned-5.8k|$EVENTS|--assign-every 1 --event-rate 5800"
+  "assigned-550|$ASSIGNED_550_EVENTS|--assign-every 1 --event-rate 550"
+  "sparse-1h|$sparse_1h|--assign-every 1 --event-rate $SPARSE_RATE"
+  "sparse-4h|$((4 * sparse_1h))|--assign-every 1 --event-rate $SPARSE_RATE"
+)
+
+report=$(perf_report shapes)
+{
+  echo "# traffic shapes, file → null, $THREADS shard threads"
+  echo
+  perf_facts
+  echo "- binary: \`$EXPMON\` ($("$EXPMON" --version))"
+  echo
+  echo "| shape | events | event time | events/s | events per CPU-second | peak RSS | peak points held |"
+  echo "|---|---|---|---|---|---|---|"
+} > "$report"
+sections=$(mktemp)
+
+for s in "${shapes[@]}"; do
+  IFS='|' read -r name events flags <<< "$s"
+  data=target/perf/shape-$name-$events.jsonl
+  gen="$EXPMON gen --profile peak --events $events --seed 1 $flags --out file:$data --write-config $config"
+  if [ ! -s "$data" ]; then
+    # shellcheck disable=SC2086
+    $gen 2>/dev/null
+  fi
+  cmd="$EXPMON run --config $config --source file:$data --sink null --threads $THREADS --status false --metrics-addr off"
+  # shellcheck disable=SC2086
+  out=$(/usr/bin/time -f 'time: user %U s, sys %S s, max RSS %M KiB' $cmd 2>&1)
+  rate=$(echo "$out" | grep -o '([0-9]* events/s' | tr -dc '0-9')
+  cpu=$(echo "$out" | sed -n 's/^time: user \([0-9.]*\) s, sys \([0-9.]*\) s.*/\1 \2/p' | awk '{print $1 + $2}')
+  per_cpu=$(awk -v n="$events" -v c="$cpu" 'BEGIN { printf "%.0f", n / c }')
+  rss_kib=$(echo "$out" | sed -n 's/.*max RSS \([0-9]*\) KiB/\1/p')
+  rss=$(awk -v k="$rss_kib" 'BEGIN { printf "%.0f MiB", k / 1024 }')
+  held=$(echo "$out" | grep -o 'peak points held [0-9]*' | tr -dc '0-9')
+  # Event time from the first to the last line's ts (sed, not head: no SIGPIPE).
+  first=$(head -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n 1p | tr -dc '0-9' || true)
+  last=$(tail -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n '$p' | tr -dc '0-9' || true)
+  minutes=$(awk -v a="$first" -v b="$last" 'BEGIN { printf "%.1f min", (b - a) / 60000 }')
+  line="| $name | $events | $minutes | $rate | $per_cpu | $rss | $held |"
+  echo "$line"
+  echo "$line" >> "$report"
+  perf_section "$sections" "$name: $rate events/s, $per_cpu events per CPU-second, $rss, $held points held" \
+    "$gen; $cmd" "$out"
+done
+echo >> "$report"
+cat "$sections" >> "$report"
+rm -f "$sections"
+echo "report: $report"
