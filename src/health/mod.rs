@@ -14,7 +14,7 @@ mod experiments;
 mod points;
 pub mod prometheus;
 
-pub use experiments::{chi_square_sf, lift_state, srm_pvalue, srm_state, ExperimentHealth, LIFT_METRICS};
+pub use experiments::{chi_square_sf, lift_arms, lift_state, srm_pvalue, srm_state, ExperimentHealth, LIFT_METRICS};
 pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint, HealthValue};
 
 /// Counted by the router, per event, in plain fields.
