@@ -15,7 +15,7 @@ mod points;
 pub mod prometheus;
 mod writes;
 
-pub use experiments::{chi_square_sf, srm_pvalue, srm_state, ExperimentHealth};
+pub use experiments::{chi_square_sf, lift_arms, lift_state, srm_pvalue, srm_state, ExperimentHealth, LIFT_METRICS};
 pub use points::{default_instance, health_points, resident_bytes, HealthInputs, HealthPoint, HealthValue};
 pub use writes::{HealthWrites, REWRITE_TRIGGERS};
 

@@ -92,7 +92,7 @@ const fn gauge(point: &'static str, name: &'static str, help: &'static str) -> F
 
 /// Every `expmon.*` health point and its Prometheus family, in `/metrics`
 /// order.
-pub static FAMILIES: [Family; 30] = [
+pub static FAMILIES: [Family; 33] = [
     counter("expmon.events_in", "expmon_events_in", "Non-blank input lines read."),
     counter("expmon.events_rejected", "expmon_events_rejected", "Input lines rejected, all reasons."),
     counter("expmon.events_rejected_by_reason", "expmon_events_rejected_by_reason", "Input lines rejected, by reason."),
@@ -200,12 +200,27 @@ pub static FAMILIES: [Family; 30] = [
     gauge(
         "expmon.experiment.srm_pvalue",
         "expmon_experiment_srm_pvalue",
-        "Sample ratio mismatch: chi-square p-value of the split against the weights.",
+        "Sample ratio mismatch: anytime-valid sequential p-value of the split against the weights.",
     ),
     gauge(
         "expmon.experiment.srm_state",
         "expmon_experiment_srm_state",
         "Sample ratio mismatch: 0 ok, 1 warning (p < 0.01), 2 alarm (p < 0.001).",
+    ),
+    gauge(
+        "expmon.experiment.mean",
+        "expmon_experiment_mean",
+        "Conversion rate or revenue per qualified session of a variation at a measurement point.",
+    ),
+    gauge(
+        "expmon.experiment.lift",
+        "expmon_experiment_lift",
+        "Relative lift of a treatment over the control and the ends of its always-valid 95% interval.",
+    ),
+    gauge(
+        "expmon.experiment.lift_state",
+        "expmon_experiment_lift_state",
+        "Lift verdict: 0 not enough data, 1 no detectable difference, 2 better, 3 worse.",
     ),
 ];
 
@@ -322,8 +337,8 @@ mod tests {
                  # HELP expmon_trigger_duration_seconds Duration of the last trigger (flush) of the writer.\n\
                  # TYPE expmon_trigger_duration_seconds gauge\n\
                  expmon_trigger_duration_seconds{dc=\"dc1\",instance=\"h\"} 0.25\n\
-                 # HELP expmon_experiment_srm_pvalue Sample ratio mismatch: chi-square p-value of the split \
-                 against the weights.\n\
+                 # HELP expmon_experiment_srm_pvalue Sample ratio mismatch: anytime-valid sequential p-value \
+                 of the split against the weights.\n\
                  # TYPE expmon_experiment_srm_pvalue gauge\n\
                  expmon_experiment_srm_pvalue{tenant=\"a\\\"b\"} 0.25\n";
         assert_eq!(text, want);
