@@ -423,7 +423,7 @@ pub fn chi_square_sf(x: f64, k: f64) -> f64 {
 
 /// Q(a, x) by its series (x < a + 1) or its continued fraction (otherwise).
 fn gamma_q(a: f64, x: f64) -> f64 {
-    let ln_prefix = a * x.ln() - x - ln_gamma(a);
+    let ln_prefix = a * x.ln() - x - crate::stats::srm::ln_gamma(a);
     if x < a + 1.0 {
         // P(a, x) = e^(-x) x^a / Γ(a+1) · Σ x^n / ((a+1)…(a+n))
         let (mut sum, mut term, mut ap) = (1.0 / a, 1.0 / a, a);
@@ -463,32 +463,6 @@ fn gamma_q(a: f64, x: f64) -> f64 {
         }
         ln_prefix.exp() * h
     }
-}
-
-/// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9).
-fn ln_gamma(x: f64) -> f64 {
-    const G: [f64; 9] = [
-        0.999_999_999_999_809_9,
-        676.520_368_121_885_1,
-        -1_259.139_216_722_402_8,
-        771.323_428_777_653_1,
-        -176.615_029_162_140_6,
-        12.507_343_278_686_905,
-        -0.138_571_095_265_720_12,
-        9.984_369_578_019_572e-6,
-        1.505_632_735_149_311_6e-7,
-    ];
-    if x < 0.5 {
-        // Reflection: Γ(x) Γ(1 - x) = π / sin(πx).
-        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
-    }
-    let x = x - 1.0;
-    let mut a = G[0];
-    let t = x + 7.5;
-    for (i, &g) in G.iter().enumerate().skip(1) {
-        a += g / (x + i as f64);
-    }
-    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
 
 #[cfg(test)]
