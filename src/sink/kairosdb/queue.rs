@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Point, SeriesKey};
 use crate::config::Catalog;
+use crate::shard::failures::lock;
 
 type PointId = (SeriesKey, i64);
 
@@ -116,7 +117,7 @@ impl CoalescingQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Ends a flush: points put from now on belong to the next one.
