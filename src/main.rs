@@ -465,7 +465,7 @@ fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) ->
         return Ok(Box::new(FileSource::open_at(path, offset)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {
-        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest, config).map_err(UsageError)?));
+        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest).map_err(UsageError)?));
     }
     if spec.starts_with("kafka://") {
         let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(UsageError)?;

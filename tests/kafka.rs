@@ -98,9 +98,16 @@ fn a_killed_consumer_resumes_from_committed_offsets() {
     got.extend(run2.totals(&config.engine.dc));
     assert_totals(&reference(&config, &all), &got);
 
-    // A third run in the group, after a graceful stop, has nothing to read.
+    // A third run in the group, after a graceful stop, has nothing to read:
+    // once it holds every partition (so it could read), and has had time to
+    // fetch from the committed offsets, it has read nothing.
     let mut run3 = dir.consume(&broker, "events", "g1", "out3.jsonl");
-    std::thread::sleep(Duration::from_secs(8));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(0..8).all(|p| run3.log().contains(&format!("partition events/{p} assigned"))) {
+        assert!(Instant::now() < deadline, "run 3 was not assigned every partition in 60 s:\n{}", run3.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
     run3.stop();
     assert_eq!(run3.health("events_in").0, 0, "run 2:\n{}\nrun 3:\n{}", run2.log(), run3.log());
 }

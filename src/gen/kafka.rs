@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::kafka::{ensure_topic, KafkaSpec};
+use crate::shard::failures::lock;
 
 #[derive(Default)]
 struct Delivery {
@@ -29,7 +30,7 @@ impl ProducerContext for Ctx {
         match result {
             Ok(_) => self.0.delivered.fetch_add(1, Relaxed),
             Err((e, _)) => {
-                self.0.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
+                lock(&self.0.first_error).get_or_insert_with(|| e.to_string());
                 self.0.failed.fetch_add(1, Relaxed)
             }
         };
@@ -85,7 +86,7 @@ impl KafkaOut {
         self.producer.flush(Duration::from_secs(60)).map_err(|e| format!("flushing to {}: {e}", self.topic))?;
         let failed = self.delivery.failed.load(Relaxed);
         if failed > 0 {
-            let first = self.delivery.first_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let first = lock(&self.delivery.first_error).clone();
             return Err(format!("{failed} events were not delivered to {}: {}", self.topic, first.unwrap_or_default()));
         }
         Ok(self.delivery.delivered.load(Relaxed))

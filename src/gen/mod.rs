@@ -84,10 +84,6 @@ impl Generator {
         g
     }
 
-    pub fn profile(&self) -> &Profile {
-        &self.profile
-    }
-
     /// Sets the event-time clock (live generation stamps events with now).
     pub fn set_clock(&mut self, now_ms: i64) {
         self.clock_ms = now_ms as f64;

@@ -5,7 +5,6 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::{Generator, Profile, REPLAY_START_MS};
-use crate::config::Config;
 use crate::health::now_ms;
 use crate::source::{Fill, LineBatch, Source};
 
@@ -55,9 +54,9 @@ pub struct GenSource {
 }
 
 impl GenSource {
-    /// Parses `PROFILE[?rate=EPS&events=N&seed=S]`. `config` is the config the
-    /// engine runs with; the profile's own experiments shape the traffic.
-    pub fn from_spec(spec: &str, _config: &Config) -> Result<GenSource, String> {
+    /// Parses `PROFILE[?rate=EPS&events=N&seed=S]`. The profile's own
+    /// experiments shape the traffic, whatever config the engine runs with.
+    pub fn from_spec(spec: &str) -> Result<GenSource, String> {
         let (name, query) = spec.split_once('?').unwrap_or((spec, ""));
         let profile = Profile::by_name(name)?;
         let (mut rate, mut events, mut seed) = (None, None, 1u64);

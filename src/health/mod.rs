@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::event::Reject;
+use crate::shard::failures::lock;
 
 mod experiments;
 mod points;
@@ -346,7 +347,7 @@ impl Status {
     fn read(live: &Live, rate: f64, points_per_min: f64, elapsed: Duration) -> Status {
         let now = now_ms();
         let (max_ts, wm) = (live.max_ts.load(Relaxed), live.watermark.load(Relaxed));
-        let lag = live.kafka_lag.lock().unwrap_or_else(|e| e.into_inner());
+        let lag = lock(&live.kafka_lag);
         let total = live.progress_total.load(Relaxed);
         Status {
             elapsed,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use super::{Live, ShardStats, WriterStats};
 use crate::event::Reject;
 use crate::names::NameKind;
+use crate::shard::failures::lock;
 use crate::sink::SinkHealth;
 
 /// One health figure with its tags, sorted by tag name (`dc`, `instance`,
@@ -109,7 +110,7 @@ pub fn health_points(h: &HealthInputs) -> Vec<HealthPoint> {
         let name = "expmon.write_latency_us".into();
         out.push(HealthPoint { name, tags: tags(Some(("quantile", q.into()))), value: (us as i64).into() });
     }
-    for &(partition, lag) in l.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for &(partition, lag) in lock(&l.kafka_lag).iter() {
         let name = "expmon.kafka_consumer_lag".into();
         out.push(HealthPoint { name, tags: tags(Some(("partition", partition.to_string()))), value: lag.into() });
     }

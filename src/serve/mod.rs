@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::health::prometheus::prometheus_text;
 use crate::health::HealthPoint;
+use crate::shard::failures::lock;
 use crate::sink::LatencyBuckets;
 
 const PAGE: &str = include_str!("page.html");
@@ -68,21 +69,17 @@ impl Pages {
         let page = |status, content_type, body| Page { status, content_type, body };
         match path {
             "/metrics" => {
-                let h = self.published.health.lock().unwrap_or_else(|e| e.into_inner());
+                let h = lock(&self.published.health);
                 page(200, "text/plain; version=0.0.4", prometheus_text(&h.points, &h.write_latency))
             }
             "/healthz" => page(200, "text/plain", "ok\n".to_string()),
             "/" => page(200, "text/html; charset=utf-8", PAGE.to_string()),
-            "/api/experiments" => {
-                page(200, "application/json", self.results.lock().unwrap_or_else(|e| e.into_inner()).experiments_json())
-            }
+            "/api/experiments" => page(200, "application/json", lock(&self.results).experiments_json()),
             "/api/experiment" => {
                 let arg =
                     |k: &str| query.split('&').find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
                 let found = match (arg("tenant"), arg("id").and_then(|i| i.parse().ok())) {
-                    (Some(t), Some(id)) => {
-                        self.results.lock().unwrap_or_else(|e| e.into_inner()).experiment_json(t, id)
-                    }
+                    (Some(t), Some(id)) => lock(&self.results).experiment_json(t, id),
                     _ => None,
                 };
                 match found {

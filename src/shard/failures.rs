@@ -22,8 +22,16 @@
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+
+/// Locks `m`, taking a poisoned lock over as it is.
+// A lock is poisoned only by a thread that panicked holding it, and every
+// thread of a run is guarded here: the panic already stops the run, so the
+// others only read or finish what the mutex holds, and may do so.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The first thread that died in a run, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +98,7 @@ impl Failures {
     /// failure is the one the run reports; later ones are logged.
     pub fn record(&self, thread: &str, message: &str) {
         let message = message.replace('\n', " ");
-        let mut first = self.inner.first.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = lock(&self.inner.first);
         if first.is_none() {
             *first = Some(ThreadFailure { thread: thread.to_string(), message });
         } else {
@@ -112,7 +120,7 @@ impl Failures {
 
     /// The first thread that died, if any.
     pub fn first(&self) -> Option<ThreadFailure> {
-        self.inner.first.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.inner.first).clone()
     }
 
     /// Runs `body` on this thread under the guard, as the thread (or stage)

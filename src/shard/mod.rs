@@ -54,6 +54,7 @@ use crate::config::Catalog;
 use crate::health::{
     health_points, now_ms, ExperimentHealth, HealthInputs, HealthWrites, Live, ShardStats, Summary, WriterStats,
 };
+use crate::shard::failures::lock;
 use crate::sink::{Sink, SinkError, SinkReport};
 use crate::source::{Fill, LineBatch, Offsets, Source};
 
@@ -375,7 +376,7 @@ pub fn run(
     source_result?;
     if opts.checkpoint.is_some() {
         // Only positions covered by a published checkpoint are committed.
-        if let Some(pos) = committable.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(pos) = lock(&committable).take() {
             source.commit(&pos, true);
         }
     } else if sink_report.undelivered == 0 {
@@ -488,7 +489,7 @@ fn route_loop(
         let wm = router.watermark();
         opts.live.publish_router(&router.stats, wm, router.max_ts().unwrap_or(0));
         if opts.checkpoint.is_some() {
-            let published = links.committable.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let published = lock(links.committable).take();
             if let Some(pos) = published {
                 source.commit(&pos, false);
             }
@@ -522,7 +523,7 @@ fn route_loop(
                     unacked.push_back((epoch, pos));
                 }
             }
-            *opts.live.kafka_lag.lock().unwrap_or_else(|e| e.into_inner()) = source.lag();
+            *lock(&opts.live.kafka_lag) = source.lag();
             let marker =
                 FlushMarker { epoch, watermark: wm, last: false, snapshot, catalog: reloaded.clone(), health: true };
             if !send_flush(router, links, marker) {
@@ -639,7 +640,7 @@ impl Checkpointer {
             .map_err(|e| RunError::Checkpoint(format!("publishing a checkpoint in {}: {e}", opts.dir.display())))?;
         crate::checkpoint::failpoint("checkpoint.published");
         stats.checkpoints_published += 1;
-        *self.committable.lock().unwrap_or_else(|e| e.into_inner()) = Some(positions);
+        *lock(&self.committable) = Some(positions);
         self.in_flight.store(false, Relaxed);
         Ok(())
     }
@@ -671,7 +672,7 @@ impl Writer<'_> {
         self.sink.set_catalog(c);
         self.experiments.set_catalog(c.clone());
         if let Some(results) = &self.results {
-            results.lock().unwrap_or_else(|e| e.into_inner()).set_catalog(c.clone());
+            lock(results).set_catalog(c.clone());
         }
     }
 
@@ -702,7 +703,7 @@ impl Writer<'_> {
                     last_stats[r.shard] = r.stats;
                 }
                 if let Some(results) = &self.results {
-                    let mut res = results.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut res = lock(results);
                     for r in &group {
                         res.observe(r.deltas());
                     }
@@ -759,7 +760,7 @@ impl Writer<'_> {
                     self.sink.write_health(now_ms(), &due)?;
                     if let Some(p) = &self.published {
                         let snapshot = crate::serve::Snapshot { points: health, write_latency: sink_health.latency };
-                        *p.health.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+                        *lock(&p.health) = snapshot;
                     }
                 }
                 self.sink.flush()?;

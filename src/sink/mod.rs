@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::aggregate::{Namer, Point};
 use crate::health::HealthPoint;
+use crate::shard::failures::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -214,7 +215,7 @@ pub struct MemorySink {
 
 impl Sink for MemorySink {
     fn write(&mut self, points: &[Point], namer: &Namer) -> Result<(), SinkError> {
-        let mut out = self.points.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = lock(&self.points);
         out.extend(points.iter().map(|p| RenderedPoint::render(p, namer)));
         Ok(())
     }

@@ -35,12 +35,8 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// Opens a file at byte `offset` (a position from a checkpoint, or 0).
     /// `-` reads stdin.
-    pub fn open(path: &str) -> io::Result<FileSource> {
-        FileSource::open_at(path, 0)
-    }
-
-    /// Opens a file at byte `offset` (a position from a checkpoint).
     pub fn open_at(path: &str, offset: u64) -> io::Result<FileSource> {
         if path == "-" {
             if offset > 0 {
@@ -375,7 +371,7 @@ mod tests {
     }
 
     fn mark(path: &std::path::Path) -> SourceId {
-        FileSource::open(path.to_str().unwrap()).unwrap().identity()
+        FileSource::open_at(path.to_str().unwrap(), 0).unwrap().identity()
     }
 
     #[test]
@@ -394,12 +390,16 @@ mod tests {
         std::fs::write(&a, &grown).unwrap();
         assert_eq!(FileSource::open_at(path, 8).unwrap().continues(&saved), Ok(()));
         // Same content, other path: another input.
-        assert!(FileSource::open(b.to_str().unwrap()).unwrap().continues(&saved).unwrap_err().contains("another"));
+        assert!(FileSource::open_at(b.to_str().unwrap(), 0)
+            .unwrap()
+            .continues(&saved)
+            .unwrap_err()
+            .contains("another"));
         // Rewritten: shorter, or the same length with other first bytes.
         std::fs::write(&a, b"{}\n").unwrap();
-        assert!(FileSource::open(path).unwrap().continues(&saved).unwrap_err().contains("shorter"));
+        assert!(FileSource::open_at(path, 0).unwrap().continues(&saved).unwrap_err().contains("shorter"));
         std::fs::write(&a, b"{\"x\":2}\n").unwrap();
-        assert!(FileSource::open(path).unwrap().continues(&saved).unwrap_err().contains("first bytes"));
+        assert!(FileSource::open_at(path, 0).unwrap().continues(&saved).unwrap_err().contains("first bytes"));
         // Stdin continues only stdin.
         let stdin = FileSource::from_reader(Box::new(io::empty()), "file:-".into());
         assert!(stdin.continues(&saved).is_err());

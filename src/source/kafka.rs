@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use super::{Fill, LineBatch, Offsets, PartitionState, Source, MAX_LINE_BYTES};
 use crate::event::Reject;
 use crate::kafka::{topic_partitions, KafkaSpec};
+use crate::shard::failures::lock;
 
 /// Lines per fill, and the bytes after which a fill stops early.
 const FILL_LINES: usize = 16 * 1024;
@@ -72,7 +73,7 @@ struct Ctx {
 
 impl Ctx {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.shared)
     }
 }
 
@@ -254,7 +255,7 @@ impl KafkaSource {
             })
             .map_err(|e| spec.client_error(base, "kafka consumer", e))?;
         let topic_partitions = topic_partitions(&consumer, &spec, Duration::from_secs(10))?;
-        shared.lock().unwrap_or_else(|e| e.into_inner()).connected = true;
+        lock(&shared).connected = true;
         let dead_letter = match &spec.dead_letter {
             Some(_) => Some(
                 spec.client_config(base)
@@ -313,7 +314,7 @@ fn apply_changes(changed: &AtomicBool, shared: &Mutex<Shared>, parts: &mut AHash
     if !changed.swap(false, Relaxed) {
         return false;
     }
-    let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = lock(shared);
     let changes = std::mem::take(&mut g.changes);
     for &(p, assigned) in &changes {
         if assigned {
@@ -422,7 +423,7 @@ impl Source for KafkaSource {
     /// checkpoint taken before (or during) the group join must carry them on.
     fn position(&self) -> Option<Offsets> {
         let mut pos: Offsets = self.parts.iter().filter_map(|(&p, part)| part.next.map(|n| (p, n))).collect();
-        let g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let g = lock(&self.shared);
         pos.extend(g.resume.iter().filter(|(p, _)| !self.parts.contains_key(p)).map(|(&p, &n)| (p, n)));
         pos.sort_unstable();
         Some(pos)
@@ -436,7 +437,7 @@ impl Source for KafkaSource {
         let assigned: AHashSet<i32> = self.parts.keys().copied().collect();
         let mut tpl = TopicPartitionList::new();
         {
-            let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = lock(&self.shared);
             for &(p, next) in pos.iter().filter(|(p, _)| assigned.contains(p)) {
                 g.acked.insert(p, next);
                 let _ = tpl.add_partition_offset(&self.spec.topic, p, Offset::Offset(next));
@@ -474,7 +475,7 @@ impl Source for KafkaSource {
     }
 
     fn lag(&self) -> Vec<(i32, i64)> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).lag.clone()
+        lock(&self.shared).lag.clone()
     }
 
     fn close(&mut self) -> String {

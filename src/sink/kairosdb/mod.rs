@@ -51,6 +51,7 @@ use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
 use crate::health::{HealthPoint, HealthValue};
+use crate::shard::failures::lock;
 use crate::shard::Failures;
 
 /// Options of the KairosDB sink, from the query string of its spec.
@@ -391,7 +392,7 @@ fn send_loop(s: &Shared, seed: u64) {
             continue;
         };
         {
-            let mut logged = s.retry_logged.lock().unwrap_or_else(|e| e.into_inner());
+            let mut logged = lock(&s.retry_logged);
             if logged.is_none_or(|t| t.elapsed() >= RETRY_LOG_EVERY) {
                 tracing::warn!("kairosdb write failed, retrying with backoff (said at most every 10 s): {why}");
                 *logged = Some(Instant::now());
@@ -446,7 +447,7 @@ fn send_parts<T>(
         s.stats.requests.fetch_add(1, Relaxed);
         let us = started.elapsed().as_micros().max(1) as u64;
         let _ = s.latency_us.lock().map(|mut h| h.saturating_record(us));
-        s.latency_buckets.lock().unwrap_or_else(|e| e.into_inner()).record(us);
+        lock(&s.latency_buckets).record(us);
         match outcome {
             Outcome::Delivered => {
                 s.stats.points_delivered.fetch_add(part.len() as u64, Relaxed);
@@ -474,7 +475,7 @@ fn send_parts<T>(
 /// points; what a retryable failure left unsent goes back unless a newer
 /// snapshot arrived. Returns that failure.
 fn send_health(s: &Shared) -> Option<String> {
-    let (ts, points) = s.health.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+    let (ts, points) = lock(&s.health).take()?;
     let ttl_s = s.queue.catalog().engine.ttl_s;
     let mut unsent = Vec::new();
     let mut failed = None;
@@ -498,7 +499,7 @@ fn send_health(s: &Shared) -> Option<String> {
         );
     }
     if !unsent.is_empty() {
-        s.health.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert((ts, unsent));
+        lock(&s.health).get_or_insert((ts, unsent));
     }
     failed
 }
@@ -561,7 +562,7 @@ struct Refusals {
 /// `"request":N`.
 fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<Item = serde_json::Value>) {
     let points = lines.len() as u64;
-    let mut g = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+    let mut g = lock(&s.refusals);
     g.requests += 1;
     g.statuses.insert(status);
     let request = g.requests;
@@ -641,13 +642,13 @@ impl Sink for KairosSink {
     }
 
     fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
-        *self.shared.health.lock().unwrap_or_else(|e| e.into_inner()) = Some((ts_ms, points.to_vec()));
+        *lock(&self.shared.health) = Some((ts_ms, points.to_vec()));
         Ok(())
     }
 
     fn health(&self) -> SinkHealth {
         let s = &self.shared;
-        let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let h = lock(&s.latency_us);
         SinkHealth {
             requests: s.stats.requests.load(Relaxed),
             rejected_points: s.stats.points_rejected.load(Relaxed),
@@ -656,7 +657,7 @@ impl Sink for KairosSink {
             latency_p50_us: h.value_at_quantile(0.5),
             latency_p99_us: h.value_at_quantile(0.99),
             latency_max_us: h.max(),
-            latency: *s.latency_buckets.lock().unwrap_or_else(|e| e.into_inner()),
+            latency: *lock(&s.latency_buckets),
         }
     }
 
@@ -668,11 +669,11 @@ impl Sink for KairosSink {
         for h in self.senders.drain(..) {
             let _ = h.join();
         }
-        let h = s.latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        let h = lock(&s.latency_us);
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         let st = &s.stats;
         let refused = st.points_rejected.load(Relaxed);
-        let r = s.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let r = lock(&s.refusals);
         let statuses: Vec<String> = r.statuses.iter().map(u16::to_string).collect();
         let mut refused_detail = format!("refused by KairosDB (HTTP {})", statuses.join(", "));
         match r.lost {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Point, SeriesKey};
 use crate::config::Catalog;
+use crate::shard::failures::lock;
 
 type PointId = (SeriesKey, i64);
 
@@ -116,7 +117,7 @@ impl CoalescingQueue {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Ends a flush: points put from now on belong to the next one.
@@ -312,14 +313,20 @@ mod tests {
     fn put_blocks_at_the_bound_until_room() {
         let q = std::sync::Arc::new(queue(2));
         q.put(&[p(1, 1), p(2, 1)]);
-        let q2 = q.clone();
-        let t = std::thread::spawn(move || q2.put(&[p(3, 1)]));
+        let (q2, started) = (q.clone(), std::sync::Arc::new(std::sync::Barrier::new(2)));
+        let started2 = started.clone();
+        let t = std::thread::spawn(move || {
+            started2.wait();
+            q2.put(&[p(3, 1)]);
+        });
+        started.wait(); // the thread runs and is about to put
         std::thread::sleep(Duration::from_millis(50));
         assert!(!t.is_finished(), "blocked while full");
+        assert_eq!(q.outstanding(), 2, "point 3 is not in while full");
         let b = q.take(1, Duration::ZERO).unwrap();
         t.join().unwrap();
         q.finish(&b, true);
-        assert_eq!(q.outstanding(), 2);
+        assert_eq!(q.outstanding(), 2, "points 2 and 3: the put went through once there was room");
     }
 
     #[test]
