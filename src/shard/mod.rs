@@ -21,8 +21,11 @@
 //!    due (see [`crate::health::HealthWrites`]); then it flushes the sink.
 //!    Since minutes are final by event time, a replay far faster than real
 //!    time holds the lateness window's state, not everything it has read.
-//! 4. At end of input (or on stop) the marker's watermark is `i64::MAX`: every
-//!    session expires, every minute becomes final, and all threads exit.
+//! 4. At end of input (or on stop) one last marker; then all threads exit.
+//!    Without checkpoints its watermark is `i64::MAX`: every session expires
+//!    and every minute becomes final. With checkpoints it is the current
+//!    watermark and the open state goes into the last checkpoint instead, so
+//!    a restart (or a file grown since) continues exactly.
 //!
 //! Failure: every thread runs under [`Failures`]; one that panics stops the
 //! run (the router stops reading, the others drain as on a stop, no final
