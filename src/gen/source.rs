@@ -5,7 +5,7 @@ use std::io;
 use std::time::{Duration, Instant};
 
 use super::{Generator, Profile, REPLAY_START_MS};
-use crate::health::now_ms;
+use crate::clock::now_ms;
 use crate::source::{Fill, LineBatch, Source};
 
 /// Lines per batch handed to the router.

@@ -14,7 +14,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 
 use super::{Sink, SinkError};
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
+use crate::metrics::HealthPoint;
 
 pub struct FileSink {
     out: BufWriter<File>,

@@ -13,7 +13,7 @@ use flate2::Compression;
 use std::io::Write;
 
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
+use crate::metrics::HealthPoint;
 use crate::sink::push_json_str;
 
 /// Encodes health points, all stamped `ts_ms`: the gzipped body and the
