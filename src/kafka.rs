@@ -36,10 +36,33 @@ pub struct KafkaSpec {
     pub settings: Vec<(String, String)>,
 }
 
+/// Why a Kafka address is refused or Kafka cannot be used; each is one line,
+/// with the values of secret settings hidden.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// `shown`: the address with its secrets hidden.
+    #[error("bad kafka address {shown:?}: {why}")]
+    BadAddress { shown: String, why: String },
+    /// librdkafka refused to make a client (`what`: "kafka consumer", …);
+    /// `error` is its message with secret values hidden.
+    #[error("{what} for {brokers}: {error}")]
+    Client { what: &'static str, brokers: String, error: String },
+    #[error("cannot reach Kafka at {brokers} within {timeout:?}: {error}")]
+    Unreachable { brokers: String, timeout: Duration, error: rdkafka::error::KafkaError },
+    #[error("Kafka at {brokers} has no usable topic {topic:?}: {why}")]
+    UnusableTopic { brokers: String, topic: String, why: String },
+    #[error("Kafka at {brokers} has no topic {topic:?}")]
+    NoTopic { brokers: String, topic: String },
+    #[error("cannot create topic {topic:?} at {brokers}: {error}")]
+    CreateTopic { topic: String, brokers: String, error: String },
+    #[error("cannot subscribe to {topic:?}: {error}")]
+    Subscribe { topic: String, error: rdkafka::error::KafkaError },
+}
+
 impl KafkaSpec {
-    pub fn parse(spec: &str) -> Result<KafkaSpec, String> {
+    pub fn parse(spec: &str) -> Result<KafkaSpec, KafkaError> {
         let shown = crate::redact::redact(spec);
-        let bad = |why: &str| format!("bad kafka address {shown:?}: {why}");
+        let bad = |why: &str| KafkaError::BadAddress { shown: shown.clone(), why: why.to_string() };
         let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
         let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
@@ -103,14 +126,14 @@ impl KafkaSpec {
     /// echoes settings in its errors (an unknown property with its value), so
     /// the value of every secret setting (see [`crate::redact`]) of `base` and
     /// of the address is replaced by `***`.
-    pub fn client_error(&self, base: &[(String, String)], what: &str, e: impl std::fmt::Display) -> String {
-        let mut text = format!("{what} for {}: {e}", self.brokers);
+    pub fn client_error(&self, base: &[(String, String)], what: &'static str, e: impl std::fmt::Display) -> KafkaError {
+        let mut error = e.to_string();
         for (k, v) in base.iter().chain(&self.settings) {
             if !v.is_empty() && crate::redact::is_secret_key(k) {
-                text = text.replace(v.as_str(), crate::redact::HIDDEN);
+                error = error.replace(v.as_str(), crate::redact::HIDDEN);
             }
         }
-        text
+        KafkaError::Client { what, brokers: self.brokers.clone(), error }
     }
 
     /// A librdkafka configuration: brokers, then `base` (the config file's
@@ -131,26 +154,27 @@ pub fn topic_partitions(
     consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
     spec: &KafkaSpec,
     timeout: Duration,
-) -> Result<usize, String> {
-    let md = consumer
-        .fetch_metadata(Some(&spec.topic), timeout)
-        .map_err(|e| format!("cannot reach Kafka at {} within {timeout:?}: {e}", spec.brokers))?;
+) -> Result<usize, KafkaError> {
+    let md = consumer.fetch_metadata(Some(&spec.topic), timeout).map_err(|error| KafkaError::Unreachable {
+        brokers: spec.brokers.clone(),
+        timeout,
+        error,
+    })?;
     let t = md.topics().iter().find(|t| t.name() == spec.topic);
     match t {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
-        Some(t) => Err(format!(
-            "Kafka at {} has no usable topic {:?}: {}",
-            spec.brokers,
-            spec.topic,
-            t.error().map(|e| RDKafkaErrorCode::from(e).to_string()).unwrap_or_else(|| "no partitions".into())
-        )),
-        None => Err(format!("Kafka at {} has no topic {:?}", spec.brokers, spec.topic)),
+        Some(t) => Err(KafkaError::UnusableTopic {
+            brokers: spec.brokers.clone(),
+            topic: spec.topic.clone(),
+            why: t.error().map(|e| RDKafkaErrorCode::from(e).to_string()).unwrap_or_else(|| "no partitions".into()),
+        }),
+        None => Err(KafkaError::NoTopic { brokers: spec.brokers.clone(), topic: spec.topic.clone() }),
     }
 }
 
 /// Creates `spec.topic` with `spec.partitions` partitions unless it exists.
 /// Returns the topic's partition count.
-pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, String> {
+pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, KafkaError> {
     let timeout = Duration::from_secs(10);
     let probe: BaseConsumer =
         spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka client", e))?;
@@ -161,12 +185,15 @@ pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize
         spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka admin client", e))?;
     let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
-    let results = futures_executor::block_on(admin.create_topics([&topic], &opts))
-        .map_err(|e| format!("cannot create topic {:?} at {}: {e}", spec.topic, spec.brokers))?;
+    let results = futures_executor::block_on(admin.create_topics([&topic], &opts)).map_err(|e| {
+        KafkaError::CreateTopic { topic: spec.topic.clone(), brokers: spec.brokers.clone(), error: e.to_string() }
+    })?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(format!("cannot create topic {name:?} at {}: {code}", spec.brokers)),
+            Err((topic, code)) => {
+                return Err(KafkaError::CreateTopic { topic, brokers: spec.brokers.clone(), error: code.to_string() })
+            }
         }
     }
     // Metadata can lag creation by a moment.
@@ -205,7 +232,7 @@ mod tests {
             "kafka://h:1/t?partitions=0",
             "kafka://h:1/t?novalue",
         ] {
-            let e = KafkaSpec::parse(bad).unwrap_err();
+            let e = KafkaSpec::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("bad kafka address"), "{bad}: {e}");
         }
     }

@@ -17,10 +17,11 @@ mod duration;
 mod reload;
 
 pub use catalog::{
-    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
+    AssignLookup, Catalog, CatalogError, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo,
+    VisitLayout, VisitSlot,
 };
 
-pub use duration::parse_duration_ms;
+pub use duration::{parse_duration_ms, DurationError};
 pub use reload::{ReloadOptions, Reloader};
 
 use serde::Deserialize;
@@ -239,7 +240,8 @@ impl<'a> Checker<'a> {
         allow_zero: bool,
     ) -> Result<i64, ConfigError> {
         let Some(v) = v else { return Ok(default_ms) };
-        let ms = parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span(), format!("engine.{field}"), m))?;
+        let ms =
+            parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span(), format!("engine.{field}"), m.to_string()))?;
         if ms == 0 && !allow_zero {
             return Err(self.err(v.span(), format!("engine.{field}"), "must be greater than zero".into()));
         }

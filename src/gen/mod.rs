@@ -26,6 +26,38 @@ mod source;
 pub use profile::{Profile, TenantGen};
 pub use source::{GenSource, Pacer};
 
+/// Why the generator (a `gen:` source or `expmon gen`) cannot start or stops.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("unknown generator profile {0:?}: expected demo or peak")]
+    UnknownProfile(String),
+    /// A `gen:` source option without `=` (`spec`: after `gen:`).
+    #[error("bad generator option {kv:?} in gen:{spec}")]
+    BadOption { kv: String, spec: String },
+    #[error("bad value for {key} in gen:{spec}: {value:?}")]
+    BadValue { key: String, spec: String, value: String },
+    #[error("unknown generator option {key:?} in gen:{spec}: expected rate, events or seed")]
+    UnknownOption { key: String, spec: String },
+    /// `shown`: the `--out` value with its secrets hidden.
+    #[error("bad --out {0:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC")]
+    BadOut(String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+    #[error("sending to {topic}: {error}")]
+    Send { topic: String, error: rdkafka::error::KafkaError },
+    #[error("flushing to {topic}: {error}")]
+    Flush { topic: String, error: rdkafka::error::KafkaError },
+    /// `first`: the first delivery error Kafka reported.
+    #[error("{failed} events were not delivered to {topic}: {first}")]
+    Undelivered { failed: u64, topic: String, first: String },
+    /// `what`: "creating PATH", "writing PATH", "opening PATH".
+    #[error("{what}: {error}")]
+    File { what: String, error: std::io::Error },
+    /// Writing the lines out (to stdout or the file) or reading a replay.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use std::collections::VecDeque;

@@ -4,9 +4,9 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::{Generator, Profile, REPLAY_START_MS};
+use super::{GenError, Generator, Profile, REPLAY_START_MS};
 use crate::clock::now_ms;
-use crate::source::{Fill, LineBatch, Source};
+use crate::source::{Discontinuity, Fill, LineBatch, Source};
 
 /// Lines per batch handed to the router.
 const LINES_PER_FILL: u64 = 4096;
@@ -56,20 +56,19 @@ pub struct GenSource {
 impl GenSource {
     /// Parses `PROFILE[?rate=EPS&events=N&seed=S]`. The profile's own
     /// experiments shape the traffic, whatever config the engine runs with.
-    pub fn from_spec(spec: &str) -> Result<GenSource, String> {
+    pub fn from_spec(spec: &str) -> Result<GenSource, GenError> {
         let (name, query) = spec.split_once('?').unwrap_or((spec, ""));
         let profile = Profile::by_name(name)?;
         let (mut rate, mut events, mut seed) = (None, None, 1u64);
         for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| format!("bad generator option {kv:?} in gen:{spec}"))?;
-            let bad = || format!("bad value for {k} in gen:{spec}: {v:?}");
+            let (k, v) =
+                kv.split_once('=').ok_or_else(|| GenError::BadOption { kv: kv.to_string(), spec: spec.to_string() })?;
+            let bad = || GenError::BadValue { key: k.to_string(), spec: spec.to_string(), value: v.to_string() };
             match k {
                 "rate" => rate = Some(v.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(bad)?),
                 "events" => events = Some(v.parse::<u64>().map_err(|_| bad())?),
                 "seed" => seed = v.parse::<u64>().map_err(|_| bad())?,
-                _ => {
-                    return Err(format!("unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"))
-                }
+                _ => return Err(GenError::UnknownOption { key: k.to_string(), spec: spec.to_string() }),
             }
         }
         Ok(GenSource::new(profile, rate, events, seed, format!("gen:{spec}")))
@@ -136,12 +135,12 @@ impl Source for GenSource {
     /// A simulated-clock replay has no position: resumed, it would generate
     /// and count its events again. A live generator makes new events, so it
     /// continues a checkpoint of the same spec.
-    fn continues(&self, saved: &crate::source::SourceId) -> Result<(), String> {
+    fn continues(&self, saved: &crate::source::SourceId) -> Result<(), Discontinuity> {
         if !self.is_live() {
-            return Err("a generator replay without rate= has no position to resume from".into());
+            return Err(Discontinuity::NoPosition);
         }
         if self.identity() != *saved {
-            return Err("another input".into());
+            return Err(Discontinuity::AnotherInput);
         }
         Ok(())
     }

@@ -22,7 +22,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
-use super::Pages;
+use super::{Pages, ServeError};
 use crate::failures::Failures;
 
 /// Connections open at once; one more is closed at once with a 503.
@@ -55,23 +55,19 @@ const THREAD: &str = "expmon-http";
 /// `pages` on the `expmon-http` thread, under the run's [`Failures`] guard:
 /// the thread ending (it never does on its own) or a request handler
 /// panicking stops the run with one error line, as any engine thread does.
-pub(super) fn spawn(addr: SocketAddr, pages: Pages, failures: &Failures) -> Result<HttpServer, String> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))?;
+pub(super) fn spawn(addr: SocketAddr, pages: Pages, failures: &Failures) -> Result<HttpServer, ServeError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| ServeError::Listen { addr, error })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    listener.set_nonblocking(true).map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    listener.set_nonblocking(true).map_err(|error| ServeError::Socket { addr, error })?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(ServeError::Runtime)?;
     let run_failures = failures.clone();
     failures
         .spawn(THREAD.into(), move || {
             runtime.block_on(accept_loop(listener, Arc::new(pages), run_failures.clone()));
             run_failures.record(THREAD, "the HTTP server stopped");
         })
-        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+        .map_err(ServeError::Thread)?;
     Ok(HttpServer { addr: bound })
 }
 

@@ -45,8 +45,21 @@ pub fn spawn(
     published: Arc<Published>,
     results: SharedResults,
     failures: &crate::failures::Failures,
-) -> Result<HttpServer, String> {
+) -> Result<HttpServer, ServeError> {
     http::spawn(addr, Pages { published, results }, failures)
+}
+
+/// Why the HTTP server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on --metrics-addr {addr}: {error}")]
+    Listen { addr: SocketAddr, error: std::io::Error },
+    #[error("--metrics-addr {addr}: {error}")]
+    Socket { addr: SocketAddr, error: std::io::Error },
+    #[error("cannot start the HTTP runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start the HTTP thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// One route's answer.

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 mod state;
 
-pub use state::{MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
+pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
 
 use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment, VisitSlot};
@@ -417,7 +417,10 @@ impl SessionTable {
 
     /// Reads sessions written by [`SessionTable::encode`], calling `each` with
     /// every key and its encoded state (so a restore can re-shard them).
-    pub fn decode_each(d: &mut crate::codec::Dec<'_>, mut each: impl FnMut(SessionKey, &[u8])) -> Result<(), String> {
+    pub fn decode_each(
+        d: &mut crate::codec::Dec<'_>,
+        mut each: impl FnMut(SessionKey, &[u8]),
+    ) -> Result<(), SessionDecodeError> {
         let n = d.count(16 + 24)?;
         for _ in 0..n {
             let key = SessionKey([d.u64()?, d.u64()?]);
@@ -430,7 +433,7 @@ impl SessionTable {
     }
 
     /// Adds a session from bytes handed out by [`SessionTable::decode_each`].
-    pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), SessionDecodeError> {
         let s = Session::decode(&mut crate::codec::Dec::new(bytes))?;
         self.sessions.insert(key, s);
         Ok(())

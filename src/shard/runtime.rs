@@ -32,8 +32,9 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error("thread {thread} panicked: {message}")]
     Panicked { thread: String, message: String },
-    #[error("{0}")]
-    Checkpoint(String),
+    /// A restored checkpoint's sessions do not decode.
+    #[error("checkpoint sessions: {0}")]
+    CheckpointSessions(crate::session::SessionDecodeError),
     #[error(transparent)]
     CheckpointWrite(#[from] CheckpointWriteError),
 }
@@ -117,7 +118,7 @@ pub fn run(
             crate::session::SessionTable::decode_each(&mut d, |key, bytes| {
                 restored[shard_of(&key, n)].push((key, bytes.to_vec()));
             })
-            .map_err(|e| RunError::Checkpoint(format!("checkpoint sessions: {e}")))?;
+            .map_err(RunError::CheckpointSessions)?;
         }
     }
 

@@ -34,6 +34,11 @@ pub enum SinkError {
     BadOption { sink: String, why: String },
     #[error("kairosdb sink: {0}")]
     Kairos(String),
+    /// The file refused points are kept in (KairosDB's `dead_letter`).
+    #[error("cannot open dead-letter file {path}: {error}")]
+    DeadLetterOpen { path: String, error: std::io::Error },
+    #[error("cannot write dead-letter file {path}: {error}")]
+    DeadLetterWrite { path: String, error: std::io::Error },
 }
 
 /// A destination of upserts, driven by the writer stage.

@@ -580,7 +580,7 @@ fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<It
         Ok(()) => format!("dead-lettered to {}", s.opts.dead_letter),
         Err(e) => {
             g.lost += points;
-            g.lost_why = e.clone();
+            g.lost_why = e.to_string();
             format!("NOT kept: {e}")
         }
     };
@@ -601,7 +601,7 @@ fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<It
 }
 
 /// Appends `text` to the dead-letter file, opening it on first use.
-fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), String> {
+fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), SinkError> {
     if file.is_none() {
         let p = std::path::Path::new(path);
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -611,13 +611,13 @@ fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str)
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| format!("cannot open dead-letter file {path}: {e}"))?;
+            .map_err(|error| SinkError::DeadLetterOpen { path: path.to_string(), error })?;
         *file = Some(BufWriter::new(f));
     }
     let w = file.as_mut().expect("opened above");
     w.write_all(text.as_bytes())
         .and_then(|()| w.flush())
-        .map_err(|e| format!("cannot write dead-letter file {path}: {e}"))
+        .map_err(|error| SinkError::DeadLetterWrite { path: path.to_string(), error })
 }
 
 impl Sink for KairosSink {
