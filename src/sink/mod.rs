@@ -32,8 +32,17 @@ pub enum SinkError {
     /// A known kind of sink with a bad address or option.
     #[error("bad sink {sink:?}: {why}")]
     BadOption { sink: String, why: String },
-    #[error("kairosdb sink: {0}")]
-    Kairos(String),
+    #[error("kairosdb sink: cannot read CA file {path}: {error}")]
+    KairosCa { path: String, error: std::io::Error },
+    #[error("kairosdb sink: CA file {path} is not a PEM certificate: {error}")]
+    KairosCert { path: String, error: reqwest::Error },
+    #[error("kairosdb sink: cannot build an HTTP client: {0}")]
+    KairosClient(reqwest::Error),
+    #[error("kairosdb sink: cannot reach KairosDB at {url}: {error}")]
+    KairosUnreachable { url: String, error: reqwest::Error },
+    /// `body`: the first 120 characters of the answer.
+    #[error("kairosdb sink: {url} is not KairosDB: GET /api/v1/version answered {status} {body:?}")]
+    NotKairos { url: String, status: reqwest::StatusCode, body: String },
     /// The file refused points are kept in (KairosDB's `dead_letter`).
     #[error("cannot open dead-letter file {path}: {error}")]
     DeadLetterOpen { path: String, error: std::io::Error },

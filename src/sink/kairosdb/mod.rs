@@ -221,12 +221,12 @@ impl KairosSink {
         let mut builder =
             reqwest::blocking::Client::builder().timeout(opts.timeout).pool_max_idle_per_host(opts.in_flight);
         if let Some(path) = &opts.ca {
-            let pem = std::fs::read(path).map_err(|e| SinkError::Kairos(format!("cannot read CA file {path}: {e}")))?;
+            let pem = std::fs::read(path).map_err(|error| SinkError::KairosCa { path: path.clone(), error })?;
             let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| SinkError::Kairos(format!("CA file {path} is not a PEM certificate: {e}")))?;
+                .map_err(|error| SinkError::KairosCert { path: path.clone(), error })?;
             builder = builder.add_root_certificate(cert);
         }
-        let client = builder.build().map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
+        let client = builder.build().map_err(SinkError::KairosClient)?;
         check_version(&client, &opts)?;
         let shared = Arc::new(Shared {
             queue: CoalescingQueue::new(opts.queue_points, catalog),
@@ -277,7 +277,7 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
     if let Some((u, p)) = &opts.user {
         req = req.basic_auth(u, Some(p));
     }
-    let resp = req.send().map_err(|e| SinkError::Kairos(format!("cannot reach KairosDB at {}: {e}", opts.url)))?;
+    let resp = req.send().map_err(|error| SinkError::KairosUnreachable { url: opts.url.clone(), error })?;
     let status = resp.status();
     let body = resp.text().unwrap_or_default();
     let version = serde_json::from_str::<serde_json::Value>(&body)
@@ -285,11 +285,7 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
         .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_string));
     match version {
         Some(v) if status.is_success() && v.starts_with("KairosDB") => Ok(()),
-        _ => Err(SinkError::Kairos(format!(
-            "{} is not KairosDB: GET /api/v1/version answered {status} {:?}",
-            opts.url,
-            body.chars().take(120).collect::<String>()
-        ))),
+        _ => Err(SinkError::NotKairos { url: opts.url.clone(), status, body: body.chars().take(120).collect() }),
     }
 }
 
