@@ -4,6 +4,7 @@
 //! source → event (parse) → shard (route, workers) → session (sessionize,
 //! correct) → aggregate (per-minute counters, totals) → sink.
 
+pub mod address; // the ?key=value&… options of every address, one parser
 pub mod aggregate; // metric keys, per-minute counters, merged totals
 pub mod checkpoint; // snapshots of all state + source position, restore
 pub mod config; // TOML → checked Config → compiled Catalog

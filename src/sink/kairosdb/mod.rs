@@ -48,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
+use crate::address::{positive, split_query, Keys, OptionError, Options};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
 use crate::health::{HealthPoint, HealthValue};
@@ -88,7 +89,7 @@ impl KairosOptions {
     pub fn parse(spec: &str) -> Result<KairosOptions, SinkError> {
         let shown = crate::redact::redact(&format!("kairosdb:{spec}"));
         let bad = |why: String| SinkError::BadOption { sink: shown.clone(), why };
-        let (base, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let (base, query) = split_query(spec);
         let (scheme, rest) = base.split_once("://").ok_or_else(|| bad("expected http://HOST:PORT".into()))?;
         if scheme != "http" && scheme != "https" {
             return Err(bad(format!("scheme {scheme:?} is not http or https")));
@@ -102,55 +103,55 @@ impl KairosOptions {
         };
         let host = host.trim_end_matches('/');
         check_host_port(host).map_err(|why| bad(why.into()))?;
-        let mut o = KairosOptions {
-            url: format!("{scheme}://{host}"),
-            user,
-            batch_points: 5_000,
-            batch_bytes: 4 << 20,
-            linger: Duration::from_millis(100),
-            in_flight: 4,
-            timeout: Duration::from_secs(10),
-            queue_points: 2_000_000,
-            backoff: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
-            drain: Duration::from_secs(30),
-            dead_letter: "expmon-out/kairosdb-rejected.jsonl".into(),
-            ca: None,
+        let options = || -> Result<KairosOptions, OptionError> {
+            let o = Options::parse(query, &KEYS)?;
+            let dur = |key| {
+                o.value(key, |v| {
+                    parse_duration_ms(v).map(|ms| Duration::from_millis(ms as u64)).map_err(|e| e.to_string())
+                })
+            };
+            let timeout = o.value("timeout", |v| match parse_duration_ms(v).map_err(|e| e.to_string())? {
+                0 => Err("must be more than 0".to_string()),
+                ms => Ok(Duration::from_millis(ms as u64)),
+            })?;
+            let text = |key| o.get(key).map(str::to_string);
+            Ok(KairosOptions {
+                url: format!("{scheme}://{host}"),
+                user,
+                batch_points: o.value("batch", positive)?.unwrap_or(5_000),
+                batch_bytes: o.value("batch_bytes", positive)?.unwrap_or(4 << 20),
+                linger: dur("linger")?.unwrap_or(Duration::from_millis(100)),
+                in_flight: o.value("inflight", positive)?.unwrap_or(4),
+                timeout: timeout.unwrap_or(Duration::from_secs(10)),
+                queue_points: o.value("queue", positive)?.unwrap_or(2_000_000),
+                backoff: dur("backoff")?.unwrap_or(Duration::from_millis(100)),
+                backoff_max: dur("backoff_max")?.unwrap_or(Duration::from_secs(30)),
+                drain: dur("drain")?.unwrap_or(Duration::from_secs(30)),
+                dead_letter: text("dead_letter").unwrap_or_else(|| "expmon-out/kairosdb-rejected.jsonl".into()),
+                ca: text("ca"),
+            })
         };
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("option {kv:?} is not k=v")))?;
-            let num = || {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("{k}={v} is not a positive number")))
-            };
-            let dur = || {
-                parse_duration_ms(v).map(|ms| Duration::from_millis(ms as u64)).map_err(|e| bad(format!("{k}: {e}")))
-            };
-            match k {
-                "batch" => o.batch_points = num()?,
-                "batch_bytes" => o.batch_bytes = num()?,
-                "linger" => o.linger = dur()?,
-                "inflight" => o.in_flight = num()?,
-                "timeout" => {
-                    o.timeout = dur()?;
-                    if o.timeout.is_zero() {
-                        return Err(bad("timeout must be more than 0".into()));
-                    }
-                }
-                "queue" => o.queue_points = num()?,
-                "backoff" => o.backoff = dur()?,
-                "backoff_max" => o.backoff_max = dur()?,
-                "drain" => o.drain = dur()?,
-                "dead_letter" => o.dead_letter = v.to_string(),
-                "ca" => o.ca = Some(v.to_string()),
-                _ => return Err(bad(format!("unknown option {k:?}"))),
-            }
-        }
-        Ok(o)
+        options().map_err(|e| bad(e.to_string()))
     }
 }
+
+/// The options of a `kairosdb:` address (see [`KairosOptions`]).
+static KEYS: Keys = Keys {
+    known: &[
+        "batch",
+        "batch_bytes",
+        "linger",
+        "inflight",
+        "timeout",
+        "queue",
+        "backoff",
+        "backoff_max",
+        "drain",
+        "dead_letter",
+        "ca",
+    ],
+    passed_on: None,
+};
 
 /// `HOST[:PORT]` with a non-empty host (a name, an IPv4 address or `[IPv6]`)
 /// and, if given, a port number: what an HTTP client can connect to.
@@ -736,9 +737,26 @@ mod tests {
             (100, Duration::from_millis(5), 2, Duration::from_secs(60))
         );
         assert_eq!(KairosOptions::parse("http://h:1").unwrap().batch_points, 5_000);
-        for bad in ["h:1", "ftp://h:1", "http://", "http://h:1?batch=0", "http://h:1?nope=1", "http://h:1?linger=soon"]
-        {
+        for bad in [
+            "h:1",
+            "ftp://h:1",
+            "http://",
+            "http://h:1?batch=0",
+            "http://h:1?nope=1",
+            "http://h:1?linger=soon",
+            "http://h:1?timeout=0s",
+            "http://h:1?batch=1&batch=2",
+            "http://h:1?batch",
+        ] {
             assert!(KairosOptions::parse(bad).is_err(), "{bad}");
         }
+        let why = |spec| match KairosOptions::parse(spec) {
+            Err(SinkError::BadOption { why, .. }) => why,
+            other => panic!("{spec}: {other:?}"),
+        };
+        assert_eq!(why("http://h:1?batch=0"), "batch: \"0\" is not a positive number");
+        assert_eq!(why("http://h:1?timeout=0s"), "timeout: must be more than 0");
+        assert_eq!(why("http://h:1?drain=1s&drain=2s"), "option \"drain\" is given twice");
+        assert!(why("http://h:1?nope=1").starts_with("unknown option \"nope\" (expected batch, batch_bytes, linger,"));
     }
 }
