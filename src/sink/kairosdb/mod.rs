@@ -47,11 +47,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::json::{format_health, format_point};
 use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
 use crate::address::{positive, split_query, Keys, OptionError, Options};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
-use crate::health::{HealthPoint, HealthValue};
+use crate::health::HealthPoint;
 use crate::shard::failures::lock;
 use crate::shard::Failures;
 
@@ -379,7 +380,9 @@ fn send_loop(s: &Shared, seed: u64) {
                     },
                     |part, status, error| {
                         let namer = Namer::new(&catalog);
-                        refuse(s, status, error, part.iter().map(|p| point_line(p, &namer)))
+                        refuse(s, status, error, part.len(), |out| {
+                            part.iter().for_each(|p| format_point(out, p, &namer))
+                        })
                     },
                     // Failed points go back to the queue, where a newer total
                     // may replace them meanwhile.
@@ -491,7 +494,9 @@ fn send_health(s: &Shared) -> Option<String> {
             s,
             batch,
             |part| encode_health(part, ts, ttl_s),
-            |part, status, error| refuse(s, status, error, part.iter().map(|p| health_line(p, ts))),
+            |part, status, error| {
+                refuse(s, status, error, part.len(), |out| part.iter().for_each(|p| format_health(out, p, ts)))
+            },
             |part, done| {
                 if !done {
                     unsent.extend_from_slice(part);
@@ -514,25 +519,6 @@ fn sleep_unless_stopped(s: &Shared, d: Duration) {
         }
         std::thread::sleep((end - now).min(Duration::from_millis(20)));
     }
-}
-
-/// A refused experiment point as a dead-letter line (the file sink's format).
-fn point_line(p: &Point, namer: &Namer) -> serde_json::Value {
-    serde_json::json!({
-        "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
-        "timestamp": p.minute, "value": p.value,
-    })
-}
-
-/// A refused health point as a dead-letter line (the file sink's format).
-fn health_line(p: &HealthPoint, ts_ms: i64) -> serde_json::Value {
-    let tags: serde_json::Map<String, serde_json::Value> =
-        p.tags.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
-    let value = match p.value {
-        HealthValue::Int(v) => serde_json::Value::from(v),
-        HealthValue::Float(v) => serde_json::Value::from(v),
-    };
-    serde_json::json!({"name": p.name, "tags": tags, "timestamp": ts_ms, "value": value})
 }
 
 /// Points refused for good: what the dead-letter file holds, what the end
@@ -559,10 +545,11 @@ struct Refusals {
 /// Dead-letter format: one line per refused request,
 /// `{"request":N,"status":400,"error":"…","points":M,"at":MS}` (N counts from 1
 /// in each run; the error text cut to [`ERROR_TEXT_MAX`] bytes; `at` is the
-/// wall clock), followed by its M points in the file sink's format, each with
-/// `"request":N`.
-fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<Item = serde_json::Value>) {
-    let points = lines.len() as u64;
+/// wall clock), followed by its M points in the file sink's format
+/// ([`crate::sink::json`]), each with `"request":N` added last.
+fn refuse(s: &Shared, status: u16, error: &str, points: usize, lines: impl FnOnce(&mut String)) {
+    use std::fmt::Write as _;
+    let points = points as u64;
     let mut g = lock(&s.refusals);
     g.requests += 1;
     g.statuses.insert(status);
@@ -572,10 +559,12 @@ fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<It
     })
     .to_string();
     text.push('\n');
-    for mut line in lines {
-        line["request"] = request.into();
-        text.push_str(&line.to_string());
-        text.push('\n');
+    let mut file_lines = String::new();
+    lines(&mut file_lines);
+    for line in file_lines.lines() {
+        // The file sink's line with `"request":N` last.
+        let open = line.strip_suffix('}').expect("a JSON object");
+        let _ = writeln!(text, "{open},\"request\":{request}}}");
     }
     let kept = match write_dead_letter(&mut g.file, &s.opts.dead_letter, &text) {
         Ok(()) => format!("dead-lettered to {}", s.opts.dead_letter),
