@@ -82,27 +82,27 @@ fn cut_torn_tail(f: &mut File) -> std::io::Result<u64> {
     Ok(len - end)
 }
 
-impl Sink for FileSink {
-    fn write(&mut self, points: &[Point], namer: &Namer) -> Result<(), SinkError> {
+impl FileSink {
+    /// Writes each of `points` as the line `format` appends for it.
+    fn write_lines<P>(&mut self, points: &[P], format: impl Fn(&mut String, &P)) -> Result<(), SinkError> {
         for p in points {
             self.line.clear();
-            format_point(&mut self.line, p, namer);
+            format(&mut self.line, p);
             self.out
                 .write_all(self.line.as_bytes())
                 .map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })?;
         }
         Ok(())
     }
+}
+
+impl Sink for FileSink {
+    fn write(&mut self, points: &[Point], namer: &Namer) -> Result<(), SinkError> {
+        self.write_lines(points, |line, p| format_point(line, p, namer))
+    }
 
     fn write_health(&mut self, ts_ms: i64, points: &[HealthPoint]) -> Result<(), SinkError> {
-        for p in points {
-            self.line.clear();
-            format_health(&mut self.line, p, ts_ms);
-            self.out
-                .write_all(self.line.as_bytes())
-                .map_err(|source| SinkError::Io { sink: format!("file:{}", self.path), source })?;
-        }
-        Ok(())
+        self.write_lines(points, |line, p| format_health(line, p, ts_ms))
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {

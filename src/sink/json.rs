@@ -96,6 +96,25 @@ mod tests {
     }
 
     #[test]
+    fn a_point_line_is_the_upsert_of_spec_5() {
+        use crate::aggregate::{MetricKind, SeriesKey, NO_MP};
+        use crate::config::{Catalog, Config};
+        let toml = "[[experiment]]\nid = 1\ntenant = \"t\\\"q\"\nvariations = [11]\n\
+                    qualify = [{device = \"d\", login = \"l\"}]\n";
+        let c = Config::parse(toml, "t").unwrap();
+        let catalog = Catalog::build(&c, std::sync::Arc::default()).unwrap();
+        let namer = Namer::new(&catalog);
+        let p = Point { key: SeriesKey::new(MetricKind::SessionAssigned, 0, NO_MP, 0, 0), minute: 60_000, value: -3 };
+        let mut line = String::new();
+        format_point(&mut line, &p, &namer);
+        assert_eq!(
+            line,
+            "{\"name\":\"t\\\"q.session.assigned.11\",\"tags\":{\"dc\":\"dc1\",\"device\":\"d\",\"login\":\"l\"},\
+             \"timestamp\":60000,\"value\":-3}\n"
+        );
+    }
+
+    #[test]
     fn a_health_line_has_its_tags_in_order_and_its_value() {
         let p = HealthPoint {
             name: "expmon.lag\"s".into(),
