@@ -327,7 +327,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         let sessions: usize = snap.shards.iter().map(Vec::len).sum();
         tracing::info!(
             "restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
-            (expmon::health::now_ms() - snap.created_ms) as f64 / 1000.0,
+            (expmon::clock::now_ms() - snap.created_ms) as f64 / 1000.0,
             snap.totals.len(),
             sessions / 1024,
             snap.router.positions.len()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::{Generator, Profile, REPLAY_START_MS};
 use crate::address::{positive, split_query, Keys, OptionError, Options};
-use crate::health::now_ms;
+use crate::clock::now_ms;
 use crate::source::{Fill, LineBatch, Source};
 
 /// The options of a `gen:` source.

@@ -17,10 +17,9 @@ pub use results::{Results, SharedResults, KEEP_MINUTES};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::failures::lock;
 use crate::health::prometheus::prometheus_text;
-use crate::health::HealthPoint;
-use crate::shard::failures::lock;
-use crate::sink::LatencyBuckets;
+use crate::metrics::{HealthPoint, LatencyBuckets};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -45,7 +44,7 @@ pub fn spawn(
     addr: SocketAddr,
     published: Arc<Published>,
     results: SharedResults,
-    failures: &crate::shard::Failures,
+    failures: &crate::failures::Failures,
 ) -> Result<HttpServer, String> {
     http::spawn(addr, Pages { published, results }, failures)
 }

@@ -16,7 +16,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use super::json::{format_health, format_point};
 use super::{Sink, SinkError};
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
+use crate::metrics::HealthPoint;
 
 pub struct FileSink {
     out: BufWriter<File>,

@@ -8,7 +8,7 @@
 use std::fmt::Write;
 
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
+use crate::metrics::HealthPoint;
 
 /// Appends `s` as a JSON string literal.
 pub fn push_json_str(out: &mut String, s: &str) {
@@ -85,7 +85,7 @@ pub fn format_health(out: &mut String, p: &HealthPoint, ts_ms: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::HealthValue;
+    use crate::metrics::HealthValue;
 
     #[test]
     fn strings_are_escaped() {

@@ -14,7 +14,7 @@ use flate2::Compression;
 use std::io::Write;
 
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
+use crate::metrics::HealthPoint;
 use crate::sink::json::{push_health_head, push_point_head};
 
 /// Encodes health points, all stamped `ts_ms`: the gzipped body and the

@@ -48,13 +48,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::json::{format_health, format_point};
-use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
+use super::{Sink, SinkError};
 use crate::address::{positive, split_query, Keys, OptionError, Options};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
-use crate::health::HealthPoint;
-use crate::shard::failures::lock;
-use crate::shard::Failures;
+use crate::failures::lock;
+use crate::failures::Failures;
+use crate::metrics::{HealthPoint, LatencyBuckets, SinkHealth, SinkReport};
 
 /// Options of the KairosDB sink, from the query string of its spec.
 #[derive(Debug, Clone)]
@@ -250,7 +250,7 @@ impl KairosSink {
                     .spawn(format!("expmon-kairos-{i}"), move || {
                         // Leaves the queue however the thread ends (panics included).
                         let _left = SenderLeaves(&s.queue);
-                        send_loop(&s, crate::health::now_ms() as u64 ^ i as u64)
+                        send_loop(&s, crate::clock::now_ms() as u64 ^ i as u64)
                     })
                     .expect("spawn kairosdb sender")
             })
@@ -375,7 +375,7 @@ fn send_loop(s: &Shared, seed: u64) {
                     s,
                     batch,
                     |part| {
-                        crate::checkpoint::failpoint("kairos.send");
+                        crate::failures::failpoint("kairos.send");
                         encode_batch(part, &Namer::new(&catalog), ttl_s)
                     },
                     |part, status, error| {
@@ -555,7 +555,7 @@ fn refuse(s: &Shared, status: u16, error: &str, points: usize, lines: impl FnOnc
     g.statuses.insert(status);
     let request = g.requests;
     let mut text = serde_json::json!({
-        "request": request, "status": status, "error": error, "points": points, "at": crate::health::now_ms(),
+        "request": request, "status": status, "error": error, "points": points, "at": crate::clock::now_ms(),
     })
     .to_string();
     text.push('\n');
