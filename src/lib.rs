@@ -7,13 +7,14 @@
 //! Layers, bottom first: a module uses only modules on lines above its own
 //! (no cycles; `tests/layers.rs` checks this list against the code):
 //! 1. leaves: `clock`, `codec`, `event`, `failures`, `metrics`, `names`, `redact`, `stats`
-//! 2. `config`
+//! 2. `address`, `config`
 //! 3. `aggregate`, `kafka`
 //! 4. `session`, `sink`, `source`
 //! 5. `checkpoint`, `gen`, `health`
 //! 6. `serve`
 //! 7. `shard` (the runtime, which wires them all)
 
+pub mod address; // the ?key=value&… options of every address, one parser
 pub mod aggregate; // metric keys, per-minute counters, merged totals
 pub mod checkpoint; // snapshots of all state + source position, restore
 pub mod clock; // wall-clock now in ms (processing time)

@@ -31,13 +31,9 @@ pub use source::{GenSource, Pacer};
 pub enum GenError {
     #[error("unknown generator profile {0:?}: expected demo or peak")]
     UnknownProfile(String),
-    /// A `gen:` source option without `=` (`spec`: after `gen:`).
-    #[error("bad generator option {kv:?} in gen:{spec}")]
-    BadOption { kv: String, spec: String },
-    #[error("bad value for {key} in gen:{spec}: {value:?}")]
-    BadValue { key: String, spec: String, value: String },
-    #[error("unknown generator option {key:?} in gen:{spec}: expected rate, events or seed")]
-    UnknownOption { key: String, spec: String },
+    /// The options of a `gen:` source (`spec`: the whole source).
+    #[error("bad generator source {spec:?}: {error}")]
+    BadSource { spec: String, error: crate::address::OptionError },
     /// `shown`: the `--out` value with its secrets hidden.
     #[error("bad --out {0:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC")]
     BadOut(String),

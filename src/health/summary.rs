@@ -53,14 +53,7 @@ impl fmt::Display for Summary {
             )?;
         }
         write!(f, "  rejected {}", r.rejected_total())?;
-        let reasons: Vec<String> = Reject::ALL
-            .iter()
-            .filter(|x| r.rejected[x.index()] > 0)
-            .map(|x| format!("{}={}", x.as_str(), r.rejected[x.index()]))
-            .collect();
-        if !reasons.is_empty() {
-            write!(f, " ({})", reasons.join(", "))?;
-        }
+        write_nonzero(f, Reject::ALL.iter().map(|x| (x.as_str(), r.rejected[x.index()])))?;
         writeln!(
             f,
             ", late dropped {}, unknown tenant {}, unknown experiment {}, unknown variation {}",
@@ -77,14 +70,7 @@ impl fmt::Display for Summary {
             s.overflow_dropped
         )?;
         write!(f, "  names replaced by _other (table full) {}", r.names_replaced.iter().sum::<u64>())?;
-        let tables: Vec<String> = crate::names::NameKind::ALL
-            .iter()
-            .filter(|k| r.names_replaced[k.index()] > 0)
-            .map(|k| format!("{}={}", k.as_str(), r.names_replaced[k.index()]))
-            .collect();
-        if !tables.is_empty() {
-            write!(f, " ({})", tables.join(", "))?;
-        }
+        write_nonzero(f, crate::names::NameKind::ALL.iter().map(|k| (k.as_str(), r.names_replaced[k.index()])))?;
         writeln!(f)?;
         let w = &self.writer;
         write!(
@@ -131,4 +117,13 @@ impl fmt::Display for Summary {
         }
         Ok(())
     }
+}
+
+/// Writes ` (name=count, …)` of the non-zero `counts`, nothing if all are zero.
+fn write_nonzero<'a>(f: &mut fmt::Formatter<'_>, counts: impl Iterator<Item = (&'a str, u64)>) -> fmt::Result {
+    let shown: Vec<String> = counts.filter(|(_, n)| *n > 0).map(|(name, n)| format!("{name}={n}")).collect();
+    if shown.is_empty() {
+        return Ok(());
+    }
+    write!(f, " ({})", shown.join(", "))
 }

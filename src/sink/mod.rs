@@ -10,9 +10,11 @@
 //! points.
 
 mod file;
+mod json;
 pub mod kairosdb;
 
-pub use file::{format_point, push_json_str, FileSink};
+pub use file::FileSink;
+pub use json::{format_health, format_point, push_json_str};
 pub use kairosdb::{KairosOptions, KairosSink};
 
 use std::sync::{Arc, Mutex};
