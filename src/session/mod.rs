@@ -772,12 +772,4 @@ fn expired(max_ts: i64, gap_ms: i64, wm: i64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compact_sizes() {
-        assert_eq!(size_of::<SessionKey>(), 16);
-        assert!(size_of::<Session>() <= 48, "{}", size_of::<Session>());
-    }
-}
+mod tests;
