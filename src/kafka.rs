@@ -10,7 +10,8 @@
 //! of a topic it creates, default 8). Any
 //! key with a dot in it (`security.protocol`, `sasl.mechanism`,
 //! `fetch.max.bytes`, …) is passed to librdkafka as is, after the settings of
-//! the config file's `[kafka]` table.
+//! the config file's `[kafka]` table. Each key at most once (see
+//! [`crate::address`]).
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -19,7 +20,18 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use std::time::Duration;
 
+use crate::address::{split_query, Keys, OptionError, Options, PassedOn};
 use crate::config::parse_duration_ms;
+
+/// The options of a `kafka://` address: expmon's own, and librdkafka's
+/// settings (a dot in their name, or `debug` and `acks`), passed on.
+static KEYS: Keys = Keys {
+    known: &["group", "dead_letter", "idle_timeout", "until_end", "partitions"],
+    passed_on: Some(PassedOn {
+        takes: |k| k.contains('.') || ["debug", "acks"].contains(&k),
+        described: "librdkafka settings have a dot in their name",
+    }),
+};
 
 /// A parsed `kafka://` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +53,7 @@ impl KafkaSpec {
         let shown = crate::redact::redact(spec);
         let bad = |why: &str| format!("bad kafka address {shown:?}: {why}");
         let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
-        let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (addr, query) = split_query(rest);
         let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
         if brokers.contains('@') {
             return Err(bad("brokers are HOST:PORT: credentials go in sasl.username and sasl.password"));
@@ -57,46 +69,34 @@ impl KafkaSpec {
         if !valid_topic(topic) {
             return Err(bad("a topic name is 1 to 249 of [A-Za-z0-9._-]"));
         }
-        let mut out = KafkaSpec {
-            brokers: brokers.to_string(),
-            topic: topic.to_string(),
-            group: "expmon".to_string(),
-            dead_letter: None,
-            idle_timeout: Duration::from_secs(10),
-            partitions: 8,
-            until_end: false,
-            settings: Vec::new(),
+        let options = || -> Result<KafkaSpec, OptionError> {
+            let o = Options::parse(query, &KEYS)?;
+            let group = o.value("group", |v| match v {
+                "" => Err("empty (a consumer group name)".to_string()),
+                _ => Ok(v.to_string()),
+            })?;
+            let dead_letter = o.value("dead_letter", |v| match valid_topic(v) {
+                true => Ok(v.to_string()),
+                false => Err(format!("{v:?} is not a topic name (1 to 249 of [A-Za-z0-9._-])")),
+            })?;
+            let idle_timeout = o.value("idle_timeout", |v| {
+                parse_duration_ms(v).map(|ms| Duration::from_millis(ms.max(1) as u64)).map_err(|e| e.to_string())
+            })?;
+            let until_end = o.value("until_end", |v| v.parse().map_err(|_| "true or false".to_string()))?;
+            let partitions =
+                o.value("partitions", |v| v.parse().ok().filter(|n| *n > 0).ok_or("not a count".into()))?;
+            Ok(KafkaSpec {
+                brokers: brokers.to_string(),
+                topic: topic.to_string(),
+                group: group.unwrap_or_else(|| "expmon".to_string()),
+                dead_letter,
+                idle_timeout: idle_timeout.unwrap_or(Duration::from_secs(10)),
+                partitions: partitions.unwrap_or(8),
+                until_end: until_end.unwrap_or(false),
+                settings: o.passed_on().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            })
         };
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let shown_kv = if crate::redact::is_secret_key(kv) { crate::redact::HIDDEN } else { kv };
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option {shown_kv:?} is not key=value")))?;
-            match k {
-                "group" if v.is_empty() => return Err(bad("group: empty (a consumer group name)")),
-                "group" => out.group = v.to_string(),
-                "dead_letter" if !valid_topic(v) => {
-                    return Err(bad(&format!("dead_letter: {v:?} is not a topic name (1 to 249 of [A-Za-z0-9._-])")))
-                }
-                "dead_letter" => out.dead_letter = Some(v.to_string()),
-                "idle_timeout" => {
-                    let ms = parse_duration_ms(v).map_err(|e| bad(&format!("idle_timeout: {e}")))?;
-                    out.idle_timeout = Duration::from_millis(ms.max(1) as u64);
-                }
-                "until_end" => out.until_end = v.parse().map_err(|_| bad("until_end: true or false"))?,
-                "partitions" => {
-                    out.partitions = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("partitions: not a count"))?
-                }
-                _ if k.contains('.') || ["debug", "acks"].contains(&k) => {
-                    out.settings.push((k.to_string(), v.to_string()))
-                }
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown option {k:?} (expmon's are group, dead_letter, idle_timeout, until_end, partitions; \
-                         librdkafka settings have a dot in their name)"
-                    )))
-                }
-            }
-        }
-        Ok(out)
+        options().map_err(|e| bad(&e.to_string()))
     }
 
     /// `what` failed with librdkafka's error `e`, as one line: librdkafka
@@ -204,9 +204,18 @@ mod tests {
             "kafka://h:1/t?grup=x",
             "kafka://h:1/t?partitions=0",
             "kafka://h:1/t?novalue",
+            "kafka://h:1/t?group=a&group=b",
+            "kafka://h:1/t?acks=1&acks=all",
         ] {
             let e = KafkaSpec::parse(bad).unwrap_err();
             assert!(e.starts_with("bad kafka address"), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
+        let e = KafkaSpec::parse("kafka://h:1/t?grup=x").unwrap_err();
+        assert!(e.ends_with(": unknown option \"grup\" (expected group, dead_letter, idle_timeout, until_end, partitions; librdkafka settings have a dot in their name)"), "{e}");
+        let e = KafkaSpec::parse("kafka://h:1/t?sasl.password=s3cr3t&sasl.password=s3cr3t").unwrap_err();
+        assert!(e.contains("\"sasl.password\" is given twice") && !e.contains("s3cr3t"), "{e}");
+        let e = KafkaSpec::parse("kafka://h:1/t?until_end=yes").unwrap_err();
+        assert!(e.ends_with(": until_end: true or false"), "{e}");
     }
 }

@@ -32,14 +32,15 @@
 //! caller refuses a snapshot whose source the new run's does not continue
 //! ([`crate::source::Source::continues`]): its position means nothing there.
 
-mod codec;
+mod writer;
 
-pub use codec::{Dec, Enc};
+pub use writer::{CheckpointOptions, CheckpointWriteError, Checkpointer, ShardPart, Written};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
+use crate::aggregate::TotalRecord;
+use crate::codec::{Dec, Enc};
 use crate::config::Config;
 use crate::names::Names;
 use crate::source::{FileMark, Offsets, SourceId, SourceKind};
@@ -109,10 +110,6 @@ impl RouterState {
         Names::from_lists(&self.names)
     }
 }
-
-/// A total held by the writer: `(series key, minute, exact total, last
-/// written, as clamped to i64)`.
-pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
 pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
     e.u64(totals.len() as u64);
@@ -297,37 +294,9 @@ pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     if !path.exists() {
         return Ok(None);
     }
-    let aside = dir.join(format!("{FILE}.discarded-{}", crate::health::now_ms()));
+    let aside = dir.join(format!("{FILE}.discarded-{}", crate::clock::now_ms()));
     std::fs::rename(&path, &aside)?;
     Ok(Some(aside))
-}
-
-/// Crash testing: `EXPMON_FAILPOINT=NAME` (or `NAME@N`, the Nth time) aborts
-/// the process at the named point, as a power cut would;
-/// `EXPMON_FAILPOINT=panic:NAME[@N]` panics the thread that reaches it instead
-/// (a bug in that thread), which must stop the run with one error line.
-#[track_caller]
-pub fn failpoint(name: &str) {
-    static SPEC: OnceLock<Option<(bool, String, u64)>> = OnceLock::new();
-    static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("EXPMON_FAILPOINT").ok()?;
-        let (panics, v) = match v.strip_prefix("panic:") {
-            Some(rest) => (true, rest),
-            None => (false, v.as_str()),
-        };
-        let (n, at) = v.split_once('@').unwrap_or((v, "1"));
-        Some((panics, n.to_string(), at.parse().unwrap_or(1)))
-    });
-    if let Some((panics, n, at)) = spec {
-        if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
-            if *panics {
-                panic!("failpoint {name}");
-            }
-            tracing::error!("failpoint {name}: aborting");
-            std::process::abort();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::kafka::KafkaOut;
 use super::{Generator, Pacer, Profile, REPLAY_START_MS};
-use crate::health::now_ms;
+use crate::clock::now_ms;
 
 /// What `expmon gen` was asked to do.
 #[derive(Debug, Clone)]

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::failures::lock;
 use crate::kafka::{ensure_topic, KafkaSpec};
-use crate::shard::failures::lock;
 
 #[derive(Default)]
 struct Delivery {

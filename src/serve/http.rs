@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
 use super::Pages;
-use crate::shard::Failures;
+use crate::failures::Failures;
 
 /// Connections open at once; one more is closed at once with a 503.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -150,7 +150,7 @@ fn respond(pages: &Pages, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.body().size_hint().upper().is_none_or(|n| n > MAX_BODY_BYTES) {
         return closing(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
-    crate::checkpoint::failpoint("http.request");
+    crate::failures::failpoint("http.request");
     let page = pages.get(req.uri().path(), req.uri().query().unwrap_or(""));
     let mut r = Response::new(Full::new(Bytes::from(page.body)));
     *r.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

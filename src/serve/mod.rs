@@ -17,10 +17,9 @@ pub use results::{Results, SharedResults, KEEP_MINUTES};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::failures::lock;
 use crate::health::prometheus::prometheus_text;
-use crate::health::HealthPoint;
-use crate::shard::failures::lock;
-use crate::sink::LatencyBuckets;
+use crate::metrics::{HealthPoint, LatencyBuckets};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -38,14 +37,14 @@ pub struct Snapshot {
     pub write_latency: LatencyBuckets,
 }
 
-/// Starts the server on its own thread (`expmon-http`, see [`http`] for its
+/// Starts the server on its own thread (`expmon-http`, see `http` for its
 /// limits). Binds `addr` before returning, and fails with a clear message if
 /// it cannot be bound.
 pub fn spawn(
     addr: SocketAddr,
     published: Arc<Published>,
     results: SharedResults,
-    failures: &crate::shard::Failures,
+    failures: &crate::failures::Failures,
 ) -> Result<HttpServer, String> {
     http::spawn(addr, Pages { published, results }, failures)
 }

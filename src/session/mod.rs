@@ -397,7 +397,7 @@ impl SessionTable {
     }
 
     /// Appends every session (key, then state) to a checkpoint.
-    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+    pub fn encode(&self, e: &mut crate::codec::Enc) {
         e.u64(self.sessions.len() as u64);
         for (k, s) in &self.sessions {
             e.u64(k.0[0]);
@@ -408,10 +408,7 @@ impl SessionTable {
 
     /// Reads sessions written by [`SessionTable::encode`], calling `each` with
     /// every key and its encoded state (so a restore can re-shard them).
-    pub fn decode_each(
-        d: &mut crate::checkpoint::Dec<'_>,
-        mut each: impl FnMut(SessionKey, &[u8]),
-    ) -> Result<(), String> {
+    pub fn decode_each(d: &mut crate::codec::Dec<'_>, mut each: impl FnMut(SessionKey, &[u8])) -> Result<(), String> {
         let n = d.count(16 + 24)?;
         for _ in 0..n {
             let key = SessionKey([d.u64()?, d.u64()?]);
@@ -425,7 +422,7 @@ impl SessionTable {
 
     /// Adds a session from bytes handed out by [`SessionTable::decode_each`].
     pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), String> {
-        let s = Session::decode(&mut crate::checkpoint::Dec::new(bytes))?;
+        let s = Session::decode(&mut crate::codec::Dec::new(bytes))?;
         self.sessions.insert(key, s);
         Ok(())
     }

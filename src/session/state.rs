@@ -128,7 +128,7 @@ fn exp_cells(n: usize) -> usize {
 
 impl Session {
     /// Appends this session to a checkpoint.
-    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+    pub fn encode(&self, e: &mut crate::codec::Enc) {
         e.i64(self.base);
         e.u32(self.max_off);
         e.u16(self.n_exps);
@@ -148,7 +148,7 @@ impl Session {
 
     /// Reads a session written by [`Session::encode`], checking that its
     /// layout is consistent.
-    pub fn decode(d: &mut crate::checkpoint::Dec<'_>) -> Result<Session, String> {
+    pub fn decode(d: &mut crate::codec::Dec<'_>) -> Result<Session, String> {
         let (base, max_off, n_exps, n_conds) = (d.i64()?, d.u32()?, d.u16()?, d.u16()?);
         let n_extras = d.u32()? as usize;
         let mut extras = Vec::new();
@@ -371,9 +371,9 @@ mod tests {
         assert_eq!(s.extras(), &[(1, VALUE_KEY, 1299), (3, VALUE_KEY, -10_000_000i32 as u32), (1, 7, 9)]);
         assert_eq!(s.heap_bytes() - s.cells.capacity() * 8, 24 + 3 * 12, "exact growth for small lists");
         assert_eq!(s.attr_of(1, 7), Some(9));
-        let mut e = crate::checkpoint::Enc::default();
+        let mut e = crate::codec::Enc::default();
         s.encode(&mut e);
-        let back = Session::decode(&mut crate::checkpoint::Dec::new(&e.buf)).unwrap();
+        let back = Session::decode(&mut crate::codec::Dec::new(&e.buf)).unwrap();
         assert_eq!(back.extras(), s.extras());
         let mut plain = Session::default();
         plain.push_event(1_000, 4, 0, 0);

@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use super::{Fill, LineBatch, Offsets, PartitionState, Source, MAX_LINE_BYTES};
 use crate::event::Reject;
+use crate::failures::lock;
 use crate::kafka::{topic_partitions, KafkaSpec};
-use crate::shard::failures::lock;
 
 /// Lines per fill, and the bytes after which a fill stops early.
 const FILL_LINES: usize = 16 * 1024;

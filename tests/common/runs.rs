@@ -60,10 +60,18 @@ impl Expmon {
         self.consume_args(broker, topic, options, out, &["--threads", "2"])
     }
 
-    /// Starts `expmon run` on `topic` with address options `options` and more
-    /// command-line arguments; its stderr goes to `OUT.stderr.log`.
+    /// Starts `expmon run` on `topic` with address options `options` (after
+    /// `session.timeout.ms=6000&idle_timeout=1s` unless they set those) and
+    /// more command-line arguments; its stderr goes to `OUT.stderr.log`.
     pub fn consume_args(&self, broker: &Broker, topic: &str, options: &str, out: &str, args: &[&str]) -> Consumer {
-        let source = format!("kafka://{}/{topic}?session.timeout.ms=6000&idle_timeout=1s&{options}", broker.addr());
+        // The defaults `options` does not set: an address takes each key once.
+        let given = |key: &str| options.split('&').any(|kv| kv.split_once('=').is_some_and(|(k, _)| k == key));
+        let defaults: String = [("session.timeout.ms", "6000"), ("idle_timeout", "1s")]
+            .iter()
+            .filter(|(k, _)| !given(k))
+            .map(|(k, v)| format!("{k}={v}&"))
+            .collect();
+        let source = format!("kafka://{}/{topic}?{defaults}{options}", broker.addr());
         let run = self
             .run()
             .config("demo.toml")

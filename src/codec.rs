@@ -1,5 +1,8 @@
 //! Little-endian binary encoding for checkpoints: an append-only [`Enc`] and a
 //! bounds-checked [`Dec`] whose every read fails cleanly on truncated input.
+//! A leaf: `checkpoint` lays out the file with it, and each stage that owns
+//! state (the sessions in `session`, the router and shards in `shard`)
+//! encodes its own part with it, so neither needs the other.
 
 /// Appends fixed-width little-endian values.
 #[derive(Debug, Default)]
