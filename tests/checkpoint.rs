@@ -394,7 +394,8 @@ fn a_fresh_run_under_checkpoints_overwrites_what_a_crashed_run_left_in_kairosdb(
 #[test]
 fn a_second_run_on_a_checkpoint_directory_in_use_is_refused() {
     let dir = Expmon::with_demo_config();
-    let mut first = dir.run().source("file:-").sink("null").args(["--checkpoint", "ck", "--metrics-addr", "off"]).spawn();
+    let mut first =
+        dir.run().source("file:-").sink("null").args(["--checkpoint", "ck", "--metrics-addr", "off"]).spawn();
     // The lock is taken before the run logs that it started.
     first.wait_for_log("Ctrl-C to stop");
     let second = run_file(&dir, &["--sink", "null", "--metrics-addr", "off"], None);

@@ -340,11 +340,10 @@ fn write_latency_is_a_prometheus_histogram_of_every_request() {
     let r = Run::new("3000");
     let server = KairosServer::start();
     let port = common::free_port();
-    let mut run = r
-        .x
-        .cmd(&["run", "--source", "file:-", "--sink", &spec(&server, ""), "--trigger", "100ms"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--status", "false"])
-        .spawn();
+    let mut run =
+        r.x.cmd(&["run", "--source", "file:-", "--sink", &spec(&server, ""), "--trigger", "100ms"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--status", "false"])
+            .spawn();
     run.send(std::fs::read(r.path("events.jsonl")).unwrap());
     let value = |text: &str, series: &str| -> Option<f64> {
         text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()

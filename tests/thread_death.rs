@@ -159,8 +159,7 @@ fn a_panicking_http_handler_stops_the_run_with_one_error_line() {
     let r = Run::new("10");
     let run_args = ["run", "--source", "file:-", "--sink", "null", "--trigger", "50ms", "--status", "false"];
     // Stdin stays open and quiet: the run goes on until told.
-    let mut run =
-        r.cmd(&run_args, Some("panic:http.request")).args(["--metrics-addr", "127.0.0.1:0"]).spawn();
+    let mut run = r.cmd(&run_args, Some("panic:http.request")).args(["--metrics-addr", "127.0.0.1:0"]).spawn();
     let line = run.wait_for_log("metrics http://");
     let addr = line.split("metrics http://").nth(1).unwrap().trim().trim_end_matches("/metrics").to_string();
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();

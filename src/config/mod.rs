@@ -402,7 +402,11 @@ impl<'a> Checker<'a> {
         for m in list.get_ref() {
             self.name(m.get_ref(), m.span(), field)?;
             if out.contains(m.get_ref()) {
-                return Err(self.err(m.span(), field.into(), format!("measurement point {:?} is listed twice", m.get_ref())));
+                return Err(self.err(
+                    m.span(),
+                    field.into(),
+                    format!("measurement point {:?} is listed twice", m.get_ref()),
+                ));
             }
             out.push(m.get_ref().clone());
         }
@@ -434,21 +438,24 @@ impl<'a> Checker<'a> {
 
     /// An experiment's `weights`: one per variation, each from 1 to 10⁶
     /// (default: equal).
-    fn weights(
-        &self,
-        field: &str,
-        w: &Option<Spanned<Vec<Spanned<i64>>>>,
-        n: usize,
-    ) -> Result<Vec<u32>, ConfigError> {
+    fn weights(&self, field: &str, w: &Option<Spanned<Vec<Spanned<i64>>>>, n: usize) -> Result<Vec<u32>, ConfigError> {
         let Some(w) = w else { return Ok(vec![1; n]) };
         if w.get_ref().len() != n {
-            return Err(self.err(w.span(), field.into(), format!("has {} weights for {n} variations", w.get_ref().len())));
+            return Err(self.err(
+                w.span(),
+                field.into(),
+                format!("has {} weights for {n} variations", w.get_ref().len()),
+            ));
         }
         let mut out = Vec::new();
         for v in w.get_ref() {
             let k = *v.get_ref();
             if !(1..=1_000_000).contains(&k) {
-                return Err(self.err(v.span(), field.into(), format!("weights are integers from 1 to 1000000, got {k}")));
+                return Err(self.err(
+                    v.span(),
+                    field.into(),
+                    format!("weights are integers from 1 to 1000000, got {k}"),
+                ));
             }
             out.push(k as u32);
         }

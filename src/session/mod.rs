@@ -347,12 +347,7 @@ impl SessionTable {
 
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable {
-            sessions: AHashMap::new(),
-            catalog,
-            gap_ms,
-            work: Work::default(),
-        }
+        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, work: Work::default() }
     }
 
     /// Sessions that became conflicting per experiment since the last call

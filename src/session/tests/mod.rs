@@ -108,7 +108,8 @@ impl Harness {
         let tenant = self.catalog.tenant("t").expect("tenant t");
         let mut assigns = Vec::new();
         for &(x, v) in &e.assign {
-            if let crate::config::AssignLookup::Known { experiment, variation } = self.catalog.assignment(tenant, x, v) {
+            if let crate::config::AssignLookup::Known { experiment, variation } = self.catalog.assignment(tenant, x, v)
+            {
                 assigns.push((experiment, variation));
             }
         }

@@ -58,7 +58,10 @@ fn contributions(tenant: &str, experiments: &[Experiment], events: &[Ev], out: &
         let a = a_event.ts;
         add(format!("{tenant}.session.assigned.{v}"), a_event, 1);
         // Qualification: F = max(A, first_c for every condition c).
-        let f = x.qualify.iter().try_fold(a, |f, c| events.iter().filter(|e| meets(c, e)).map(|e| e.ts).min().map(|t| f.max(t)));
+        let f = x
+            .qualify
+            .iter()
+            .try_fold(a, |f, c| events.iter().filter(|e| meets(c, e)).map(|e| e.ts).min().map(|t| f.max(t)));
         if let Some(f) = f {
             if let Some(e) = first(events.iter().filter(|e| e.ts >= f)) {
                 add(format!("{tenant}.session.fm.{v}"), e, 1);
