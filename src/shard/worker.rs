@@ -64,7 +64,7 @@ impl Worker {
                     self.sessions.touch(&f.key);
                 }
             }
-            self.sessions.add(&batch.session_event(e), &mut self.counters);
+            self.sessions.add(e, &batch.assigns, &batch.attrs, &mut self.counters);
         }
         self.events += batch.events.len() as u64;
     }
