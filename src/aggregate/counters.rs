@@ -1,19 +1,20 @@
-//! Per-shard, per-minute delta counters in dense regions.
+//! Per-shard, per-minute delta counters, in memory that follows the traffic.
 //!
-//! A region holds the counters of one (tenant, mp, device, login, minute):
-//! - a visit region has 7 `i64` (the 4 visit counts and the 3 value sums) for
-//!   each variation that reports the mp, at its [`VisitSlot`] (experiments
-//!   listing the mp first, then those reporting every mp);
-//! - the no-mp region has 2 (the session kinds) for each variation of the
-//!   tenant, at its `tenant_slot`.
-//!
-//! All of an event's visit contributions share its mp, tags and minute, so they
-//! land in one small region: one lookup per event (the last region is cached)
-//! and plain array increments, in memory that popular pages keep hot.
+//! Counters are grouped in regions, one per (tenant, mp, device, login,
+//! minute) touched: all of an event's contributions share its mp, tags and
+//! minute, so one region lookup serves the whole event (the last region is
+//! cached). A region's counters live in cells, one per variation touched: 7
+//! `i64` in a visit region (the 4 visit counts and the 3 value sums), 2 of
+//! them used in the no-mp region (the session kinds). All cells of a shard
+//! sit in one open-addressing table keyed by (region, variation), a cache
+//! line each, so memory is proportional to the (region, variation) pairs the
+//! traffic touched since the last drain, never to the size of the catalog,
+//! and no memory is zeroed that is not then used.
 //!
 //! Counters hold deltas since the last drain. A drain hands out every non-zero
-//! counter and then frees all regions — they are all zero — so memory follows
-//! the traffic of one trigger interval, not the run.
+//! counter, in the order the cells were first touched, then empties the table
+//! and the region index in place: they keep their allocations, so a steady
+//! stream stops allocating once the table fits one trigger interval.
 //!
 //! Value sums (`value_sq` above all: one session's square may reach ~6.5·10¹⁸)
 //! can leave the `i64` range within one interval. A counter never wraps: when
@@ -73,27 +74,105 @@ fn region_key(tenant: u16, key: SeriesKey) -> u64 {
     (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
 }
 
-struct Region {
-    key: u64,
-    minute: i64,
-    /// Size of the listed part (visit regions).
-    listed: u32,
-    counts: Box<[i64]>,
-    /// After a restore: one bit per counter touched since the drain, so that
-    /// a change that cancels out within one flush is still reported (as a
-    /// zero delta) and its point rewritten (see `crate::checkpoint`).
-    touched: Option<Box<[u64]>>,
+/// `region` of a free cell.
+const FREE: u32 = u32::MAX;
+
+/// The counters of one variation in one region: one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Cell {
+    /// Index into `MinuteCounters::regions`, or [`FREE`].
+    region: u32,
+    variation: u32,
+    counts: [i64; VISIT_KINDS],
 }
 
-impl Region {
-    /// Adds `delta`; if the sum would leave `i64`, restarts the counter at
-    /// `delta` and returns the count it held (to be handed out on its own).
+const FREE_CELL: Cell = Cell { region: FREE, variation: 0, counts: [0; VISIT_KINDS] };
+
+/// Open addressing with linear probing over a power-of-two array, at most
+/// half full; `used` lists the occupied positions in insertion order, so a
+/// drain visits only those.
+struct CellTable {
+    cells: Vec<Cell>,
+    /// `64 - log2(cells.len())`: a Fibonacci hash's top bits index the array.
+    shift: u32,
+    used: Vec<u32>,
+    /// One bit per counter of each position touched since the drain (only
+    /// while tracking, else empty): a change that cancels out within one
+    /// flush is still reported as a zero delta (see `crate::checkpoint`).
+    touched: Vec<u8>,
+}
+
+const FIRST_CAPACITY: usize = 1024;
+
+/// Where `(region, variation)` starts probing in an array of `64 - shift` bits.
+#[inline]
+fn home(shift: u32, region: u32, variation: u32) -> usize {
+    let h = ((region as u64) << 32 | variation as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> shift) as usize
+}
+
+impl CellTable {
+    fn new() -> CellTable {
+        CellTable { cells: Vec::new(), shift: 64, used: Vec::new(), touched: Vec::new() }
+    }
+
+
+    /// The position of the cell of `(region, variation)`, taken if new.
     #[inline]
-    fn add(&mut self, cell: usize, delta: i64) -> Option<i64> {
-        if let Some(t) = &mut self.touched {
-            t[cell / 64] |= 1 << (cell % 64);
+    fn position(&mut self, region: u32, variation: u32, tracking: bool) -> usize {
+        if (self.used.len() + 1) * 2 > self.cells.len() {
+            self.grow(tracking);
         }
-        let c = &mut self.counts[cell];
+        let mask = self.cells.len() - 1;
+        let mut i = home(self.shift, region, variation);
+        loop {
+            let c = &mut self.cells[i];
+            if c.region == region && c.variation == variation {
+                return i;
+            }
+            if c.region == FREE {
+                c.region = region;
+                c.variation = variation;
+                self.used.push(i as u32);
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Doubles the array and moves every cell (its counts and touched bits).
+    #[cold]
+    fn grow(&mut self, tracking: bool) {
+        let capacity = (self.cells.len() * 2).max(FIRST_CAPACITY);
+        let old = std::mem::replace(&mut self.cells, vec![FREE_CELL; capacity]);
+        let old_touched = std::mem::replace(&mut self.touched, if tracking { vec![0; capacity] } else { Vec::new() });
+        self.shift = 64 - capacity.trailing_zeros();
+        let mask = capacity - 1;
+        let shift = self.shift;
+        for p in self.used.iter_mut() {
+            let c = old[*p as usize];
+            let mut i = home(shift, c.region, c.variation);
+            while self.cells[i].region != FREE {
+                i = (i + 1) & mask;
+            }
+            self.cells[i] = c;
+            if tracking {
+                self.touched[i] = old_touched.get(*p as usize).copied().unwrap_or(0);
+            }
+            *p = i as u32;
+        }
+    }
+
+    /// Adds `delta` to counter `o` of the cell at `pos`; if the sum would
+    /// leave `i64`, restarts the counter at `delta` and returns the count it
+    /// held (to be handed out on its own).
+    #[inline]
+    fn add(&mut self, pos: usize, o: usize, delta: i64, tracking: bool) -> Option<i64> {
+        if tracking {
+            self.touched[pos] |= 1 << o;
+        }
+        let c = &mut self.cells[pos].counts[o];
         match c.checked_add(delta) {
             Some(v) => {
                 *c = v;
@@ -102,20 +181,17 @@ impl Region {
             None => Some(std::mem::replace(c, delta)),
         }
     }
-
-    #[inline]
-    fn touched(&self, cell: usize) -> bool {
-        self.touched.as_ref().is_some_and(|t| t[cell / 64] & (1 << (cell % 64)) != 0)
-    }
 }
 
 pub struct MinuteCounters {
     catalog: Arc<Catalog>,
     /// (region key, minute) → index into `regions`.
     index: AHashMap<(u64, i64), u32>,
-    regions: Vec<Region>,
+    /// Per region: its key and minute.
+    regions: Vec<(u64, i64)>,
     /// The last region used: (region key, minute, index).
     last: Option<(u64, i64, u32)>,
+    cells: CellTable,
     /// Report touched counters even when their net change is zero.
     track_touched: bool,
     /// Counts set aside because adding to them would have overflowed.
@@ -129,6 +205,7 @@ impl MinuteCounters {
             index: AHashMap::new(),
             regions: Vec::new(),
             last: None,
+            cells: CellTable::new(),
             track_touched: false,
             spilled: Vec::new(),
         }
@@ -137,6 +214,7 @@ impl MinuteCounters {
     /// After a restore: report every touched counter, even at net zero.
     pub fn set_track_touched(&mut self, on: bool) {
         self.track_touched = on;
+        self.cells.touched = if on { vec![0; self.cells.cells.len()] } else { Vec::new() };
     }
 
     pub fn tracks_touched(&self) -> bool {
@@ -144,83 +222,74 @@ impl MinuteCounters {
     }
 
     #[inline]
-    fn region(&mut self, tenant: u16, key: SeriesKey, minute: i64) -> usize {
+    fn region(&mut self, tenant: u16, key: SeriesKey, minute: i64) -> u32 {
         let rkey = region_key(tenant, key);
         if let Some((k, m, i)) = self.last {
             if k == rkey && m == minute {
-                return i as usize;
+                return i;
             }
         }
         let next = self.regions.len() as u32;
         let i = *self.index.entry((rkey, minute)).or_insert(next);
         if i == next {
-            let (listed, len) = if key.mp() == NO_MP {
-                (0, self.catalog.tenant_variations[tenant as usize].len() * SESSION_KINDS)
-            } else {
-                let (listed, every) = self.catalog.visit_region(tenant, key.mp());
-                (listed.len() as u32, (listed.len() + every.len()) * VISIT_KINDS)
-            };
-            let touched = self.track_touched.then(|| vec![0u64; len.div_ceil(64)].into_boxed_slice());
-            self.regions.push(Region { key: rkey, minute, listed, counts: vec![0; len].into_boxed_slice(), touched });
+            self.regions.push((rkey, minute));
         }
         self.last = Some((rkey, minute, i));
-        i as usize
+        i
+    }
+
+    #[inline]
+    fn add(&mut self, tenant: u16, key: SeriesKey, minute: i64, delta: i64) {
+        let region = self.region(tenant, key, minute);
+        let tracking = self.track_touched;
+        let pos = self.cells.position(region, key.variation(), tracking);
+        if let Some(full) = self.cells.add(pos, offset(key.kind()), delta, tracking) {
+            self.spilled.push(Delta { key, minute, delta: full });
+        }
     }
 
     /// Adds `delta` to the session-kind point `(key, minute(ts))`.
     #[inline]
     pub fn add_session(&mut self, key: SeriesKey, ts: i64, delta: i64) {
         debug_assert_eq!(key.mp(), NO_MP);
-        let var = self.catalog.variations[key.variation() as usize];
-        let minute = minute_of(ts);
-        let r = self.region(var.tenant, key, minute);
-        if let Some(full) = self.regions[r].add(var.tenant_slot as usize * SESSION_KINDS + offset(key.kind()), delta) {
-            self.spilled.push(Delta { key, minute, delta: full });
-        }
-    }
-
-    /// Adds `delta` to the visit-kind point `(key, minute(ts))`, whose
-    /// variation sits at `slot` of its mp's region.
-    #[inline]
-    pub fn add_visit(&mut self, key: SeriesKey, slot: VisitSlot, ts: i64, delta: i64) {
         let tenant = self.catalog.variations[key.variation() as usize].tenant;
-        let minute = minute_of(ts);
-        let i = self.region(tenant, key, minute);
-        let r = &mut self.regions[i];
-        let s = match slot {
-            VisitSlot::Listed(s) => s,
-            VisitSlot::Every(s) => r.listed + s,
-        };
-        if let Some(full) = r.add(s as usize * VISIT_KINDS + offset(key.kind()), delta) {
-            self.spilled.push(Delta { key, minute, delta: full });
-        }
+        self.add(tenant, key, minute_of(ts), delta);
     }
 
-    /// Appends every non-zero delta since the last drain to `out` and frees
-    /// all counters (they are zero again).
+    /// Adds `delta` to the visit-kind point `(key, minute(ts))`. The slot is
+    /// the caller's proof that the variation reports the mp; cells are keyed
+    /// by the variation itself.
+    #[inline]
+    pub fn add_visit(&mut self, key: SeriesKey, _slot: VisitSlot, ts: i64, delta: i64) {
+        let tenant = self.catalog.variations[key.variation() as usize].tenant;
+        self.add(tenant, key, minute_of(ts), delta);
+    }
+
+    /// Appends every non-zero delta since the last drain to `out` and empties
+    /// the counters, keeping their memory for the next interval.
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
         out.append(&mut self.spilled);
-        for r in &self.regions {
-            let tenant = (r.key >> 40) as u16;
-            let (mp, device, login) =
-                (((r.key >> 24) & 0xFFFF) as u16, ((r.key >> 12) & 0xFFF) as u16, (r.key & 0xFFF) as u16);
+        let t = &mut self.cells;
+        for &p in &t.used {
+            let p = p as usize;
+            let c = &mut t.cells[p];
+            let (rkey, minute) = self.regions[c.region as usize];
+            let (mp, device, login) = (((rkey >> 24) & 0xFFFF) as u16, ((rkey >> 12) & 0xFFF) as u16, (rkey & 0xFFF) as u16);
             let session = mp == NO_MP;
-            let (first, second) = if session {
-                (&self.catalog.tenant_variations[tenant as usize][..], &[][..])
-            } else {
-                self.catalog.visit_region(tenant, mp)
-            };
             let per = if session { SESSION_KINDS } else { VISIT_KINDS };
-            for (slot, c) in r.counts.chunks_exact(per).enumerate() {
-                for (o, &d) in c.iter().enumerate() {
-                    if d != 0 || r.touched(slot * per + o) {
-                        let var = if slot < first.len() { first[slot] } else { second[slot - first.len()] };
-                        let key = SeriesKey::new(kind_at(session, o), var, mp, device, login);
-                        out.push(Delta { key, minute: r.minute, delta: d });
-                    }
+            let touched = t.touched.get(p).copied().unwrap_or(0);
+            for (o, &d) in c.counts[..per].iter().enumerate() {
+                if d != 0 || touched & (1 << o) != 0 {
+                    let key = SeriesKey::new(kind_at(session, o), c.variation, mp, device, login);
+                    out.push(Delta { key, minute, delta: d });
                 }
             }
+            *c = FREE_CELL;
+            if let Some(b) = t.touched.get_mut(p) {
+                *b = 0;
+            }
         }
+        t.used.clear();
         self.regions.clear();
         self.index.clear();
         self.last = None;
@@ -230,6 +299,16 @@ impl MinuteCounters {
     /// since the last drain).
     pub fn regions(&self) -> usize {
         self.regions.len()
+    }
+
+    /// Cells held (one per region and variation touched since the last drain).
+    pub fn cells(&self) -> usize {
+        self.cells.used.len()
+    }
+
+    /// Cells the table has room for (kept across drains).
+    pub fn cell_capacity(&self) -> usize {
+        self.cells.cells.len()
     }
 }
 
@@ -341,5 +420,61 @@ mod tests {
                 assert_eq!(out, vec![Delta { key, minute: 120_000, delta: 3 }]);
             }
         }
+    }
+
+    #[test]
+    fn cells_follow_what_is_touched_and_a_drain_keeps_their_memory() {
+        let mut c = MinuteCounters::new(catalog());
+        let k = SeriesKey::new(MetricKind::VisitFm, 1, 0, 3, 4);
+        let kv = SeriesKey::new(MetricKind::ValueFm, 1, 0, 3, 4);
+        add(&mut c, k, 60_000, 1);
+        add(&mut c, kv, 60_000, 5);
+        assert_eq!((c.regions(), c.cells()), (1, 1), "one variation's kinds share a cell");
+        let capacity = c.cell_capacity();
+        // Many regions (devices), one variation each: the table grows by what
+        // is touched and moves every count.
+        let n = 3 * FIRST_CAPACITY as u16;
+        for device in 0..n {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, 3, 9, device, 1), 60_000, device as i64 + 1);
+        }
+        assert_eq!(c.cells(), 1 + n as usize);
+        assert!(c.cell_capacity() > capacity);
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        assert_eq!(out.len(), 2 + n as usize);
+        assert_eq!(&out[..2], &[Delta { key: k, minute: 60_000, delta: 1 }, Delta { key: kv, minute: 60_000, delta: 5 }]);
+        for (device, d) in (0..n).zip(&out[2..]) {
+            assert_eq!(d.key, SeriesKey::new(MetricKind::VisitAssigned, 3, 9, device, 1));
+            assert_eq!(d.delta, device as i64 + 1);
+        }
+        let capacity = c.cell_capacity();
+        assert_eq!((c.regions(), c.cells()), (0, 0));
+        // The next interval reuses the table: no growth, nothing left over.
+        add(&mut c, k, 120_000, 2);
+        assert_eq!(c.cell_capacity(), capacity);
+        out.clear();
+        c.drain(&mut out);
+        assert_eq!(out, vec![Delta { key: k, minute: 120_000, delta: 2 }]);
+    }
+
+    #[test]
+    fn touched_counters_survive_the_table_growing() {
+        let mut c = MinuteCounters::new(catalog());
+        c.set_track_touched(true);
+        let k = SeriesKey::new(MetricKind::VisitFmBeta, 0, 1, 0, 0);
+        add(&mut c, k, 0, 1);
+        add(&mut c, k, 0, -1);
+        for device in 0..2 * FIRST_CAPACITY as u16 {
+            add(&mut c, SeriesKey::new(MetricKind::SessionAssigned, 2, NO_MP, device, 0), 0, 1);
+        }
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        assert_eq!(out[0], Delta { key: k, minute: 0, delta: 0 }, "cancelled out, still reported");
+        assert_eq!(out.len(), 1 + 2 * FIRST_CAPACITY);
+        // Touched bits are cleared by the drain.
+        add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, 0, 1, 0, 0), 0, 1);
+        out.clear();
+        c.drain(&mut out);
+        assert_eq!(out, vec![Delta { key: SeriesKey::new(MetricKind::VisitAssigned, 0, 1, 0, 0), minute: 0, delta: 1 }]);
     }
 }
