@@ -1,6 +1,6 @@
-//! Merged absolute totals in the writer stage.
+//! Merged absolute totals in the writer stage, kept per minute.
 //!
-//! Invariant: for every live point, `total` is the exact sum (`i128`: value
+//! Invariant: for every live point, its total is the exact sum (`i128`: value
 //! sums may leave the 64-bit range) of all deltas received for it, and
 //! `written` the last value handed to the sink: the total clamped to `i64`
 //! (SPEC §3), each clamped write counted in [`Totals::clamped`]. A point is
@@ -8,8 +8,18 @@
 //! whose total is 0 is not due (nothing to correct). Points of minutes before
 //! the final bound are written one last time if due, then forgotten: memory
 //! follows the lateness window, not the run.
+//!
+//! Layout: one table per live minute, each an index from series key to a
+//! compact entry (an `i64` total, the rare total beyond 64 bits kept exact
+//! aside in `i128`). [`Totals::apply`] looks each delta's point up once and
+//! lists the point the first time a flush touches it, with where its entry
+//! is, so [`Totals::take_due`] writes it once, with its final value, without
+//! a second lookup, however many shards touched it. Forgetting a final minute
+//! drops its whole table, which keeps its allocations for a later minute: a
+//! steady stream stops growing (and rehashing) maps.
 
 use ahash::AHashMap;
+use std::collections::BTreeMap;
 
 use super::{Delta, SeriesKey};
 
@@ -21,18 +31,68 @@ pub struct Point {
     pub value: i64,
 }
 
-#[derive(Clone, Copy)]
-struct State {
-    total: i128,
-    written: Option<i64>,
-    /// Write at the next flush even if the total did not change.
-    force: bool,
+/// `written` holds a value handed to the sink (else it is 0, never written).
+const WRITTEN: u8 = 1;
+/// Write at the next flush even if the total did not change.
+const FORCE: u8 = 2;
+/// Listed in `Totals::pending` for the next flush.
+const PENDING: u8 = 4;
+/// The exact total is in the table's `wide` map; `total` is unused.
+const WIDE: u8 = 8;
+
+#[derive(Clone, Copy, Default)]
+struct Entry {
+    total: i64,
+    written: i64,
+    flags: u8,
+}
+
+/// The points of one minute.
+#[derive(Default)]
+struct MinuteTable {
+    minute: i64,
+    index: AHashMap<SeriesKey, u32>,
+    entries: Vec<Entry>,
+    /// Exact totals of the entries flagged [`WIDE`], by entry.
+    wide: AHashMap<u32, i128>,
+}
+
+impl MinuteTable {
+    fn total(&self, slot: u32) -> i128 {
+        let e = self.entries[slot as usize];
+        if e.flags & WIDE == 0 {
+            e.total as i128
+        } else {
+            self.wide[&slot]
+        }
+    }
+
+    /// The entry of `key`, added (zero, never written) if new.
+    #[inline]
+    fn slot(&mut self, key: SeriesKey) -> (u32, bool) {
+        let next = self.entries.len() as u32;
+        let slot = *self.index.entry(key).or_insert(next);
+        let new = slot == next;
+        if new {
+            self.entries.push(Entry::default());
+        }
+        (slot, new)
+    }
 }
 
 #[derive(Default)]
 pub struct Totals {
-    points: AHashMap<(SeriesKey, i64), State>,
-    dirty: Vec<(SeriesKey, i64)>,
+    /// Live minute → its table in `tables`.
+    minutes: BTreeMap<i64, u32>,
+    tables: Vec<MinuteTable>,
+    /// Tables of forgotten minutes, emptied, to reuse.
+    free: Vec<u32>,
+    /// The table of the last delta's minute: (minute, table).
+    last: Option<(i64, u32)>,
+    /// Points touched since the last flush: (table, entry, key), once each.
+    pending: Vec<(u32, u32, SeriesKey)>,
+    /// Points held.
+    points: usize,
     /// After a restore: every point a delta touches is written again, even if
     /// its net change is zero (see `crate::checkpoint`).
     rewrite_touched: bool,
@@ -51,38 +111,83 @@ impl Totals {
         Totals::default()
     }
 
-    pub fn apply(&mut self, deltas: &[Delta]) {
-        for d in deltas {
-            let k = (d.key, d.minute);
-            let st = self.points.entry(k).or_insert(State { total: 0, written: None, force: false });
-            if st.written.unwrap_or(0) == clamp(st.total) && !st.force {
-                // Was clean; may repeat in `dirty`, which `take_due` tolerates.
-                self.dirty.push(k);
+    /// The table of `minute`, taken from the free ones if new.
+    #[inline]
+    fn table(&mut self, minute: i64) -> u32 {
+        if let Some((m, t)) = self.last {
+            if m == minute {
+                return t;
             }
-            st.force |= self.rewrite_touched;
-            st.total += d.delta as i128;
+        }
+        let t = match self.minutes.entry(minute) {
+            std::collections::btree_map::Entry::Occupied(o) => *o.get(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let t = self.free.pop().unwrap_or_else(|| {
+                    self.tables.push(MinuteTable::default());
+                    self.tables.len() as u32 - 1
+                });
+                self.tables[t as usize].minute = minute;
+                *v.insert(t)
+            }
+        };
+        self.last = Some((minute, t));
+        t
+    }
+
+    pub fn apply(&mut self, deltas: &[Delta]) {
+        let force = if self.rewrite_touched { FORCE } else { 0 };
+        for d in deltas {
+            let t = self.table(d.minute);
+            let table = &mut self.tables[t as usize];
+            let (slot, new) = table.slot(d.key);
+            self.points += new as usize;
+            let e = &mut table.entries[slot as usize];
+            if e.flags & PENDING == 0 {
+                e.flags |= PENDING;
+                self.pending.push((t, slot, d.key));
+            }
+            e.flags |= force;
+            match e.total.checked_add(d.delta) {
+                Some(v) if e.flags & WIDE == 0 => e.total = v,
+                _ => {
+                    let exact = table.wide.entry(slot).or_insert(e.total as i128);
+                    *exact += d.delta as i128;
+                    e.flags |= WIDE;
+                }
+            }
         }
     }
 
     /// Moves every due point into `out` (marking it written), then forgets the
     /// points of minutes before `final_before`.
     pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
-        for k in self.dirty.drain(..) {
-            let Some(st) = self.points.get_mut(&k) else {
-                continue;
-            };
-            let value = clamp(st.total);
-            if value != st.written.unwrap_or(0) || st.force {
-                if value as i128 != st.total {
+        for (t, slot, key) in self.pending.drain(..) {
+            let table = &mut self.tables[t as usize];
+            let total = table.total(slot);
+            let e = &mut table.entries[slot as usize];
+            e.flags &= !PENDING;
+            let value = clamp(total);
+            if value != e.written || e.flags & FORCE != 0 {
+                if value as i128 != total {
                     self.clamped += 1;
                 }
-                out.push(Point { key: k.0, minute: k.1, value });
-                st.written = Some(value);
-                st.force = false;
+                out.push(Point { key, minute: table.minute, value });
+                e.written = value;
+                e.flags = (e.flags | WRITTEN) & !FORCE;
             }
         }
-        if final_before > i64::MIN {
-            self.points.retain(|&(_, m), _| m >= final_before);
+        while let Some(first) = self.minutes.first_entry() {
+            if *first.key() >= final_before {
+                break;
+            }
+            let t = first.remove();
+            let table = &mut self.tables[t as usize];
+            self.points -= table.entries.len();
+            table.index.clear();
+            table.entries.clear();
+            table.wide.clear();
+            self.free.push(t);
+            self.last = None;
         }
     }
 
@@ -93,22 +198,49 @@ impl Totals {
 
     /// Points held (live minutes only).
     pub fn len(&self) -> usize {
-        self.points.len()
+        self.points
+    }
+
+    /// Minutes held.
+    pub fn minutes(&self) -> usize {
+        self.minutes.len()
     }
 
     /// Every held point, for a checkpoint (call right after `take_due`).
     pub fn export(&self) -> Vec<crate::checkpoint::TotalRecord> {
-        self.points.iter().map(|(&(k, m), st)| (k.0, m, st.total, st.written)).collect()
+        let mut out = Vec::with_capacity(self.points);
+        for (&minute, &t) in &self.minutes {
+            let table = &self.tables[t as usize];
+            for (&key, &slot) in &table.index {
+                let e = table.entries[slot as usize];
+                let written = (e.flags & WRITTEN != 0).then_some(e.written);
+                out.push((key.0, minute, table.total(slot), written));
+            }
+        }
+        out
     }
 
     /// Totals restored from a checkpoint; from now on every touched point is
     /// rewritten.
     pub fn restore(records: &[crate::checkpoint::TotalRecord]) -> Totals {
-        let points = records
-            .iter()
-            .map(|&(k, m, total, written)| ((SeriesKey(k), m), State { total, written, force: false }))
-            .collect();
-        Totals { points, dirty: Vec::new(), rewrite_touched: true, clamped: 0 }
+        let mut totals = Totals { rewrite_touched: true, ..Totals::default() };
+        for &(key, minute, total, written) in records {
+            let t = totals.table(minute);
+            let table = &mut totals.tables[t as usize];
+            let (slot, new) = table.slot(SeriesKey(key));
+            totals.points += new as usize;
+            let e = &mut table.entries[slot as usize];
+            e.written = written.unwrap_or(0);
+            e.flags = if written.is_some() { WRITTEN } else { 0 };
+            match i64::try_from(total) {
+                Ok(v) => e.total = v,
+                Err(_) => {
+                    e.flags |= WIDE;
+                    table.wide.insert(slot, total);
+                }
+            }
+        }
+        totals
     }
 
     /// Empty totals that rewrite every point touched, even at a net zero: for
@@ -118,7 +250,7 @@ impl Totals {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
+        self.points == 0
     }
 }
 
@@ -178,5 +310,89 @@ mod tests {
         t.take_due(i64::MIN, &mut out);
         assert_eq!(out, vec![Point { key: k, minute: 0, value: i64::MIN }]);
         assert_eq!(t.clamped(), 2);
+    }
+
+    #[test]
+    fn a_point_two_shards_touch_in_one_flush_is_written_once_with_the_sum() {
+        let k = SeriesKey::new(MetricKind::VisitAssigned, 1, 1, 1, 1);
+        let other = SeriesKey::new(MetricKind::VisitFm, 1, 1, 1, 1);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        t.apply(&[d(k, 0, 2), d(other, 0, 1)]);
+        t.apply(&[d(k, 0, 3), d(k, 60_000, 1)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Point { key: k, minute: 0, value: 5 },
+                Point { key: other, minute: 0, value: 1 },
+                Point { key: k, minute: 60_000, value: 1 },
+            ]
+        );
+        // Two shards whose changes cancel out: not due, and stays clean.
+        out.clear();
+        t.apply(&[d(k, 0, 4)]);
+        t.apply(&[d(k, 0, -4)]);
+        t.take_due(i64::MIN, &mut out);
+        assert!(out.is_empty());
+        t.apply(&[d(k, 0, 1)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(out, vec![Point { key: k, minute: 0, value: 6 }]);
+    }
+
+    #[test]
+    fn final_minutes_are_forgotten_whole_and_their_tables_reused() {
+        let k = SeriesKey::new(MetricKind::SessionFm, 1, crate::aggregate::NO_MP, 1, 1);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        for m in 0..5 {
+            t.apply(&[d(k, m * 60_000, 1), d(SeriesKey(k.0 + 1), m * 60_000, 1)]);
+        }
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!((t.len(), t.minutes(), out.len()), (10, 5, 10));
+        t.take_due(3 * 60_000, &mut out);
+        assert_eq!((t.len(), t.minutes()), (4, 2), "minutes 0, 1, 2 are final");
+        // A late delta to a forgotten minute starts it again from zero (as
+        // before: the shards never send one, their minutes are final too).
+        t.apply(&[d(k, 60_000, 7), d(k, 5 * 60_000, 1)]);
+        assert_eq!(t.tables.len(), 5, "the new minutes took freed tables");
+        out.clear();
+        t.take_due(4 * 60_000, &mut out);
+        assert_eq!(out, vec![Point { key: k, minute: 60_000, value: 7 }, Point { key: k, minute: 300_000, value: 1 }]);
+        assert_eq!((t.len(), t.minutes()), (3, 2));
+        t.take_due(i64::MAX, &mut out);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn export_and_restore_keep_exact_totals_and_what_was_written() {
+        let (a, b, c) = (
+            SeriesKey::new(MetricKind::ValueSqFm, 1, 1, 1, 1),
+            SeriesKey::new(MetricKind::VisitFm, 1, 1, 1, 1),
+            SeriesKey::new(MetricKind::VisitFm, 2, 1, 1, 1),
+        );
+        let big = 6_000_000_000_000_000_000;
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        t.apply(&[d(a, 0, big), d(a, 0, big), d(b, 0, 1), d(b, 0, -1), d(c, 60_000, 3)]);
+        t.take_due(i64::MIN, &mut out);
+        t.apply(&[d(c, 60_000, 1)]);
+        let mut records = t.export();
+        records.sort();
+        let want = vec![
+            (b.0, 0, 0, None),
+            (c.0, 60_000, 4, Some(3)),
+            (a.0, 0, 2 * big as i128, Some(i64::MAX)),
+        ];
+        let mut want = want;
+        want.sort();
+        assert_eq!(records, want);
+        let mut r = Totals::restore(&records);
+        assert_eq!(r.len(), 3);
+        out.clear();
+        // Rewrites what is touched, even unchanged; the exact total survives.
+        r.apply(&[d(a, 0, -big), d(b, 0, 0)]);
+        r.take_due(i64::MIN, &mut out);
+        assert_eq!(out, vec![Point { key: a, minute: 0, value: big }, Point { key: b, minute: 0, value: 0 }]);
     }
 }
