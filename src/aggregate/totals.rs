@@ -9,14 +9,14 @@
 //! the final bound are written one last time if due, then forgotten: memory
 //! follows the lateness window, not the run.
 //!
-//! Layout: one table per live minute, each an index from series key to a
-//! compact entry (an `i64` total, the rare total beyond 64 bits kept exact
-//! aside in `i128`). [`Totals::apply`] looks each delta's point up once and
-//! lists the point the first time a flush touches it, with where its entry
-//! is, so [`Totals::take_due`] writes it once, with its final value, without
-//! a second lookup, however many shards touched it. Forgetting a final minute
-//! drops its whole table, which keeps its allocations for a later minute: a
-//! steady stream stops growing (and rehashing) maps.
+//! Layout: one open-addressing table per live minute, of 32-byte slots (the
+//! key, an `i64` total, the value written, flags; the rare total beyond 64
+//! bits kept exact aside in `i128`). [`Totals::apply`] looks each delta's
+//! point up once and lists the point the first time a flush touches it, with
+//! where its slot is, so [`Totals::take_due`] writes it once, with its final
+//! value, without a second lookup, however many shards touched it. Forgetting
+//! a final minute empties its whole table, which is kept for a later minute:
+//! a steady stream stops growing (and rehashing) tables.
 
 use ahash::AHashMap;
 use std::collections::BTreeMap;
@@ -40,43 +40,103 @@ const PENDING: u8 = 4;
 /// The exact total is in the table's `wide` map; `total` is unused.
 const WIDE: u8 = 8;
 
-#[derive(Clone, Copy, Default)]
-struct Entry {
+/// `key` of a free slot: kind bits 15, which no [`super::MetricKind`] has.
+const FREE: u64 = u64::MAX;
+
+/// One point of a minute: 32 bytes, two to a cache line.
+#[derive(Clone, Copy)]
+struct Slot {
+    key: u64,
     total: i64,
     written: i64,
     flags: u8,
 }
 
-/// The points of one minute.
+const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, flags: 0 };
+
+/// Slots of a new table.
+const FIRST_SLOTS: usize = 1024;
+
+/// Where `key` starts probing in a table of `slots` (a power of two).
+#[inline]
+fn home(key: u64, slots: usize) -> usize {
+    let h = (key ^ key >> 29).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - slots.trailing_zeros())) as usize
+}
+
+/// The points of one minute: open addressing with linear probing over a
+/// power-of-two array, at most half full.
 #[derive(Default)]
 struct MinuteTable {
     minute: i64,
-    index: AHashMap<SeriesKey, u32>,
-    entries: Vec<Entry>,
-    /// Exact totals of the entries flagged [`WIDE`], by entry.
-    wide: AHashMap<u32, i128>,
+    slots: Vec<Slot>,
+    len: usize,
+    /// Exact totals of the slots flagged [`WIDE`].
+    wide: AHashMap<u64, i128>,
 }
 
 impl MinuteTable {
-    fn total(&self, slot: u32) -> i128 {
-        let e = self.entries[slot as usize];
-        if e.flags & WIDE == 0 {
-            e.total as i128
+    fn total(&self, pos: usize) -> i128 {
+        let s = self.slots[pos];
+        if s.flags & WIDE == 0 {
+            s.total as i128
         } else {
-            self.wide[&slot]
+            self.wide[&s.key]
         }
     }
 
-    /// The entry of `key`, added (zero, never written) if new.
+    /// The position of `key`'s slot, taken (zero, never written) if new;
+    /// `true` if the table grew, which moves every slot.
     #[inline]
-    fn slot(&mut self, key: SeriesKey) -> (u32, bool) {
-        let next = self.entries.len() as u32;
-        let slot = *self.index.entry(key).or_insert(next);
-        let new = slot == next;
-        if new {
-            self.entries.push(Entry::default());
+    fn position(&mut self, key: u64) -> (usize, bool) {
+        let grew = (self.len + 1) * 2 > self.slots.len();
+        if grew {
+            self.grow();
         }
-        (slot, new)
+        let mask = self.slots.len() - 1;
+        let mut i = home(key, self.slots.len());
+        loop {
+            let s = &mut self.slots[i];
+            if s.key == key {
+                return (i, grew);
+            }
+            if s.key == FREE {
+                s.key = key;
+                self.len += 1;
+                return (i, grew);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The position of `key`, which is held.
+    fn find(&self, key: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = home(key, self.slots.len());
+        while self.slots[i].key != key {
+            i = (i + 1) & mask;
+        }
+        i
+    }
+
+    #[cold]
+    fn grow(&mut self) {
+        let n = (self.slots.len() * 2).max(FIRST_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![FREE_SLOT; n]);
+        for s in old.into_iter().filter(|s| s.key != FREE) {
+            let mut i = home(s.key, n);
+            while self.slots[i].key != FREE {
+                i = (i + 1) & (n - 1);
+            }
+            self.slots[i] = s;
+        }
+    }
+
+    /// Forgets every point, keeping the array.
+    fn clear(&mut self) {
+        self.slots.fill(FREE_SLOT);
+        self.len = 0;
+        self.wide.clear();
     }
 }
 
@@ -89,7 +149,8 @@ pub struct Totals {
     free: Vec<u32>,
     /// The table of the last delta's minute: (minute, table).
     last: Option<(i64, u32)>,
-    /// Points touched since the last flush: (table, entry, key), once each.
+    /// Points touched since the last flush, once each: (table, slot
+    /// position, key).
     pending: Vec<(u32, u32, SeriesKey)>,
     /// Points held.
     points: usize,
@@ -134,25 +195,42 @@ impl Totals {
         t
     }
 
+    /// The slot of `(key, minute)`, added if new, and listed for the next
+    /// flush if it is not yet.
+    #[inline]
+    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize) {
+        let t = self.table(minute);
+        let table = &mut self.tables[t as usize];
+        let before = table.len;
+        let (pos, grew) = table.position(key.0);
+        self.points += table.len - before;
+        if grew {
+            // Every slot of the table moved: find its listed ones again.
+            for p in self.pending.iter_mut().filter(|p| p.0 == t) {
+                p.1 = table.find(p.2 .0) as u32;
+            }
+        }
+        let s = &mut table.slots[pos];
+        if s.flags & PENDING == 0 {
+            s.flags |= PENDING;
+            self.pending.push((t, pos as u32, key));
+        }
+        (t, pos)
+    }
+
     pub fn apply(&mut self, deltas: &[Delta]) {
         let force = if self.rewrite_touched { FORCE } else { 0 };
         for d in deltas {
-            let t = self.table(d.minute);
+            let (t, pos) = self.touch(d.key, d.minute);
             let table = &mut self.tables[t as usize];
-            let (slot, new) = table.slot(d.key);
-            self.points += new as usize;
-            let e = &mut table.entries[slot as usize];
-            if e.flags & PENDING == 0 {
-                e.flags |= PENDING;
-                self.pending.push((t, slot, d.key));
-            }
-            e.flags |= force;
-            match e.total.checked_add(d.delta) {
-                Some(v) if e.flags & WIDE == 0 => e.total = v,
+            let s = &mut table.slots[pos];
+            s.flags |= force;
+            match s.total.checked_add(d.delta) {
+                Some(v) if s.flags & WIDE == 0 => s.total = v,
                 _ => {
-                    let exact = table.wide.entry(slot).or_insert(e.total as i128);
+                    let exact = table.wide.entry(s.key).or_insert(s.total as i128);
                     *exact += d.delta as i128;
-                    e.flags |= WIDE;
+                    s.flags |= WIDE;
                 }
             }
         }
@@ -161,19 +239,19 @@ impl Totals {
     /// Moves every due point into `out` (marking it written), then forgets the
     /// points of minutes before `final_before`.
     pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
-        for (t, slot, key) in self.pending.drain(..) {
+        for (t, pos, key) in self.pending.drain(..) {
             let table = &mut self.tables[t as usize];
-            let total = table.total(slot);
-            let e = &mut table.entries[slot as usize];
-            e.flags &= !PENDING;
+            let total = table.total(pos as usize);
+            let s = &mut table.slots[pos as usize];
+            s.flags &= !PENDING;
             let value = clamp(total);
-            if value != e.written || e.flags & FORCE != 0 {
+            if value != s.written || s.flags & FORCE != 0 {
                 if value as i128 != total {
                     self.clamped += 1;
                 }
                 out.push(Point { key, minute: table.minute, value });
-                e.written = value;
-                e.flags = (e.flags | WRITTEN) & !FORCE;
+                s.written = value;
+                s.flags = (s.flags | WRITTEN) & !FORCE;
             }
         }
         while let Some(first) = self.minutes.first_entry() {
@@ -182,10 +260,8 @@ impl Totals {
             }
             let t = first.remove();
             let table = &mut self.tables[t as usize];
-            self.points -= table.entries.len();
-            table.index.clear();
-            table.entries.clear();
-            table.wide.clear();
+            self.points -= table.len;
+            table.clear();
             self.free.push(t);
             self.last = None;
         }
@@ -211,10 +287,9 @@ impl Totals {
         let mut out = Vec::with_capacity(self.points);
         for (&minute, &t) in &self.minutes {
             let table = &self.tables[t as usize];
-            for (&key, &slot) in &table.index {
-                let e = table.entries[slot as usize];
-                let written = (e.flags & WRITTEN != 0).then_some(e.written);
-                out.push((key.0, minute, table.total(slot), written));
+            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s.key != FREE) {
+                let written = (s.flags & WRITTEN != 0).then_some(s.written);
+                out.push((s.key, minute, table.total(pos), written));
             }
         }
         out
@@ -227,16 +302,17 @@ impl Totals {
         for &(key, minute, total, written) in records {
             let t = totals.table(minute);
             let table = &mut totals.tables[t as usize];
-            let (slot, new) = table.slot(SeriesKey(key));
-            totals.points += new as usize;
-            let e = &mut table.entries[slot as usize];
-            e.written = written.unwrap_or(0);
-            e.flags = if written.is_some() { WRITTEN } else { 0 };
+            let before = table.len;
+            let (pos, _) = table.position(key);
+            totals.points += table.len - before;
+            let s = &mut table.slots[pos];
+            s.written = written.unwrap_or(0);
+            s.flags = if written.is_some() { WRITTEN } else { 0 };
             match i64::try_from(total) {
-                Ok(v) => e.total = v,
+                Ok(v) => s.total = v,
                 Err(_) => {
-                    e.flags |= WIDE;
-                    table.wide.insert(slot, total);
+                    s.flags |= WIDE;
+                    table.wide.insert(key, total);
                 }
             }
         }
@@ -394,5 +470,27 @@ mod tests {
         r.apply(&[d(a, 0, -big), d(b, 0, 0)]);
         r.take_due(i64::MIN, &mut out);
         assert_eq!(out, vec![Point { key: a, minute: 0, value: big }, Point { key: b, minute: 0, value: 0 }]);
+    }
+
+    #[test]
+    fn a_table_growing_within_a_flush_keeps_every_listed_point() {
+        let key = |i: u64| SeriesKey::new(MetricKind::VisitFm, i as u32, 1, 1, 1);
+        let mut t = Totals::new();
+        let n = 3 * FIRST_SLOTS as u64;
+        let first: Vec<Delta> = (0..n).map(|i| d(key(i), 0, i as i64 + 1)).collect();
+        t.apply(&first);
+        // Touched again after the table moved: still one point each.
+        t.apply(&[d(key(0), 0, 10), d(key(n - 1), 0, 10)]);
+        let mut out = Vec::new();
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(out.len(), n as usize);
+        for (i, p) in out.iter().enumerate() {
+            let extra = if i == 0 || i as u64 == n - 1 { 10 } else { 0 };
+            assert_eq!(*p, Point { key: key(i as u64), minute: 0, value: i as i64 + 1 + extra });
+        }
+        assert_eq!(t.len(), n as usize);
+        out.clear();
+        t.take_due(i64::MIN, &mut out);
+        assert!(out.is_empty(), "all written");
     }
 }
