@@ -6,7 +6,8 @@
 //! cached). A region is a small open-addressing table of cells, one per
 //! variation touched, a cache line each: 7 `i64` in a visit region (the 4
 //! visit counts and the 3 value sums), 2 of them used in the no-mp region
-//! (the session kinds). A region starts at 4 cells and doubles as it fills,
+//! (the session kinds). A region starts with room for the mean region of
+//! the last drain (at least 4 cells, at most 64) and doubles as it fills,
 //! so memory is proportional to the (region, variation) pairs the traffic
 //! touched since the last drain, never to the size of the catalog, and an
 //! event's cells stay together, in tables that popular pages keep hot.
@@ -93,6 +94,8 @@ const FREE_CELL: Cell = Cell { variation: FREE, touched: 0, counts: [0; VISIT_KI
 
 /// Cells of the smallest region table.
 const FIRST_CELLS: usize = 4;
+/// The most cells a region starts with (4 KiB).
+const MAX_START_CELLS: usize = 64;
 
 /// The counters of one (tenant, mp, device, login, minute): an open-addressing
 /// table by variation (linear probing, power-of-two size, at most ¾ full).
@@ -205,6 +208,9 @@ pub struct MinuteCounters {
     /// The last region used: (region key, minute, index).
     last: Option<(u64, i64, u32)>,
     spare: Spare,
+    /// Cells a new region starts with: enough for the mean region of the
+    /// last drain, so that most never grow.
+    start_cells: usize,
     /// Report touched counters even when their net change is zero.
     track_touched: bool,
     /// Counts set aside because adding to them would have overflowed.
@@ -219,6 +225,7 @@ impl MinuteCounters {
             regions: Vec::new(),
             last: None,
             spare: Spare::default(),
+            start_cells: FIRST_CELLS,
             track_touched: false,
             spilled: Vec::new(),
         }
@@ -244,7 +251,7 @@ impl MinuteCounters {
         let next = self.regions.len() as u32;
         let i = *self.index.entry((rkey, minute)).or_insert(next);
         if i == next {
-            let cells = self.spare.take(FIRST_CELLS);
+            let cells = self.spare.take(self.start_cells);
             self.regions.push(Region { key: rkey, minute, cells, len: 0 });
         }
         self.last = Some((rkey, minute, i));
@@ -282,6 +289,10 @@ impl MinuteCounters {
     /// the counters, keeping their tables for the next interval.
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
         out.append(&mut self.spilled);
+        if !self.regions.is_empty() {
+            let mean = self.cells().div_ceil(self.regions.len());
+            self.start_cells = (mean * 4).div_ceil(3).next_power_of_two().clamp(FIRST_CELLS, MAX_START_CELLS);
+        }
         for mut r in self.regions.drain(..) {
             let (mp, device, login) =
                 (((r.key >> 24) & 0xFFFF) as u16, ((r.key >> 12) & 0xFFF) as u16, (r.key & 0xFFF) as u16);
@@ -506,5 +517,25 @@ mod tests {
         ];
         want.sort_by_key(|d| d.key);
         assert_eq!(out, want);
+    }
+
+    #[test]
+    fn new_regions_start_with_room_for_the_last_drains_mean_region() {
+        let mut c = MinuteCounters::new(catalog());
+        let mut out = Vec::new();
+        for v in [0, 1, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 0, 0), 0, 1);
+        }
+        c.drain(&mut out);
+        // A mean of 4 cells needs 8 at ¾: the next region takes the table
+        // of 8 the first one grew into, and never grows.
+        let spare = c.spare_cells();
+        for v in [0, 1, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitFm, v, 0, 1, 0), 60_000, 1);
+        }
+        assert_eq!(c.spare_cells(), spare - 2 * FIRST_CELLS);
+        out.clear();
+        c.drain(&mut out);
+        assert_eq!(out.len(), 4);
     }
 }
