@@ -112,7 +112,8 @@ fn bench_counters(
         .map(|d| {
             let v = d.key.variation();
             let x = &catalog.experiments[catalog.variations[v as usize].experiment as usize];
-            let slot = (d.key.mp() != NO_MP).then(|| x.visit_slot(d.key.mp(), v).expect("the variation reports the mp"));
+            let slot =
+                (d.key.mp() != NO_MP).then(|| x.visit_slot(d.key.mp(), v).expect("the variation reports the mp"));
             (d.key, slot, d.minute, d.delta)
         })
         .collect();

@@ -484,11 +484,7 @@ mod tests {
         t.take_due(i64::MIN, &mut out);
         let mut records = t.export();
         records.sort();
-        let want = vec![
-            (b.0, 0, 0, None),
-            (c.0, 60_000, 3, Some(3)),
-            (a.0, 0, 2 * big as i128, Some(i64::MAX)),
-        ];
+        let want = vec![(b.0, 0, 0, None), (c.0, 60_000, 3, Some(3)), (a.0, 0, 2 * big as i128, Some(i64::MAX))];
         let mut want = want;
         want.sort();
         assert_eq!(records, want);
