@@ -31,6 +31,11 @@ pub struct Point {
     pub value: i64,
 }
 
+/// A held total as a checkpoint saves it: `(series key, minute, exact
+/// total, last written, as clamped to i64)` ([`Totals::export`],
+/// [`Totals::restore`]).
+pub type TotalRecord = (u64, i64, i128, Option<i64>);
+
 /// `written` holds a value handed to the sink (else it is 0, never written).
 const WRITTEN: u8 = 1;
 /// The exact total is in the table's `wide` map; `total` is unused.
@@ -313,7 +318,7 @@ impl Totals {
 
     /// Every held point, for a checkpoint. Call it right after `take_due`:
     /// while a flush is open, `written` holds what the flush will leave.
-    pub fn export(&self) -> Vec<crate::checkpoint::TotalRecord> {
+    pub fn export(&self) -> Vec<TotalRecord> {
         let mut out = Vec::with_capacity(self.points);
         for (&minute, &t) in &self.minutes {
             let table = &self.tables[t as usize];
@@ -327,7 +332,7 @@ impl Totals {
 
     /// Totals restored from a checkpoint; from now on every touched point is
     /// rewritten.
-    pub fn restore(records: &[crate::checkpoint::TotalRecord]) -> Totals {
+    pub fn restore(records: &[TotalRecord]) -> Totals {
         let mut totals = Totals { rewrite_touched: true, ..Totals::default() };
         for &(key, minute, total, written) in records {
             let t = totals.table(minute);
