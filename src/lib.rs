@@ -13,6 +13,7 @@ pub mod health; // the engine's own figures, status line, summary
 pub mod kafka; // kafka:// addresses, client settings, topic creation
 pub mod names; // interned mp/device/login names shared across stages
 pub mod redact; // credentials hidden from every message that names an address
+pub mod scale; // scale-out: two stages through Kafka transactions (docs/scale-out.md)
 pub mod serve; // HTTP: Prometheus /metrics, results page and its JSON API
 pub mod session; // per-session state, expiry, out-of-order correction
 pub mod shard; // router, pinned shard workers, writer: the runtime

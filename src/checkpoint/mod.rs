@@ -86,7 +86,7 @@ impl RouterState {
         }
     }
 
-    fn decode(d: &mut Dec<'_>) -> Result<RouterState, String> {
+    pub fn decode(d: &mut Dec<'_>) -> Result<RouterState, String> {
         let mut r = RouterState { watermark: d.i64()?, max_ts: d.opt_i64()?, ..RouterState::default() };
         for _ in 0..d.count(10)? {
             let m = d.opt_i64()?;

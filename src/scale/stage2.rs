@@ -1,0 +1,406 @@
+//! Stage 2 of scale-out: one task per delta partition this instance holds.
+//! A task keeps, for each open point and input partition, the latest
+//! contribution `(offset, value)` that stage 1 published; the point's total
+//! (a `Totals`, as the single-instance writer keeps) is their sum. It also
+//! keeps every input partition's latest watermark mark; a minute is final
+//! once all of them passed it.
+//!
+//! Per trigger and task (see `crate::scale` for why this is exact):
+//! 1. `begin_transaction` on the task's own producer (`transactional.id =
+//!    <group>.s2-<partition>`: a new owner fences the old one);
+//! 2. produce the changed entries and marks to `<group>.totals` (partition =
+//!    the delta partition), tombstones for entries final since the trigger
+//!    before, and send the delta offset;
+//! 3. `commit_transaction`; only then write the changed totals to the sink.
+//!    A commit slower than half the session timeout stops the instance
+//!    without writing: it may have been paused and replaced.
+//!
+//! A task is built when its partition is assigned: producer first (fencing),
+//! then the changelog read to its end, then consumption from the committed
+//! delta offset; every restored point is written again.
+
+use ahash::AHashMap;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::wire::{self, DeltaRecord, PointId};
+use super::{Rebalances, ScaleOptions};
+use crate::aggregate::{Delta, MetricKind, Namer, Point, SeriesKey, Totals, NO_MP};
+use crate::config::Catalog;
+use crate::names::{Interner, NameKind};
+use crate::shard::final_before;
+use crate::sink::Sink;
+
+#[derive(Debug, Default, Clone)]
+pub struct Stage2Stats {
+    pub records: u64,
+    pub transactions: u64,
+    pub changelog_bytes: u64,
+    pub upserts: u64,
+    pub restores: u64,
+    /// Entries of points this build's catalog does not know (another config).
+    pub unknown: u64,
+}
+
+/// Turns wire names into this process's series keys.
+struct Resolver {
+    catalog: Arc<Catalog>,
+    variations: AHashMap<i64, u32>,
+    mp: Interner,
+    device: Interner,
+    login: Interner,
+}
+
+impl Resolver {
+    fn new(catalog: Arc<Catalog>) -> Resolver {
+        let names = catalog.names.clone();
+        Resolver {
+            variations: catalog.variations.iter().enumerate().map(|(i, v)| (v.id, i as u32)).collect(),
+            mp: Interner::new(names.clone(), NameKind::Mp, NameKind::Mp.capacity()),
+            device: Interner::new(names.clone(), NameKind::Device, NameKind::Device.capacity()),
+            login: Interner::new(names, NameKind::Login, NameKind::Login.capacity()),
+            catalog,
+        }
+    }
+
+    fn key(&mut self, id: &PointId) -> Option<SeriesKey> {
+        let variation = *self.variations.get(&id.variation_id)?;
+        let kind = [
+            MetricKind::SessionAssigned,
+            MetricKind::SessionFm,
+            MetricKind::VisitAssigned,
+            MetricKind::VisitAssignedBeta,
+            MetricKind::VisitFm,
+            MetricKind::VisitFmBeta,
+            MetricKind::ValueAssigned,
+            MetricKind::ValueFm,
+            MetricKind::ValueSqFm,
+        ][id.kind as usize];
+        let mp = match &id.mp {
+            Some(m) => self.mp.resolve(m).0,
+            None => NO_MP,
+        };
+        Some(SeriesKey::new(kind, variation, mp, self.device.resolve(&id.device).0, self.login.resolve(&id.login).0))
+    }
+}
+
+struct Task {
+    producer: BaseProducer,
+    /// `(point, minute, input partition)` → latest `(offset, contribution)`.
+    entries: AHashMap<(SeriesKey, i64, u32), (i64, i64)>,
+    totals: Totals,
+    /// Per input partition: latest `(offset, watermark)`.
+    marks: Vec<Option<(i64, i64)>>,
+    changed: Vec<(SeriesKey, i64, u32)>,
+    marks_changed: Vec<u32>,
+    /// Entries of minutes before this are forgotten (tombstoned); deltas for them are stale.
+    forgotten: i64,
+    /// The final bound at the last sink write: forgotten at the next trigger.
+    written_final: i64,
+    next: Option<i64>,
+}
+
+impl Task {
+    /// Stage 1's contribution `value` of `p` to `key` at `offset`, if newer.
+    fn apply(&mut self, key: SeriesKey, minute: i64, p: u32, offset: i64, value: i64) {
+        if minute < self.forgotten {
+            return;
+        }
+        let e = self.entries.entry((key, minute, p)).or_insert((i64::MIN, 0));
+        if offset <= e.0 && e.0 != i64::MIN {
+            return;
+        }
+        let delta = value.wrapping_sub(e.1);
+        *e = (offset, value);
+        self.totals.apply(&[Delta { key, minute, delta }]);
+        self.changed.push((key, minute, p));
+    }
+
+    fn mark(&mut self, p: u32, offset: i64, watermark: i64) {
+        let m = &mut self.marks[p as usize];
+        if m.is_none_or(|(o, _)| offset > o) {
+            *m = Some((offset, m.map_or(watermark, |(_, w)| w.max(watermark))));
+            self.marks_changed.push(p);
+        }
+    }
+
+    /// Minutes before this are final: every input partition passed them.
+    fn final_bound(&self) -> i64 {
+        let min = self.marks.iter().map(|m| m.map_or(i64::MIN, |(_, w)| w)).min().unwrap_or(i64::MIN);
+        final_before(min)
+    }
+}
+
+pub struct Stage2 {
+    o: ScaleOptions,
+    consumer: BaseConsumer<Rebalances>,
+    sink: Box<dyn Sink>,
+    resolver: Resolver,
+    inputs: usize,
+    tasks: BTreeMap<i32, Task>,
+    seen: (u64, u64),
+    stats: Stage2Stats,
+}
+
+impl Stage2 {
+    /// `catalog` is the sink's (it names the points written).
+    pub fn new(catalog: Arc<Catalog>, o: ScaleOptions, sink: Box<dyn Sink>, inputs: usize) -> Result<Stage2, String> {
+        let consumer = super::stage_consumer(&o, &format!("{}.s2", o.spec.group), &o.topic("deltas"))?;
+        Ok(Stage2 {
+            o,
+            consumer,
+            sink,
+            resolver: Resolver::new(catalog),
+            inputs,
+            tasks: BTreeMap::new(),
+            seen: (0, 0),
+            stats: Stage2Stats::default(),
+        })
+    }
+
+    fn follow_assignment(&mut self) -> Result<(), String> {
+        let ctx = self.consumer.context();
+        let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
+        if now == self.seen {
+            return Ok(());
+        }
+        if now.0 != self.seen.0 {
+            if !self.tasks.is_empty() {
+                tracing::info!("stage 2: partitions revoked, {} tasks dropped", self.tasks.len());
+            }
+            self.tasks.clear();
+        }
+        self.seen = now;
+        let assignment = self.consumer.assignment().map_err(|e| format!("stage 2 assignment: {e}"))?;
+        for e in assignment.elements() {
+            let d = e.partition();
+            if !self.tasks.contains_key(&d) {
+                let started = Instant::now();
+                let task = self.restore(d)?;
+                tracing::info!(
+                    "stage 2: partition {}/{d} assigned, {} entries restored in {} ms",
+                    self.o.topic("deltas"),
+                    task.entries.len(),
+                    started.elapsed().as_millis()
+                );
+                self.stats.restores += 1;
+                self.tasks.insert(d, task);
+            }
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, d: i32) -> Result<Task, String> {
+        // Fence the previous owner first: its open transaction ends, and its
+        // commits fail from now on.
+        let producer = super::transactional_producer(&self.o, &format!("{}.s2-{d}", self.o.spec.group))?;
+        let next = super::committed(&self.consumer, &self.o.topic("deltas"), d)?;
+        let mut task = Task {
+            producer,
+            entries: AHashMap::new(),
+            // Every restored or touched point is written again: the sink may
+            // hold a value the previous owner wrote after its last commit.
+            totals: Totals::rewriting_touched(),
+            marks: vec![None; self.inputs],
+            changed: Vec::new(),
+            marks_changed: Vec::new(),
+            forgotten: i64::MIN,
+            written_final: i64::MIN,
+            next,
+        };
+        let topic = self.o.topic("totals");
+        let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
+        super::read_partition(&self.o, &topic, d, Offset::Beginning, |_, key, payload| {
+            let Some(key) = key else { return Ok(()) };
+            let value =
+                payload.map(wire::decode_changelog_value).transpose().map_err(|e| format!("{topic}/{d}: {e}"))?;
+            latest.insert(key.to_vec(), value);
+            Ok(())
+        })?;
+        for (key, value) in latest {
+            let Some((offset, value)) = value else { continue };
+            let (point, p) = wire::decode_changelog_key(&key).map_err(|e| format!("{topic}/{d}: {e}"))?;
+            if p as usize >= self.inputs {
+                return Err(format!("{topic}/{d} names input partition {p}; the input has {}", self.inputs));
+            }
+            match point {
+                None => task.mark(p, offset, value),
+                Some(id) => match self.resolver.key(&id) {
+                    Some(k) => task.apply(k, id.minute, p, offset, value),
+                    None => self.stats.unknown += 1,
+                },
+            }
+        }
+        // Restored state is already in the changelog.
+        task.changed.clear();
+        task.marks_changed.clear();
+        Ok(task)
+    }
+
+    pub fn run(mut self) -> Result<Stage2Stats, String> {
+        let started = Instant::now();
+        let mut next_trigger = Instant::now() + self.o.trigger;
+        loop {
+            let stopping = self.o.stopping(started);
+            if stopping || Instant::now() >= next_trigger {
+                self.follow_assignment()?;
+                self.trigger()?;
+                next_trigger = Instant::now() + self.o.trigger;
+                if stopping {
+                    break;
+                }
+            }
+            let polled = self.consumer.poll(Duration::from_millis(20));
+            // A rebalance inside that poll: rebuild the tasks before using
+            // its message (rare: the message is copied).
+            if self.rebalanced() {
+                let owned = polled.map(|r| r.map(|m| m.detach()));
+                self.follow_assignment()?;
+                if let Some(Ok(m)) = owned {
+                    handle(&mut self.tasks, &mut self.resolver, &mut self.stats, self.inputs, &m)?;
+                }
+                continue;
+            }
+            match polled {
+                Some(Ok(m)) => handle(&mut self.tasks, &mut self.resolver, &mut self.stats, self.inputs, &m)?,
+                Some(Err(e)) => tracing::warn!("stage 2: {e}"),
+                None => {}
+            }
+        }
+        self.consumer.unsubscribe();
+        let report = self.sink.close().map_err(|e| e.to_string())?;
+        if report.undelivered > 0 {
+            return Err(format!("{} upserts could not be delivered", report.undelivered));
+        }
+        Ok(self.stats)
+    }
+
+    fn rebalanced(&self) -> bool {
+        let ctx = self.consumer.context();
+        (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed)) != self.seen
+    }
+
+    fn trigger(&mut self) -> Result<(), String> {
+        let (topic, deltas_topic) = (self.o.topic("totals"), self.o.topic("deltas"));
+        let acked = self.sink.unacknowledged_flushes() == 0;
+        let half_session = self.o.session_timeout() / 2;
+        let meta = self.consumer.group_metadata().ok_or("stage 2: no consumer group metadata")?;
+        let mut points: Vec<Point> = Vec::new();
+        for (&d, task) in self.tasks.iter_mut() {
+            let began = Instant::now();
+            let fail = |what: &str, e: rdkafka::error::KafkaError| {
+                format!("stage 2 transaction of {deltas_topic}/{d} ({what}): {e}")
+            };
+            task.producer.begin_transaction().map_err(|e| fail("begin", e))?;
+            let catalog = &self.resolver.catalog;
+            let mut bytes = 0u64;
+            // Changed entries (the last value of each), then marks.
+            task.changed.sort_unstable();
+            task.changed.dedup();
+            for &(k, minute, p) in &task.changed {
+                let Some(&(offset, value)) = task.entries.get(&(k, minute, p)) else { continue };
+                let key = wire::changelog_key(Some(&PointId::of(catalog, k, minute)), p);
+                let val = wire::changelog_value(offset, value);
+                bytes += (key.len() + val.len()) as u64;
+                super::stage1::send(
+                    &task.producer,
+                    BaseRecord::to(&topic).partition(d).key(&key[..]).payload(&val[..]),
+                )?;
+            }
+            task.changed.clear();
+            task.marks_changed.sort_unstable();
+            task.marks_changed.dedup();
+            for &p in &task.marks_changed {
+                let Some((offset, wm)) = task.marks[p as usize] else { continue };
+                let (key, val) = (wire::changelog_key(None, p), wire::changelog_value(offset, wm));
+                bytes += (key.len() + val.len()) as u64;
+                super::stage1::send(
+                    &task.producer,
+                    BaseRecord::to(&topic).partition(d).key(&key[..]).payload(&val[..]),
+                )?;
+            }
+            task.marks_changed.clear();
+            // Entries final at the last write, which the sink has acknowledged: tombstones.
+            let forget = if acked { task.written_final } else { task.forgotten };
+            if forget > task.forgotten {
+                let mut gone = Vec::new();
+                task.entries.retain(|&(k, m, p), _| {
+                    if m < forget {
+                        gone.push((k, m, p));
+                    }
+                    m >= forget
+                });
+                for (k, m, p) in gone {
+                    let key = wire::changelog_key(Some(&PointId::of(catalog, k, m)), p);
+                    bytes += key.len() as u64;
+                    super::stage1::send(
+                        &task.producer,
+                        BaseRecord::<[u8], [u8]>::to(&topic).partition(d).key(&key[..]),
+                    )?;
+                }
+                task.forgotten = forget;
+            }
+            points.clear();
+            task.totals.take_due(task.forgotten, &mut points);
+            if let Some(next) = task.next {
+                let mut offsets = TopicPartitionList::new();
+                offsets.add_partition_offset(&deltas_topic, d, Offset::Offset(next)).map_err(|e| e.to_string())?;
+                let timeout = Duration::from_secs(30);
+                task.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
+            }
+            task.producer.commit_transaction(Duration::from_secs(30)).map_err(|e| fail("commit", e))?;
+            if began.elapsed() > half_session {
+                return Err(format!(
+                    "stage 2: the transaction of {deltas_topic}/{d} took {} ms (over half the session timeout): \
+                     this instance may have been replaced; stopping without writing",
+                    began.elapsed().as_millis()
+                ));
+            }
+            self.stats.transactions += 1;
+            self.stats.changelog_bytes += bytes;
+            if !points.is_empty() {
+                let namer = Namer::new(catalog);
+                self.sink.write(&points, &namer).map_err(|e| e.to_string())?;
+                self.stats.upserts += points.len() as u64;
+            }
+            task.written_final = task.final_bound();
+        }
+        self.sink.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// One delta record: applied by the task of its partition (none: not ours).
+fn handle(
+    tasks: &mut BTreeMap<i32, Task>,
+    resolver: &mut Resolver,
+    stats: &mut Stage2Stats,
+    inputs: usize,
+    m: &impl Message,
+) -> Result<(), String> {
+    let (d, offset) = (m.partition(), m.offset());
+    let Some(task) = tasks.get_mut(&d) else { return Ok(()) };
+    if task.next.is_some_and(|n| offset < n) {
+        return Ok(());
+    }
+    task.next = Some(offset + 1);
+    let bad = |why: String| format!("{}/{d}@{offset}: {why}", m.topic());
+    let record = DeltaRecord::decode(m.payload().unwrap_or_default()).map_err(bad)?;
+    if record.partition as usize >= inputs {
+        return Err(bad(format!("input partition {} of {inputs}", record.partition)));
+    }
+    stats.records += 1;
+    for (id, value) in &record.entries {
+        match resolver.key(id) {
+            Some(k) => task.apply(k, id.minute, record.partition, record.offset, *value),
+            None => stats.unknown += 1,
+        }
+    }
+    task.mark(record.partition, record.offset, record.watermark);
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Scale-out (`run --scale-out`, SPEC §8, docs/scale-out.md) against a real
+//! Kafka-protocol broker (Tansu) and one strict KairosDB-protocol server that
+//! every instance writes to (last upsert of a point wins, as in KairosDB):
+//! the totals there equal the reference computation and the single-instance
+//! path exactly — with one instance, and with three through a kill, a join,
+//! a graceful leave, a zombie (paused past its session timeout), and a
+//! restart of all.
+//!
+//! A Kafka source never ends, so a run is judged once the server's totals
+//! equal the reference (within a deadline; a miss shows the differences) and
+//! again after every instance stopped.
+
+mod common;
+
+use common::broker::Broker;
+use common::kairos_server::KairosServer;
+use common::runs::*;
+use common::*;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts one scale-out instance named `name` in group `group`.
+fn instance(dir: &Dir, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
+    let log = format!("{name}.stderr");
+    let stderr = std::fs::File::create(dir.path(&log)).unwrap();
+    let source =
+        format!("kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500", broker.addr());
+    let child = Command::new(BIN)
+        .args(["run", "--scale-out", "--config", "demo.toml", "--source", &source])
+        .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
+        .args(["--status", "false", "--metrics-addr", "off"])
+        .current_dir(dir.path(""))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    Consumer { child: Some(child), out: dir.path(&format!("{name}.none")), stderr: dir.path(&log) }
+}
+
+/// The metric points the server holds (health points left out), zeros removed.
+fn server_totals(kairos: &KairosServer, dc: &str) -> Totals {
+    let mut out = Totals::new();
+    for ((name, tags, ts), v) in &kairos.state().points {
+        if name.starts_with("expmon.") {
+            continue;
+        }
+        assert_eq!(tags.get("dc").map(String::as_str), Some(dc), "{name} {tags:?}");
+        out.insert((name.clone(), tags["device"].clone(), tags["login"].clone(), *ts), *v);
+    }
+    out.retain(|_, v| *v != 0);
+    out
+}
+
+/// Waits until the server holds exactly `expected` (each instance's log is
+/// shown if it does not within `secs`).
+fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs: &[&Consumer]) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = server_totals(kairos, dc);
+        if &got == expected {
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = runs.iter().map(|r| r.log()).collect();
+            let d = diff(expected, &got);
+            panic!("after {secs} s, {} differences, first: {d:#?}\nlogs: {logs:#?}", d.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn one_scale_out_instance_writes_the_single_instance_totals() {
+    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let lines = dir.events(21, 20_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    // The single-instance path over the same events.
+    assert_totals(&expected, &engine_totals(&config, &lines, 2));
+    let mut run = instance(&dir, &broker, &kairos, "g1", "a");
+    wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
+    let log = run.stop();
+    assert!(log.contains("scale-out: stage 1 read 20"), "{log}");
+    assert_totals(&expected, &server_totals(&kairos, &config.engine.dc));
+    for p in 0..8 {
+        assert!(log.contains(&format!("partition events/{p} assigned")), "{log}");
+    }
+}
+
+#[test]
+fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
+    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let lines = dir.events(22, 30_000);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    let mut producer = dir.produce_paced(&broker, "events", &lines, 1_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut a = instance(&dir, &broker, &kairos, "g3", "a");
+    let mut b = instance(&dir, &broker, &kairos, "g3", "b");
+    std::thread::sleep(Duration::from_secs(8));
+    a.kill(); // SIGKILL mid-run, transactions open
+    let mut c = instance(&dir, &broker, &kairos, "g3", "c"); // joins later
+    std::thread::sleep(Duration::from_secs(6));
+    // A zombie: paused past its session timeout (6 s), then awake again.
+    let pid = b.child.as_ref().unwrap().id();
+    send_signal(pid, "STOP");
+    std::thread::sleep(Duration::from_secs(9));
+    send_signal(pid, "CONT");
+    std::thread::sleep(Duration::from_secs(4));
+    // It was fenced and stopped, or it rejoined; either way it leaves now.
+    send_signal(pid, "TERM");
+    let status = b.child.take().unwrap().wait().unwrap();
+    let b_log = b.log();
+    assert!(
+        status.success() || b_log.contains("fenced") || b_log.contains("replaced") || b_log.contains("transaction"),
+        "{b_log}"
+    );
+    assert!(producer.wait().unwrap().success());
+    // Then all restart: the survivor stops gracefully too.
+    c.stop();
+    let mut runs = vec![
+        instance(&dir, &broker, &kairos, "g3", "a2"),
+        instance(&dir, &broker, &kairos, "g3", "b2"),
+        instance(&dir, &broker, &kairos, "g3", "c2"),
+    ];
+    {
+        let refs: Vec<&Consumer> = runs.iter().collect();
+        wait_for(&kairos, &expected, &config.engine.dc, 100, &refs);
+    }
+    for r in &mut runs {
+        r.stop();
+    }
+    assert_totals(&expected, &server_totals(&kairos, &config.engine.dc));
+}
