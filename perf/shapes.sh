@@ -17,6 +17,7 @@
 #   perf/shapes.sh
 #   EVENTS=2000000 SPARSE_RATE=138 perf/shapes.sh
 #   EXPMON=/tmp/before/release/expmon perf/shapes.sh   # another build, same data
+#   FLAME=1 perf/shapes.sh   # also one flamegraph per shape: flamegraphs/<shape>-<commit>.svg
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . perf/lib.sh
@@ -82,6 +83,24 @@ for s in "${shapes[@]}"; do
   echo "$line" >> "$report"
   perf_section "$sections" "$name: $rate events/s, $per_cpu events per CPU-second, $rss, $held points held" \
     "$gen; $cmd" "$out"
+  if [ "${FLAME:-0}" = 1 ]; then
+    # A second run of the same command under the sampler (the timed run
+    # above is not slowed by it): the whole run, every thread.
+    command -v inferno-flamegraph >/dev/null || cargo install inferno --locked
+    mkdir -p flamegraphs
+    svg=flamegraphs/$name-threads$THREADS-$(git rev-parse --short HEAD).svg
+    # shellcheck disable=SC2086
+    perf record -e cpu-clock -F 249 --call-graph dwarf,16384 -o target/perf/perf.data -- $cmd >/dev/null 2>&1 || true
+    perf script -i target/perf/perf.data 2>/dev/null | inferno-collapse-perf \
+      | inferno-flamegraph --title "expmon $name, file → null, $THREADS shard threads" > "$svg"
+    rm -f target/perf/perf.data
+    echo "flamegraph: $svg"
+    {
+      echo "Flamegraph: \`$svg\` (\`perf record -e cpu-clock -F 249 --call-graph dwarf\` over a second run of the"
+      echo "same command, folded with inferno)."
+      echo
+    } >> "$sections"
+  fi
 done
 echo >> "$report"
 cat "$sections" >> "$report"

@@ -358,7 +358,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None => Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?,
     };
     let catalog = Arc::new(catalog);
-    let checkpoint = checkpoint.map(|(dir, interval, fingerprint)| shard::CheckpointOptions {
+    let checkpoint = checkpoint.map(|(dir, interval, fingerprint)| expmon::checkpoint::CheckpointOptions {
         dir: dir.clone(),
         interval,
         fingerprint,
@@ -408,7 +408,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         // Hot reload: SIGHUP, or the file changing, applies it at the next trigger.
         let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone()).context("installing SIGHUP")?;
-        opts.reload = Some(shard::ReloadOptions { path: path.clone(), requested });
+        opts.reload = Some(expmon::config::ReloadOptions { path: path.clone(), requested });
     }
     let show_status = a.status;
     tracing::info!(

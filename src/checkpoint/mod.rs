@@ -33,8 +33,10 @@
 //! ([`crate::source::Source::continues`]): its position means nothing there.
 
 mod codec;
+mod writer;
 
 pub use codec::{Dec, Enc};
+pub use writer::{CheckpointOptions, CheckpointWriteError, Checkpointer, ShardPart, Written};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Configuration: TOML text → [`RawConfig`] (serde, unknown keys refused) →
+//! Configuration: TOML text → `RawConfig` (serde, unknown keys refused) →
 //! checked [`Config`].
 //!
 //! Invariants of a checked `Config`:
@@ -14,12 +14,14 @@
 
 mod catalog;
 mod duration;
+mod reload;
 
 pub use catalog::{
     AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
 };
 
 pub use duration::parse_duration_ms;
+pub use reload::{ReloadOptions, Reloader};
 
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};

@@ -38,7 +38,7 @@ pub struct Snapshot {
     pub write_latency: LatencyBuckets,
 }
 
-/// Starts the server on its own thread (`expmon-http`, see [`http`] for its
+/// Starts the server on its own thread (`expmon-http`, see `http` for its
 /// limits). Binds `addr` before returning, and fails with a clear message if
 /// it cannot be bound.
 pub fn spawn(
