@@ -489,6 +489,25 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
+    // `/metrics` serves the scale-out health figures (the results page stays empty).
+    let mut published = None;
+    let (addr, explicit) = match a.metrics_addr {
+        Some(MetricsAddr::Off) => (None, true),
+        Some(MetricsAddr::At(addr)) => (Some(addr), true),
+        None => (Some(DEFAULT_METRICS_ADDR.parse().expect("a socket address")), false),
+    };
+    if let Some(addr) = addr {
+        let p = Arc::new(expmon::serve::Published::default());
+        let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
+        match expmon::serve::spawn(addr, p.clone(), results, &failures) {
+            Ok(http) => {
+                tracing::info!("metrics http://{}/metrics", http.addr);
+                published = Some(p);
+            }
+            Err(e) if !explicit => tracing::warn!("{e}; running without it"),
+            Err(e) => bail!(e),
+        }
+    }
     let options = expmon::scale::ScaleOptions {
         spec,
         base: config.kafka.clone(),
@@ -498,6 +517,8 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         stop,
         max_duration: a.duration,
         failures,
+        published,
+        dc: config.engine.dc.clone(),
     };
     let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
     eprintln!("{summary}");

@@ -69,6 +69,16 @@ fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs:
     }
 }
 
+/// The value of health point `name` (with tag `tag`) at its latest timestamp.
+fn latest_health(kairos: &KairosServer, name: &str, tag: Option<(&str, &str)>) -> Option<i64> {
+    let state = kairos.state();
+    let matching = state
+        .points
+        .iter()
+        .filter(|((n, tags, _), _)| n == name && tag.is_none_or(|(k, v)| tags.get(k).is_some_and(|t| t == v)));
+    matching.max_by_key(|((_, _, ts), _)| *ts).map(|(_, v)| *v)
+}
+
 #[test]
 fn one_scale_out_instance_writes_the_single_instance_totals() {
     let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
@@ -82,6 +92,14 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
     let log = run.stop();
     assert!(log.contains("scale-out: stage 1 read 20"), "{log}");
+    // Its health points: what stage 1 read, and the lag and work of each stage.
+    assert_eq!(latest_health(&kairos, "expmon.events_in", None), Some(lines.len() as i64), "{log}");
+    for stage in ["1", "2"] {
+        let tag = Some(("stage", stage));
+        assert!(latest_health(&kairos, "expmon.scale_out.transactions", tag).is_some_and(|n| n > 0), "{log}");
+        assert_eq!(latest_health(&kairos, "expmon.scale_out.tasks", tag), Some(8), "{log}");
+        assert!(latest_health(&kairos, "expmon.scale_out.lag", tag).is_some(), "{log}");
+    }
     assert_totals(&expected, &server_totals(&kairos, &config.engine.dc));
     for p in 0..8 {
         assert!(log.contains(&format!("partition events/{p} assigned")), "{log}");

@@ -76,6 +76,10 @@ pub struct ScaleOptions {
     pub max_duration: Option<Duration>,
     /// The sink's threads: one that dies stops the run.
     pub failures: crate::shard::Failures,
+    /// Where stage 2 publishes the health figures for `/metrics`.
+    pub published: Option<Arc<crate::serve::Published>>,
+    /// `dc` tag of the health points.
+    pub dc: String,
 }
 
 impl ScaleOptions {
@@ -221,6 +225,62 @@ pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i3
     }))
 }
 
+/// How often each stage logs its figures and lag.
+pub const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Records of `topic` not yet read by the tasks `(partition, next offset)`:
+/// the lag of one stage of this instance (a partition never read counts
+/// from its start).
+pub fn lag(consumer: &BaseConsumer<Rebalances>, topic: &str, tasks: impl Iterator<Item = (i32, Option<i64>)>) -> i64 {
+    let mut lag = 0;
+    for (p, next) in tasks {
+        if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(1)) {
+            lag += (high - next.unwrap_or(low).max(low)).max(0);
+        }
+    }
+    lag
+}
+
+/// The health points of a scale-out instance (SPEC §6): the engine's input
+/// counts as stage 1 saw them, and per stage its tasks, lag, transactions
+/// and restores, and the bytes it wrote to each internal topic.
+pub fn health_points(
+    s1: &stage1::Stage1Stats,
+    s2: &stage2::Stage2Stats,
+    dc: &str,
+    instance: &str,
+) -> Vec<crate::health::HealthPoint> {
+    use crate::health::HealthPoint;
+    let tags = |extra: Option<(&'static str, &str)>| {
+        let mut t = vec![("dc", dc.to_string()), ("instance", instance.to_string())];
+        t.extend(extra.map(|(k, v)| (k, v.to_string())));
+        t
+    };
+    let point = |name: &str, extra, v: u64| HealthPoint {
+        name: format!("expmon.{name}"),
+        tags: tags(extra),
+        value: (v as i64).into(),
+    };
+    let mut out = vec![
+        point("events_in", None, s1.events),
+        point("events_rejected", None, s1.rejected),
+        point("late_dropped", None, s1.late_dropped),
+        point("upserts_written", None, s2.upserts),
+    ];
+    for (stage, tasks, lag, txns, restores) in
+        [("1", s1.tasks, s1.lag, s1.transactions, s1.restores), ("2", s2.tasks, s2.lag, s2.transactions, s2.restores)]
+    {
+        out.push(point("scale_out.tasks", Some(("stage", stage)), tasks));
+        out.push(point("scale_out.lag", Some(("stage", stage)), lag));
+        out.push(point("scale_out.transactions", Some(("stage", stage)), txns));
+        out.push(point("scale_out.restores", Some(("stage", stage)), restores));
+    }
+    for (topic, bytes) in [("deltas", s1.delta_bytes), ("state", s1.snapshot_bytes), ("totals", s2.changelog_bytes)] {
+        out.push(point("scale_out.internal_bytes", Some(("topic", topic)), bytes));
+    }
+    out
+}
+
 /// What a scale-out instance did, for its last line.
 #[derive(Debug, Default, Clone)]
 pub struct ScaleSummary {
@@ -267,12 +327,13 @@ pub fn run(
         o.topic("deltas"),
         o.instance
     );
+    let figures = Arc::new(std::sync::Mutex::new(stage1::Stage1Stats::default()));
     let s1 = {
-        let (config, o) = (config.clone(), o.clone());
+        let (config, o, figures) = (config.clone(), o.clone(), figures.clone());
         std::thread::Builder::new()
             .name("expmon-stage1".into())
             .spawn(move || {
-                stage1::Stage1::new(config, o.clone(), deltas)
+                stage1::Stage1::new(config, o.clone(), deltas, figures)
                     .and_then(|s| s.run())
                     .inspect_err(|_| o.stop.store(true, Relaxed))
             })
@@ -284,7 +345,7 @@ pub fn run(
         std::thread::Builder::new()
             .name("expmon-stage2".into())
             .spawn(move || {
-                stage2::Stage2::new(catalog, o2, sink, inputs)
+                stage2::Stage2::new(catalog, o2, sink, inputs, figures)
                     .and_then(|s| s.run())
                     .inspect_err(|_| stop.store(true, Relaxed))
             })

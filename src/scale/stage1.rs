@@ -40,6 +40,10 @@ pub struct Stage1Stats {
     pub delta_bytes: u64,
     pub snapshot_bytes: u64,
     pub restores: u64,
+    /// Tasks held now.
+    pub tasks: u64,
+    /// Input messages not read yet by this instance's tasks (every 10 s).
+    pub lag: u64,
 }
 
 struct Task {
@@ -121,10 +125,17 @@ pub struct Stage1 {
     tasks: BTreeMap<i32, Task>,
     seen: (u64, u64),
     stats: Stage1Stats,
+    /// Published after every trigger, for stage 2's health points.
+    figures: Arc<std::sync::Mutex<Stage1Stats>>,
 }
 
 impl Stage1 {
-    pub fn new(config: Config, o: ScaleOptions, deltas: usize) -> Result<Stage1, String> {
+    pub fn new(
+        config: Config,
+        o: ScaleOptions,
+        deltas: usize,
+        figures: Arc<std::sync::Mutex<Stage1Stats>>,
+    ) -> Result<Stage1, String> {
         let consumer = super::stage_consumer(&o, &format!("{}.s1", o.spec.group), &o.spec.topic)?;
         let producer = super::transactional_producer(&o, &format!("{}.s1-{}", o.spec.group, o.instance))?;
         Ok(Stage1 {
@@ -136,6 +147,7 @@ impl Stage1 {
             tasks: BTreeMap::new(),
             seen: (0, 0),
             stats: Stage1Stats::default(),
+            figures,
         })
     }
 
@@ -221,11 +233,27 @@ impl Stage1 {
     pub fn run(mut self) -> Result<Stage1Stats, String> {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
+        let mut next_status = Instant::now() + super::STATUS_EVERY;
         loop {
+            if Instant::now() >= next_status {
+                next_status = Instant::now() + super::STATUS_EVERY;
+                let tasks = self.tasks.iter().map(|(&p, t)| (p, t.next));
+                let lag = super::lag(&self.consumer, &self.o.spec.topic, tasks);
+                self.stats.lag = lag as u64;
+                let s = &self.stats;
+                tracing::info!(
+                    "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
+                    self.tasks.len(),
+                    s.events,
+                    s.transactions
+                );
+            }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
                 self.follow_assignment()?;
                 self.trigger()?;
+                self.stats.tasks = self.tasks.len() as u64;
+                *crate::shard::failures::lock(&self.figures) = self.stats.clone();
                 next_trigger = Instant::now() + self.o.trigger;
                 if stopping {
                     break;

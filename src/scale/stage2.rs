@@ -45,6 +45,11 @@ pub struct Stage2Stats {
     pub restores: u64,
     /// Entries of points this build's catalog does not know (another config).
     pub unknown: u64,
+    /// Tasks held now.
+    pub tasks: u64,
+    /// Delta records not read yet by this instance's tasks (every 10 s;
+    /// each transaction's commit marker counts one).
+    pub lag: u64,
 }
 
 /// Turns wire names into this process's series keys.
@@ -91,6 +96,13 @@ impl Resolver {
 
 struct Task {
     producer: BaseProducer,
+    state: Contributions,
+    next: Option<i64>,
+}
+
+/// A stage-2 task's state: the latest contribution of every input partition
+/// to every open point, their sums, and the partitions' marks.
+struct Contributions {
     /// `(point, minute, input partition)` → latest `(offset, contribution)`.
     entries: AHashMap<(SeriesKey, i64, u32), (i64, i64)>,
     totals: Totals,
@@ -102,10 +114,23 @@ struct Task {
     forgotten: i64,
     /// The final bound at the last sink write: forgotten at the next trigger.
     written_final: i64,
-    next: Option<i64>,
 }
 
-impl Task {
+impl Contributions {
+    fn new(inputs: usize) -> Contributions {
+        Contributions {
+            entries: AHashMap::new(),
+            // Every restored or touched point is written again: the sink may
+            // hold a value the previous owner wrote after its last commit.
+            totals: Totals::rewriting_touched(),
+            marks: vec![None; inputs],
+            changed: Vec::new(),
+            marks_changed: Vec::new(),
+            forgotten: i64::MIN,
+            written_final: i64::MIN,
+        }
+    }
+
     /// Stage 1's contribution `value` of `p` to `key` at `offset`, if newer.
     fn apply(&mut self, key: SeriesKey, minute: i64, p: u32, offset: i64, value: i64) {
         if minute < self.forgotten {
@@ -145,11 +170,19 @@ pub struct Stage2 {
     tasks: BTreeMap<i32, Task>,
     seen: (u64, u64),
     stats: Stage2Stats,
+    figures: Arc<std::sync::Mutex<super::stage1::Stage1Stats>>,
+    health_writes: crate::health::HealthWrites,
 }
 
 impl Stage2 {
     /// `catalog` is the sink's (it names the points written).
-    pub fn new(catalog: Arc<Catalog>, o: ScaleOptions, sink: Box<dyn Sink>, inputs: usize) -> Result<Stage2, String> {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        o: ScaleOptions,
+        sink: Box<dyn Sink>,
+        inputs: usize,
+        figures: Arc<std::sync::Mutex<super::stage1::Stage1Stats>>,
+    ) -> Result<Stage2, String> {
         let consumer = super::stage_consumer(&o, &format!("{}.s2", o.spec.group), &o.topic("deltas"))?;
         Ok(Stage2 {
             o,
@@ -160,6 +193,8 @@ impl Stage2 {
             tasks: BTreeMap::new(),
             seen: (0, 0),
             stats: Stage2Stats::default(),
+            figures,
+            health_writes: crate::health::HealthWrites::new(),
         })
     }
 
@@ -185,7 +220,7 @@ impl Stage2 {
                 tracing::info!(
                     "stage 2: partition {}/{d} assigned, {} entries restored in {} ms",
                     self.o.topic("deltas"),
-                    task.entries.len(),
+                    task.state.entries.len(),
                     started.elapsed().as_millis()
                 );
                 self.stats.restores += 1;
@@ -200,19 +235,7 @@ impl Stage2 {
         // commits fail from now on.
         let producer = super::transactional_producer(&self.o, &format!("{}.s2-{d}", self.o.spec.group))?;
         let next = super::committed(&self.consumer, &self.o.topic("deltas"), d)?;
-        let mut task = Task {
-            producer,
-            entries: AHashMap::new(),
-            // Every restored or touched point is written again: the sink may
-            // hold a value the previous owner wrote after its last commit.
-            totals: Totals::rewriting_touched(),
-            marks: vec![None; self.inputs],
-            changed: Vec::new(),
-            marks_changed: Vec::new(),
-            forgotten: i64::MIN,
-            written_final: i64::MIN,
-            next,
-        };
+        let mut task = Task { producer, state: Contributions::new(self.inputs), next };
         let topic = self.o.topic("totals");
         let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
         super::read_partition(&self.o, &topic, d, Offset::Beginning, |_, key, payload| {
@@ -229,23 +252,38 @@ impl Stage2 {
                 return Err(format!("{topic}/{d} names input partition {p}; the input has {}", self.inputs));
             }
             match point {
-                None => task.mark(p, offset, value),
+                None => task.state.mark(p, offset, value),
                 Some(id) => match self.resolver.key(&id) {
-                    Some(k) => task.apply(k, id.minute, p, offset, value),
+                    Some(k) => task.state.apply(k, id.minute, p, offset, value),
                     None => self.stats.unknown += 1,
                 },
             }
         }
         // Restored state is already in the changelog.
-        task.changed.clear();
-        task.marks_changed.clear();
+        task.state.changed.clear();
+        task.state.marks_changed.clear();
         Ok(task)
     }
 
     pub fn run(mut self) -> Result<Stage2Stats, String> {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
+        let mut next_status = Instant::now() + super::STATUS_EVERY;
         loop {
+            if Instant::now() >= next_status {
+                next_status = Instant::now() + super::STATUS_EVERY;
+                let tasks = self.tasks.iter().map(|(&d, t)| (d, t.next));
+                let lag = super::lag(&self.consumer, &self.o.topic("deltas"), tasks);
+                self.stats.lag = lag as u64;
+                let s = &self.stats;
+                tracing::info!(
+                    "stage 2: {} tasks, {} delta records applied, {} transactions, {} upserts, delta lag {lag} records",
+                    self.tasks.len(),
+                    s.records,
+                    s.transactions,
+                    s.upserts
+                );
+            }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
                 self.follow_assignment()?;
@@ -300,10 +338,10 @@ impl Stage2 {
             let catalog = &self.resolver.catalog;
             let mut bytes = 0u64;
             // Changed entries (the last value of each), then marks.
-            task.changed.sort_unstable();
-            task.changed.dedup();
-            for &(k, minute, p) in &task.changed {
-                let Some(&(offset, value)) = task.entries.get(&(k, minute, p)) else { continue };
+            task.state.changed.sort_unstable();
+            task.state.changed.dedup();
+            for &(k, minute, p) in &task.state.changed {
+                let Some(&(offset, value)) = task.state.entries.get(&(k, minute, p)) else { continue };
                 let key = wire::changelog_key(Some(&PointId::of(catalog, k, minute)), p);
                 let val = wire::changelog_value(offset, value);
                 bytes += (key.len() + val.len()) as u64;
@@ -312,11 +350,11 @@ impl Stage2 {
                     BaseRecord::to(&topic).partition(d).key(&key[..]).payload(&val[..]),
                 )?;
             }
-            task.changed.clear();
-            task.marks_changed.sort_unstable();
-            task.marks_changed.dedup();
-            for &p in &task.marks_changed {
-                let Some((offset, wm)) = task.marks[p as usize] else { continue };
+            task.state.changed.clear();
+            task.state.marks_changed.sort_unstable();
+            task.state.marks_changed.dedup();
+            for &p in &task.state.marks_changed {
+                let Some((offset, wm)) = task.state.marks[p as usize] else { continue };
                 let (key, val) = (wire::changelog_key(None, p), wire::changelog_value(offset, wm));
                 bytes += (key.len() + val.len()) as u64;
                 super::stage1::send(
@@ -324,12 +362,12 @@ impl Stage2 {
                     BaseRecord::to(&topic).partition(d).key(&key[..]).payload(&val[..]),
                 )?;
             }
-            task.marks_changed.clear();
+            task.state.marks_changed.clear();
             // Entries final at the last write, which the sink has acknowledged: tombstones.
-            let forget = if acked { task.written_final } else { task.forgotten };
-            if forget > task.forgotten {
+            let forget = if acked { task.state.written_final } else { task.state.forgotten };
+            if forget > task.state.forgotten {
                 let mut gone = Vec::new();
-                task.entries.retain(|&(k, m, p), _| {
+                task.state.entries.retain(|&(k, m, p), _| {
                     if m < forget {
                         gone.push((k, m, p));
                     }
@@ -343,10 +381,10 @@ impl Stage2 {
                         BaseRecord::<[u8], [u8]>::to(&topic).partition(d).key(&key[..]),
                     )?;
                 }
-                task.forgotten = forget;
+                task.state.forgotten = forget;
             }
             points.clear();
-            task.totals.take_due(task.forgotten, &mut points);
+            task.state.totals.take_due(task.state.forgotten, &mut points);
             if let Some(next) = task.next {
                 let mut offsets = TopicPartitionList::new();
                 offsets.add_partition_offset(&deltas_topic, d, Offset::Offset(next)).map_err(|e| e.to_string())?;
@@ -368,9 +406,24 @@ impl Stage2 {
                 self.sink.write(&points, &namer).map_err(|e| e.to_string())?;
                 self.stats.upserts += points.len() as u64;
             }
-            task.written_final = task.final_bound();
+            task.state.written_final = task.state.final_bound();
         }
+        self.stats.tasks = self.tasks.len() as u64;
+        self.write_health()?;
         self.sink.flush().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Health points through the sink (those due) and to `/metrics` (all).
+    fn write_health(&mut self) -> Result<(), String> {
+        let s1 = crate::shard::failures::lock(&self.figures).clone();
+        let points = super::health_points(&s1, &self.stats, &self.o.dc, &self.o.instance);
+        let due = self.health_writes.due(&points);
+        self.sink.write_health(crate::health::now_ms(), &due).map_err(|e| e.to_string())?;
+        if let Some(p) = &self.o.published {
+            let write_latency = self.sink.health().latency;
+            *crate::shard::failures::lock(&p.health) = crate::serve::Snapshot { points, write_latency };
+        }
         Ok(())
     }
 }
@@ -397,10 +450,78 @@ fn handle(
     stats.records += 1;
     for (id, value) in &record.entries {
         match resolver.key(id) {
-            Some(k) => task.apply(k, id.minute, record.partition, record.offset, *value),
+            Some(k) => task.state.apply(k, id.minute, record.partition, record.offset, *value),
             None => stats.unknown += 1,
         }
     }
-    task.mark(record.partition, record.offset, record.watermark);
+    task.state.mark(record.partition, record.offset, record.watermark);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: i64 = 1_767_225_600_000;
+
+    fn key(v: u32) -> SeriesKey {
+        SeriesKey::new(MetricKind::VisitFm, v, 0, 0, 0)
+    }
+
+    fn due(c: &mut Contributions) -> Vec<(SeriesKey, i64, i64)> {
+        let mut out = Vec::new();
+        c.totals.take_due(i64::MIN, &mut out);
+        out.iter().map(|p| (p.key, p.minute, p.value)).collect()
+    }
+
+    #[test]
+    fn the_latest_offset_of_each_partition_wins_and_repeats_change_nothing() {
+        let mut c = Contributions::new(2);
+        c.apply(key(1), M, 0, 10, 3);
+        c.apply(key(1), M, 1, 7, 4);
+        assert_eq!(due(&mut c), [(key(1), M, 7)]);
+        // The same record again (read twice), and an older one: no change.
+        c.apply(key(1), M, 0, 10, 3);
+        c.apply(key(1), M, 0, 9, 100);
+        assert_eq!(c.totals.len(), 1);
+        let mut out = Vec::new();
+        c.totals.take_due(i64::MIN, &mut out);
+        assert!(out.iter().all(|p| p.value == 7), "{out:?}");
+        // A later contribution of partition 0 replaces its earlier one.
+        c.apply(key(1), M, 0, 12, 5);
+        assert_eq!(due(&mut c), [(key(1), M, 9)]);
+    }
+
+    #[test]
+    fn an_aborted_transactions_preview_is_overwritten_by_the_redo() {
+        // Partition 0: +1 at offset 4, then -1 at offset 8. A first run cut a
+        // trigger at 6 (value 1) and aborted; the redo cut at 10 (value 0,
+        // emitted because it was touched). Either order of arrival ends at 0.
+        for order in [[(6, 1), (10, 0)], [(10, 0), (6, 1)]] {
+            let mut c = Contributions::new(1);
+            for (offset, value) in order {
+                c.apply(key(2), M, 0, offset, value);
+            }
+            let mut out = Vec::new();
+            c.totals.take_due(i64::MIN, &mut out);
+            assert_eq!(out.last().map(|p| p.value), Some(0), "{order:?}");
+        }
+    }
+
+    #[test]
+    fn a_minute_is_final_once_every_partition_passed_it() {
+        let mut c = Contributions::new(3);
+        assert_eq!(c.final_bound(), i64::MIN);
+        c.mark(0, 5, M + 120_000);
+        c.mark(1, 5, M + 200_000);
+        assert_eq!(c.final_bound(), i64::MIN, "partition 2 has no mark yet");
+        c.mark(2, 9, M + 61_000);
+        assert_eq!(c.final_bound(), M + 60_000);
+        c.mark(2, 3, M + 500_000);
+        assert_eq!(c.final_bound(), M + 60_000, "an older mark does not move it");
+        // Deltas for forgotten minutes are stale.
+        c.forgotten = M + 60_000;
+        c.apply(key(3), M, 0, 99, 1);
+        assert!(c.totals.is_empty());
+    }
 }
