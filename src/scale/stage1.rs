@@ -57,6 +57,8 @@ struct Task {
     next: Option<i64>,
     /// Router figures at the last trigger (to add only what is new).
     counted: (u64, u64, u64),
+    /// Read events since the last trigger (an idle task has nothing to commit).
+    dirty: bool,
 }
 
 impl Task {
@@ -75,6 +77,7 @@ impl Task {
             catalog,
             next: None,
             counted: (0, 0, 0),
+            dirty: false,
         })
     }
 
@@ -287,7 +290,9 @@ impl Stage1 {
 
     /// One transaction: every task's records, snapshot and offset.
     fn trigger(&mut self) -> Result<(), String> {
-        if self.tasks.is_empty() {
+        // Tasks that read nothing since their last trigger have their
+        // snapshot and offset committed already: an idle trigger is free.
+        if !self.tasks.values().any(|t| t.dirty) {
             return Ok(());
         }
         let fail = |what: &str, e: rdkafka::error::KafkaError| format!("stage 1 transaction ({what}): {e}");
@@ -296,7 +301,8 @@ impl Stage1 {
         let mut offsets = TopicPartitionList::new();
         let mut points: Vec<Point> = Vec::new();
         let mut deltas = Vec::new();
-        for (&p, task) in self.tasks.iter_mut() {
+        for (&p, task) in self.tasks.iter_mut().filter(|(_, t)| t.dirty) {
+            task.dirty = false;
             task.apply_pending();
             let wm = task.router.watermark();
             task.sessions.expire(wm);
@@ -352,6 +358,7 @@ fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
         return; // read before the task's restore point
     }
     task.next = Some(offset + 1);
+    task.dirty = true;
     let now = Some(crate::health::now_ms());
     if let Ok(Some(_)) = task.router.route(m.payload().unwrap_or_default(), 0, now) {
         task.apply_pending();

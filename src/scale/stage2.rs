@@ -98,6 +98,10 @@ struct Task {
     producer: BaseProducer,
     state: Contributions,
     next: Option<i64>,
+    /// The delta offset of the last commit.
+    committed: Option<i64>,
+    /// Restored points not yet written again.
+    rewrite: bool,
 }
 
 /// A stage-2 task's state: the latest contribution of every input partition
@@ -235,7 +239,7 @@ impl Stage2 {
         // commits fail from now on.
         let producer = super::transactional_producer(&self.o, &format!("{}.s2-{d}", self.o.spec.group))?;
         let next = super::committed(&self.consumer, &self.o.topic("deltas"), d)?;
-        let mut task = Task { producer, state: Contributions::new(self.inputs), next };
+        let mut task = Task { producer, state: Contributions::new(self.inputs), next, committed: next, rewrite: true };
         let topic = self.o.topic("totals");
         let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
         super::read_partition(&self.o, &topic, d, Offset::Beginning, |_, key, payload| {
@@ -330,6 +334,11 @@ impl Stage2 {
         let meta = self.consumer.group_metadata().ok_or("stage 2: no consumer group metadata")?;
         let mut points: Vec<Point> = Vec::new();
         for (&d, task) in self.tasks.iter_mut() {
+            let forget = if acked { task.state.written_final } else { task.state.forgotten };
+            let idle = task.state.changed.is_empty() && task.state.marks_changed.is_empty();
+            if idle && forget <= task.state.forgotten && task.next == task.committed && !task.rewrite {
+                continue; // nothing to commit or write
+            }
             let began = Instant::now();
             let fail = |what: &str, e: rdkafka::error::KafkaError| {
                 format!("stage 2 transaction of {deltas_topic}/{d} ({what}): {e}")
@@ -364,7 +373,6 @@ impl Stage2 {
             }
             task.state.marks_changed.clear();
             // Entries final at the last write, which the sink has acknowledged: tombstones.
-            let forget = if acked { task.state.written_final } else { task.state.forgotten };
             if forget > task.state.forgotten {
                 let mut gone = Vec::new();
                 task.state.entries.retain(|&(k, m, p), _| {
@@ -392,6 +400,8 @@ impl Stage2 {
                 task.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
             }
             task.producer.commit_transaction(Duration::from_secs(30)).map_err(|e| fail("commit", e))?;
+            task.committed = task.next;
+            task.rewrite = false;
             if began.elapsed() > half_session {
                 return Err(format!(
                     "stage 2: the transaction of {deltas_topic}/{d} took {} ms (over half the session timeout): \
