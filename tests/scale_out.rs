@@ -158,3 +158,58 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     assert!(restored >= 8, "every input partition restored from its snapshot after the restart: {restored}");
     assert_totals(&expected, &server_totals(&kairos, dc));
 }
+
+/// The long version (`EXPMON_LONG_TESTS=1`, a few minutes): 80,000 events
+/// paced over about a minute, three instances, and every 5 s one of them is
+/// SIGKILLed and started again, or paused past its session timeout and woken
+/// (`EXPMON_SCALE_SEED=S` picks which); then all restart. The server's totals
+/// equal the reference.
+#[test]
+fn long_many_kills_and_zombies_end_at_the_reference() {
+    if std::env::var("EXPMON_LONG_TESTS").is_err() {
+        eprintln!("skipped: set EXPMON_LONG_TESTS=1 to run it");
+        return;
+    }
+    let seed: u64 = std::env::var("EXPMON_SCALE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let lines = dir.events(23, 80_000);
+    let config = dir.config();
+    let dc = &config.engine.dc;
+    let expected = reference(&config, &lines);
+    let mut producer = dir.produce_paced(&broker, "events", &lines, 1_500);
+    let mut runs: Vec<Consumer> = (0..3).map(|i| instance(&dir, &broker, &kairos, "gl", &format!("n{i}"))).collect();
+    let mut rng = seed;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as usize
+    };
+    let mut started = 3;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(5));
+        let i = next() % runs.len();
+        if next() % 3 == 0 {
+            let pid = runs[i].child.as_ref().unwrap().id();
+            send_signal(pid, "STOP");
+            std::thread::sleep(Duration::from_secs(8));
+            send_signal(pid, "CONT");
+        } else {
+            runs[i].kill();
+            runs[i] = instance(&dir, &broker, &kairos, "gl", &format!("n{started}"));
+            started += 1;
+        }
+    }
+    assert!(producer.wait().unwrap().success());
+    for r in &mut runs {
+        r.kill();
+    }
+    let mut runs: Vec<Consumer> = (0..3).map(|i| instance(&dir, &broker, &kairos, "gl", &format!("r{i}"))).collect();
+    {
+        let refs: Vec<&Consumer> = runs.iter().collect();
+        wait_for(&kairos, &expected, dc, 120, &refs);
+    }
+    for r in &mut runs {
+        r.stop();
+    }
+    assert_totals(&expected, &server_totals(&kairos, dc));
+}
