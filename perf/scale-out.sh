@@ -79,6 +79,11 @@ for n in $INSTANCES; do
   # Caught up: every instance's last status lines say so (and they hold every partition).
   while true; do
     sleep 2
+    for i in $(seq "$n"); do
+      if ! kill -0 "${pids[$((i - 1))]}" 2>/dev/null; then
+        echo "instance i$i of $n stopped:"; tail -5 "target/perf/scale-$n-$i.log"; exit 1
+      fi
+    done
     done_n=0
     tasks1=0
     for i in $(seq "$n"); do

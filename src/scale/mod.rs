@@ -43,8 +43,8 @@
 //!    <group>.s2-<partition>` (per task, the pre-KIP-447 way); the new owner's
 //!    `init_transactions` fences the old one, whose commit then fails, so it
 //!    never writes the sink again. A stage-2 task also skips its sink write
-//!    (and stops) when its commit took longer than half the session timeout:
-//!    it may have been paused and replaced meanwhile.
+//!    (and stops) when its commit returned after the session timeout or
+//!    later: the process may have been paused and replaced meanwhile.
 
 pub mod stage1;
 pub mod stage2;

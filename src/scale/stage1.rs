@@ -203,6 +203,7 @@ impl Stage1 {
                 .map_err(|e| format!("reading the end of {topic}/{p}: {e}"))?;
             let from = high.saturating_sub(back).max(low);
             let mut chunks: Vec<Option<Vec<u8>>> = Vec::new();
+            let mut id = None;
             let mut done: Option<Vec<u8>> = None;
             super::read_partition(&self.o, &topic, p, Offset::Offset(from), |_, _, payload| {
                 let Some(payload) = payload else { return Ok(()) };
@@ -210,10 +211,14 @@ impl Stage1 {
                 if c.offset != at || c.partition != p as u32 {
                     return Ok(());
                 }
-                if chunks.len() != c.count as usize {
+                if id != Some(c.id) || chunks.len() != c.count as usize {
+                    id = Some(c.id);
                     chunks = vec![None; c.count as usize];
                 }
-                chunks[c.index as usize] = Some(c.bytes.to_vec());
+                let slot = chunks
+                    .get_mut(c.index as usize)
+                    .ok_or_else(|| format!("{topic}/{p}: chunk {} of {}", c.index, c.count))?;
+                *slot = Some(c.bytes.to_vec());
                 if chunks.iter().all(Option::is_some) {
                     done = Some(chunks.iter().flat_map(|c| c.as_deref().unwrap_or_default()).copied().collect());
                     chunks.clear();
@@ -333,9 +338,10 @@ impl Stage1 {
                 send(&self.producer, BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes))?;
             }
             let snap = task.snapshot();
+            let id = xxhash_rust::xxh3::xxh3_64(&snap) ^ std::process::id() as u64;
             let count = snap.len().div_ceil(wire::CHUNK_BYTES).max(1) as u32;
             for (i, chunk) in snap.chunks(wire::CHUNK_BYTES).chain((snap.is_empty()).then_some(&[][..])).enumerate() {
-                let bytes = wire::encode_chunk(p as u32, next, i as u32, count, chunk);
+                let bytes = wire::encode_chunk(p as u32, next, id, i as u32, count, chunk);
                 self.stats.snapshot_bytes += bytes.len() as u64;
                 send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
             }

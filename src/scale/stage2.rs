@@ -12,8 +12,8 @@
 //!    the delta partition), tombstones for entries final since the trigger
 //!    before, and send the delta offset;
 //! 3. `commit_transaction`; only then write the changed totals to the sink.
-//!    A commit slower than half the session timeout stops the instance
-//!    without writing: it may have been paused and replaced.
+//!    A commit that returns after the session timeout or later stops the
+//!    instance without writing: it may have been paused and replaced.
 //!
 //! A task is built when its partition is assigned: producer first (fencing),
 //! then the changelog read to its end, then consumption from the committed
@@ -330,7 +330,7 @@ impl Stage2 {
     fn trigger(&mut self) -> Result<(), String> {
         let (topic, deltas_topic) = (self.o.topic("totals"), self.o.topic("deltas"));
         let acked = self.sink.unacknowledged_flushes() == 0;
-        let half_session = self.o.session_timeout() / 2;
+        let session_timeout = self.o.session_timeout();
         let meta = self.consumer.group_metadata().ok_or("stage 2: no consumer group metadata")?;
         let mut points: Vec<Point> = Vec::new();
         for (&d, task) in self.tasks.iter_mut() {
@@ -339,7 +339,6 @@ impl Stage2 {
             if idle && forget <= task.state.forgotten && task.next == task.committed && !task.rewrite {
                 continue; // nothing to commit or write
             }
-            let began = Instant::now();
             let fail = |what: &str, e: rdkafka::error::KafkaError| {
                 format!("stage 2 transaction of {deltas_topic}/{d} ({what}): {e}")
             };
@@ -399,14 +398,19 @@ impl Stage2 {
                 let timeout = Duration::from_secs(30);
                 task.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
             }
+            let committing = Instant::now();
             task.producer.commit_transaction(Duration::from_secs(30)).map_err(|e| fail("commit", e))?;
             task.committed = task.next;
             task.rewrite = false;
-            if began.elapsed() > half_session {
+            // The heartbeat thread keeps the session through a slow commit;
+            // only a pause of the whole process as long as the session timeout
+            // can have let another instance take the task meanwhile.
+            if committing.elapsed() >= session_timeout {
                 return Err(format!(
-                    "stage 2: the transaction of {deltas_topic}/{d} took {} ms (over half the session timeout): \
-                     this instance may have been replaced; stopping without writing",
-                    began.elapsed().as_millis()
+                    "stage 2: the commit of {deltas_topic}/{d} returned after {} ms (the session timeout is {} ms): \
+                     this instance may have been paused and replaced; stopping without writing",
+                    committing.elapsed().as_millis(),
+                    session_timeout.as_millis()
                 ));
             }
             self.stats.transactions += 1;

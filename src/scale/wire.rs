@@ -136,11 +136,14 @@ impl DeltaRecord {
 /// Largest snapshot chunk: under the broker's default 1 MB message size.
 pub const CHUNK_BYTES: usize = 512 * 1024;
 
-/// One chunk of a stage-1 snapshot: `(input partition, offset, index, count, bytes)`.
-pub fn encode_chunk(partition: u32, offset: i64, index: u32, count: u32, bytes: &[u8]) -> Vec<u8> {
+/// One chunk of a stage-1 snapshot: `(input partition, offset, snapshot id,
+/// index, count, bytes)`. The id tells apart two snapshots at one offset (a
+/// zombie's and the new owner's), whose chunks must not be mixed.
+pub fn encode_chunk(partition: u32, offset: i64, id: u64, index: u32, count: u32, bytes: &[u8]) -> Vec<u8> {
     let mut e = Enc::default();
     e.u32(partition);
     e.i64(offset);
+    e.u64(id);
     e.u32(index);
     e.u32(count);
     e.bytes(bytes);
@@ -150,6 +153,7 @@ pub fn encode_chunk(partition: u32, offset: i64, index: u32, count: u32, bytes: 
 pub struct Chunk<'a> {
     pub partition: u32,
     pub offset: i64,
+    pub id: u64,
     pub index: u32,
     pub count: u32,
     pub bytes: &'a [u8],
@@ -157,7 +161,14 @@ pub struct Chunk<'a> {
 
 pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk<'_>, String> {
     let mut d = Dec::new(bytes);
-    Ok(Chunk { partition: d.u32()?, offset: d.i64()?, index: d.u32()?, count: d.u32()?, bytes: d.bytes()? })
+    Ok(Chunk {
+        partition: d.u32()?,
+        offset: d.i64()?,
+        id: d.u64()?,
+        index: d.u32()?,
+        count: d.u32()?,
+        bytes: d.bytes()?,
+    })
 }
 
 /// The key of a changelog entry: a point's contribution from one input
@@ -223,9 +234,9 @@ mod tests {
         assert_eq!(decode_changelog_key(&k).unwrap(), (Some(id(0)), 5));
         assert_eq!(decode_changelog_key(&changelog_key(None, 2)).unwrap(), (None, 2));
         assert_eq!(decode_changelog_value(&changelog_value(9, -3)).unwrap(), (9, -3));
-        let c = encode_chunk(1, 2, 0, 1, b"abc");
+        let c = encode_chunk(1, 2, 42, 0, 1, b"abc");
         let c = decode_chunk(&c).unwrap();
-        assert_eq!((c.partition, c.offset, c.index, c.count, c.bytes), (1, 2, 0, 1, &b"abc"[..]));
+        assert_eq!((c.partition, c.offset, c.id, c.index, c.count, c.bytes), (1, 2, 42, 0, 1, &b"abc"[..]));
     }
 
     #[test]
