@@ -332,10 +332,12 @@ impl Stage1 {
             }
             let key = p.to_le_bytes();
             for (d, r) in records.iter().enumerate() {
-                let bytes = r.encode();
-                self.stats.delta_bytes += bytes.len() as u64;
-                self.stats.delta_records += 1;
-                send(&self.producer, BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes))?;
+                for bytes in r.encode_pieces(wire::CHUNK_BYTES) {
+                    self.stats.delta_bytes += bytes.len() as u64;
+                    self.stats.delta_records += 1;
+                    let record = BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes[..]);
+                    send(&self.producer, record)?;
+                }
             }
             let snap = task.snapshot();
             let id = xxhash_rust::xxh3::xxh3_64(&snap) ^ std::process::id() as u64;
@@ -380,11 +382,7 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
                 record = r;
                 producer.poll(Duration::from_millis(10));
             }
-            Err((e, _)) => return Err(format!("producing to {}: {e}", record_topic(&e))),
+            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic)),
         }
     }
-}
-
-fn record_topic(e: &rdkafka::error::KafkaError) -> String {
-    format!("{e:?}")
 }

@@ -104,17 +104,40 @@ pub struct DeltaRecord {
 
 impl DeltaRecord {
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_pieces(usize::MAX).pop().expect("at least one piece")
+    }
+
+    /// The record as one or more records of at most about `max_bytes` each
+    /// (the broker's message size bounds a record), each with the same
+    /// partition, offset and watermark; always at least one (the mark).
+    pub fn encode_pieces(&self, max_bytes: usize) -> Vec<Vec<u8>> {
+        let start = |e: &mut Enc| {
+            e.u8(DELTA_VERSION);
+            e.u32(self.partition);
+            e.i64(self.offset);
+            e.i64(self.watermark);
+            e.u64(0); // the entry count, set when the piece is done
+        };
+        const COUNT_AT: usize = 1 + 4 + 8 + 8;
+        let finish = |e: &mut Enc, n: u64| e.buf[COUNT_AT..COUNT_AT + 8].copy_from_slice(&n.to_le_bytes());
+        let mut pieces = Vec::new();
         let mut e = Enc::default();
-        e.u8(DELTA_VERSION);
-        e.u32(self.partition);
-        e.i64(self.offset);
-        e.i64(self.watermark);
-        e.u64(self.entries.len() as u64);
+        start(&mut e);
+        let mut n = 0u64;
         for (id, v) in &self.entries {
+            if n > 0 && e.len() >= max_bytes {
+                finish(&mut e, n);
+                pieces.push(std::mem::take(&mut e.buf));
+                start(&mut e);
+                n = 0;
+            }
             id.encode(&mut e);
             e.i64(*v);
+            n += 1;
         }
-        e.buf
+        finish(&mut e, n);
+        pieces.push(e.buf);
+        pieces
     }
 
     pub fn decode(bytes: &[u8]) -> Result<DeltaRecord, String> {
@@ -228,6 +251,14 @@ mod tests {
             entries: vec![(id(60_000), 4), (PointId { mp: None, ..id(0) }, -1)],
         };
         assert_eq!(DeltaRecord::decode(&r.encode()).unwrap(), r);
+        // Split under a size bound: every piece decodes, with the same header.
+        let pieces = r.encode_pieces(1);
+        assert_eq!(pieces.len(), 2);
+        let back: Vec<DeltaRecord> = pieces.iter().map(|p| DeltaRecord::decode(p).unwrap()).collect();
+        assert!(back.iter().all(|b| (b.partition, b.offset, b.watermark) == (3, 77, -5)));
+        assert_eq!(back.iter().flat_map(|b| b.entries.clone()).collect::<Vec<_>>(), r.entries);
+        let mark = DeltaRecord { entries: Vec::new(), ..r.clone() };
+        assert_eq!(mark.encode_pieces(1).len(), 1, "a mark alone is one record");
         assert!(DeltaRecord::decode(&r.encode()[..20]).is_err());
         assert!(DeltaRecord::decode(&[9]).is_err(), "another version");
         let k = changelog_key(Some(&id(0)), 5);
