@@ -10,7 +10,8 @@
 //! of a topic it creates, default 8). Any
 //! key with a dot in it (`security.protocol`, `sasl.mechanism`,
 //! `fetch.max.bytes`, …) is passed to librdkafka as is, after the settings of
-//! the config file's `[kafka]` table.
+//! the config file's `[kafka]` table. Each key at most once (see
+//! [`crate::address`]).
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -19,7 +20,18 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use std::time::Duration;
 
+use crate::address::{split_query, Keys, OptionError, Options, PassedOn};
 use crate::config::parse_duration_ms;
+
+/// The options of a `kafka://` address: expmon's own, and librdkafka's
+/// settings (a dot in their name, or `debug` and `acks`), passed on.
+static KEYS: Keys = Keys {
+    known: &["group", "dead_letter", "idle_timeout", "until_end", "partitions"],
+    passed_on: Some(PassedOn {
+        takes: |k| k.contains('.') || ["debug", "acks"].contains(&k),
+        described: "librdkafka settings have a dot in their name",
+    }),
+};
 
 /// A parsed `kafka://` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +48,35 @@ pub struct KafkaSpec {
     pub settings: Vec<(String, String)>,
 }
 
+/// Why a Kafka address is refused or Kafka cannot be used; each is one line,
+/// with the values of secret settings hidden.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// `shown`: the address with its secrets hidden.
+    #[error("bad kafka address {shown:?}: {why}")]
+    BadAddress { shown: String, why: String },
+    /// librdkafka refused to make a client (`what`: "kafka consumer", …);
+    /// `error` is its message with secret values hidden.
+    #[error("{what} for {brokers}: {error}")]
+    Client { what: &'static str, brokers: String, error: String },
+    #[error("cannot reach Kafka at {brokers} within {timeout:?}: {error}")]
+    Unreachable { brokers: String, timeout: Duration, error: rdkafka::error::KafkaError },
+    #[error("Kafka at {brokers} has no usable topic {topic:?}: {why}")]
+    UnusableTopic { brokers: String, topic: String, why: String },
+    #[error("Kafka at {brokers} has no topic {topic:?}")]
+    NoTopic { brokers: String, topic: String },
+    #[error("cannot create topic {topic:?} at {brokers}: {error}")]
+    CreateTopic { topic: String, brokers: String, error: String },
+    #[error("cannot subscribe to {topic:?}: {error}")]
+    Subscribe { topic: String, error: rdkafka::error::KafkaError },
+}
+
 impl KafkaSpec {
-    pub fn parse(spec: &str) -> Result<KafkaSpec, String> {
+    pub fn parse(spec: &str) -> Result<KafkaSpec, KafkaError> {
         let shown = crate::redact::redact(spec);
-        let bad = |why: &str| format!("bad kafka address {shown:?}: {why}");
+        let bad = |why: &str| KafkaError::BadAddress { shown: shown.clone(), why: why.to_string() };
         let rest = spec.strip_prefix("kafka://").ok_or_else(|| bad("expected kafka://HOST:PORT/TOPIC"))?;
-        let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (addr, query) = split_query(rest);
         let (brokers, topic) = addr.split_once('/').ok_or_else(|| bad("no /TOPIC after the brokers"))?;
         if brokers.contains('@') {
             return Err(bad("brokers are HOST:PORT: credentials go in sasl.username and sasl.password"));
@@ -57,60 +92,47 @@ impl KafkaSpec {
         if !valid_topic(topic) {
             return Err(bad("a topic name is 1 to 249 of [A-Za-z0-9._-]"));
         }
-        let mut out = KafkaSpec {
-            brokers: brokers.to_string(),
-            topic: topic.to_string(),
-            group: "expmon".to_string(),
-            dead_letter: None,
-            idle_timeout: Duration::from_secs(10),
-            partitions: 8,
-            until_end: false,
-            settings: Vec::new(),
+        let options = || -> Result<KafkaSpec, OptionError> {
+            let o = Options::parse(query, &KEYS)?;
+            let group = o.value("group", |v| match v {
+                "" => Err("empty (a consumer group name)".to_string()),
+                _ => Ok(v.to_string()),
+            })?;
+            let dead_letter = o.value("dead_letter", |v| match valid_topic(v) {
+                true => Ok(v.to_string()),
+                false => Err(format!("{v:?} is not a topic name (1 to 249 of [A-Za-z0-9._-])")),
+            })?;
+            let idle_timeout = o.value("idle_timeout", |v| {
+                parse_duration_ms(v).map(|ms| Duration::from_millis(ms.max(1) as u64)).map_err(|e| e.to_string())
+            })?;
+            let until_end = o.value("until_end", |v| v.parse().map_err(|_| "true or false".to_string()))?;
+            let partitions = o.value("partitions", |v| v.parse().ok().filter(|n| *n > 0).ok_or("not a count"))?;
+            Ok(KafkaSpec {
+                brokers: brokers.to_string(),
+                topic: topic.to_string(),
+                group: group.unwrap_or_else(|| "expmon".to_string()),
+                dead_letter,
+                idle_timeout: idle_timeout.unwrap_or(Duration::from_secs(10)),
+                partitions: partitions.unwrap_or(8),
+                until_end: until_end.unwrap_or(false),
+                settings: o.passed_on().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            })
         };
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let shown_kv = if crate::redact::is_secret_key(kv) { crate::redact::HIDDEN } else { kv };
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(&format!("option {shown_kv:?} is not key=value")))?;
-            match k {
-                "group" if v.is_empty() => return Err(bad("group: empty (a consumer group name)")),
-                "group" => out.group = v.to_string(),
-                "dead_letter" if !valid_topic(v) => {
-                    return Err(bad(&format!("dead_letter: {v:?} is not a topic name (1 to 249 of [A-Za-z0-9._-])")))
-                }
-                "dead_letter" => out.dead_letter = Some(v.to_string()),
-                "idle_timeout" => {
-                    let ms = parse_duration_ms(v).map_err(|e| bad(&format!("idle_timeout: {e}")))?;
-                    out.idle_timeout = Duration::from_millis(ms.max(1) as u64);
-                }
-                "until_end" => out.until_end = v.parse().map_err(|_| bad("until_end: true or false"))?,
-                "partitions" => {
-                    out.partitions = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| bad("partitions: not a count"))?
-                }
-                _ if k.contains('.') || ["debug", "acks"].contains(&k) => {
-                    out.settings.push((k.to_string(), v.to_string()))
-                }
-                _ => {
-                    return Err(bad(&format!(
-                        "unknown option {k:?} (expmon's are group, dead_letter, idle_timeout, until_end, partitions; \
-                         librdkafka settings have a dot in their name)"
-                    )))
-                }
-            }
-        }
-        Ok(out)
+        options().map_err(|e| bad(&e.to_string()))
     }
 
     /// `what` failed with librdkafka's error `e`, as one line: librdkafka
     /// echoes settings in its errors (an unknown property with its value), so
     /// the value of every secret setting (see [`crate::redact`]) of `base` and
     /// of the address is replaced by `***`.
-    pub fn client_error(&self, base: &[(String, String)], what: &str, e: impl std::fmt::Display) -> String {
-        let mut text = format!("{what} for {}: {e}", self.brokers);
+    pub fn client_error(&self, base: &[(String, String)], what: &'static str, e: impl std::fmt::Display) -> KafkaError {
+        let mut error = e.to_string();
         for (k, v) in base.iter().chain(&self.settings) {
             if !v.is_empty() && crate::redact::is_secret_key(k) {
-                text = text.replace(v.as_str(), crate::redact::HIDDEN);
+                error = error.replace(v.as_str(), crate::redact::HIDDEN);
             }
         }
-        text
+        KafkaError::Client { what, brokers: self.brokers.clone(), error }
     }
 
     /// A librdkafka configuration: brokers, then `base` (the config file's
@@ -131,26 +153,27 @@ pub fn topic_partitions(
     consumer: &BaseConsumer<impl rdkafka::consumer::ConsumerContext>,
     spec: &KafkaSpec,
     timeout: Duration,
-) -> Result<usize, String> {
-    let md = consumer
-        .fetch_metadata(Some(&spec.topic), timeout)
-        .map_err(|e| format!("cannot reach Kafka at {} within {timeout:?}: {e}", spec.brokers))?;
+) -> Result<usize, KafkaError> {
+    let md = consumer.fetch_metadata(Some(&spec.topic), timeout).map_err(|error| KafkaError::Unreachable {
+        brokers: spec.brokers.clone(),
+        timeout,
+        error,
+    })?;
     let t = md.topics().iter().find(|t| t.name() == spec.topic);
     match t {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len()),
-        Some(t) => Err(format!(
-            "Kafka at {} has no usable topic {:?}: {}",
-            spec.brokers,
-            spec.topic,
-            t.error().map(|e| RDKafkaErrorCode::from(e).to_string()).unwrap_or_else(|| "no partitions".into())
-        )),
-        None => Err(format!("Kafka at {} has no topic {:?}", spec.brokers, spec.topic)),
+        Some(t) => Err(KafkaError::UnusableTopic {
+            brokers: spec.brokers.clone(),
+            topic: spec.topic.clone(),
+            why: t.error().map(|e| RDKafkaErrorCode::from(e).to_string()).unwrap_or_else(|| "no partitions".into()),
+        }),
+        None => Err(KafkaError::NoTopic { brokers: spec.brokers.clone(), topic: spec.topic.clone() }),
     }
 }
 
 /// Creates `spec.topic` with `spec.partitions` partitions unless it exists.
 /// Returns the topic's partition count.
-pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, String> {
+pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize, KafkaError> {
     let timeout = Duration::from_secs(10);
     let probe: BaseConsumer =
         spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka client", e))?;
@@ -161,12 +184,15 @@ pub fn ensure_topic(spec: &KafkaSpec, base: &[(String, String)]) -> Result<usize
         spec.client_config(base).create().map_err(|e| spec.client_error(base, "kafka admin client", e))?;
     let topic = NewTopic::new(&spec.topic, spec.partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
-    let results = futures_executor::block_on(admin.create_topics([&topic], &opts))
-        .map_err(|e| format!("cannot create topic {:?} at {}: {e}", spec.topic, spec.brokers))?;
+    let results = futures_executor::block_on(admin.create_topics([&topic], &opts)).map_err(|e| {
+        KafkaError::CreateTopic { topic: spec.topic.clone(), brokers: spec.brokers.clone(), error: e.to_string() }
+    })?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(format!("cannot create topic {name:?} at {}: {code}", spec.brokers)),
+            Err((topic, code)) => {
+                return Err(KafkaError::CreateTopic { topic, brokers: spec.brokers.clone(), error: code.to_string() })
+            }
         }
     }
     // Metadata can lag creation by a moment.
@@ -204,9 +230,18 @@ mod tests {
             "kafka://h:1/t?grup=x",
             "kafka://h:1/t?partitions=0",
             "kafka://h:1/t?novalue",
+            "kafka://h:1/t?group=a&group=b",
+            "kafka://h:1/t?acks=1&acks=all",
         ] {
-            let e = KafkaSpec::parse(bad).unwrap_err();
+            let e = KafkaSpec::parse(bad).unwrap_err().to_string();
             assert!(e.starts_with("bad kafka address"), "{bad}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
+        let e = KafkaSpec::parse("kafka://h:1/t?grup=x").unwrap_err().to_string();
+        assert!(e.ends_with(": unknown option \"grup\" (expected group, dead_letter, idle_timeout, until_end, partitions; librdkafka settings have a dot in their name)"), "{e}");
+        let e = KafkaSpec::parse("kafka://h:1/t?sasl.password=s3cr3t&sasl.password=s3cr3t").unwrap_err().to_string();
+        assert!(e.contains("\"sasl.password\" is given twice") && !e.contains("s3cr3t"), "{e}");
+        let e = KafkaSpec::parse("kafka://h:1/t?until_end=yes").unwrap_err().to_string();
+        assert!(e.ends_with(": until_end: true or false"), "{e}");
     }
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use expmon::config::{parse_duration_ms, Catalog, Config};
+use expmon::config::{parse_duration_ms, Catalog, Config, DurationError};
+use expmon::gen::GenError;
+use expmon::kafka::KafkaError;
 use expmon::names::Names;
 use expmon::shard::{self, RunOptions};
 use expmon::sink::SinkError;
@@ -159,50 +161,82 @@ enum MetricsAddr {
     At(std::net::SocketAddr),
 }
 
-fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+/// A flag value that does not parse; clap prints it after the flag's name.
+#[derive(Debug, thiserror::Error)]
+enum FlagError {
+    #[error("expected HOST:PORT (an IP address and a port) or off")]
+    MetricsAddr,
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    #[error("must be more than 0")]
+    Zero,
+    #[error("expected 1 to 64 of [A-Za-z0-9._/-]")]
+    Tag,
+    #[error("expected events per second, a number above 0")]
+    Rate,
+    #[error("expected a share, a number from 0 to 1")]
+    Share,
+}
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, FlagError> {
     if s == "off" {
         return Ok(MetricsAddr::Off);
     }
-    s.parse().map(MetricsAddr::At).map_err(|_| "expected HOST:PORT (an IP address and a port) or off".to_string())
+    s.parse().map(MetricsAddr::At).map_err(|_| FlagError::MetricsAddr)
 }
 
 /// A duration flag: `parse_duration_ms`'s syntax, more than zero.
-fn positive_duration(s: &str) -> Result<Duration, String> {
+fn positive_duration(s: &str) -> Result<Duration, FlagError> {
     match parse_duration_ms(s)? {
-        0 => Err("must be more than 0".to_string()),
+        0 => Err(FlagError::Zero),
         ms => Ok(Duration::from_millis(ms as u64)),
     }
 }
 
 /// A tag value as KairosDB accepts it: 1 to 64 of `[A-Za-z0-9._/-]`.
-fn tag_value(s: &str) -> Result<String, String> {
+fn tag_value(s: &str) -> Result<String, FlagError> {
     let ok = |c: u8| c.is_ascii_alphanumeric() || b"._/-".contains(&c);
     if s.is_empty() || s.len() > 64 || !s.bytes().all(ok) {
-        return Err("expected 1 to 64 of [A-Za-z0-9._/-]".to_string());
+        return Err(FlagError::Tag);
     }
     Ok(s.to_string())
 }
 
 /// Events per second for `gen --rate`: a finite number above zero.
-fn positive_rate(s: &str) -> Result<f64, String> {
+fn positive_rate(s: &str) -> Result<f64, FlagError> {
     match s.parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err("expected events per second, a number above 0".to_string()),
+        _ => Err(FlagError::Rate),
     }
 }
 
 /// A share for `gen --assign-every`: a number from 0 to 1.
-fn share(s: &str) -> Result<f64, String> {
+fn share(s: &str) -> Result<f64, FlagError> {
     match s.parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        _ => Err("expected a share, a number from 0 to 1".to_string()),
+        _ => Err(FlagError::Share),
     }
 }
 
 /// A flag that is wrong in itself: one line, exit status 2 (as clap's own).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
+enum UsageError {
+    #[error("--checkpoint-reset needs --checkpoint DIR")]
+    ResetWithoutCheckpoint,
+    /// The `--source` value, its secrets hidden.
+    #[error("bad source {0:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]")]
+    Source(String),
+    #[error(transparent)]
+    Gen(#[from] GenError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("--scale-out keeps its state in Kafka: drop --checkpoint")]
+    ScaleOutCheckpoint,
+    #[error("--scale-out needs a kafka:// source")]
+    ScaleOutSource,
+}
 
 #[derive(clap::Args)]
 struct GenArgs {
@@ -268,7 +302,8 @@ fn main() {
             out: a.out,
             write_config: a.write_config,
             replay: a.replay,
-        }),
+        })
+        .map_err(anyhow::Error::from),
         Command::CheckConfig { file } => cmd_check(&file),
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -322,7 +357,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
             let (interval, fingerprint, snapshot, lock) = open_checkpoint(dir, &a, &config)?;
             (Some((dir, interval, fingerprint)), snapshot, Some(lock))
         }
-        None if a.checkpoint_reset => return Err(UsageError("--checkpoint-reset needs --checkpoint DIR".into()).into()),
+        None if a.checkpoint_reset => return Err(UsageError::ResetWithoutCheckpoint.into()),
         None => (None, None, None),
     };
     let resume = restore.as_ref().map(|s| s.router.positions.clone()).unwrap_or_default();
@@ -339,7 +374,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         let sessions: usize = snap.shards.iter().map(Vec::len).sum();
         tracing::info!(
             "restoring the checkpoint written {:.1}s ago ({} points, {} KiB of sessions, {} positions)",
-            (expmon::health::now_ms() - snap.created_ms) as f64 / 1000.0,
+            (expmon::clock::now_ms() - snap.created_ms) as f64 / 1000.0,
             snap.totals.len(),
             sessions / 1024,
             snap.router.positions.len()
@@ -350,12 +385,12 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         // then the file's applied to them as a reload.
         Some(snap) => {
             let names = Arc::new(snap.router.names());
-            let saved = Catalog::build_defs(&config.engine, snap.defs.clone(), names).map_err(anyhow::Error::msg)?;
-            let (catalog, summary) = saved.reload(&config).map_err(anyhow::Error::msg)?;
+            let saved = Catalog::build_defs(&config.engine, snap.defs.clone(), names)?;
+            let (catalog, summary) = saved.reload(&config)?;
             tracing::info!("experiments of the checkpoint against the config file: {summary}");
             catalog
         }
-        None => Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?,
+        None => Catalog::build(&config, Arc::new(Names::default()))?,
     };
     let catalog = Arc::new(catalog);
     let checkpoint = checkpoint.map(|(dir, interval, fingerprint)| expmon::checkpoint::CheckpointOptions {
@@ -369,7 +404,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     // A restored run continues the output of the runs before it.
     let sink = match expmon::sink::open(&a.sink, &catalog, &opts.failures, restore.is_some()) {
         Ok(sink) => sink,
-        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError(e.to_string()).into()),
+        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError::Sink(e).into()),
         Err(e) => return Err(e.into()),
     };
     opts.checkpoint = checkpoint;
@@ -390,7 +425,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
                 opts.results = Some(results);
             }
             Err(e) if !explicit => tracing::warn!("{e}; running without it"),
-            Err(e) => bail!(e), // names the flag and the address
+            Err(e) => return Err(e.into()), // names the flag and the address
         }
     }
     opts.pin = a.pin;
@@ -458,31 +493,31 @@ fn open_checkpoint(
     config: &Config,
 ) -> Result<(Duration, u64, Option<expmon::checkpoint::Snapshot>, std::fs::File)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating checkpoint directory {}", dir.display()))?;
-    let lock = expmon::checkpoint::lock_dir(dir).map_err(anyhow::Error::msg)?;
+    let lock = expmon::checkpoint::lock_dir(dir)?;
     if a.checkpoint_reset {
         if let Some(aside) = expmon::checkpoint::set_aside(dir)? {
             tracing::warn!("checkpoint set aside as {}; starting fresh", aside.display());
         }
     }
     let fingerprint = expmon::checkpoint::fingerprint(config);
-    let snapshot = expmon::checkpoint::load(dir, fingerprint).map_err(anyhow::Error::msg)?;
+    let snapshot = expmon::checkpoint::load(dir, fingerprint)?;
     Ok((a.checkpoint_interval, fingerprint, snapshot, lock))
 }
 
 /// `run --scale-out`: this instance's share of both stages until stopped.
 fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     if a.checkpoint.is_some() {
-        return Err(UsageError("--scale-out keeps its state in Kafka: drop --checkpoint".into()).into());
+        return Err(UsageError::ScaleOutCheckpoint.into());
     }
     if !a.source.starts_with("kafka://") {
-        return Err(UsageError("--scale-out needs a kafka:// source".into()).into());
+        return Err(UsageError::ScaleOutSource.into());
     }
-    let spec = expmon::kafka::KafkaSpec::parse(&a.source).map_err(UsageError)?;
+    let spec = expmon::kafka::KafkaSpec::parse(&a.source).map_err(UsageError::Kafka)?;
     let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
-    let failures = shard::Failures::default();
+    let failures = expmon::failures::Failures::default();
     let sink = match expmon::sink::open(&a.sink, &catalog, &failures, false) {
         Ok(sink) => sink,
-        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError(e.to_string()).into()),
+        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError::Sink(e).into()),
         Err(e) => return Err(e.into()),
     };
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -533,15 +568,12 @@ fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) ->
         return Ok(Box::new(FileSource::open_at(path, offset)?));
     }
     if let Some(rest) = spec.strip_prefix("gen:") {
-        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest).map_err(UsageError)?));
+        return Ok(Box::new(expmon::gen::GenSource::from_spec(rest).map_err(UsageError::Gen)?));
     }
     if spec.starts_with("kafka://") {
-        let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(UsageError)?;
-        return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka, resume).map_err(anyhow::Error::msg)?));
+        let kafka = expmon::kafka::KafkaSpec::parse(spec).map_err(UsageError::Kafka)?;
+        return Ok(Box::new(KafkaSource::connect(kafka, &config.kafka, resume)?));
     }
     let shown = expmon::redact::redact(spec);
-    Err(UsageError(format!(
-        "bad source {shown:?}: expected file:PATH, kafka://HOST:PORT/TOPIC, gen:PROFILE[?rate=EPS&events=N&seed=S]"
-    ))
-    .into())
+    Err(UsageError::Source(shown).into())
 }

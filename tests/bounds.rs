@@ -5,57 +5,23 @@
 
 mod common;
 
-use common::runs::{assert_totals, BIN};
+use common::runs::assert_totals;
 use common::*;
 use expmon::config::Config;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// A temporary directory to run the binary in.
-struct Dir(tempfile::TempDir);
-
-impl Dir {
-    fn new() -> Dir {
-        Dir(tempfile::tempdir().unwrap())
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
-
-    /// Runs `expmon` with `args`, asserts success, returns stderr (the summary).
-    fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new(BIN).args(args).current_dir(self.0.path()).output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "expmon {args:?} failed: {err}");
-        err
-    }
-
-    /// `expmon run` of the embedded demo config on `lines` to a file sink:
-    /// (stderr, the sink's text).
-    fn replay(&self, name: &str, lines: &[Vec<u8>]) -> (String, String) {
-        let input = format!("{name}.jsonl");
-        std::fs::write(self.path(&input), jsonl(lines)).unwrap();
-        let out = format!("{name}-out.jsonl");
-        let err = self.ok(&[
-            "run",
-            "--source",
-            &format!("file:{input}"),
-            "--sink",
-            &format!("file:{out}"),
-            "--threads",
-            "2",
-            "--status",
-            "false",
-            "--metrics-addr",
-            "off",
-        ]);
-        (err, std::fs::read_to_string(self.path(&out)).unwrap())
-    }
-}
-
-fn lines_of(path: &Path) -> Vec<Vec<u8>> {
-    std::fs::read(path).unwrap().split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
+/// `expmon run` of the embedded demo config on `lines` to a file sink:
+/// (stderr, the sink's text).
+fn replay(x: &Expmon, name: &str, lines: &[Vec<u8>]) -> (String, String) {
+    let input = format!("{name}.jsonl");
+    x.write(&input, jsonl(lines));
+    let out = format!("{name}-out.jsonl");
+    let err = x
+        .run()
+        .source(&format!("file:{input}"))
+        .sink(&format!("file:{out}"))
+        .args(["--threads", "2", "--metrics-addr", "off"])
+        .ok();
+    (err, x.read(&out))
 }
 
 /// The last value of health point `expmon.NAME` whose tag `tag` is `value`.
@@ -81,7 +47,7 @@ fn summary_number(err: &str, label: &str) -> u64 {
 /// the file counts as if they were not there.
 #[test]
 fn a_far_future_ts_early_in_a_replay_is_rejected_and_drops_nothing_as_late() {
-    let d = Dir::new();
+    let d = Expmon::new();
     d.ok(&["gen", "--profile", "demo", "--events", "20000", "--seed", "11", "--out", "file:valid.jsonl"]);
     let valid = lines_of(&d.path("valid.jsonl"));
     assert_eq!(valid.len(), 20_000);
@@ -97,8 +63,8 @@ fn a_far_future_ts_early_in_a_replay_is_rejected_and_drops_nothing_as_late() {
     lines.push(broken[1].clone());
     lines.extend_from_slice(&valid[10..]);
 
-    let (clean_err, _) = d.replay("clean", &valid);
-    let (err, text) = d.replay("broken", &lines);
+    let (clean_err, _) = replay(&d, "clean", &valid);
+    let (err, text) = replay(&d, "broken", &lines);
     assert_eq!(summary_number(&err, "ts_future="), 2, "{err}");
     assert_eq!(summary_number(&err, "rejected "), summary_number(&clean_err, "rejected ") + 2, "{err}");
     assert_eq!(
@@ -139,8 +105,7 @@ fn over_tags(t: &Totals) -> std::collections::BTreeMap<(String, i64), i64> {
 /// the per-session event cap is counted there too.
 #[test]
 fn names_beyond_a_full_table_become_other_and_every_total_stays_exact() {
-    use std::io::Write;
-    let d = Dir::new();
+    let d = Expmon::new();
     let config = Config::demo();
     // Devices the demo config itself names take ids first.
     let names = std::sync::Arc::new(expmon::names::Names::default());
@@ -170,18 +135,14 @@ fn names_beyond_a_full_table_become_other_and_every_total_stays_exact() {
     // and so does a device.
     let device_replaced = device_replaced + (n - device_replaced..n).filter(|i| i % 2 == 0).count();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(BIN)
-        .args(["run", "--source", "file:-", "--sink", "file:out.jsonl", "--threads", "2"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--trigger", "100ms", "--status", "false"])
-        .current_dir(d.path(""))
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&jsonl(&lines)).unwrap();
-    stdin.flush().unwrap();
+    let port = free_port();
+    let mut run = d
+        .run()
+        .source("file:-")
+        .sink("file:out.jsonl")
+        .args(["--threads", "2", "--metrics-addr", &format!("127.0.0.1:{port}"), "--trigger", "100ms"])
+        .spawn();
+    run.send(jsonl(&lines));
     // Every event read and counted in a trigger's health points, then /metrics.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let metrics = loop {
@@ -194,8 +155,7 @@ fn names_beyond_a_full_table_become_other_and_every_total_stays_exact() {
         assert!(std::time::Instant::now() < deadline, "events not counted in 60 s: {m}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
+    let out = run.finish();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{err}");
     let text = std::fs::read_to_string(d.path("out.jsonl")).unwrap();

@@ -13,14 +13,13 @@
 mod common;
 
 use common::broker::Broker;
-use common::runs::*;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Totals over the runs' outputs, later runs overwriting earlier ones.
-fn totals_of_runs(dir: &Dir, outs: &[String], dc: &str) -> Totals {
+fn totals_of_runs(dir: &Expmon, outs: &[String], dc: &str) -> Totals {
     let mut text = String::new();
     for o in outs {
         text.push_str(&std::fs::read_to_string(dir.path(o)).unwrap_or_default());
@@ -28,30 +27,30 @@ fn totals_of_runs(dir: &Dir, outs: &[String], dc: &str) -> Totals {
     totals_from_jsonl(&text, dc)
 }
 
-fn run_file(dir: &Dir, args: &[&str], failpoint: Option<&str>) -> Output {
+fn run_file(dir: &Expmon, args: &[&str], failpoint: Option<&str>) -> Output {
     run_source(dir, "file:events.jsonl", args, failpoint)
 }
 
-fn run_source(dir: &Dir, source: &str, args: &[&str], failpoint: Option<&str>) -> Output {
-    let mut c = Command::new(BIN);
-    c.args(["run", "--config", "demo.toml", "--source", source, "--status", "false"])
+fn run_source(dir: &Expmon, source: &str, args: &[&str], failpoint: Option<&str>) -> Output {
+    let mut c = dir
+        .run()
+        .config("demo.toml")
+        .source(source)
         .args(["--checkpoint", "ck", "--trigger", "1ms", "--checkpoint-interval", "2ms"])
-        .args(args)
-        .current_dir(dir.path(""));
+        .args(args);
     if let Some(f) = failpoint {
-        c.env("EXPMON_FAILPOINT", f);
+        c = c.env("EXPMON_FAILPOINT", f);
     }
-    c.output().unwrap()
+    c.output()
 }
 
-fn write_events(dir: &Dir, lines: &[Vec<u8>]) {
-    let text = jsonl(lines);
-    std::fs::write(dir.path("events.jsonl"), text).unwrap();
+fn write_events(dir: &Expmon, lines: &[Vec<u8>]) {
+    dir.write("events.jsonl", jsonl(lines));
 }
 
 #[test]
 fn a_crash_at_each_failpoint_then_a_restore_at_other_thread_counts_is_exact() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     // Enough input for many checkpoints even on a fast machine: the failpoints
     // count them (the third one written, the second published).
     let lines = dir.events(5, 200_000);
@@ -80,35 +79,21 @@ fn a_crash_at_each_failpoint_then_a_restore_at_other_thread_counts_is_exact() {
 
 #[test]
 fn a_graceful_stop_keeps_open_sessions_for_the_next_run() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let lines = dir.events(6, 30_000);
     let config = dir.config();
     // Half the input, stopped (not ended): the open state goes into the checkpoint.
     let (first, _) = lines.split_at(15_000);
     write_events(&dir, first);
-    let mut c = Command::new(BIN);
-    let out = c
-        .args(["run", "--config", "demo.toml", "--source", "file:-", "--status", "false", "--sink", "file:a.jsonl"])
-        .args(["--checkpoint", "ck"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(dir.path(""))
-        .spawn()
-        .unwrap();
-    let mut child = out;
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(&std::fs::read(dir.path("events.jsonl")).unwrap()).unwrap();
-        // Keep stdin open: the run is stopped by a signal, not by the end of input.
-        std::thread::sleep(Duration::from_millis(1500));
-        send_signal(child.id(), "TERM");
-        let out = child.wait_with_output().unwrap();
-        drop(stdin);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
-        assert!(err.contains("stopped: drained, flushed and closed in"), "{err}");
-    }
+    let mut run =
+        dir.run().config("demo.toml").source("file:-").sink("file:a.jsonl").args(["--checkpoint", "ck"]).spawn();
+    run.send(std::fs::read(dir.path("events.jsonl")).unwrap());
+    // Keep stdin open: the run is stopped by a signal, not by the end of input.
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = run.stop();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped: drained, flushed and closed in"), "{err}");
     // The rest from stdin, restored (stdin has no position: the second run
     // reads a stream holding only the second half; a checkpoint of stdin is
     // refused for a file, see below).
@@ -124,7 +109,7 @@ fn a_graceful_stop_keeps_open_sessions_for_the_next_run() {
 
 #[test]
 fn an_unusable_checkpoint_is_refused_and_reset_on_request() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let lines = dir.events(7, 5_000);
     write_events(&dir, &lines);
     let out = run_file(&dir, &["--sink", "null"], None);
@@ -148,20 +133,8 @@ fn an_unusable_checkpoint_is_refused_and_reset_on_request() {
 }
 
 /// `expmon run --source file:-` fed `input`, then end of input.
-fn run_stdin(dir: &Dir, input: &[u8], args: &[&str]) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", "demo.toml", "--source", "file:-", "--status", "false", "--checkpoint", "ck"])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(dir.path(""))
-        .spawn()
-        .unwrap();
-    // A refused run exits without reading: a broken pipe then is expected.
-    let _ = child.stdin.take().unwrap().write_all(input);
-    child.wait_with_output().unwrap()
+fn run_stdin(dir: &Expmon, input: &[u8], args: &[&str]) -> Output {
+    dir.run().config("demo.toml").source("file:-").args(["--checkpoint", "ck"]).args(args).input(input).output()
 }
 
 /// Asserts a run was refused with one line naming both inputs.
@@ -181,7 +154,7 @@ fn assert_refused(out: &Output, taken: &str, reads: &str) {
 /// with file B started B at A's byte offset, mid-line, and exited 0.
 #[test]
 fn a_checkpoint_of_one_file_is_refused_for_another_file() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let config = dir.config();
     write_events(&dir, &dir.events(11, 5_000));
     let other = dir.events(12, 5_000);
@@ -211,7 +184,7 @@ fn a_checkpoint_of_one_file_is_refused_for_another_file() {
 /// on top of the restored state (over-counted, exit 0).
 #[test]
 fn a_stdin_checkpoint_is_refused_for_a_file() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let lines = dir.events(13, 5_000);
     write_events(&dir, &lines);
     let first = run_stdin(&dir, &jsonl(&lines), &["--sink", "null"]);
@@ -229,7 +202,7 @@ fn a_stdin_checkpoint_is_refused_for_a_file() {
 /// resumes at the checkpoint's offset and ends exact.
 #[test]
 fn a_checkpoint_of_a_file_resumes_the_same_file_grown_since() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let config = dir.config();
     let lines = dir.events(14, 200_000);
     write_events(&dir, &lines[..150_000]);
@@ -251,7 +224,7 @@ fn a_checkpoint_of_a_file_resumes_the_same_file_grown_since() {
 /// file alone lacked every point the new run did not touch.
 #[test]
 fn a_restored_run_appends_to_its_file_sink_so_the_file_alone_holds_every_point() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let config = dir.config();
     let lines = dir.events(15, 200_000);
     write_events(&dir, &lines);
@@ -271,7 +244,7 @@ fn a_restored_run_appends_to_its_file_sink_so_the_file_alone_holds_every_point()
 /// the next run wrote after, so the file was no longer JSON Lines.
 #[test]
 fn a_torn_last_line_of_the_file_sink_is_cut_back_before_a_restored_run_appends() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let config = dir.config();
     let lines = dir.events(16, 200_000);
     write_events(&dir, &lines);
@@ -300,12 +273,13 @@ fn a_torn_last_line_of_the_file_sink_is_cut_back_before_a_restored_run_appends()
 #[test]
 fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
     let kills: usize = std::env::var("EXPMON_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let seed: u64 = std::env::var("EXPMON_CRASH_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    eprintln!("crash test seed {seed} (EXPMON_CRASH_SEED to repeat)");
+    let seed: u64 = match std::env::var("EXPMON_TEST_SEED") {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("EXPMON_TEST_SEED={v:?} is not a u64")),
+        Err(_) => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64,
+    };
+    eprintln!("crash test seed {seed} (EXPMON_TEST_SEED={seed} to rerun it)");
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     let lines = dir.events(8, 40_000);
     let config = dir.config();
     dir.produce(&broker, "events", &[]); // creates the topic
@@ -327,7 +301,7 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
             // After it joined: while reading, writing a checkpoint, flushing.
             let deadline = Instant::now() + Duration::from_secs(30);
             while !run.log().contains(" assigned") {
-                assert!(Instant::now() < deadline, "no assignment in 30 s: {}", run.log());
+                assert!(Instant::now() < deadline, "seed {seed}: no assignment in 30 s: {}", run.log());
                 std::thread::sleep(Duration::from_millis(20));
             }
             std::thread::sleep(Duration::from_millis(rng.gen_range(100..2000)));
@@ -335,15 +309,15 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
         run.kill();
         killed += 1;
     }
-    assert!(producer.wait().unwrap().success(), "the producer failed");
+    assert!(producer.wait().status.success(), "seed {seed}: the producer failed");
     // The last run reads to the end of the topic and stops by itself.
     let out = format!("run-{}.jsonl", outs.len());
     let options_end = format!("{options}&until_end=true");
     let mut last = dir.consume_args(&broker, "events", &options_end, &out, &["--checkpoint", "ck"]);
     outs.push(out);
-    let status = last.child.take().unwrap().wait().unwrap();
-    assert!(status.success(), "{}", last.log());
-    assert!(last.log().contains("restoring the checkpoint"), "{}", last.log());
+    let status = last.run.wait().status;
+    assert!(status.success(), "seed {seed}: {}", last.log());
+    assert!(last.log().contains("restoring the checkpoint"), "seed {seed}: {}", last.log());
     let got = totals_of_runs(&dir, &outs, &config.engine.dc);
     let d = diff(&reference(&config, &lines), &got);
     if !d.is_empty() {
@@ -360,7 +334,7 @@ fn random_sigkills_against_kafka_end_exactly_like_an_uninterrupted_run() {
 /// minutes from zero, overwriting their totals with smaller ones, exit 0.
 #[test]
 fn a_file_that_grows_after_its_run_ended_resumes_exactly() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let config = dir.config();
     let lines = dir.events(17, 200_000);
     write_events(&dir, &lines[..120_000]);
@@ -385,7 +359,7 @@ fn a_file_that_grows_after_its_run_ended_resumes_exactly() {
 #[test]
 fn a_fresh_run_under_checkpoints_overwrites_what_a_crashed_run_left_in_kairosdb() {
     use common::kairos_server::KairosServer;
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     let t: i64 = 1_767_225_600_000; // a minute boundary
     let ev = |ts: i64, mp: &str| {
         format!(
@@ -419,29 +393,18 @@ fn a_fresh_run_under_checkpoints_overwrites_what_a_crashed_run_left_in_kairosdb(
 /// lines in the middle). The second is refused while the first runs.
 #[test]
 fn a_second_run_on_a_checkpoint_directory_in_use_is_refused() {
-    let dir = Dir::new();
-    let mut first = Command::new(BIN)
-        .args(["run", "--source", "file:-", "--sink", "null", "--checkpoint", "ck", "--metrics-addr", "off"])
-        .args(["--status", "false"])
-        .current_dir(dir.path(""))
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let dir = Expmon::with_demo_config();
+    let mut first =
+        dir.run().source("file:-").sink("null").args(["--checkpoint", "ck", "--metrics-addr", "off"]).spawn();
     // The lock is taken before the run logs that it started.
-    let mut err = std::io::BufReader::new(first.stderr.take().unwrap());
-    let mut line = String::new();
-    while std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0 && !line.contains("Ctrl-C to stop") {
-        line.clear();
-    }
-    assert!(line.contains("Ctrl-C to stop"), "the first run started");
+    first.wait_for_log("Ctrl-C to stop");
     let second = run_file(&dir, &["--sink", "null", "--metrics-addr", "off"], None);
     let text = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{text}");
     assert_eq!(text.trim_end().lines().count(), 1, "{text}");
     assert!(text.contains("is in use by another expmon run"), "{text}");
-    drop(first.stdin.take()); // end of input: the first run ends and lets go
-    assert!(first.wait().unwrap().success());
+    // End of input: the first run ends and lets go.
+    assert!(first.finish().status.success());
     write_events(&dir, &dir.events(18, 1_000));
     let third = run_file(&dir, &["--sink", "null", "--metrics-addr", "off", "--checkpoint-reset"], None);
     assert!(third.status.success(), "{}", String::from_utf8_lossy(&third.stderr));

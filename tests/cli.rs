@@ -1,61 +1,10 @@
 //! Whole-binary tests: the `expmon` executable, run the way an operator runs it,
-//! through one small harness ([`Expmon`]).
+//! through the one harness (`common::harness`).
 
 mod common;
 
 use common::*;
 use expmon::config::Config;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-/// Runs the built `expmon` binary in a temporary directory.
-struct Expmon {
-    dir: tempfile::TempDir,
-}
-
-impl Expmon {
-    fn new() -> Expmon {
-        Expmon { dir: tempfile::tempdir().unwrap() }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_expmon")).args(args).current_dir(self.dir.path()).output().unwrap()
-    }
-
-    /// Runs and asserts success, returning stderr.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "expmon {args:?} failed: {err}");
-        err
-    }
-
-    /// Starts the binary with a piped stdin (and stderr).
-    fn spawn_with_stdin(&self, args: &[&str]) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_expmon"))
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .current_dir(self.dir.path())
-            .spawn()
-            .unwrap()
-    }
-
-    /// Runs and asserts failure, returning stderr.
-    fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "expmon {args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).to_string()
-    }
-}
-
-fn lines_of(path: &Path) -> Vec<Vec<u8>> {
-    std::fs::read(path).unwrap().split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect()
-}
 
 #[test]
 fn generated_replay_equals_reference_at_every_width() {
@@ -134,14 +83,9 @@ fn embedded_demo_runs_and_writes_points() {
 #[test]
 fn stdin_source_and_null_sink() {
     let x = Expmon::new();
-    let mut child = x.spawn_with_stdin(&["run", "--source", "file:-", "--sink", "null"]);
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}}"#).unwrap();
-        writeln!(stdin, "garbage").unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
+    let mut run = x.cmd(&["run", "--source", "file:-", "--sink", "null"]).spawn();
+    run.send("{\"ts\":1525356185123,\"tenant\":\"uswm\",\"session\":\"a\",\"mp\":\"home_page\"}\ngarbage\n");
+    let out = run.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("2 events in") && err.contains("not_json=1"), "{err}");
@@ -151,7 +95,7 @@ fn stdin_source_and_null_sink() {
 fn check_config_prints_summary_or_a_located_error() {
     let x = Expmon::new();
     std::fs::write(x.path("good.toml"), expmon::config::DEMO_CONFIG).unwrap();
-    let out = x.run(&["check-config", "good.toml"]);
+    let out = x.output(&["check-config", "good.toml"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("5 experiments, 12 variations, 3 tenants"));
 
@@ -237,23 +181,15 @@ fn generator_is_reproducible_and_in_process_source_matches_it() {
 #[test]
 fn sigterm_drains_flushes_and_exits_zero_even_with_a_quiet_stdin() {
     let x = Expmon::new();
-    let mut child = x.spawn_with_stdin(&["run", "--source", "file:-", "--sink", "file:o.jsonl", "--trigger", "1h"]);
-    let mut stdin = child.stdin.take().unwrap();
-    {
-        use std::io::Write;
-        writeln!(
-            stdin,
-            r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page","assign":{{"123":1231}}}}"#
-        )
-        .unwrap();
-        stdin.flush().unwrap();
-    }
+    let mut run = x.cmd(&["run", "--source", "file:-", "--sink", "file:o.jsonl", "--trigger", "1h"]).spawn();
+    run.send(concat!(
+        r#"{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page","assign":{"123":1231}}"#,
+        "\n"
+    ));
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
     let started = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    drop(stdin);
+    // SIGTERM with stdin still open.
+    let out = run.stop();
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped promptly");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(x.path("o.jsonl")).unwrap();
@@ -263,7 +199,7 @@ fn sigterm_drains_flushes_and_exits_zero_even_with_a_quiet_stdin() {
 /// Runs and asserts failure with exit status `code` and exactly one stderr
 /// line that starts `expmon: error:`; returns that line.
 fn one_line_failure(x: &Expmon, args: &[&str], code: i32) -> String {
-    let out = x.run(args);
+    let out = x.output(args);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(code), "expmon {args:?}: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "expmon {args:?}: one line: {err}");
@@ -379,7 +315,7 @@ fn secrets_never_appear_in_error_messages() {
     ];
     for args in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = x.run(&args);
+        let out = x.output(&args);
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(!out.status.success(), "{args:?} should fail: {text}");
         assert!(!text.contains(SECRET), "the secret leaked: {args:?}: {text}");
@@ -390,7 +326,7 @@ fn secrets_never_appear_in_error_messages() {
     let mut args = source(format!("kafka://127.0.0.1:{closed}/t?sasl.password={SECRET}&sasl.username=u"));
     args.extend(["--config".to_string(), "kafka.toml".into(), "--metrics-addr".into(), "off".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = x.run(&args);
+    let out = x.output(&args);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "{text}");
     assert!(!text.contains(SECRET), "the secret leaked: {text}");
@@ -434,52 +370,20 @@ fn messages_name_the_problem_once_in_one_line() {
 /// as "allowed_lateness changed") and the running config stays.
 #[test]
 fn an_emptied_config_on_reload_is_refused_as_empty() {
-    use std::io::{BufRead, Write};
     let x = Expmon::new();
     std::fs::write(x.path("c.toml"), expmon::config::DEMO_CONFIG).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_expmon"))
-        .args(["run", "--config", "c.toml", "--source", "file:-", "--sink", "null", "--trigger", "50ms"])
+    let mut run = x
+        .cmd(&["run", "--config", "c.toml", "--source", "file:-", "--sink", "null", "--trigger", "50ms"])
         .args(["--metrics-addr", "off", "--status", "false"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .current_dir(x.path(""))
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin, r#"{{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}}"#).unwrap();
-    stdin.flush().unwrap();
-    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let wait_for = |needle: &str, seen: &mut Vec<String>| {
-        // Bounded: the reload is checked at every 50 ms trigger.
-        while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(20)) {
-            let found = line.contains(needle);
-            seen.push(line);
-            if found {
-                return true;
-            }
-        }
-        false
-    };
-    let mut seen = Vec::new();
-    assert!(wait_for("Ctrl-C to stop", &mut seen), "never started: {seen:?}");
+        .spawn();
+    run.send(concat!(r#"{"ts":1525356185123,"tenant":"uswm","session":"a","mp":"home_page"}"#, "\n"));
+    run.wait_for_log("Ctrl-C to stop");
     std::fs::write(x.path("c.toml"), "").unwrap();
     // The change may land before the run first looks at the file: SIGHUP
-    // asks for the reload whatever the file's time says.
-    let hup = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
-    assert!(hup.success());
-    let refused = wait_for("reload refused", &mut seen);
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(refused, "no refusal: {seen:?}");
-    let refused = seen.iter().find(|l| l.contains("reload refused")).unwrap_or_else(|| panic!("no refusal: {seen:?}"));
+    // asks for the reload whatever the file's time says (checked at every 50 ms trigger).
+    run.signal("HUP");
+    let refused = run.wait_for_log("reload refused");
+    run.kill();
     assert!(refused.contains("the file is empty"), "{refused}");
     assert!(!refused.contains("allowed_lateness"), "{refused}");
 }
@@ -491,7 +395,7 @@ fn a_stop_with_undelivered_points_does_not_claim_everything_was_flushed() {
     let server = common::kairos_server::KairosServer::start();
     server.state().faults.push_back(common::kairos_server::Fault::Down(std::time::Duration::from_secs(3600)));
     let sink = format!("kairosdb:{}?linger=5ms&backoff=5ms&backoff_max=50ms&timeout=200ms&drain=1s", server.url());
-    let out = x.run(&[
+    let out = x.output(&[
         "run",
         "--source",
         "gen:demo?rate=2000",

@@ -7,30 +7,9 @@ use common::*;
 use expmon::config::Config;
 use expmon::event::Reject;
 
-const SPEC_CONFIG: &str = r#"
-[engine]
-dc = "dc1"
-allowed_lateness = "10m"
-session_gap = "30m"
-trigger = "60s"
-ttl = "30d"
-
-[[experiment]]
-id = 123
-tenant = "uswm"
-variations = [1231, 1232]
-mps = ["home_page", "item_page", "checkout"]
-qualify = [ { mp = "home_page" } ]
-
-[[experiment]]
-id = 456
-tenant = "uswm"
-variations = [4561, 4562, 4563]
-qualify = [
-  { device = "mobile" },
-  { mp = "checkout", attrs = { payment = "paypal" } },
-]
-"#;
+/// SPEC §2's example config, verbatim (its one copy in the repository; see
+/// `src/config/mod.rs`'s tests for how to check it against the SPEC).
+const SPEC_CONFIG: &str = include_str!("../src/config/spec_example.toml");
 
 /// 2018-05-03T10:00:00Z.
 const T0: i64 = 1_525_341_600_000;

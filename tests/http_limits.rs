@@ -7,11 +7,10 @@
 
 mod common;
 
-use common::runs::{send_signal, BIN};
+use common::{free_port, Expmon, Running};
 use expmon::serve::{HEADER_READ_TIMEOUT, MAX_HEAD_BYTES};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a test waits for the server to close a connection it should
@@ -22,29 +21,24 @@ const CLOSE_WAIT: Duration = Duration::from_secs(6 * HEADER_READ_TIMEOUT.as_secs
 /// A running `expmon run` with its HTTP port on a free loopback port, fed an
 /// open stdin so that it keeps running.
 struct Run {
-    child: Child,
-    _stdin: ChildStdin,
+    run: Running,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    _x: Expmon,
 }
 
 impl Run {
     fn start() -> Run {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("demo.toml"), expmon::config::DEMO_CONFIG).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut child = Command::new(BIN)
-            .args(["run", "--config", "demo.toml", "--source", "file:-", "--sink", "file:out.jsonl"])
-            .args(["--metrics-addr", &addr.to_string(), "--trigger", "100ms", "--status", "false"])
-            .args(["--threads", "2"])
-            .current_dir(dir.path())
-            .stdin(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let run = Run { child, _stdin: stdin, addr, _dir: dir };
+        let x = Expmon::new();
+        x.write("demo.toml", expmon::config::DEMO_CONFIG);
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let run = x
+            .run()
+            .config("demo.toml")
+            .source("file:-")
+            .sink("file:out.jsonl")
+            .args(["--metrics-addr", &addr.to_string(), "--trigger", "100ms", "--threads", "2"])
+            .spawn();
+        let run = Run { run, addr, _x: x };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !has_status(&run.get("/healthz"), 200) {
             assert!(Instant::now() < deadline, "the HTTP port never answered");
@@ -76,22 +70,12 @@ impl Run {
             .into_owned()
     }
 
-    /// A line `Key:   value` of /proc/PID/status, its first number.
     fn status(&self, key: &str) -> u64 {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = text.lines().find(|l| l.starts_with(&format!("{key}:"))).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        self.run.proc_status(key)
     }
 
     fn rss_mb(&self) -> u64 {
         self.status("VmRSS") / 1024
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        send_signal(self.child.id(), "KILL");
-        let _ = self.child.wait();
     }
 }
 

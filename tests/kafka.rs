@@ -11,12 +11,11 @@ mod common;
 use common::broker::Broker;
 use common::runs::*;
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
 fn replay_through_an_8_partition_topic_equals_the_reference() {
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     let lines = dir.events(11, 40_000);
     dir.produce(&broker, "events", &lines);
     let options = "group=g1&dead_letter=bad-events&statistics.interval.ms=500";
@@ -77,7 +76,7 @@ fn read_topic(broker: &Broker, topic: &str, n: usize) -> Vec<(Vec<u8>, std::coll
 
 #[test]
 fn a_killed_consumer_resumes_from_committed_offsets() {
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     // Two batches a day apart: no session or minute spans them, so a restart
     // with empty state (no checkpoint) is exact.
     let first = dir.events(21, 15_000);
@@ -114,7 +113,7 @@ fn a_killed_consumer_resumes_from_committed_offsets() {
 
 #[test]
 fn two_instances_in_one_group_split_the_partitions() {
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     dir.produce(&broker, "events", &[]); // creates the topic
     let mut a = dir.consume(&broker, "events", "g1", "a.jsonl");
     let mut b = dir.consume(&broker, "events", "g1", "b.jsonl");
@@ -161,7 +160,7 @@ fn two_instances_in_one_group_split_the_partitions() {
 
 #[test]
 fn the_broker_going_away_mid_run_is_survived() {
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     let lines = dir.events(41, 30_000);
     let (first, second) = lines.split_at(15_000);
     dir.produce(&broker, "events", first);
@@ -179,20 +178,16 @@ fn the_broker_going_away_mid_run_is_survived() {
 
 #[test]
 fn an_unreachable_broker_or_missing_topic_is_one_clear_line() {
-    let dir = Dir::new();
+    let dir = Expmon::with_demo_config();
     // `expmon run` on `source` fails with one line, returned.
     let fails = |source: &str| {
-        let out = Command::new(BIN)
-            .args(["run", "--config", "demo.toml", "--source", source, "--sink", "null"])
-            .current_dir(dir.path(""))
-            .output()
-            .unwrap();
+        let out = dir.output(&["run", "--config", "demo.toml", "--source", source, "--sink", "null"]);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         assert!(!out.status.success());
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         err
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let err = fails(&format!("kafka://127.0.0.1:{port}/events"));
     assert!(err.contains(&format!("cannot reach Kafka at 127.0.0.1:{port}")), "{err}");
 

@@ -9,18 +9,18 @@ mod common;
 use common::kairos_server::{Fault, KairosServer, StoredId};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
+/// A demo data set in a directory of the harness.
 struct Run {
-    dir: tempfile::TempDir,
+    x: common::Expmon,
 }
 
 impl Run {
     /// A demo data set of `events` lines in a fresh directory.
     fn new(events: &str) -> Run {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Run { dir };
+        let r = Run { x: common::Expmon::new() };
         let out =
             r.expmon(&["gen", "--profile", "demo", "--events", events, "--seed", "11", "--out", "file:events.jsonl"]);
         assert!(out.status.success());
@@ -28,11 +28,11 @@ impl Run {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.x.path(name)
     }
 
     fn expmon(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_expmon")).args(args).current_dir(self.dir.path()).output().unwrap()
+        self.x.output(args)
     }
 
     /// Runs the data set into `sink`, flushing often so that points are
@@ -143,7 +143,8 @@ fn slow_server_and_a_small_queue_push_back_without_loss() {
     let expected = r.expected();
     let server = KairosServer::start();
     server.state().delay = Duration::from_millis(15);
-    let out = r.run(&spec(&server, "&queue=300&batch=100&inflight=2"));
+    // An address takes each key once: batch=100 replaces spec's batch=200.
+    let out = r.run(&spec(&server, "&queue=300&inflight=2").replace("batch=200", "batch=100"));
     assert!(out.status.success(), "{}", stderr(&out));
     assert_same(&expected, &server.state().points);
 }
@@ -336,29 +337,14 @@ fn refused_requests_keep_the_dead_letter_file_linear_and_fail_the_run() {
 #[test]
 fn write_latency_is_a_prometheus_histogram_of_every_request() {
     use std::io::{Read, Write};
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let r = Run::new("3000");
     let server = KairosServer::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Kill(
-        Command::new(env!("CARGO_BIN_EXE_expmon"))
-            .args(["run", "--source", "file:-", "--sink", &spec(&server, ""), "--trigger", "100ms"])
+    let port = common::free_port();
+    let mut run =
+        r.x.cmd(&["run", "--source", "file:-", "--sink", &spec(&server, ""), "--trigger", "100ms"])
             .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--status", "false"])
-            .current_dir(r.dir.path())
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stdin = child.0.stdin.take().unwrap();
-    stdin.write_all(&std::fs::read(r.path("events.jsonl")).unwrap()).unwrap();
-    stdin.flush().unwrap();
+            .spawn();
+    run.send(std::fs::read(r.path("events.jsonl")).unwrap());
     let value = |text: &str, series: &str| -> Option<f64> {
         text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
     };
@@ -376,7 +362,7 @@ fn write_latency_is_a_prometheus_histogram_of_every_request() {
         assert!(std::time::Instant::now() < deadline, "no latency histogram in 60 s: {text}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    drop(stdin);
+    run.close_stdin();
     assert!(text.contains("# TYPE expmon_write_latency_seconds histogram"), "{text}");
     let count = value(&text, "expmon_write_latency_seconds_count{");
     let inf = text

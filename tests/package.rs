@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::runs::BIN;
+use common::BIN;
 use std::path::Path;
 use std::process::{Command, Output};
 

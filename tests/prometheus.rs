@@ -15,7 +15,6 @@
 mod common;
 
 use common::broker::Broker;
-use common::runs::*;
 use common::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -28,10 +27,6 @@ const PROMETHEUS: &str = "/usr/bin/prometheus";
 const PROMTOOL: &str = "/usr/bin/promtool";
 const DASHBOARD: &str = include_str!("../dashboards/expmon.json");
 const T0: i64 = 1_767_225_600_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// One HTTP/1.0 GET on loopback: the body, or `None` if it could not be had.
 fn http_get(port: u16, path: &str) -> Option<String> {
@@ -193,7 +188,7 @@ fn promtool_rejects_the_old_hand_written_text() {
 /// answers are what the run did, and promtool finds no problem.
 #[test]
 fn a_real_prometheus_scrapes_what_the_run_did() {
-    let (broker, dir) = (Broker::start(), Dir::new());
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
     let (first, bad) = batch(0, 400);
     dir.produce(&broker, "events", &first);
     let port = free_port();

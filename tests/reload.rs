@@ -8,10 +8,8 @@
 mod common;
 
 use common::kairos_server::{KairosServer, State};
-use common::runs::{last_health, send_signal, BIN};
+use common::runs::last_health;
 use common::*;
-use std::io::Write;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,45 +59,39 @@ impl Target {
 }
 
 struct Run {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    run: Running,
     dir: std::path::PathBuf,
     out: String,
     target: Target,
 }
 
 impl Run {
-    fn start(dir: &std::path::Path, out: &str, target: &Target) -> Run {
-        let err = std::fs::File::create(dir.join(format!("{out}.log"))).unwrap();
+    /// `expmon run` of `cfg.toml` in `x`, from stdin, into `out` of `target`;
+    /// its log is `OUT.log`.
+    fn start(x: &Expmon, out: &str, target: &Target) -> Run {
         let sink = match target {
             Target::File => format!("file:{out}"),
             Target::Kairos(url, _) => {
                 format!("kairosdb:{url}?linger=5ms&backoff=5ms&backoff_max=100ms&timeout=2s&drain=20s")
             }
         };
-        let mut child = Command::new(BIN)
-            .args(["run", "--config", "cfg.toml", "--source", "file:-", "--sink", &sink])
-            .args(["--checkpoint", "ck", "--metrics-addr", "off", "--status", "false"])
-            .current_dir(dir)
-            .stdin(Stdio::piped())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        Run { child, stdin, dir: dir.to_path_buf(), out: out.to_string(), target: target.clone() }
+        let run = x
+            .run()
+            .config("cfg.toml")
+            .source("file:-")
+            .sink(&sink)
+            .args(["--checkpoint", "ck", "--metrics-addr", "off"])
+            .named(out)
+            .spawn();
+        Run { run, dir: x.path(""), out: out.to_string(), target: target.clone() }
     }
 
     fn send(&mut self, lines: &[Vec<u8>]) {
-        let stdin = self.stdin.as_mut().unwrap();
-        for l in lines {
-            stdin.write_all(l).unwrap();
-            stdin.write_all(b"\n").unwrap();
-        }
-        stdin.flush().unwrap();
+        self.run.send_lines(lines);
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}.log", self.out))).unwrap_or_default()
+        self.run.log()
     }
 
     /// The last `expmon.events_in` the sink received (0 if none).
@@ -151,18 +143,12 @@ impl Run {
     }
 
     fn wait_log(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.log().contains(what) {
-            assert!(Instant::now() < deadline, "no {what:?} in the log: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.run.wait_for_log(what);
     }
 
     fn stop(mut self) -> Totals {
-        send_signal(self.child.id(), "TERM");
-        let status = self.child.wait().unwrap();
-        drop(self.stdin.take());
-        assert!(status.success(), "{}", self.log());
+        let out = self.run.stop();
+        assert!(out.status.success(), "{}", self.log());
         self.totals()
     }
 }
@@ -195,16 +181,16 @@ fn reload_with_kairosdb_sink_keeps_delivering() {
 }
 
 fn reload_scenario(target: &Target) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("cfg.toml");
+    let x = Expmon::new();
+    let cfg = x.path("cfg.toml");
     std::fs::write(&cfg, BEFORE).unwrap();
-    let mut run = Run::start(dir.path(), "a.jsonl", target);
+    let mut run = Run::start(&x, "a.jsonl", target);
     // Minute 0: 40 sessions in experiments 1 and 2.
     run.send(&sessions("old", 0, &[(1, 11), (2, 21)], 40));
     run.wait_events(40);
 
     std::fs::write(&cfg, AFTER).unwrap();
-    send_signal(run.child.id(), "HUP");
+    run.run.signal("HUP");
     run.wait_log("config reloaded from");
     assert!(run.log().contains("0 kept, 1 added, 1 changed, 1 stopped"), "{}", run.log());
 
@@ -216,7 +202,7 @@ fn reload_scenario(target: &Target) {
 
     // A broken file is refused with its usual message; the config in force stays.
     std::fs::write(&cfg, "[[experiment]]\nid = 0\ntenant = \"uswm\"\nvariations = [1]\n").unwrap();
-    send_signal(run.child.id(), "HUP");
+    run.run.signal("HUP");
     run.wait_log("config reload refused, the running config stays");
     assert!(run.log().contains("cfg.toml:2: experiment[0].id"), "{}", run.log());
     run.send(&sessions("late", 2, &[(3, 32)], 20));
@@ -238,7 +224,7 @@ fn reload_scenario(target: &Target) {
 
     // The checkpoint of the reloaded run restores under the new file.
     std::fs::write(&cfg, AFTER).unwrap();
-    let mut again = Run::start(dir.path(), "b.jsonl", target);
+    let mut again = Run::start(&x, "b.jsonl", target);
     again.wait_log("experiments of the checkpoint against the config file: 2 kept, 0 added, 0 changed, 0 stopped");
     again.send(&sessions("next", 3, &[(3, 32)], 5));
     again.wait_events(5);

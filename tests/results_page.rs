@@ -14,13 +14,11 @@
 
 mod common;
 
-use common::runs::{send_signal, BIN};
 use common::*;
 use expmon::config::Config;
 use expmon::stats::{compare, ArmSums, SequentialConfig, Verdict};
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const T0: i64 = 1_767_225_600_000;
@@ -86,9 +84,9 @@ fn text_of(dom: &str, id: &str) -> Option<String> {
 
 #[test]
 fn the_results_page_renders_the_reference_numbers_in_a_browser() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Expmon::new();
     let config_text = expmon::config::DEMO_CONFIG;
-    std::fs::write(dir.path().join("demo.toml"), config_text).unwrap();
+    dir.write("demo.toml", config_text);
     let config = Config::parse(config_text, "demo.toml").unwrap();
     // Five minutes of experiment 123, 100 sessions per variation a minute:
     // variation 1231 converts better (50% against 25%), each checkout an
@@ -106,21 +104,15 @@ fn the_results_page_renders_the_reference_numbers_in_a_browser() {
         }
     }
     let expected = reference(&config, &lines);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config", "demo.toml", "--source", "file:-", "--sink", "file:out.jsonl"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--trigger", "100ms", "--status", "false"])
-        .current_dir(dir.path())
-        .stdin(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for l in &lines {
-        stdin.write_all(l).unwrap();
-        stdin.write_all(b"\n").unwrap();
-    }
-    stdin.flush().unwrap();
+    let port = free_port();
+    let mut run = dir
+        .run()
+        .config("demo.toml")
+        .source("file:-")
+        .sink("file:out.jsonl")
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--trigger", "100ms"])
+        .spawn();
+    run.send_lines(&lines);
     // Wait until every event went through a flush.
     let deadline = Instant::now() + Duration::from_secs(30);
     let want = "expmon_events_in_total{dc=\"dc1\",instance=";
@@ -141,9 +133,7 @@ fn the_results_page_renders_the_reference_numbers_in_a_browser() {
     if let Some(path) = std::env::var_os("EXPMON_SCREENSHOT") {
         screenshot(&url, &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path));
     }
-    send_signal(child.id(), "TERM");
-    drop(stdin);
-    let _ = child.wait();
+    let _ = run.stop();
     assert!(dom.contains("data-rendered=\"uswm/123\""), "the script did not render: {dom}");
 
     // Sum the reference over devices and logins, per minute and overall.

@@ -13,28 +13,24 @@
 mod common;
 
 use common::broker::Broker;
+use common::harness::Expmon;
 use common::kairos_server::KairosServer;
 use common::runs::*;
 use common::*;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Starts one scale-out instance named `name` in group `group`.
-fn instance(dir: &Dir, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
-    let log = format!("{name}.stderr");
-    let stderr = std::fs::File::create(dir.path(&log)).unwrap();
+fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
     let source =
         format!("kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500", broker.addr());
-    let child = Command::new(BIN)
-        .args(["run", "--scale-out", "--config", "demo.toml", "--source", &source])
+    let run = dir
+        .run()
+        .args(["--scale-out", "--config", "demo.toml", "--source", &source])
         .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
-        .args(["--status", "false", "--metrics-addr", "off"])
-        .current_dir(dir.path(""))
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    Consumer { child: Some(child), out: dir.path(&format!("{name}.none")), stderr: dir.path(&log) }
+        .args(["--metrics-addr", "off"])
+        .named(name)
+        .spawn();
+    Consumer { run, out: dir.path(&format!("{name}.none")) }
 }
 
 /// The metric points the server holds (health points left out), zeros removed.
@@ -81,7 +77,7 @@ fn latest_health(kairos: &KairosServer, name: &str, tag: Option<(&str, &str)>) -
 
 #[test]
 fn one_scale_out_instance_writes_the_single_instance_totals() {
-    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
     let lines = dir.events(21, 20_000);
     dir.produce(&broker, "events", &lines);
     let config = dir.config();
@@ -108,7 +104,7 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
 
 #[test]
 fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
-    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
     let lines = dir.events(22, 30_000);
     let config = dir.config();
     let dc = &config.engine.dc;
@@ -124,17 +120,16 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     let mut c = instance(&dir, &broker, &kairos, "g3", "c"); // joins later
     std::thread::sleep(Duration::from_secs(6));
     // A zombie: paused past its session timeout (6 s), then awake again.
-    let pid = b.child.as_ref().unwrap().id();
-    send_signal(pid, "STOP");
+    b.run.signal("STOP");
     std::thread::sleep(Duration::from_secs(9));
-    send_signal(pid, "CONT");
+    b.run.signal("CONT");
     std::thread::sleep(Duration::from_secs(4));
-    send_signal(pid, "TERM");
-    let status = b.child.take().unwrap().wait().unwrap();
+    b.run.signal("TERM");
+    let status = b.run.wait().status;
     let b_log = b.log();
     eprintln!("zombie b ({status}):\n{b_log}");
     assert!(b_log.contains("stage 1: partitions revoked"), "b lost its partitions while paused: {b_log}");
-    assert!(producer.wait().unwrap().success());
+    assert!(producer.wait().status.success());
     // The survivor alone ends at the reference: nothing the zombie wrote
     // after waking is left stale (c rewrites only what changes or it restored).
     wait_for(&kairos, &expected, dc, 90, &[&c]);
@@ -171,7 +166,7 @@ fn long_many_kills_and_zombies_end_at_the_reference() {
         return;
     }
     let seed: u64 = std::env::var("EXPMON_SCALE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
-    let (broker, dir, kairos) = (Broker::start(), Dir::new(), KairosServer::start());
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
     let lines = dir.events(23, 80_000);
     let config = dir.config();
     let dc = &config.engine.dc;
@@ -189,17 +184,16 @@ fn long_many_kills_and_zombies_end_at_the_reference() {
         std::thread::sleep(Duration::from_secs(5));
         let i = next() % runs.len();
         if next() % 3 == 0 {
-            let pid = runs[i].child.as_ref().unwrap().id();
-            send_signal(pid, "STOP");
+            runs[i].run.signal("STOP");
             std::thread::sleep(Duration::from_secs(8));
-            send_signal(pid, "CONT");
+            runs[i].run.signal("CONT");
         } else {
             runs[i].kill();
             runs[i] = instance(&dir, &broker, &kairos, "gl", &format!("n{started}"));
             started += 1;
         }
     }
-    assert!(producer.wait().unwrap().success());
+    assert!(producer.wait().status.success());
     for r in &mut runs {
         r.kill();
     }

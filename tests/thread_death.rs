@@ -10,19 +10,19 @@
 mod common;
 
 use common::kairos_server::KairosServer;
-use common::runs::BIN;
-use common::{diff, Totals};
+use common::{diff, Cmd, Expmon, Totals};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
+/// A demo data set in a directory of the harness.
 struct Run {
-    dir: tempfile::TempDir,
+    x: Expmon,
 }
 
 impl Run {
     /// A demo data set of `events` lines in a fresh directory.
     fn new(events: &str) -> Run {
-        let r = Run { dir: tempfile::tempdir().unwrap() };
+        let r = Run { x: Expmon::new() };
         let out = r.expmon(
             &["gen", "--profile", "demo", "--events", events, "--seed", "11", "--out", "file:events.jsonl"],
             None,
@@ -32,18 +32,21 @@ impl Run {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.x.path(name)
     }
 
-    /// Runs `expmon` here; `failpoint` sets `EXPMON_FAILPOINT`. Without
+    /// `expmon ARGS` here; `failpoint` sets `EXPMON_FAILPOINT`. Without
     /// `RUST_BACKTRACE`, so that what the binary itself prints is seen.
-    fn expmon(&self, args: &[&str], failpoint: Option<&str>) -> Output {
-        let mut c = Command::new(BIN);
-        c.args(args).current_dir(self.dir.path()).env_remove("RUST_BACKTRACE").env_remove("EXPMON_FAILPOINT");
-        if let Some(f) = failpoint {
-            c.env("EXPMON_FAILPOINT", f);
+    fn cmd(&self, args: &[&str], failpoint: Option<&str>) -> Cmd {
+        let c = self.x.cmd(args).env_remove("RUST_BACKTRACE").env_remove("EXPMON_FAILPOINT");
+        match failpoint {
+            Some(f) => c.env("EXPMON_FAILPOINT", f),
+            None => c,
         }
-        c.output().unwrap()
+    }
+
+    fn expmon(&self, args: &[&str], failpoint: Option<&str>) -> Output {
+        self.cmd(args, failpoint).output()
     }
 
     /// Runs the data set into `sink`, flushing often.
@@ -152,29 +155,13 @@ fn a_dead_kairos_sender_publishes_no_checkpoint_past_undelivered_points() {
 /// line, where it used to end only that connection's task, unseen.
 #[test]
 fn a_panicking_http_handler_stops_the_run_with_one_error_line() {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     let r = Run::new("10");
-    let mut child = Command::new(BIN)
-        .args(["run", "--source", "file:-", "--sink", "null", "--trigger", "50ms", "--status", "false"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .current_dir(r.path(""))
-        .env_remove("RUST_BACKTRACE")
-        .env("EXPMON_FAILPOINT", "panic:http.request")
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _stdin = child.stdin.take().unwrap(); // open and quiet: the run goes on until told
-    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let addr = loop {
-        let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "no address logged: {seen}");
-        seen.push_str(&line);
-        if let Some(rest) = line.split("metrics http://").nth(1) {
-            break rest.trim().trim_end_matches("/metrics").to_string();
-        }
-    };
+    let run_args = ["run", "--source", "file:-", "--sink", "null", "--trigger", "50ms", "--status", "false"];
+    // Stdin stays open and quiet: the run goes on until told.
+    let mut run = r.cmd(&run_args, Some("panic:http.request")).args(["--metrics-addr", "127.0.0.1:0"]).spawn();
+    let line = run.wait_for_log("metrics http://");
+    let addr = line.split("metrics http://").nth(1).unwrap().trim().trim_end_matches("/metrics").to_string();
     let mut conn = std::net::TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
     conn.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
@@ -183,17 +170,16 @@ fn a_panicking_http_handler_stops_the_run_with_one_error_line() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 500"), "{}", String::from_utf8_lossy(&answer));
     // The run stops by itself although its stdin stays open; bounded at 30 s.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
+    let out = loop {
+        if let Some(out) = run.try_wait() {
+            break out;
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the run went on after its HTTP thread panicked: {seen}");
+            panic!("the run went on after its HTTP thread panicked: {}", run.log());
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    err.read_to_string(&mut seen).unwrap();
+    let (status, seen) = (out.status, stderr(&out));
     assert_eq!(status.code(), Some(1), "{seen}");
     let about: Vec<&str> = seen.lines().filter(|l| l.contains("panicked") || l.contains("expmon: error")).collect();
     assert_eq!(about.len(), 1, "one line about the death: {seen}");

@@ -14,7 +14,7 @@ mod counters;
 mod totals;
 
 pub use counters::{Delta, MinuteCounters};
-pub use totals::{Point, Totals};
+pub use totals::{Point, TotalRecord, Totals};
 
 use std::fmt;
 

@@ -21,6 +21,11 @@ pub struct Point {
     pub value: i64,
 }
 
+/// A held total as a checkpoint saves it: `(series key, minute, exact
+/// total, last written, as clamped to i64)` ([`Totals::export`],
+/// [`Totals::restore`]).
+pub type TotalRecord = (u64, i64, i128, Option<i64>);
+
 #[derive(Clone, Copy)]
 struct State {
     total: i128,
@@ -97,13 +102,13 @@ impl Totals {
     }
 
     /// Every held point, for a checkpoint (call right after `take_due`).
-    pub fn export(&self) -> Vec<crate::checkpoint::TotalRecord> {
+    pub fn export(&self) -> Vec<TotalRecord> {
         self.points.iter().map(|(&(k, m), st)| (k.0, m, st.total, st.written)).collect()
     }
 
     /// Totals restored from a checkpoint; from now on every touched point is
     /// rewritten.
-    pub fn restore(records: &[crate::checkpoint::TotalRecord]) -> Totals {
+    pub fn restore(records: &[TotalRecord]) -> Totals {
         let points = records
             .iter()
             .map(|&(k, m, total, written)| ((SeriesKey(k), m), State { total, written, force: false }))

@@ -32,19 +32,60 @@
 //! caller refuses a snapshot whose source the new run's does not continue
 //! ([`crate::source::Source::continues`]): its position means nothing there.
 
-mod codec;
 mod writer;
 
-pub use codec::{Dec, Enc};
 pub use writer::{CheckpointOptions, CheckpointWriteError, Checkpointer, ShardPart, Written};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
+use crate::aggregate::TotalRecord;
+use crate::codec::{Dec, Enc};
 use crate::config::Config;
 use crate::names::Names;
 use crate::source::{FileMark, Offsets, SourceId, SourceKind};
+
+/// Why a checkpoint directory or its checkpoint cannot be used (writing one
+/// fails with a [`CheckpointWriteError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read checkpoint {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("checkpoint {path} is unusable: {why} (use --checkpoint-reset to set it aside and start fresh)")]
+    Unusable { path: String, why: Unusable },
+    #[error("cannot open {path}: {error}")]
+    OpenLock { path: String, error: std::io::Error },
+    #[error("checkpoint directory {dir} is in use by another expmon run")]
+    InUse { dir: String },
+    #[error("cannot lock {path}: {error}")]
+    Lock { path: String, error: std::io::Error },
+}
+
+/// What is wrong with a checkpoint file's contents.
+#[derive(Debug, thiserror::Error)]
+pub enum Unusable {
+    #[error("not an expmon checkpoint")]
+    NotACheckpoint,
+    #[error("format version {0} is newer than this build's {VERSION}")]
+    Newer(u32),
+    #[error("format version {0} is older than this build reads ({VERSION})")]
+    Older(u32),
+    #[error("checksum mismatch (corrupt or truncated)")]
+    Checksum,
+    #[error("it was written under other engine settings (dc, allowed_lateness or session_gap)")]
+    OtherSettings,
+    #[error(transparent)]
+    Bytes(#[from] crate::codec::DecodeError),
+    #[error("unknown source kind {0}")]
+    SourceKind(u8),
+    /// `.0` names the text: "a name", "the source name".
+    #[error("{0} is not UTF-8")]
+    NotUtf8(&'static str),
+    #[error("experiments section: {0}")]
+    Experiments(serde_json::Error),
+    #[error("trailing bytes")]
+    TrailingBytes,
+}
 
 pub const MAGIC: &[u8; 8] = b"EXPMONCP";
 /// 3: the source identity after the creation time; a session's event cells
@@ -88,7 +129,7 @@ impl RouterState {
         }
     }
 
-    pub fn decode(d: &mut Dec<'_>) -> Result<RouterState, String> {
+    pub fn decode(d: &mut Dec<'_>) -> Result<RouterState, Unusable> {
         let mut r = RouterState { watermark: d.i64()?, max_ts: d.opt_i64()?, ..RouterState::default() };
         for _ in 0..d.count(10)? {
             let m = d.opt_i64()?;
@@ -100,7 +141,7 @@ impl RouterState {
         for table in r.names.iter_mut() {
             for _ in 0..d.count(4)? {
                 let b = d.bytes()?;
-                table.push(String::from_utf8(b.to_vec()).map_err(|_| "a name is not UTF-8".to_string())?);
+                table.push(String::from_utf8(b.to_vec()).map_err(|_| Unusable::NotUtf8("a name"))?);
             }
         }
         Ok(r)
@@ -111,10 +152,6 @@ impl RouterState {
         Names::from_lists(&self.names)
     }
 }
-
-/// A total held by the writer: `(series key, minute, exact total, last
-/// written, as clamped to i64)`.
-pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
 pub fn encode_totals(totals: &[TotalRecord], e: &mut Enc) {
     e.u64(totals.len() as u64);
@@ -201,10 +238,10 @@ fn encode_source(s: &SourceId, e: &mut Enc) {
     e.u64(m.head_hash);
 }
 
-fn decode_source(d: &mut Dec<'_>) -> Result<SourceId, String> {
+fn decode_source(d: &mut Dec<'_>) -> Result<SourceId, Unusable> {
     let code = d.u8()?;
-    let kind = SourceKind::from_code(code).ok_or_else(|| format!("unknown source kind {code}"))?;
-    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| "the source name is not UTF-8".to_string());
+    let kind = SourceKind::from_code(code).ok_or(Unusable::SourceKind(code))?;
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| Unusable::NotUtf8("the source name"));
     let (name, group) = (text(d.bytes()?)?, text(d.bytes()?)?);
     let has_file = d.u8()? != 0;
     let m = FileMark { len: d.u64()?, head_len: d.u32()?, head_hash: d.u64()? };
@@ -219,42 +256,37 @@ pub fn publish(dir: &Path, tmp: &Path) -> std::io::Result<()> {
 
 /// Loads `DIR/checkpoint.bin`: `Ok(None)` if there is none; `Err` with a
 /// complete message if it cannot be used.
-pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
+pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, CheckpointError> {
     let path = dir.join(FILE);
     let data = match std::fs::read(&path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("cannot read checkpoint {}: {e}", path.display())),
+        Err(error) => return Err(CheckpointError::Read { path: path.display().to_string(), error }),
     };
-    let bad = |why: String| {
-        format!(
-            "checkpoint {} is unusable: {why} (use --checkpoint-reset to set it aside and start fresh)",
-            path.display()
-        )
-    };
+    let bad = |why: Unusable| CheckpointError::Unusable { path: path.display().to_string(), why };
     if data.len() < MAGIC.len() + 4 + 8 || &data[..8] != MAGIC {
-        return Err(bad("not an expmon checkpoint".into()));
+        return Err(bad(Unusable::NotACheckpoint));
     }
     let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
     if version > VERSION {
-        return Err(bad(format!("format version {version} is newer than this build's {VERSION}")));
+        return Err(bad(Unusable::Newer(version)));
     }
     if version < VERSION {
-        return Err(bad(format!("format version {version} is older than this build reads ({VERSION})")));
+        return Err(bad(Unusable::Older(version)));
     }
     let (body, sum) = data.split_at(data.len() - 8);
     if xxhash_rust::xxh3::xxh3_64(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
-        return Err(bad("checksum mismatch (corrupt or truncated)".into()));
+        return Err(bad(Unusable::Checksum));
     }
     let mut d = Dec::new(&body[12..]);
-    let decoded = (|| -> Result<Snapshot, String> {
+    let decoded = (|| -> Result<Snapshot, Unusable> {
         let fp = d.u64()?;
         if fp != fingerprint {
-            return Err("it was written under other engine settings (dc, allowed_lateness or session_gap)".into());
+            return Err(Unusable::OtherSettings);
         }
         let (epoch, created_ms) = (d.u64()?, d.i64()?);
         let source = decode_source(&mut d)?;
-        let defs = serde_json::from_slice(d.bytes()?).map_err(|e| format!("experiments section: {e}"))?;
+        let defs = serde_json::from_slice(d.bytes()?).map_err(Unusable::Experiments)?;
         let router = RouterState::decode(&mut d)?;
         let mut totals = Vec::new();
         for _ in 0..d.count(41)? {
@@ -265,7 +297,7 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
             shards.push(d.bytes()?.to_vec());
         }
         if !d.is_done() {
-            return Err("trailing bytes".into());
+            return Err(Unusable::TrailingBytes);
         }
         Ok(Snapshot { epoch, created_ms, source, defs, router, totals, shards })
     })();
@@ -276,20 +308,20 @@ pub fn load(dir: &Path, fingerprint: u64) -> Result<Option<Snapshot>, String> {
 /// on one checkpoint directory would overwrite each other's checkpoints (and
 /// their file sink's lines), so the second is refused. The lock is the
 /// kernel's (`flock`): a killed run releases it.
-pub fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+pub fn lock_dir(dir: &Path) -> Result<std::fs::File, CheckpointError> {
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|error| CheckpointError::OpenLock { path: path.display().to_string(), error })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            Err(format!("checkpoint directory {} is in use by another expmon run", dir.display()))
+        Err(std::fs::TryLockError::WouldBlock) => Err(CheckpointError::InUse { dir: dir.display().to_string() }),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(CheckpointError::Lock { path: path.display().to_string(), error })
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
     }
 }
 
@@ -299,37 +331,9 @@ pub fn set_aside(dir: &Path) -> std::io::Result<Option<PathBuf>> {
     if !path.exists() {
         return Ok(None);
     }
-    let aside = dir.join(format!("{FILE}.discarded-{}", crate::health::now_ms()));
+    let aside = dir.join(format!("{FILE}.discarded-{}", crate::clock::now_ms()));
     std::fs::rename(&path, &aside)?;
     Ok(Some(aside))
-}
-
-/// Crash testing: `EXPMON_FAILPOINT=NAME` (or `NAME@N`, the Nth time) aborts
-/// the process at the named point, as a power cut would;
-/// `EXPMON_FAILPOINT=panic:NAME[@N]` panics the thread that reaches it instead
-/// (a bug in that thread), which must stop the run with one error line.
-#[track_caller]
-pub fn failpoint(name: &str) {
-    static SPEC: OnceLock<Option<(bool, String, u64)>> = OnceLock::new();
-    static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let spec = SPEC.get_or_init(|| {
-        let v = std::env::var("EXPMON_FAILPOINT").ok()?;
-        let (panics, v) = match v.strip_prefix("panic:") {
-            Some(rest) => (true, rest),
-            None => (false, v.as_str()),
-        };
-        let (n, at) = v.split_once('@').unwrap_or((v, "1"));
-        Some((panics, n.to_string(), at.parse().unwrap_or(1)))
-    });
-    if let Some((panics, n, at)) = spec {
-        if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
-            if *panics {
-                panic!("failpoint {name}");
-            }
-            tracing::error!("failpoint {name}: aborting");
-            std::process::abort();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -375,28 +379,28 @@ mod tests {
         assert_eq!(s.totals, vec![(1, 60_000, 3, Some(2))]);
         assert_eq!(s.shards, vec![vec![1, 2, 3]]);
 
-        let e = load(dir.path(), 43).unwrap_err();
+        let e = load(dir.path(), 43).unwrap_err().to_string();
         assert!(e.contains("other engine settings") && e.contains("--checkpoint-reset"), "{e}");
 
         let good = std::fs::read(&path).unwrap();
         std::fs::write(&path, &good[..good.len() - 5]).unwrap();
-        assert!(load(dir.path(), 42).unwrap_err().contains("checksum"));
+        assert!(load(dir.path(), 42).unwrap_err().to_string().contains("checksum"));
         let mut flipped = good.clone();
         flipped[40] ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        assert!(load(dir.path(), 42).unwrap_err().contains("checksum"));
+        assert!(load(dir.path(), 42).unwrap_err().to_string().contains("checksum"));
         let mut newer = good.clone();
         newer[8] = 9;
         std::fs::write(&path, &newer).unwrap();
-        assert!(load(dir.path(), 42).unwrap_err().contains("newer"));
+        assert!(load(dir.path(), 42).unwrap_err().to_string().contains("newer"));
         // A checkpoint of the format before source identities (version 2).
         let mut older = good.clone();
         older[8] = 2;
         std::fs::write(&path, &older).unwrap();
-        let e = load(dir.path(), 42).unwrap_err();
+        let e = load(dir.path(), 42).unwrap_err().to_string();
         assert!(e.contains("older") && e.contains("--checkpoint-reset") && !e.contains('\n'), "{e}");
         std::fs::write(&path, b"hello").unwrap();
-        assert!(load(dir.path(), 42).unwrap_err().contains("not an expmon checkpoint"));
+        assert!(load(dir.path(), 42).unwrap_err().to_string().contains("not an expmon checkpoint"));
 
         let aside = set_aside(dir.path()).unwrap().unwrap();
         assert!(aside.exists() && !path.exists());

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{encode_defs, encode_totals, Enc, RouterState};
+use super::{encode_defs, encode_totals, RouterState};
 use crate::aggregate::Totals;
+use crate::codec::Enc;
 use crate::config::ExperimentDef;
 use crate::source::{Offsets, SourceId};
 
@@ -120,10 +121,9 @@ impl Checkpointer {
             sections.push(&len.buf);
             sections.push(bytes);
         }
-        let tmp =
-            super::write_tmp(&opts.dir, opts.fingerprint, epoch, crate::health::now_ms(), &opts.source, &sections)
-                .map_err(|error| CheckpointWriteError::Write { dir: opts.dir.display().to_string(), error })?;
-        super::failpoint("checkpoint.written");
+        let tmp = super::write_tmp(&opts.dir, opts.fingerprint, epoch, crate::clock::now_ms(), &opts.source, &sections)
+            .map_err(|error| CheckpointWriteError::Write { dir: opts.dir.display().to_string(), error })?;
+        crate::failures::failpoint("checkpoint.written");
         let bytes = sections.iter().map(|s| s.len() as u64).sum();
         self.pending = Some((flush_no, tmp, router.positions));
         Ok(Some(Written { bytes, pause }))
@@ -139,8 +139,8 @@ impl Checkpointer {
         let (_, tmp, positions) = self.pending.take().expect("checked above");
         super::publish(&opts.dir, &tmp)
             .map_err(|error| CheckpointWriteError::Publish { dir: opts.dir.display().to_string(), error })?;
-        super::failpoint("checkpoint.published");
-        *crate::shard::failures::lock(&self.committable) = Some(positions);
+        crate::failures::failpoint("checkpoint.published");
+        *crate::failures::lock(&self.committable) = Some(positions);
         self.in_flight.store(false, Relaxed);
         Ok(true)
     }

@@ -160,9 +160,23 @@ pub enum AssignLookup {
     UnknownVariation,
 }
 
+/// Why a config (or a checkpoint's experiments with a reloaded config) does
+/// not compile into a catalog.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogError {
+    /// `.0`: "variations" or "experiments".
+    #[error("config names more than the supported number of {0}")]
+    Full(&'static str),
+    #[error("experiment {0} has more than {VARIATIONS_PER_EXPERIMENT} variations")]
+    TooManyVariations(u64),
+    /// `.0`: the `[engine]` field, which a reload cannot change.
+    #[error("engine.{0} changed: engine settings need a restart")]
+    EngineChanged(&'static str),
+}
+
 impl Catalog {
     /// Compiles `config`, interning its names into `names`.
-    pub fn build(config: &Config, names: Arc<Names>) -> Result<Catalog, String> {
+    pub fn build(config: &Config, names: Arc<Names>) -> Result<Catalog, CatalogError> {
         let defs = config
             .experiments
             .iter()
@@ -175,7 +189,7 @@ impl Catalog {
     /// at their index; removed ones stop; changed ones stop and their new
     /// version is appended; new ones are appended. Engine settings cannot
     /// change without a restart. Returns the catalog and a summary line.
-    pub fn reload(&self, new: &Config) -> Result<(Catalog, String), String> {
+    pub fn reload(&self, new: &Config) -> Result<(Catalog, String), CatalogError> {
         let (a, b) = (&self.engine, &new.engine);
         for (field, same) in [
             ("dc", a.dc == b.dc),
@@ -187,7 +201,7 @@ impl Catalog {
             ("max_future", a.max_future_ms == b.max_future_ms),
         ] {
             if !same {
-                return Err(format!("engine.{field} changed: engine settings need a restart"));
+                return Err(CatalogError::EngineChanged(field));
             }
         }
         let mut defs: Vec<ExperimentDef> =
@@ -218,7 +232,11 @@ impl Catalog {
     }
 
     /// Compiles experiment definitions (in index order).
-    pub fn build_defs(engine: &EngineConfig, defs: Vec<ExperimentDef>, names: Arc<Names>) -> Result<Catalog, String> {
+    pub fn build_defs(
+        engine: &EngineConfig,
+        defs: Vec<ExperimentDef>,
+        names: Arc<Names>,
+    ) -> Result<Catalog, CatalogError> {
         let config = Config {
             engine: engine.clone(),
             experiments: defs.iter().map(|d| d.experiment.clone()).collect(),
@@ -227,7 +245,6 @@ impl Catalog {
         let interner = |kind: NameKind| crate::names::Interner::new(names.clone(), kind, kind.capacity());
         let (mut mp, mut device, mut login) =
             (interner(NameKind::Mp), interner(NameKind::Device), interner(NameKind::Login));
-        let full = |what: &str| format!("config names more than the supported number of {what}");
         let mut cat = Catalog {
             engine: config.engine.clone(),
             defs: defs.clone(),
@@ -246,13 +263,13 @@ impl Catalog {
         };
         let total_variations: usize = config.experiments.iter().map(|x| x.variations.len()).sum();
         if total_variations > VARIATION_CAPACITY {
-            return Err(full("variations"));
+            return Err(CatalogError::Full("variations"));
         }
         if config.experiments.len() > EXPERIMENT_CAPACITY {
-            return Err(full("experiments"));
+            return Err(CatalogError::Full("experiments"));
         }
         if let Some(x) = config.experiments.iter().find(|x| x.variations.len() > VARIATIONS_PER_EXPERIMENT) {
-            return Err(format!("experiment {} has more than {VARIATIONS_PER_EXPERIMENT} variations", x.id));
+            return Err(CatalogError::TooManyVariations(x.id));
         }
         for (x, def) in config.experiments.iter().zip(&defs) {
             let n = cat.tenant_index.len() as u16;
@@ -282,7 +299,7 @@ impl Catalog {
                 Some(list) => {
                     let mut ids = Vec::new();
                     for m in list {
-                        ids.push(mp.intern(m).ok_or_else(|| full("measurement points"))?);
+                        ids.push(mp.intern(m).ok_or(CatalogError::Full("measurement points"))?);
                     }
                     ids.sort_unstable();
                     Some(ids)
@@ -299,9 +316,21 @@ impl Catalog {
                     attrs.push((k, v));
                 }
                 conditions.push(CompiledCondition {
-                    mp: c.mp.as_deref().map(|s| mp.intern(s).ok_or_else(|| full("measurement points"))).transpose()?,
-                    device: c.device.as_deref().map(|s| device.intern(s).ok_or_else(|| full("devices"))).transpose()?,
-                    login: c.login.as_deref().map(|s| login.intern(s).ok_or_else(|| full("logins"))).transpose()?,
+                    mp: c
+                        .mp
+                        .as_deref()
+                        .map(|s| mp.intern(s).ok_or(CatalogError::Full("measurement points")))
+                        .transpose()?,
+                    device: c
+                        .device
+                        .as_deref()
+                        .map(|s| device.intern(s).ok_or(CatalogError::Full("devices")))
+                        .transpose()?,
+                    login: c
+                        .login
+                        .as_deref()
+                        .map(|s| login.intern(s).ok_or(CatalogError::Full("logins")))
+                        .transpose()?,
                     attrs,
                 });
             }
@@ -425,6 +454,9 @@ mod tests {
         // Engine settings need a restart.
         let mut other = new.clone();
         other.engine.allowed_lateness_ms += 1;
-        assert_eq!(cat.reload(&other).unwrap_err(), "engine.allowed_lateness changed: engine settings need a restart");
+        assert_eq!(
+            cat.reload(&other).unwrap_err().to_string(),
+            "engine.allowed_lateness changed: engine settings need a restart"
+        );
     }
 }

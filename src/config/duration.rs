@@ -1,12 +1,21 @@
 //! Durations in config files: an integer followed by a unit, `ms`, `s`, `m`,
 //! `h` or `d` (`"500ms"`, `"60s"`, `"10m"`, `"30d"`), as milliseconds.
 
-/// Parses `"10m"` into 600000. The error text says what was expected.
-pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
+/// A text that is no duration; the message says what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration; write an integer and a unit: ms, s, m, h or d (e.g. \"10m\")")]
+    Syntax(String),
+    #[error("{0:?} is too long a duration")]
+    TooLong(String),
+}
+
+/// Parses `"10m"` into 600000.
+pub fn parse_duration_ms(s: &str) -> Result<i64, DurationError> {
     let t = s.trim();
     let digits = t.bytes().take_while(u8::is_ascii_digit).count();
     let (num, unit) = t.split_at(digits);
-    let bad = || format!("{s:?} is not a duration; write an integer and a unit: ms, s, m, h or d (e.g. \"10m\")");
+    let bad = || DurationError::Syntax(s.to_string());
     if num.is_empty() {
         return Err(bad());
     }
@@ -19,7 +28,7 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
         "d" => 86_400_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too long a duration"))
+    n.checked_mul(scale).ok_or_else(|| DurationError::TooLong(s.to_string()))
 }
 
 #[cfg(test)]

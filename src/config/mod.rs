@@ -17,10 +17,11 @@ mod duration;
 mod reload;
 
 pub use catalog::{
-    AssignLookup, Catalog, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo, VisitLayout, VisitSlot,
+    AssignLookup, Catalog, CatalogError, CompiledCondition, CompiledExperiment, ExperimentDef, VariationInfo,
+    VisitLayout, VisitSlot,
 };
 
-pub use duration::parse_duration_ms;
+pub use duration::{parse_duration_ms, DurationError};
 pub use reload::{ReloadOptions, Reloader};
 
 use serde::Deserialize;
@@ -239,7 +240,8 @@ impl<'a> Checker<'a> {
         allow_zero: bool,
     ) -> Result<i64, ConfigError> {
         let Some(v) = v else { return Ok(default_ms) };
-        let ms = parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span(), format!("engine.{field}"), m))?;
+        let ms =
+            parse_duration_ms(v.get_ref()).map_err(|m| self.err(v.span(), format!("engine.{field}"), m.to_string()))?;
         if ms == 0 && !allow_zero {
             return Err(self.err(v.span(), format!("engine.{field}"), "must be greater than zero".into()));
         }
@@ -260,197 +262,237 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
+    /// A whole file: the engine table, each experiment, the Kafka settings.
     fn check(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let engine = match &raw.engine {
             None => EngineConfig::default(),
-            Some(e) => {
-                let e = e.get_ref();
-                let dc = match &e.dc {
-                    None => EngineConfig::default().dc,
-                    Some(dc) => {
-                        self.name(dc.get_ref(), dc.span(), "engine.dc")?;
-                        dc.get_ref().clone()
-                    }
-                };
-                let d = EngineConfig::default();
-                EngineConfig {
-                    dc,
-                    allowed_lateness_ms: self.duration(
-                        &e.allowed_lateness,
-                        "allowed_lateness",
-                        d.allowed_lateness_ms,
-                        true,
-                    )?,
-                    session_gap_ms: self.duration(&e.session_gap, "session_gap", d.session_gap_ms, false)?,
-                    trigger_ms: self.duration(&e.trigger, "trigger", d.trigger_ms as i64, false)? as u64,
-                    ttl_s: {
-                        let ms = self.duration(&e.ttl, "ttl", d.ttl_s as i64 * 1000, false)?;
-                        if ms % 1000 != 0 {
-                            let span = e.ttl.as_ref().map(|t| t.span()).unwrap_or(0..0);
-                            return Err(self.err(
-                                span,
-                                "engine.ttl".into(),
-                                "must be a whole number of seconds".into(),
-                            ));
-                        }
-                        (ms / 1000) as u64
-                    },
-                    stall_factor: match &e.stall_factor {
-                        None => d.stall_factor,
-                        Some(f) if (2..=1000).contains(f.get_ref()) => *f.get_ref() as u32,
-                        Some(f) => {
-                            return Err(self.err(
-                                f.span(),
-                                "engine.stall_factor".into(),
-                                format!("must be an integer from 2 to 1000, got {}", f.get_ref()),
-                            ))
-                        }
-                    },
-                    max_future_ms: self.duration(&e.max_future, "max_future", d.max_future_ms, false)?,
-                }
-            }
+            Some(e) => self.engine(e.get_ref())?,
         };
-
+        let mut ids = Ids::default();
         let mut experiments = Vec::with_capacity(raw.experiment.len());
-        // variation id -> (experiment id, line) of its first use
-        let mut variation_owner: HashMap<i64, (u64, usize)> = HashMap::new();
-        let mut seen_ids: HashMap<(String, u64), usize> = HashMap::new();
-        for (i, xs) in raw.experiment.iter().enumerate() {
-            let x = xs.get_ref();
-            let field = |f: &str| format!("experiment[{i}].{f}");
-            let id = *x.id.get_ref();
-            if id <= 0 {
-                return Err(self.err(x.id.span(), field("id"), format!("must be a positive integer, got {id}")));
-            }
-            let id = id as u64;
-            self.name(x.tenant.get_ref(), x.tenant.span(), &field("tenant"))?;
-            let tenant = x.tenant.get_ref().clone();
-            let here = self.line(xs.span().start);
-            if let Some(prev) = seen_ids.insert((tenant.clone(), id), here) {
-                return Err(self.err(
-                    x.id.span(),
-                    field("id"),
-                    format!("experiment {id} of tenant {tenant} is already defined at line {prev}"),
-                ));
-            }
-            if x.variations.get_ref().is_empty() {
-                return Err(self.err(
-                    x.variations.span(),
-                    field("variations"),
-                    format!("experiment {id} has no variations; list at least one"),
-                ));
-            }
-            let mut variations = Vec::new();
-            for v in x.variations.get_ref() {
-                let vid = *v.get_ref();
-                if vid <= 0 {
-                    return Err(self.err(
-                        v.span(),
-                        field("variations"),
-                        format!("variation id must be a positive integer, got {vid}"),
-                    ));
-                }
-                let line = self.line(v.span().start);
-                if let Some((owner, at)) = variation_owner.insert(vid, (id, line)) {
-                    let whose = if owner == id { "this experiment".to_string() } else { format!("experiment {owner}") };
-                    return Err(self.err(
-                        v.span(),
-                        field("variations"),
-                        format!("variation id {vid} is already used by {whose} (line {at}); variation ids must be globally unique"),
-                    ));
-                }
-                variations.push(vid);
-            }
-            let mps = match &x.mps {
-                None => None,
-                Some(list) => {
-                    let mut out: Vec<String> = Vec::new();
-                    for m in list.get_ref() {
-                        self.name(m.get_ref(), m.span(), &field("mps"))?;
-                        if out.contains(m.get_ref()) {
-                            return Err(self.err(
-                                m.span(),
-                                field("mps"),
-                                format!("measurement point {:?} is listed twice", m.get_ref()),
-                            ));
-                        }
-                        out.push(m.get_ref().clone());
-                    }
-                    Some(out)
-                }
-            };
-            let mut qualify = Vec::new();
-            for (j, c) in x.qualify.iter().enumerate() {
-                let rc = c.get_ref();
-                let cf = field(&format!("qualify[{j}]"));
-                for (name, v) in [("mp", &rc.mp), ("device", &rc.device), ("login", &rc.login)] {
-                    if let Some(v) = v {
-                        self.name(v, c.span(), &format!("{cf}.{name}"))?;
-                    }
-                }
-                for (k, v) in &rc.attrs {
-                    if k.is_empty() || v.is_empty() {
-                        return Err(self.err(
-                            c.span(),
-                            format!("{cf}.attrs"),
-                            "attribute names and values must not be empty".into(),
-                        ));
-                    }
-                }
-                qualify.push(Condition {
-                    mp: rc.mp.clone(),
-                    device: rc.device.clone(),
-                    login: rc.login.clone(),
-                    attrs: rc.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                });
-            }
-            let weights = match &x.weights {
-                None => vec![1; variations.len()],
-                Some(w) => {
-                    if w.get_ref().len() != variations.len() {
-                        return Err(self.err(
-                            w.span(),
-                            field("weights"),
-                            format!("has {} weights for {} variations", w.get_ref().len(), variations.len()),
-                        ));
-                    }
-                    let mut out = Vec::new();
-                    for v in w.get_ref() {
-                        let n = *v.get_ref();
-                        if !(1..=1_000_000).contains(&n) {
-                            return Err(self.err(
-                                v.span(),
-                                field("weights"),
-                                format!("weights are integers from 1 to 1000000, got {n}"),
-                            ));
-                        }
-                        out.push(n as u32);
-                    }
-                    out
-                }
-            };
-            experiments.push(Experiment { id, tenant, variations, mps, qualify, weights });
+        for (i, x) in raw.experiment.iter().enumerate() {
+            experiments.push(self.experiment(i, x, &mut ids)?);
         }
-        let mut kafka = Vec::new();
-        if let Some(t) = &raw.kafka {
-            for (k, v) in t.get_ref() {
-                let value = match v {
-                    toml::Value::String(s) => s.clone(),
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    _ => {
-                        return Err(self.err(
-                            t.span(),
-                            format!("kafka.{k}"),
-                            "librdkafka settings are strings, integers or booleans".into(),
-                        ))
-                    }
-                };
-                kafka.push((k.clone(), value));
-            }
-        }
+        let kafka = match &raw.kafka {
+            None => Vec::new(),
+            Some(t) => self.kafka(t)?,
+        };
         Ok(Config { engine, experiments, kafka })
     }
+
+    /// `[engine]`: a valid `dc`, positive durations (the lateness may be
+    /// zero), a whole number of seconds of `ttl`, `stall_factor` in 2..=1000.
+    fn engine(&self, e: &RawEngine) -> Result<EngineConfig, ConfigError> {
+        let d = EngineConfig::default();
+        let dc = match &e.dc {
+            None => d.dc.clone(),
+            Some(dc) => {
+                self.name(dc.get_ref(), dc.span(), "engine.dc")?;
+                dc.get_ref().clone()
+            }
+        };
+        Ok(EngineConfig {
+            dc,
+            allowed_lateness_ms: self.duration(&e.allowed_lateness, "allowed_lateness", d.allowed_lateness_ms, true)?,
+            session_gap_ms: self.duration(&e.session_gap, "session_gap", d.session_gap_ms, false)?,
+            trigger_ms: self.duration(&e.trigger, "trigger", d.trigger_ms as i64, false)? as u64,
+            ttl_s: self.ttl_s(&e.ttl, d.ttl_s)?,
+            stall_factor: self.stall_factor(&e.stall_factor, d.stall_factor)?,
+            max_future_ms: self.duration(&e.max_future, "max_future", d.max_future_ms, false)?,
+        })
+    }
+
+    /// `engine.ttl`: a positive duration of whole seconds.
+    fn ttl_s(&self, v: &Option<Spanned<String>>, default_s: u64) -> Result<u64, ConfigError> {
+        let ms = self.duration(v, "ttl", default_s as i64 * 1000, false)?;
+        if ms % 1000 != 0 {
+            let span = v.as_ref().map(|t| t.span()).unwrap_or(0..0);
+            return Err(self.err(span, "engine.ttl".into(), "must be a whole number of seconds".into()));
+        }
+        Ok((ms / 1000) as u64)
+    }
+
+    /// `engine.stall_factor`: an integer from 2 to 1000.
+    fn stall_factor(&self, v: &Option<Spanned<i64>>, default: u32) -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(f) if (2..=1000).contains(f.get_ref()) => Ok(*f.get_ref() as u32),
+            Some(f) => Err(self.err(
+                f.span(),
+                "engine.stall_factor".into(),
+                format!("must be an integer from 2 to 1000, got {}", f.get_ref()),
+            )),
+        }
+    }
+
+    /// `[[experiment]]` number `i`: a positive id, unique for its tenant, and
+    /// its variations, mps, conditions and weights.
+    fn experiment(&self, i: usize, xs: &Spanned<RawExperiment>, ids: &mut Ids) -> Result<Experiment, ConfigError> {
+        let x = xs.get_ref();
+        let field = |f: &str| format!("experiment[{i}].{f}");
+        let id = *x.id.get_ref();
+        if id <= 0 {
+            return Err(self.err(x.id.span(), field("id"), format!("must be a positive integer, got {id}")));
+        }
+        let id = id as u64;
+        self.name(x.tenant.get_ref(), x.tenant.span(), &field("tenant"))?;
+        let tenant = x.tenant.get_ref().clone();
+        let here = self.line(xs.span().start);
+        if let Some(prev) = ids.experiments.insert((tenant.clone(), id), here) {
+            return Err(self.err(
+                x.id.span(),
+                field("id"),
+                format!("experiment {id} of tenant {tenant} is already defined at line {prev}"),
+            ));
+        }
+        let variations = self.variations(&field("variations"), id, &x.variations, ids)?;
+        let mps = match &x.mps {
+            None => None,
+            Some(list) => Some(self.mps(&field("mps"), list)?),
+        };
+        let mut qualify = Vec::new();
+        for (j, c) in x.qualify.iter().enumerate() {
+            qualify.push(self.condition(&field(&format!("qualify[{j}]")), c)?);
+        }
+        let weights = self.weights(&field("weights"), &x.weights, variations.len())?;
+        Ok(Experiment { id, tenant, variations, mps, qualify, weights })
+    }
+
+    /// An experiment's variations: at least one, each a positive id used
+    /// nowhere else in the file (metric names carry only the variation id).
+    fn variations(
+        &self,
+        field: &str,
+        id: u64,
+        list: &Spanned<Vec<Spanned<i64>>>,
+        ids: &mut Ids,
+    ) -> Result<Vec<i64>, ConfigError> {
+        if list.get_ref().is_empty() {
+            return Err(self.err(
+                list.span(),
+                field.into(),
+                format!("experiment {id} has no variations; list at least one"),
+            ));
+        }
+        let mut variations = Vec::new();
+        for v in list.get_ref() {
+            let vid = *v.get_ref();
+            if vid <= 0 {
+                return Err(self.err(
+                    v.span(),
+                    field.into(),
+                    format!("variation id must be a positive integer, got {vid}"),
+                ));
+            }
+            let line = self.line(v.span().start);
+            if let Some((owner, at)) = ids.variations.insert(vid, (id, line)) {
+                let whose = if owner == id { "this experiment".to_string() } else { format!("experiment {owner}") };
+                return Err(self.err(
+                    v.span(),
+                    field.into(),
+                    format!("variation id {vid} is already used by {whose} (line {at}); variation ids must be globally unique"),
+                ));
+            }
+            variations.push(vid);
+        }
+        Ok(variations)
+    }
+
+    /// An experiment's `mps`: valid names, none listed twice.
+    fn mps(&self, field: &str, list: &Spanned<Vec<Spanned<String>>>) -> Result<Vec<String>, ConfigError> {
+        let mut out: Vec<String> = Vec::new();
+        for m in list.get_ref() {
+            self.name(m.get_ref(), m.span(), field)?;
+            if out.contains(m.get_ref()) {
+                return Err(self.err(
+                    m.span(),
+                    field.into(),
+                    format!("measurement point {:?} is listed twice", m.get_ref()),
+                ));
+            }
+            out.push(m.get_ref().clone());
+        }
+        Ok(out)
+    }
+
+    /// A qualification condition: valid names, non-empty attributes.
+    fn condition(&self, field: &str, c: &Spanned<RawCondition>) -> Result<Condition, ConfigError> {
+        let rc = c.get_ref();
+        for (name, v) in [("mp", &rc.mp), ("device", &rc.device), ("login", &rc.login)] {
+            if let Some(v) = v {
+                self.name(v, c.span(), &format!("{field}.{name}"))?;
+            }
+        }
+        if rc.attrs.iter().any(|(k, v)| k.is_empty() || v.is_empty()) {
+            return Err(self.err(
+                c.span(),
+                format!("{field}.attrs"),
+                "attribute names and values must not be empty".into(),
+            ));
+        }
+        Ok(Condition {
+            mp: rc.mp.clone(),
+            device: rc.device.clone(),
+            login: rc.login.clone(),
+            attrs: rc.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })
+    }
+
+    /// An experiment's `weights`: one per variation, each from 1 to 10⁶
+    /// (default: equal).
+    fn weights(&self, field: &str, w: &Option<Spanned<Vec<Spanned<i64>>>>, n: usize) -> Result<Vec<u32>, ConfigError> {
+        let Some(w) = w else { return Ok(vec![1; n]) };
+        if w.get_ref().len() != n {
+            return Err(self.err(
+                w.span(),
+                field.into(),
+                format!("has {} weights for {n} variations", w.get_ref().len()),
+            ));
+        }
+        let mut out = Vec::new();
+        for v in w.get_ref() {
+            let k = *v.get_ref();
+            if !(1..=1_000_000).contains(&k) {
+                return Err(self.err(
+                    v.span(),
+                    field.into(),
+                    format!("weights are integers from 1 to 1000000, got {k}"),
+                ));
+            }
+            out.push(k as u32);
+        }
+        Ok(out)
+    }
+
+    /// `[kafka]`: librdkafka settings, each a string, an integer or a boolean.
+    fn kafka(&self, t: &Spanned<toml::Table>) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut kafka = Vec::new();
+        for (k, v) in t.get_ref() {
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(self.err(
+                        t.span(),
+                        format!("kafka.{k}"),
+                        "librdkafka settings are strings, integers or booleans".into(),
+                    ))
+                }
+            };
+            kafka.push((k.clone(), value));
+        }
+        Ok(kafka)
+    }
+}
+
+/// What must be unique across a file's experiments, and where it was first.
+#[derive(Default)]
+struct Ids {
+    /// (tenant, experiment id) → line of its definition.
+    experiments: HashMap<(String, u64), usize>,
+    /// Variation id → (experiment id, line) of its first use.
+    variations: HashMap<i64, (u64, usize)>,
 }
 
 impl Default for EngineConfig {
@@ -471,45 +513,25 @@ impl Default for EngineConfig {
 mod tests {
     use super::*;
 
+    /// SPEC §2's example config, verbatim (also read by `tests/golden.rs`).
+    /// Still the SPEC's text while this prints nothing, from the repository
+    /// root: `sed -n '/^## 2\./,/^## 3\./p' ../shared/SPEC.md | sed -n '/^```toml$/,/^```$/p' | sed '1d;$d' | diff - src/config/spec_example.toml`
+    const SPEC_EXAMPLE: &str = include_str!("spec_example.toml");
+
     fn err(text: &str) -> String {
         Config::parse(text, "t.toml").unwrap_err().to_string()
     }
 
     #[test]
     fn spec_example_parses() {
-        let c = Config::parse(
-            r#"
-[engine]
-dc = "dc1"
-allowed_lateness = "10m"
-session_gap = "30m"
-trigger = "60s"
-ttl = "30d"
-
-[[experiment]]
-id = 123
-tenant = "uswm"
-variations = [1231, 1232]
-mps = ["home_page", "item_page", "checkout"]
-qualify = [ { mp = "home_page" } ]
-
-[[experiment]]
-id = 456
-tenant = "uswm"
-variations = [4561, 4562, 4563]
-qualify = [
-  { device = "mobile" },
-  { mp = "checkout", attrs = { payment = "paypal" } },
-]
-"#,
-            "t.toml",
-        )
-        .unwrap();
+        let c = Config::parse(SPEC_EXAMPLE, "t.toml").unwrap();
         assert_eq!(c.engine.allowed_lateness_ms, 600_000);
         assert_eq!(c.engine.ttl_s, 30 * 86400);
         assert_eq!(c.experiments.len(), 2);
         assert_eq!(c.experiments[1].qualify[1].attrs, vec![("payment".into(), "paypal".into())]);
         assert_eq!(c.experiments[1].mps, None);
+        assert_eq!(c.engine.max_future_ms, 300_000);
+        assert_eq!(c.experiments[0].mps.as_ref().map(Vec::len), Some(3));
     }
 
     #[test]

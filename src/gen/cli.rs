@@ -1,14 +1,13 @@
 //! `expmon gen`: write generated (or replayed) events to a file, stdout or a
 //! Kafka topic.
 
-use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use super::kafka::KafkaOut;
-use super::{Generator, Pacer, Profile, REPLAY_START_MS};
-use crate::health::now_ms;
+use super::{GenError, Generator, Pacer, Profile, REPLAY_START_MS};
+use crate::clock::now_ms;
 
 /// What `expmon gen` was asked to do.
 #[derive(Debug, Clone)]
@@ -38,49 +37,53 @@ enum Out {
 }
 
 impl Out {
-    fn open(out: &str) -> Result<Out> {
+    fn open(out: &str) -> Result<Out, GenError> {
         let stream: Box<dyn Write> = if out == "-" {
             Box::new(std::io::stdout().lock())
         } else if let Some(path) = out.strip_prefix("file:") {
-            Box::new(std::fs::File::create(path).with_context(|| format!("creating {path}"))?)
+            Box::new(
+                std::fs::File::create(path)
+                    .map_err(|error| GenError::File { what: format!("creating {path}"), error })?,
+            )
         } else if out.starts_with("kafka://") {
-            return Ok(Out::Kafka(KafkaOut::open(out).map_err(anyhow::Error::msg)?));
+            return Ok(Out::Kafka(KafkaOut::open(out)?));
         } else {
             let shown = crate::redact::redact(out);
-            bail!("bad --out {shown:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC");
+            return Err(GenError::BadOut(shown));
         };
         Ok(Out::Stream(BufWriter::with_capacity(1 << 20, stream)))
     }
 
-    fn send(&mut self, line: &mut Vec<u8>) -> Result<()> {
+    fn send(&mut self, line: &mut Vec<u8>) -> Result<(), GenError> {
         match self {
             Out::Stream(w) => {
                 line.push(b'\n');
                 Ok(w.write_all(line)?)
             }
-            Out::Kafka(k) => k.send(line).map_err(anyhow::Error::msg),
+            Out::Kafka(k) => k.send(line),
         }
     }
 
     /// Flushes; returns a note for the summary.
-    fn finish(self) -> Result<String> {
+    fn finish(self) -> Result<String, GenError> {
         match self {
             Out::Stream(mut w) => {
                 w.flush()?;
                 Ok(String::new())
             }
             Out::Kafka(k) => {
-                let n = k.finish().map_err(anyhow::Error::msg)?;
+                let n = k.finish()?;
                 Ok(format!("; {n} acknowledged by Kafka"))
             }
         }
     }
 }
 
-pub fn run_gen(o: &GenOptions) -> Result<()> {
-    let mut profile = Profile::by_name(&o.profile).map_err(anyhow::Error::msg)?;
+pub fn run_gen(o: &GenOptions) -> Result<(), GenError> {
+    let mut profile = Profile::by_name(&o.profile)?;
     if let Some(path) = &o.write_config {
-        std::fs::write(path, profile.config_toml()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, profile.config_toml())
+            .map_err(|error| GenError::File { what: format!("writing {}", path.display()), error })?;
     }
     if let Some(r) = o.event_rate {
         profile.event_time_rate = r;
@@ -99,7 +102,8 @@ pub fn run_gen(o: &GenOptions) -> Result<()> {
     let mut replay = match &o.replay {
         Some(p) => Some(BufReader::with_capacity(
             1 << 20,
-            std::fs::File::open(p).with_context(|| format!("opening {}", p.display()))?,
+            std::fs::File::open(p)
+                .map_err(|error| GenError::File { what: format!("opening {}", p.display()), error })?,
         )),
         None => None,
     };

@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::GenError;
+use crate::failures::lock;
 use crate::kafka::{ensure_topic, KafkaSpec};
-use crate::shard::failures::lock;
 
 #[derive(Default)]
 struct Delivery {
@@ -44,7 +45,7 @@ pub struct KafkaOut {
 }
 
 impl KafkaOut {
-    pub fn open(spec: &str) -> Result<KafkaOut, String> {
+    pub fn open(spec: &str) -> Result<KafkaOut, GenError> {
         let spec = KafkaSpec::parse(spec)?;
         ensure_topic(&spec, &[])?;
         let delivery = Arc::new(Delivery::default());
@@ -56,13 +57,14 @@ impl KafkaOut {
         for (k, v) in &spec.settings {
             cfg.set(k, v);
         }
-        let producer =
-            cfg.create_with_context(Ctx(delivery.clone())).map_err(|e| spec.client_error(&[], "kafka producer", e))?;
+        let producer = cfg
+            .create_with_context(Ctx(delivery.clone()))
+            .map_err(|e| GenError::Kafka(spec.client_error(&[], "kafka producer", e)))?;
         Ok(KafkaOut { producer, delivery, topic: spec.topic })
     }
 
     /// Queues one event; blocks while librdkafka's queue is full.
-    pub fn send(&self, line: &[u8]) -> Result<(), String> {
+    pub fn send(&self, line: &[u8]) -> Result<(), GenError> {
         let key = session_of(line);
         let mut record = BaseRecord::<[u8], [u8]>::to(&self.topic).payload(line);
         if let Some(k) = key {
@@ -75,19 +77,20 @@ impl KafkaOut {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(format!("sending to {}: {e}", self.topic)),
+                Err((error, _)) => return Err(GenError::Send { topic: self.topic.clone(), error }),
             }
         }
     }
 
     /// Waits for every queued event to be acknowledged by the broker.
     /// Returns how many were delivered, or why some were not.
-    pub fn finish(self) -> Result<u64, String> {
-        self.producer.flush(Duration::from_secs(60)).map_err(|e| format!("flushing to {}: {e}", self.topic))?;
+    pub fn finish(self) -> Result<u64, GenError> {
+        let topic = self.topic.clone();
+        self.producer.flush(Duration::from_secs(60)).map_err(|error| GenError::Flush { topic, error })?;
         let failed = self.delivery.failed.load(Relaxed);
         if failed > 0 {
-            let first = lock(&self.delivery.first_error).clone();
-            return Err(format!("{failed} events were not delivered to {}: {}", self.topic, first.unwrap_or_default()));
+            let first = lock(&self.delivery.first_error).clone().unwrap_or_default();
+            return Err(GenError::Undelivered { failed, topic: self.topic.clone(), first });
         }
         Ok(self.delivery.delivered.load(Relaxed))
     }

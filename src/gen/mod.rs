@@ -26,6 +26,34 @@ mod source;
 pub use profile::{Profile, TenantGen};
 pub use source::{GenSource, Pacer};
 
+/// Why the generator (a `gen:` source or `expmon gen`) cannot start or stops.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    #[error("unknown generator profile {0:?}: expected demo or peak")]
+    UnknownProfile(String),
+    /// The options of a `gen:` source (`spec`: the whole source).
+    #[error("bad generator source {spec:?}: {error}")]
+    BadSource { spec: String, error: crate::address::OptionError },
+    /// `shown`: the `--out` value with its secrets hidden.
+    #[error("bad --out {0:?}: expected file:PATH, - or kafka://HOST:PORT/TOPIC")]
+    BadOut(String),
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+    #[error("sending to {topic}: {error}")]
+    Send { topic: String, error: rdkafka::error::KafkaError },
+    #[error("flushing to {topic}: {error}")]
+    Flush { topic: String, error: rdkafka::error::KafkaError },
+    /// `first`: the first delivery error Kafka reported.
+    #[error("{failed} events were not delivered to {topic}: {first}")]
+    Undelivered { failed: u64, topic: String, first: String },
+    /// `what`: "creating PATH", "writing PATH", "opening PATH".
+    #[error("{what}: {error}")]
+    File { what: String, error: std::io::Error },
+    /// Writing the lines out (to stdout or the file) or reading a replay.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use std::collections::VecDeque;

@@ -80,11 +80,11 @@ fn zipf(names: &[&str]) -> Vec<(String, f64)> {
 }
 
 impl Profile {
-    pub fn by_name(name: &str) -> Result<Profile, String> {
+    pub fn by_name(name: &str) -> Result<Profile, super::GenError> {
         match name {
             "demo" => Ok(Profile::demo()),
             "peak" => Ok(Profile::peak()),
-            _ => Err(format!("unknown generator profile {name:?}: expected demo or peak")),
+            _ => Err(super::GenError::UnknownProfile(name.to_string())),
         }
     }
 

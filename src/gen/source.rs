@@ -4,9 +4,13 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::{Generator, Profile, REPLAY_START_MS};
-use crate::health::now_ms;
-use crate::source::{Fill, LineBatch, Source};
+use super::{GenError, Generator, Profile, REPLAY_START_MS};
+use crate::address::{positive, split_query, Keys, OptionError, Options};
+use crate::clock::now_ms;
+use crate::source::{Discontinuity, Fill, LineBatch, Source};
+
+/// The options of a `gen:` source.
+static KEYS: Keys = Keys { known: &["rate", "events", "seed"], passed_on: None };
 
 /// Lines per batch handed to the router.
 const LINES_PER_FILL: u64 = 4096;
@@ -56,22 +60,18 @@ pub struct GenSource {
 impl GenSource {
     /// Parses `PROFILE[?rate=EPS&events=N&seed=S]`. The profile's own
     /// experiments shape the traffic, whatever config the engine runs with.
-    pub fn from_spec(spec: &str) -> Result<GenSource, String> {
-        let (name, query) = spec.split_once('?').unwrap_or((spec, ""));
+    pub fn from_spec(spec: &str) -> Result<GenSource, GenError> {
+        let (name, query) = split_query(spec);
         let profile = Profile::by_name(name)?;
-        let (mut rate, mut events, mut seed) = (None, None, 1u64);
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| format!("bad generator option {kv:?} in gen:{spec}"))?;
-            let bad = || format!("bad value for {k} in gen:{spec}: {v:?}");
-            match k {
-                "rate" => rate = Some(v.parse::<f64>().ok().filter(|r| *r > 0.0).ok_or_else(bad)?),
-                "events" => events = Some(v.parse::<u64>().map_err(|_| bad())?),
-                "seed" => seed = v.parse::<u64>().map_err(|_| bad())?,
-                _ => {
-                    return Err(format!("unknown generator option {k:?} in gen:{spec}: expected rate, events or seed"))
-                }
-            }
-        }
+        let options = || -> Result<_, OptionError> {
+            let o = Options::parse(query, &KEYS)?;
+            let rate = o.value("rate", positive::<f64>)?;
+            let events = o.value("events", |v| v.parse::<u64>().map_err(|_| format!("{v:?} is not a count")))?;
+            let seed = o.value("seed", |v| v.parse::<u64>().map_err(|_| format!("{v:?} is not a number")))?;
+            Ok((rate, events, seed.unwrap_or(1)))
+        };
+        let (rate, events, seed) =
+            options().map_err(|error| GenError::BadSource { spec: format!("gen:{spec}"), error })?;
         Ok(GenSource::new(profile, rate, events, seed, format!("gen:{spec}")))
     }
 
@@ -136,13 +136,37 @@ impl Source for GenSource {
     /// A simulated-clock replay has no position: resumed, it would generate
     /// and count its events again. A live generator makes new events, so it
     /// continues a checkpoint of the same spec.
-    fn continues(&self, saved: &crate::source::SourceId) -> Result<(), String> {
+    fn continues(&self, saved: &crate::source::SourceId) -> Result<(), Discontinuity> {
         if !self.is_live() {
-            return Err("a generator replay without rate= has no position to resume from".into());
+            return Err(Discontinuity::NoPosition);
         }
         if self.identity() != *saved {
-            return Err("another input".into());
+            return Err(Discontinuity::AnotherInput);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_read_and_refused_naming_the_source_and_the_key() {
+        let g = GenSource::from_spec("demo?events=5&seed=3").unwrap();
+        assert_eq!((g.limit, g.pacer.is_some(), g.spec.as_str()), (Some(5), false, "gen:demo?events=5&seed=3"));
+        assert!(GenSource::from_spec("peak?rate=100").unwrap().pacer.is_some());
+        let err = |spec| GenSource::from_spec(spec).err().expect(spec).to_string();
+        assert_eq!(err("demo?rate=0"), r#"bad generator source "gen:demo?rate=0": rate: "0" is not a positive number"#);
+        assert_eq!(err("demo?events=-1"), r#"bad generator source "gen:demo?events=-1": events: "-1" is not a count"#);
+        assert_eq!(
+            err("demo?seed=1&seed=2"),
+            r#"bad generator source "gen:demo?seed=1&seed=2": option "seed" is given twice"#
+        );
+        assert_eq!(
+            err("demo?speed=2"),
+            r#"bad generator source "gen:demo?speed=2": unknown option "speed" (expected rate, events, seed)"#
+        );
+        assert!(err("nosuch?events=1").starts_with("unknown generator profile"));
     }
 }

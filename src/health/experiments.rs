@@ -37,9 +37,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{HealthPoint, HealthValue};
 use crate::aggregate::{Delta, MetricKind, MINUTE_MS};
 use crate::config::Catalog;
+use crate::metrics::{HealthPoint, HealthValue};
 use crate::stats::{compare_all, ArmSums, Comparison, SequentialConfig, SrmMonitor, SrmPrior, Verdict};
 
 /// Fewest sessions before SRM is judged.

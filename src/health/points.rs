@@ -5,52 +5,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Live, ShardStats, WriterStats};
 use crate::event::Reject;
+use crate::failures::lock;
+use crate::metrics::{HealthPoint, HealthValue, SinkHealth};
 use crate::names::NameKind;
-use crate::shard::failures::lock;
-use crate::sink::SinkHealth;
-
-/// One health figure with its tags, sorted by tag name (`dc`, `instance`,
-/// then e.g. `reason`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct HealthPoint {
-    pub name: String,
-    pub tags: Vec<(&'static str, String)>,
-    pub value: HealthValue,
-}
-
-/// A health figure: a count, or a rate or probability.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum HealthValue {
-    Int(i64),
-    /// Always finite.
-    Float(f64),
-}
-
-impl HealthValue {
-    /// KairosDB's data point type.
-    pub fn kairos_type(self) -> &'static str {
-        match self {
-            HealthValue::Int(_) => "long",
-            HealthValue::Float(_) => "double",
-        }
-    }
-}
-
-impl std::fmt::Display for HealthValue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            HealthValue::Int(v) => write!(f, "{v}"),
-            HealthValue::Float(v) if v.is_finite() => write!(f, "{v}"),
-            HealthValue::Float(_) => write!(f, "0"),
-        }
-    }
-}
-
-impl From<i64> for HealthValue {
-    fn from(v: i64) -> HealthValue {
-        HealthValue::Int(v)
-    }
-}
 
 /// Everything the writer knows at the end of a trigger.
 pub struct HealthInputs<'a> {

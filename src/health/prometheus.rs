@@ -16,8 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::{HealthPoint, HealthValue};
-use crate::sink::{LatencyBuckets, WRITE_LATENCY_BOUNDS_US};
+use crate::metrics::{HealthPoint, HealthValue, LatencyBuckets, WRITE_LATENCY_BOUNDS_US};
 
 /// The Prometheus type of a family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,7 +314,7 @@ pub fn prometheus_text(points: &[HealthPoint], latency: &LatencyBuckets) -> Stri
 mod tests {
     use super::*;
     use crate::health::{health_points, HealthInputs, Live, ShardStats, WriterStats};
-    use crate::sink::SinkHealth;
+    use crate::metrics::SinkHealth;
 
     fn p(name: &str, tags: &[(&'static str, &str)], value: HealthValue) -> HealthPoint {
         HealthPoint { name: name.into(), tags: tags.iter().map(|&(k, v)| (k, v.to_string())).collect(), value }

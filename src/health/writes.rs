@@ -14,7 +14,7 @@
 use ahash::AHashMap;
 use std::hash::{Hash, Hasher};
 
-use super::{HealthPoint, HealthValue};
+use crate::metrics::{HealthPoint, HealthValue};
 
 /// Every this many triggers, all experiment health points are written again.
 pub const REWRITE_TRIGGERS: u64 = 10;

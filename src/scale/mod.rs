@@ -59,6 +59,43 @@ use std::time::{Duration, Instant};
 use crate::config::Config;
 use crate::kafka::KafkaSpec;
 
+/// Why a scale-out instance stopped: one line naming the topic, partition or
+/// step (a Kafka error, a record or snapshot that does not decode, a
+/// transaction that failed or may have been fenced).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ScaleError(pub String);
+
+impl From<String> for ScaleError {
+    fn from(s: String) -> ScaleError {
+        ScaleError(s)
+    }
+}
+
+impl From<&str> for ScaleError {
+    fn from(s: &str) -> ScaleError {
+        ScaleError(s.to_string())
+    }
+}
+
+macro_rules! from_display {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ScaleError {
+            fn from(e: $t) -> ScaleError {
+                ScaleError(e.to_string())
+            }
+        }
+    )*};
+}
+from_display!(
+    crate::codec::DecodeError,
+    crate::checkpoint::Unusable,
+    crate::session::SessionDecodeError,
+    crate::config::CatalogError,
+    crate::kafka::KafkaError,
+    crate::sink::SinkError
+);
+
 /// How an instance takes part in a scale-out group.
 #[derive(Debug, Clone)]
 pub struct ScaleOptions {
@@ -75,7 +112,7 @@ pub struct ScaleOptions {
     /// Stop after this long.
     pub max_duration: Option<Duration>,
     /// The sink's threads: one that dies stops the run.
-    pub failures: crate::shard::Failures,
+    pub failures: crate::failures::Failures,
     /// Where stage 2 publishes the health figures for `/metrics`.
     pub published: Option<Arc<crate::serve::Published>>,
     /// `dc` tag of the health points.
@@ -128,7 +165,7 @@ impl ConsumerContext for Rebalances {
 /// A group member of a stage: eager assignment (every rebalance hands all
 /// tasks back, and each task is rebuilt from Kafka), offsets committed only
 /// through transactions.
-pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<BaseConsumer<Rebalances>, String> {
+pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<BaseConsumer<Rebalances>, ScaleError> {
     let mut c = o.client();
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -144,7 +181,7 @@ pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<Base
 
 /// A transactional producer, initialised (which fences any earlier producer
 /// of the same `transactional.id` and ends its open transaction).
-pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::producer::BaseProducer, String> {
+pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::producer::BaseProducer, ScaleError> {
     use rdkafka::producer::Producer;
     let mut c = o.client();
     c.set("transactional.id", id).set("transaction.timeout.ms", "30000").set("linger.ms", "5");
@@ -160,7 +197,7 @@ pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::pro
 
 /// Creates the internal topics if missing; returns the partitions of
 /// `<group>.deltas` and of the input topic.
-pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), String> {
+pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), ScaleError> {
     let input = crate::kafka::ensure_topic(&o.spec, &o.base)?;
     let internal = |name: String, partitions: i32| KafkaSpec { topic: name, partitions, ..o.spec.clone() };
     crate::kafka::ensure_topic(&internal(o.topic("state"), input as i32), &o.base)?;
@@ -176,8 +213,8 @@ pub fn read_partition(
     topic: &str,
     partition: i32,
     from: Offset,
-    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), String>,
-) -> Result<(), String> {
+    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+) -> Result<(), ScaleError> {
     let mut c = o.client();
     c.set("group.id", format!("{}.restore", o.spec.group))
         .set("enable.auto.commit", "false")
@@ -207,13 +244,13 @@ pub fn read_partition(
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(format!("reading {topic}/{partition} to offset {high} took over 60 s"));
+            return Err(format!("reading {topic}/{partition} to offset {high} took over 60 s").into());
         }
     }
 }
 
 /// The committed offset of `group` for `topic/partition` (`None`: none yet).
-pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i32) -> Result<Option<i64>, String> {
+pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i32) -> Result<Option<i64>, ScaleError> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
     let got = consumer
@@ -249,8 +286,8 @@ pub fn health_points(
     s2: &stage2::Stage2Stats,
     dc: &str,
     instance: &str,
-) -> Vec<crate::health::HealthPoint> {
-    use crate::health::HealthPoint;
+) -> Vec<crate::metrics::HealthPoint> {
+    use crate::metrics::HealthPoint;
     let tags = |extra: Option<(&'static str, &str)>| {
         let mut t = vec![("dc", dc.to_string()), ("instance", instance.to_string())];
         t.extend(extra.map(|(k, v)| (k, v.to_string())));
@@ -319,7 +356,7 @@ pub fn run(
     catalog: Arc<crate::config::Catalog>,
     sink: Box<dyn crate::sink::Sink>,
     o: ScaleOptions,
-) -> Result<ScaleSummary, String> {
+) -> Result<ScaleSummary, ScaleError> {
     let (deltas, inputs) = ensure_topics(&o)?;
     tracing::info!(
         "scale-out: {} ({inputs} partitions) → {} ({deltas} partitions) → sink; instance {}",
@@ -354,7 +391,7 @@ pub fn run(
     let r1 = s1.join().map_err(|_| "stage 1 panicked".to_string())?;
     let r2 = s2.join().map_err(|_| "stage 2 panicked".to_string())?;
     if let Some(f) = o.failures.first() {
-        return Err(format!("thread {} panicked: {}", f.thread, f.message));
+        return Err(format!("thread {} panicked: {}", f.thread, f.message).into());
     }
     Ok(ScaleSummary { stage1: r1?, stage2: r2? })
 }

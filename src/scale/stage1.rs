@@ -21,9 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::wire::{self, DeltaRecord, PointId};
+use super::ScaleError;
 use super::{Rebalances, ScaleOptions};
 use crate::aggregate::{MinuteCounters, Point, Totals};
-use crate::checkpoint::{Dec, Enc, RouterState};
+use crate::checkpoint::RouterState;
+use crate::codec::{Dec, Enc};
 use crate::config::{Catalog, Config};
 use crate::names::Names;
 use crate::session::SessionTable;
@@ -62,7 +64,7 @@ struct Task {
 }
 
 impl Task {
-    fn new(config: &Config, names: Names) -> Result<Task, String> {
+    fn new(config: &Config, names: Names) -> Result<Task, ScaleError> {
         let catalog = Arc::new(Catalog::build(config, Arc::new(names))?);
         let mut counters = MinuteCounters::new(catalog.clone());
         // Touched points are emitted even at a net zero: a replay that cuts
@@ -99,7 +101,7 @@ impl Task {
         e.buf
     }
 
-    fn restore(config: &Config, bytes: &[u8], next: i64) -> Result<Task, String> {
+    fn restore(config: &Config, bytes: &[u8], next: i64) -> Result<Task, ScaleError> {
         let mut d = Dec::new(bytes);
         let router_state = RouterState::decode(&mut d)?;
         let mut task = Task::new(config, router_state.names())?;
@@ -138,7 +140,7 @@ impl Stage1 {
         o: ScaleOptions,
         deltas: usize,
         figures: Arc<std::sync::Mutex<Stage1Stats>>,
-    ) -> Result<Stage1, String> {
+    ) -> Result<Stage1, ScaleError> {
         let consumer = super::stage_consumer(&o, &format!("{}.s1", o.spec.group), &o.spec.topic)?;
         let producer = super::transactional_producer(&o, &format!("{}.s1-{}", o.spec.group, o.instance))?;
         Ok(Stage1 {
@@ -156,7 +158,7 @@ impl Stage1 {
 
     /// Drops every task after a revoke; builds a task for every assigned
     /// partition that has none.
-    fn follow_assignment(&mut self) -> Result<(), String> {
+    fn follow_assignment(&mut self) -> Result<(), ScaleError> {
         let ctx = self.consumer.context();
         let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
         if now == self.seen {
@@ -190,7 +192,7 @@ impl Stage1 {
     }
 
     /// The task of partition `p` as of the group's committed offset.
-    fn restore(&self, p: i32) -> Result<Task, String> {
+    fn restore(&self, p: i32) -> Result<Task, ScaleError> {
         let Some(at) = super::committed(&self.consumer, &self.o.spec.topic, p)? else {
             return Task::new(&self.config, Names::default());
         };
@@ -226,7 +228,8 @@ impl Stage1 {
                 Ok(())
             })?;
             if let Some(bytes) = done {
-                return Task::restore(&self.config, &bytes, at).map_err(|e| format!("snapshot {topic}/{p}@{at}: {e}"));
+                return Task::restore(&self.config, &bytes, at)
+                    .map_err(|e| ScaleError(format!("snapshot {topic}/{p}@{at}: {e}")));
             }
             if from == low {
                 break;
@@ -235,10 +238,11 @@ impl Stage1 {
         Err(format!(
             "input partition {}/{p} is committed at offset {at} but {topic} has no snapshot at that offset",
             self.o.spec.topic
-        ))
+        )
+        .into())
     }
 
-    pub fn run(mut self) -> Result<Stage1Stats, String> {
+    pub fn run(mut self) -> Result<Stage1Stats, ScaleError> {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
         let mut next_status = Instant::now() + super::STATUS_EVERY;
@@ -261,7 +265,7 @@ impl Stage1 {
                 self.follow_assignment()?;
                 self.trigger()?;
                 self.stats.tasks = self.tasks.len() as u64;
-                *crate::shard::failures::lock(&self.figures) = self.stats.clone();
+                *crate::failures::lock(&self.figures) = self.stats.clone();
                 next_trigger = Instant::now() + self.o.trigger;
                 if stopping {
                     break;
@@ -294,7 +298,7 @@ impl Stage1 {
     }
 
     /// One transaction: every task's records, snapshot and offset.
-    fn trigger(&mut self) -> Result<(), String> {
+    fn trigger(&mut self) -> Result<(), ScaleError> {
         // Tasks that read nothing since their last trigger have their
         // snapshot and offset committed already: an idle trigger is free.
         if !self.tasks.values().any(|t| t.dirty) {
@@ -367,14 +371,14 @@ fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
     }
     task.next = Some(offset + 1);
     task.dirty = true;
-    let now = Some(crate::health::now_ms());
+    let now = Some(crate::clock::now_ms());
     if let Ok(Some(_)) = task.router.route(m.payload().unwrap_or_default(), 0, now) {
         task.apply_pending();
     }
 }
 
 /// Produces one record, waiting for queue space rather than failing.
-pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), String> {
+pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), ScaleError> {
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -382,7 +386,7 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
                 record = r;
                 producer.poll(Duration::from_millis(10));
             }
-            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic)),
+            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic).into()),
         }
     }
 }

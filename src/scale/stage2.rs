@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::wire::{self, DeltaRecord, PointId};
+use super::ScaleError;
 use super::{Rebalances, ScaleOptions};
 use crate::aggregate::{Delta, MetricKind, Namer, Point, SeriesKey, Totals, NO_MP};
 use crate::config::Catalog;
@@ -186,7 +187,7 @@ impl Stage2 {
         sink: Box<dyn Sink>,
         inputs: usize,
         figures: Arc<std::sync::Mutex<super::stage1::Stage1Stats>>,
-    ) -> Result<Stage2, String> {
+    ) -> Result<Stage2, ScaleError> {
         let consumer = super::stage_consumer(&o, &format!("{}.s2", o.spec.group), &o.topic("deltas"))?;
         Ok(Stage2 {
             o,
@@ -202,7 +203,7 @@ impl Stage2 {
         })
     }
 
-    fn follow_assignment(&mut self) -> Result<(), String> {
+    fn follow_assignment(&mut self) -> Result<(), ScaleError> {
         let ctx = self.consumer.context();
         let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
         if now == self.seen {
@@ -234,7 +235,7 @@ impl Stage2 {
         Ok(())
     }
 
-    fn restore(&mut self, d: i32) -> Result<Task, String> {
+    fn restore(&mut self, d: i32) -> Result<Task, ScaleError> {
         // Fence the previous owner first: its open transaction ends, and its
         // commits fail from now on.
         let producer = super::transactional_producer(&self.o, &format!("{}.s2-{d}", self.o.spec.group))?;
@@ -253,7 +254,7 @@ impl Stage2 {
             let Some((offset, value)) = value else { continue };
             let (point, p) = wire::decode_changelog_key(&key).map_err(|e| format!("{topic}/{d}: {e}"))?;
             if p as usize >= self.inputs {
-                return Err(format!("{topic}/{d} names input partition {p}; the input has {}", self.inputs));
+                return Err(format!("{topic}/{d} names input partition {p}; the input has {}", self.inputs).into());
             }
             match point {
                 None => task.state.mark(p, offset, value),
@@ -269,7 +270,7 @@ impl Stage2 {
         Ok(task)
     }
 
-    pub fn run(mut self) -> Result<Stage2Stats, String> {
+    pub fn run(mut self) -> Result<Stage2Stats, ScaleError> {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
         let mut next_status = Instant::now() + super::STATUS_EVERY;
@@ -317,7 +318,7 @@ impl Stage2 {
         self.consumer.unsubscribe();
         let report = self.sink.close().map_err(|e| e.to_string())?;
         if report.undelivered > 0 {
-            return Err(format!("{} upserts could not be delivered", report.undelivered));
+            return Err(format!("{} upserts could not be delivered", report.undelivered).into());
         }
         Ok(self.stats)
     }
@@ -327,7 +328,7 @@ impl Stage2 {
         (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed)) != self.seen
     }
 
-    fn trigger(&mut self) -> Result<(), String> {
+    fn trigger(&mut self) -> Result<(), ScaleError> {
         let (topic, deltas_topic) = (self.o.topic("totals"), self.o.topic("deltas"));
         let acked = self.sink.unacknowledged_flushes() == 0;
         let session_timeout = self.o.session_timeout();
@@ -411,7 +412,8 @@ impl Stage2 {
                      this instance may have been paused and replaced; stopping without writing",
                     committing.elapsed().as_millis(),
                     session_timeout.as_millis()
-                ));
+                )
+                .into());
             }
             self.stats.transactions += 1;
             self.stats.changelog_bytes += bytes;
@@ -429,14 +431,14 @@ impl Stage2 {
     }
 
     /// Health points through the sink (those due) and to `/metrics` (all).
-    fn write_health(&mut self) -> Result<(), String> {
-        let s1 = crate::shard::failures::lock(&self.figures).clone();
+    fn write_health(&mut self) -> Result<(), ScaleError> {
+        let s1 = crate::failures::lock(&self.figures).clone();
         let points = super::health_points(&s1, &self.stats, &self.o.dc, &self.o.instance);
         let due = self.health_writes.due(&points);
-        self.sink.write_health(crate::health::now_ms(), &due).map_err(|e| e.to_string())?;
+        self.sink.write_health(crate::clock::now_ms(), &due).map_err(|e| e.to_string())?;
         if let Some(p) = &self.o.published {
             let write_latency = self.sink.health().latency;
-            *crate::shard::failures::lock(&p.health) = crate::serve::Snapshot { points, write_latency };
+            *crate::failures::lock(&p.health) = crate::serve::Snapshot { points, write_latency };
         }
         Ok(())
     }
@@ -449,17 +451,17 @@ fn handle(
     stats: &mut Stage2Stats,
     inputs: usize,
     m: &impl Message,
-) -> Result<(), String> {
+) -> Result<(), ScaleError> {
     let (d, offset) = (m.partition(), m.offset());
     let Some(task) = tasks.get_mut(&d) else { return Ok(()) };
     if task.next.is_some_and(|n| offset < n) {
         return Ok(());
     }
     task.next = Some(offset + 1);
-    let bad = |why: String| format!("{}/{d}@{offset}: {why}", m.topic());
+    let bad = |why: ScaleError| ScaleError(format!("{}/{d}@{offset}: {why}", m.topic()));
     let record = DeltaRecord::decode(m.payload().unwrap_or_default()).map_err(bad)?;
     if record.partition as usize >= inputs {
-        return Err(bad(format!("input partition {} of {inputs}", record.partition)));
+        return Err(bad(format!("input partition {} of {inputs}", record.partition).into()));
     }
     stats.records += 1;
     for (id, value) in &record.entries {

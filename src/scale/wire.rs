@@ -16,8 +16,9 @@
 //! - changelog records (`<group>.totals`, partition = delta partition, keyed
 //!   by point and input partition): stage 2's state, one record per entry.
 
+use super::ScaleError;
 use crate::aggregate::{MetricKind, SeriesKey, NO_MP};
-use crate::checkpoint::{Dec, Enc};
+use crate::codec::{Dec, Enc};
 use crate::config::Catalog;
 
 /// The identity of a point across instances.
@@ -56,10 +57,10 @@ impl PointId {
         e.i64(self.minute);
     }
 
-    pub fn decode(d: &mut Dec<'_>) -> Result<PointId, String> {
+    pub fn decode(d: &mut Dec<'_>) -> Result<PointId, ScaleError> {
         let kind = d.u8()?;
         if kind > MetricKind::ValueSqFm as u8 {
-            return Err(format!("unknown metric kind {kind}"));
+            return Err(format!("unknown metric kind {kind}").into());
         }
         let variation_id = d.i64()?;
         let has_mp = d.u8()? != 0;
@@ -83,8 +84,8 @@ impl PointId {
     }
 }
 
-fn text(d: &mut Dec<'_>) -> Result<String, String> {
-    String::from_utf8(d.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".to_string())
+fn text(d: &mut Dec<'_>) -> Result<String, ScaleError> {
+    String::from_utf8(d.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".into())
 }
 
 const DELTA_VERSION: u8 = 1;
@@ -140,11 +141,11 @@ impl DeltaRecord {
         pieces
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<DeltaRecord, String> {
+    pub fn decode(bytes: &[u8]) -> Result<DeltaRecord, ScaleError> {
         let mut d = Dec::new(bytes);
         let v = d.u8()?;
         if v != DELTA_VERSION {
-            return Err(format!("delta record version {v}, this build reads {DELTA_VERSION}"));
+            return Err(format!("delta record version {v}, this build reads {DELTA_VERSION}").into());
         }
         let (partition, offset, watermark) = (d.u32()?, d.i64()?, d.i64()?);
         let n = d.count(8 + 1 + 4 * 3 + 8 + 8)?;
@@ -182,7 +183,7 @@ pub struct Chunk<'a> {
     pub bytes: &'a [u8],
 }
 
-pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk<'_>, String> {
+pub fn decode_chunk(bytes: &[u8]) -> Result<Chunk<'_>, ScaleError> {
     let mut d = Dec::new(bytes);
     Ok(Chunk {
         partition: d.u32()?,
@@ -205,7 +206,7 @@ pub fn changelog_key(point: Option<&PointId>, partition: u32) -> Vec<u8> {
     e.buf
 }
 
-pub fn decode_changelog_key(bytes: &[u8]) -> Result<(Option<PointId>, u32), String> {
+pub fn decode_changelog_key(bytes: &[u8]) -> Result<(Option<PointId>, u32), ScaleError> {
     let mut d = Dec::new(bytes);
     let partition = d.u32()?;
     if d.is_done() {
@@ -222,7 +223,7 @@ pub fn changelog_value(offset: i64, value: i64) -> Vec<u8> {
     e.buf
 }
 
-pub fn decode_changelog_value(bytes: &[u8]) -> Result<(i64, i64), String> {
+pub fn decode_changelog_value(bytes: &[u8]) -> Result<(i64, i64), ScaleError> {
     let mut d = Dec::new(bytes);
     Ok((d.i64()?, d.i64()?))
 }

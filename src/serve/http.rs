@@ -22,8 +22,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Semaphore;
 
-use super::Pages;
-use crate::shard::Failures;
+use super::{Pages, ServeError};
+use crate::failures::Failures;
 
 /// Connections open at once; one more is closed at once with a 503.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -55,23 +55,19 @@ const THREAD: &str = "expmon-http";
 /// `pages` on the `expmon-http` thread, under the run's [`Failures`] guard:
 /// the thread ending (it never does on its own) or a request handler
 /// panicking stops the run with one error line, as any engine thread does.
-pub(super) fn spawn(addr: SocketAddr, pages: Pages, failures: &Failures) -> Result<HttpServer, String> {
-    let listener =
-        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on --metrics-addr {addr}: {e}"))?;
+pub(super) fn spawn(addr: SocketAddr, pages: Pages, failures: &Failures) -> Result<HttpServer, ServeError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| ServeError::Listen { addr, error })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    listener.set_nonblocking(true).map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    listener.set_nonblocking(true).map_err(|error| ServeError::Socket { addr, error })?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(ServeError::Runtime)?;
     let run_failures = failures.clone();
     failures
         .spawn(THREAD.into(), move || {
             runtime.block_on(accept_loop(listener, Arc::new(pages), run_failures.clone()));
             run_failures.record(THREAD, "the HTTP server stopped");
         })
-        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+        .map_err(ServeError::Thread)?;
     Ok(HttpServer { addr: bound })
 }
 
@@ -150,7 +146,7 @@ fn respond(pages: &Pages, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.body().size_hint().upper().is_none_or(|n| n > MAX_BODY_BYTES) {
         return closing(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n");
     }
-    crate::checkpoint::failpoint("http.request");
+    crate::failures::failpoint("http.request");
     let page = pages.get(req.uri().path(), req.uri().query().unwrap_or(""));
     let mut r = Response::new(Full::new(Bytes::from(page.body)));
     *r.status_mut() = StatusCode::from_u16(page.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -17,10 +17,9 @@ pub use results::{Results, SharedResults, KEEP_MINUTES};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::failures::lock;
 use crate::health::prometheus::prometheus_text;
-use crate::health::HealthPoint;
-use crate::shard::failures::lock;
-use crate::sink::LatencyBuckets;
+use crate::metrics::{HealthPoint, LatencyBuckets};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -45,9 +44,22 @@ pub fn spawn(
     addr: SocketAddr,
     published: Arc<Published>,
     results: SharedResults,
-    failures: &crate::shard::Failures,
-) -> Result<HttpServer, String> {
+    failures: &crate::failures::Failures,
+) -> Result<HttpServer, ServeError> {
     http::spawn(addr, Pages { published, results }, failures)
+}
+
+/// Why the HTTP server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on --metrics-addr {addr}: {error}")]
+    Listen { addr: SocketAddr, error: std::io::Error },
+    #[error("--metrics-addr {addr}: {error}")]
+    Socket { addr: SocketAddr, error: std::io::Error },
+    #[error("cannot start the HTTP runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot start the HTTP thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// One route's answer.

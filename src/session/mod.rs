@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 mod state;
 
-pub use state::{MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
+pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
 
 use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment, VisitSlot};
@@ -336,13 +336,7 @@ pub struct SessionTable {
     sessions: AHashMap<SessionKey, Session>,
     catalog: Arc<Catalog>,
     gap_ms: i64,
-    stats: SessionStats,
-    /// Scratch, reused per event: views before it, first-met events of a newly
-    /// assigned experiment.
-    before: Vec<Before>,
-    first_met: Vec<u8>,
-    /// Sessions that became conflicting since the last drain, per experiment.
-    conflicts_by_experiment: Vec<u32>,
+    work: Work,
 }
 
 impl SessionTable {
@@ -353,22 +347,14 @@ impl SessionTable {
 
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable {
-            sessions: AHashMap::new(),
-            catalog,
-            gap_ms,
-            stats: SessionStats::default(),
-            before: Vec::new(),
-            first_met: Vec::new(),
-            conflicts_by_experiment: Vec::new(),
-        }
+        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, work: Work::default() }
     }
 
     /// Sessions that became conflicting per experiment since the last call
     /// (sparse: `(experiment index, count)`).
     pub fn take_conflicts(&mut self) -> Vec<(u32, u64)> {
         let mut out = Vec::new();
-        for (x, n) in self.conflicts_by_experiment.iter_mut().enumerate() {
+        for (x, n) in self.work.conflicts_by_experiment.iter_mut().enumerate() {
             if *n > 0 {
                 out.push((x as u32, *n as u64));
                 *n = 0;
@@ -378,7 +364,7 @@ impl SessionTable {
     }
 
     pub fn stats(&self) -> SessionStats {
-        self.stats
+        self.work.stats
     }
 
     /// Sessions held now.
@@ -406,7 +392,7 @@ impl SessionTable {
     }
 
     /// Appends every session (key, then state) to a checkpoint.
-    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+    pub fn encode(&self, e: &mut crate::codec::Enc) {
         e.u64(self.sessions.len() as u64);
         for (k, s) in &self.sessions {
             e.u64(k.0[0]);
@@ -418,9 +404,9 @@ impl SessionTable {
     /// Reads sessions written by [`SessionTable::encode`], calling `each` with
     /// every key and its encoded state (so a restore can re-shard them).
     pub fn decode_each(
-        d: &mut crate::checkpoint::Dec<'_>,
+        d: &mut crate::codec::Dec<'_>,
         mut each: impl FnMut(SessionKey, &[u8]),
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionDecodeError> {
         let n = d.count(16 + 24)?;
         for _ in 0..n {
             let key = SessionKey([d.u64()?, d.u64()?]);
@@ -433,8 +419,8 @@ impl SessionTable {
     }
 
     /// Adds a session from bytes handed out by [`SessionTable::decode_each`].
-    pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), String> {
-        let s = Session::decode(&mut crate::checkpoint::Dec::new(bytes))?;
+    pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), SessionDecodeError> {
+        let s = Session::decode(&mut crate::codec::Dec::new(bytes))?;
         self.sessions.insert(key, s);
         Ok(())
     }
@@ -444,73 +430,71 @@ impl SessionTable {
         let gap = self.gap_ms;
         let before = self.sessions.len();
         self.sessions.retain(|_, s| !expired(s.max_ts(), gap, wm));
-        self.stats.evicted += (before - self.sessions.len()) as u64;
+        self.work.stats.evicted += (before - self.sessions.len()) as u64;
         if self.sessions.capacity() > 4 * self.sessions.len().max(1024) {
             self.sessions.shrink_to_fit();
         }
     }
 
-    /// Adds one event, emitting the resulting metric deltas into `out`.
+    /// Adds one event, emitting the resulting metric deltas into `out`, by
+    /// the correction protocol at the top of this file.
     pub fn add(&mut self, ev: &SessionEvent, out: &mut MinuteCounters) {
-        let gap = self.gap_ms;
-        let session = match self.sessions.entry(ev.key) {
-            std::collections::hash_map::Entry::Occupied(o) => {
-                let s = o.into_mut();
-                if expired(s.max_ts(), gap, ev.watermark) {
-                    // The old session's contributions stay; its state goes.
-                    *s = Session::default();
-                    self.stats.evicted += 1;
-                    self.stats.started += 1;
-                }
-                s
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                self.stats.started += 1;
-                v.insert(Session::default())
-            }
-        };
-        let fresh = session.n_events() == 0;
-        let in_order = fresh || ev.ts > session.max_ts();
         let catalog = &*self.catalog;
-        if fresh {
-            let conditions = ev.assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
-            session.reserve_first(ev.assigns.len(), conditions);
-        }
-        let Some(idx) = session.push_event(ev.ts, ev.mp, ev.device, ev.login) else {
-            self.stats.overflow_dropped += 1;
+        let work = &mut self.work;
+        let session = live_session(&mut self.sessions, &mut work.stats, self.gap_ms, ev);
+        let in_order = session.n_events() == 0 || ev.ts > session.max_ts();
+        let Some(idx) = keep_event(session, catalog, ev) else {
+            work.stats.overflow_dropped += 1;
             return;
         };
-        for &(name, value) in ev.attrs {
-            session.push_attr(idx, name, value);
-        }
-        session.push_value(idx, ev.value);
-        let ord = Order { catalog };
-
         // 1. Until an experiment's state changes, its view before the event is
         //    its view after it; a changed one snapshots its view first.
         let known = session.n_exps();
-        self.before.clear();
-        self.before.resize(known, Before::Same);
+        work.before.clear();
+        work.before.resize(known, Before::Same);
+        // 2. The event's assignments, then the conditions it meets.
+        work.assign(catalog, session, ev, idx, in_order);
+        work.meet_conditions(catalog, session, ev, idx, known);
+        // 3. Deltas at >= t.
+        work.emit_deltas(catalog, session, ev, idx, in_order, out);
+    }
+}
 
-        // 2a. Assignments: the least (order key, variation id) wins.
+/// A table's counts, and scratch reused per event: what [`SessionTable::add`]
+/// works with besides the session (a separate struct, so both can be borrowed).
+#[derive(Default)]
+struct Work {
+    stats: SessionStats,
+    /// Per experiment of the session, its view before the event.
+    before: Vec<Before>,
+    /// The first-met events of a newly assigned experiment's conditions.
+    first_met: Vec<u8>,
+    /// Sessions that became conflicting since the last drain, per experiment.
+    conflicts_by_experiment: Vec<u32>,
+}
+
+impl Work {
+    /// Keeps experiment `i`'s view from before the event, unless kept already.
+    #[inline]
+    fn snapshot(&mut self, i: usize, view: impl FnOnce() -> View) {
+        if let Before::Same = self.before[i] {
+            self.before[i] = Before::Was(view());
+        }
+    }
+
+    /// SPEC §3 Assignment, for each experiment the event at `idx` assigns: the
+    /// least (order key, variation id) wins; a disagreement marks the session
+    /// conflicting (once); a newly assigned experiment starts with the first
+    /// events so far that meet its conditions.
+    fn assign(&mut self, catalog: &Catalog, session: &mut Session, ev: &SessionEvent, idx: u8, in_order: bool) {
+        let ord = Order { catalog };
         let key = session.key(idx);
         let mut cursor = 0;
-        let mut first_met = std::mem::take(&mut self.first_met);
         for &(experiment, variation) in ev.assigns {
             let x = &catalog.experiments[experiment as usize];
             let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
-            // Producers repeat assignments in the same order: try the next slot first.
-            let found = if cursor < session.n_exps() && session.exp(cursor).experiment as u32 == experiment {
-                Some(cursor)
-            } else {
-                (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
-            };
-            // After a reload changed this experiment, a session already holding
-            // its older version stays with that version.
-            if found.is_none()
-                && x.supersedes.is_some()
-                && (0..session.n_exps()).any(|i| catalog.same_experiment(session.exp(i).experiment as u32, experiment))
-            {
+            let found = find_experiment(session, cursor, experiment);
+            if found.is_none() && held_by_older_version(catalog, session, experiment) {
                 continue;
             }
             match found {
@@ -520,52 +504,38 @@ impl SessionTable {
                     if s.slot != slot && !s.conflict {
                         s.conflict = true;
                         session.set_exp(i, s);
-                        self.stats.conflicts += 1;
-                        let x = experiment as usize;
-                        if self.conflicts_by_experiment.len() <= x {
-                            self.conflicts_by_experiment.resize(catalog.experiments.len().max(x + 1), 0);
-                        }
-                        self.conflicts_by_experiment[x] += 1;
+                        self.count_conflict(catalog, experiment);
                     }
-                    let wins = !in_order
-                        && match ord.cmp(key, session.key(s.assigned)) {
-                            Ordering::Less => true,
-                            Ordering::Equal => {
-                                catalog.variations[variation as usize].id
-                                    < catalog.variations[x.variations[s.slot as usize] as usize].id
-                            }
-                            Ordering::Greater => false,
-                        };
-                    if wins {
-                        if let Before::Same = self.before[i] {
-                            self.before[i] = Before::Was(session.view(&s, x, session.cond_start(i, catalog)));
-                        }
+                    // In order, the event is later than the assignment held.
+                    if !in_order && assignment_wins(&ord, key, variation, session, &s, x) {
+                        self.snapshot(i, || session.view(&s, x, session.cond_start(i, catalog)));
                         session.set_exp(i, ExpState { slot, assigned: idx, ..s });
                     }
                 }
                 None => {
-                    // Newly assigned: conditions over every event so far.
-                    first_met.clear();
-                    for c in &x.conditions {
-                        let mut first = NONE;
-                        for i in 0..session.n_events() {
-                            let e = session.event(i);
-                            if c.matches(e.mp, e.device, e.login as u16, |k| session.attr_of(i, k))
-                                && (first == NONE || e.off < session.event(first as usize).off)
-                            {
-                                first = i as u8;
-                            }
-                        }
-                        first_met.push(first);
-                    }
+                    first_met_so_far(session, x, &mut self.first_met);
                     let s = ExpState { experiment: experiment as u16, slot, assigned: idx, conflict: false };
-                    session.push_exp(s, &first_met);
+                    session.push_exp(s, &self.first_met);
                     self.before.push(Before::New);
                 }
             }
         }
-        self.first_met = first_met;
-        // 2b. Conditions met by this event, for experiments assigned before it.
+    }
+
+    /// Counts a session that became conflicting for `experiment`.
+    fn count_conflict(&mut self, catalog: &Catalog, experiment: u32) {
+        self.stats.conflicts += 1;
+        let x = experiment as usize;
+        if self.conflicts_by_experiment.len() <= x {
+            self.conflicts_by_experiment.resize(catalog.experiments.len().max(x + 1), 0);
+        }
+        self.conflicts_by_experiment[x] += 1;
+    }
+
+    /// SPEC §3 Qualification, for the `known` experiments assigned before the
+    /// event at `idx`: it becomes the first to meet each of their conditions
+    /// that it meets earlier than the first so far.
+    fn meet_conditions(&mut self, catalog: &Catalog, session: &mut Session, ev: &SessionEvent, idx: u8, known: usize) {
         let attrs = ev.attrs;
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
@@ -578,28 +548,29 @@ impl SessionTable {
                 if (first == NONE || off < session.event(first as usize).off)
                     && c.matches(ev.mp, ev.device, ev.login, lookup)
                 {
-                    if let Before::Same = self.before[i] {
-                        self.before[i] = Before::Was(session.view(&s, x, cond_start));
-                    }
+                    self.snapshot(i, || session.view(&s, x, cond_start));
                     session.set_first_met(cond_start + j, idx);
                 }
             }
             cond_start += x.conditions.len();
         }
+    }
 
-        // 3. Deltas at >= t.
+    /// SPEC §4 correction, step 3: for each experiment, the deltas of the
+    /// event at `idx` at times `>= t`, by the cheapest path exact for how the
+    /// event changed that experiment's view.
+    fn emit_deltas(
+        &self,
+        catalog: &Catalog,
+        session: &Session,
+        ev: &SessionEvent,
+        idx: u8,
+        in_order: bool,
+        out: &mut MinuteCounters,
+    ) {
+        let ord = Order { catalog };
         let cells = session.event_cells();
-        // For the fast path: the latest earlier visit of this event's mp.
-        let prior = in_order
-            .then(|| {
-                cells[..idx as usize]
-                    .iter()
-                    .map(|&c| EvRec::from_cell(c))
-                    .filter(|g| g.mp == ev.mp)
-                    .map(|g| session.base + g.off as i64)
-                    .max()
-            })
-            .flatten();
+        let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
         let extras = session.extras();
         let events = Events { base: session.base, cells, extras };
         let before_events = Events { base: session.base, cells: &cells[..idx as usize], extras };
@@ -629,6 +600,117 @@ impl SessionTable {
             }
         }
     }
+}
+
+/// The session `ev` belongs to: the live one, or a new one if there is none
+/// or the one there is has expired at the event's watermark (SPEC §4: the old
+/// session's contributions stay, its state goes).
+fn live_session<'s>(
+    sessions: &'s mut AHashMap<SessionKey, Session>,
+    stats: &mut SessionStats,
+    gap_ms: i64,
+    ev: &SessionEvent,
+) -> &'s mut Session {
+    match sessions.entry(ev.key) {
+        std::collections::hash_map::Entry::Occupied(o) => {
+            let s = o.into_mut();
+            if expired(s.max_ts(), gap_ms, ev.watermark) {
+                *s = Session::default();
+                stats.evicted += 1;
+                stats.started += 1;
+            }
+            s
+        }
+        std::collections::hash_map::Entry::Vacant(v) => {
+            stats.started += 1;
+            v.insert(Session::default())
+        }
+    }
+}
+
+/// Records `ev` with the attributes and value it carries; its index, or
+/// `None` if it does not fit (the session holds [`MAX_EVENTS_PER_SESSION`]
+/// events already, or a tag id or the time span is beyond the layout).
+fn keep_event(session: &mut Session, catalog: &Catalog, ev: &SessionEvent) -> Option<u8> {
+    if session.n_events() == 0 {
+        let conditions = ev.assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
+        session.reserve_first(ev.assigns.len(), conditions);
+    }
+    let idx = session.push_event(ev.ts, ev.mp, ev.device, ev.login)?;
+    for &(name, value) in ev.attrs {
+        session.push_attr(idx, name, value);
+    }
+    session.push_value(idx, ev.value);
+    Some(idx)
+}
+
+/// The position of `experiment` among the session's experiments. Producers
+/// repeat assignments in the same order, so position `hint` is tried first.
+#[inline]
+fn find_experiment(session: &Session, hint: usize, experiment: u32) -> Option<usize> {
+    if hint < session.n_exps() && session.exp(hint).experiment as u32 == experiment {
+        Some(hint)
+    } else {
+        (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
+    }
+}
+
+/// After a reload changed an experiment, a session already holding its older
+/// version stays with that version: an assignment to the new one is ignored.
+fn held_by_older_version(catalog: &Catalog, session: &Session, experiment: u32) -> bool {
+    catalog.experiments[experiment as usize].supersedes.is_some()
+        && (0..session.n_exps()).any(|i| catalog.same_experiment(session.exp(i).experiment as u32, experiment))
+}
+
+/// Whether the event at `key`, assigning `variation`, takes experiment `x`
+/// over from the assignment `s` holds: the least order key wins, a tie going
+/// to the smaller variation id (SPEC §3 Assignment).
+fn assignment_wins(
+    ord: &Order,
+    key: OrderKey,
+    variation: u32,
+    session: &Session,
+    s: &ExpState,
+    x: &CompiledExperiment,
+) -> bool {
+    match ord.cmp(key, session.key(s.assigned)) {
+        Ordering::Less => true,
+        Ordering::Equal => {
+            let ids = &ord.catalog.variations;
+            ids[variation as usize].id < ids[x.variations[s.slot as usize] as usize].id
+        }
+        Ordering::Greater => false,
+    }
+}
+
+/// For an experiment assigned only now: the first of the session's events
+/// that meets each of its conditions ([`NONE`] if none does yet), so that
+/// conditions met before the assignment count (SPEC §3 Qualification).
+fn first_met_so_far(session: &Session, x: &CompiledExperiment, out: &mut Vec<u8>) {
+    out.clear();
+    for c in &x.conditions {
+        let mut first = NONE;
+        for i in 0..session.n_events() {
+            let e = session.event(i);
+            if c.matches(e.mp, e.device, e.login as u16, |k| session.attr_of(i, k))
+                && (first == NONE || e.off < session.event(first as usize).off)
+            {
+                first = i as u8;
+            }
+        }
+        out.push(first);
+    }
+}
+
+/// The ts of the latest event with mp `mp` before the event at `idx` (for the
+/// fast path, where `idx` is the latest event of all).
+fn latest_visit_before(session: &Session, idx: u8, mp: u16) -> Option<i64> {
+    session.event_cells()[..idx as usize]
+        .iter()
+        .map(|&c| EvRec::from_cell(c))
+        .filter(|g| g.mp == mp)
+        .map(|g| session.base + g.off as i64)
+        .max()
 }
 
 /// Deltas of an out-of-order event `e` (value `value`) for an experiment whose
@@ -772,12 +854,4 @@ fn expired(max_ts: i64, gap_ms: i64, wm: i64) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compact_sizes() {
-        assert_eq!(size_of::<SessionKey>(), 16);
-        assert!(size_of::<Session>() <= 48, "{}", size_of::<Session>());
-    }
-}
+mod tests;

@@ -20,6 +20,16 @@
 //! neither and pay 8 bytes for the empty box pointer; a purchase costs one
 //! 12-byte entry (plus, for the session's first entry, the 24-byte list header).
 
+/// Why a checkpoint's session could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionDecodeError {
+    #[error(transparent)]
+    Bytes(#[from] crate::codec::DecodeError),
+    /// The cell count does not fit the experiments and conditions it claims.
+    #[error("session with {n_cells} cells for {n_exps} experiments and {n_conds} conditions")]
+    Layout { n_cells: usize, n_exps: u16, n_conds: u16 },
+}
+
 /// Index of "no event".
 pub(super) const NONE: u8 = u8::MAX;
 
@@ -128,7 +138,7 @@ fn exp_cells(n: usize) -> usize {
 
 impl Session {
     /// Appends this session to a checkpoint.
-    pub fn encode(&self, e: &mut crate::checkpoint::Enc) {
+    pub fn encode(&self, e: &mut crate::codec::Enc) {
         e.i64(self.base);
         e.u32(self.max_off);
         e.u16(self.n_exps);
@@ -148,7 +158,7 @@ impl Session {
 
     /// Reads a session written by [`Session::encode`], checking that its
     /// layout is consistent.
-    pub fn decode(d: &mut crate::checkpoint::Dec<'_>) -> Result<Session, String> {
+    pub fn decode(d: &mut crate::codec::Dec<'_>) -> Result<Session, SessionDecodeError> {
         let (base, max_off, n_exps, n_conds) = (d.i64()?, d.u32()?, d.u16()?, d.u16()?);
         let n_extras = d.u32()? as usize;
         let mut extras = Vec::new();
@@ -158,7 +168,7 @@ impl Session {
         let n_cells = d.u32()? as usize;
         let fixed = exp_cells(n_exps as usize) + cond_cells(n_conds as usize);
         if n_cells < fixed || n_cells - fixed > MAX_EVENTS_PER_SESSION {
-            return Err(format!("session with {n_cells} cells for {n_exps} experiments and {n_conds} conditions"));
+            return Err(SessionDecodeError::Layout { n_cells, n_exps, n_conds });
         }
         let mut cells = Vec::with_capacity(n_cells);
         for _ in 0..n_cells {
@@ -371,9 +381,9 @@ mod tests {
         assert_eq!(s.extras(), &[(1, VALUE_KEY, 1299), (3, VALUE_KEY, -10_000_000i32 as u32), (1, 7, 9)]);
         assert_eq!(s.heap_bytes() - s.cells.capacity() * 8, 24 + 3 * 12, "exact growth for small lists");
         assert_eq!(s.attr_of(1, 7), Some(9));
-        let mut e = crate::checkpoint::Enc::default();
+        let mut e = crate::codec::Enc::default();
         s.encode(&mut e);
-        let back = Session::decode(&mut crate::checkpoint::Dec::new(&e.buf)).unwrap();
+        let back = Session::decode(&mut crate::codec::Dec::new(&e.buf)).unwrap();
         assert_eq!(back.extras(), s.extras());
         let mut plain = Session::default();
         plain.push_event(1_000, 4, 0, 0);

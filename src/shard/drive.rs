@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use super::batch::{EventBatch, FlushMarker, ShardMsg};
-use super::failures::lock;
 use super::router::Router;
 use super::runtime::{RunError, RunOptions};
 use super::worker::final_before;
+use crate::clock::now_ms;
 use crate::config::Reloader;
-use crate::health::now_ms;
+use crate::failures::lock;
 use crate::source::{Fill, LineBatch, Offsets, Source};
 
 /// Why the router stopped reading.
@@ -132,7 +132,7 @@ pub(super) fn route_loop(
             return Ok(Ended::Input);
         }
         if lines.rebalanced || Instant::now() >= next_flush {
-            crate::checkpoint::failpoint("router.flush");
+            crate::failures::failpoint("router.flush");
             next_flush = Instant::now() + opts.trigger;
             let reloaded = reload.check(router.catalog());
             let mut snapshot = false;

@@ -2,8 +2,8 @@
 //!
 //! Rooms: `runtime` (spawn, restore, shutdown: [`run`]), `drive` (the
 //! router's loop: fill, route, markers), [`router`] (parse, watermark,
-//! batches), [`worker`] (a shard), `writer` (totals, sink, health), and
-//! [`failures`] (thread deaths). The checkpointer lives next to the format it
+//! batches), [`worker`] (a shard) and `writer` (totals, sink, health);
+//! thread deaths are [`crate::failures`]'s. The checkpointer lives next to the format it
 //! writes, in [`crate::checkpoint`]; reloading next to the config, in
 //! [`crate::config::Reloader`].
 //!
@@ -36,7 +36,7 @@
 //!    watermark and the open state goes into the last checkpoint instead, so
 //!    a restart (or a file grown since) continues exactly.
 //!
-//! Failure: every thread runs under [`Failures`]; one that panics stops the
+//! Failure: every thread runs under [`crate::failures::Failures`]; one that panics stops the
 //! run (the router stops reading, the others drain as on a stop, no final
 //! checkpoint or commit), and `run` returns [`RunError::Panicked`] naming it.
 //!
@@ -47,14 +47,12 @@
 
 pub mod batch;
 mod drive;
-pub mod failures;
 pub mod router;
 mod runtime;
 pub mod worker;
 mod writer;
 
 pub use batch::{EventBatch, FlushMarker, ShardMsg, ShardReport};
-pub use failures::{Failures, ThreadFailure};
 pub use router::{shard_of, Router};
 pub use runtime::{default_threads, run, RunError, RunOptions};
 pub use worker::{final_before, Worker};

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use super::batch::{EventBatch, FlushMarker, ShardMsg, ShardReport};
 use super::drive::{route_loop, Ended, Links};
-use super::failures::{lock, Failures};
 use super::router::{shard_of, Router};
 use super::worker::Worker;
 use super::writer::Writer;
 use crate::aggregate::Totals;
 use crate::checkpoint::{CheckpointOptions, CheckpointWriteError, Checkpointer};
 use crate::config::{Catalog, ReloadOptions};
+use crate::failures::{lock, Failures};
 use crate::health::{ExperimentHealth, HealthWrites, Live, Summary};
 use crate::sink::{Sink, SinkError};
 use crate::source::Source;
@@ -32,8 +32,9 @@ pub enum RunError {
     Sink(#[from] SinkError),
     #[error("thread {thread} panicked: {message}")]
     Panicked { thread: String, message: String },
-    #[error("{0}")]
-    Checkpoint(String),
+    /// A restored checkpoint's sessions do not decode.
+    #[error("checkpoint sessions: {0}")]
+    CheckpointSessions(crate::session::SessionDecodeError),
     #[error(transparent)]
     CheckpointWrite(#[from] CheckpointWriteError),
 }
@@ -113,11 +114,11 @@ pub fn run(
     let mut restored: Vec<Vec<(crate::session::SessionKey, Vec<u8>)>> = vec![Vec::new(); n];
     if let Some(snap) = &opts.restore {
         for blob in &snap.shards {
-            let mut d = crate::checkpoint::Dec::new(blob);
+            let mut d = crate::codec::Dec::new(blob);
             crate::session::SessionTable::decode_each(&mut d, |key, bytes| {
                 restored[shard_of(&key, n)].push((key, bytes.to_vec()));
             })
-            .map_err(|e| RunError::Checkpoint(format!("checkpoint sessions: {e}")))?;
+            .map_err(RunError::CheckpointSessions)?;
         }
     }
 

@@ -89,7 +89,7 @@ impl Worker {
                     let _ = recycle.try_send(batch);
                 }
                 ShardMsg::Flush(marker) => {
-                    crate::checkpoint::failpoint("shard.flush");
+                    crate::failures::failpoint("shard.flush");
                     // State size before this flush's expiry: at the end of a
                     // replay that is the whole state, just before it is freed.
                     let (held_sessions, state_bytes) = (self.sessions.len() as u64, self.sessions.state_bytes() as u64);
@@ -107,7 +107,7 @@ impl Worker {
                     };
                     let snapshot = marker.snapshot.then(|| {
                         let started = std::time::Instant::now();
-                        let mut e = crate::checkpoint::Enc::default();
+                        let mut e = crate::codec::Enc::default();
                         self.sessions.encode(&mut e);
                         (e.buf, started.elapsed())
                     });

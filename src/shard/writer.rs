@@ -10,16 +10,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::batch::ShardReport;
-use super::failures::lock;
 use super::runtime::RunError;
 use super::worker::final_before;
 use crate::aggregate::{Namer, Totals};
 use crate::checkpoint::{Checkpointer, ShardPart};
+use crate::clock::now_ms;
 use crate::config::Catalog;
-use crate::health::{
-    health_points, now_ms, ExperimentHealth, HealthInputs, HealthWrites, Live, ShardStats, WriterStats,
-};
-use crate::sink::{Sink, SinkReport};
+use crate::failures::lock;
+use crate::health::{health_points, ExperimentHealth, HealthInputs, HealthWrites, Live, ShardStats, WriterStats};
+use crate::metrics::SinkReport;
+use crate::sink::Sink;
 
 /// The writer stage: merges shard reports epoch by epoch, writes changed
 /// totals, and writes checkpoints.
@@ -87,11 +87,11 @@ impl Writer<'_> {
                 points.clear();
                 stats.peak_points = stats.peak_points.max(self.totals.len() as u64);
                 self.totals.take_due(final_before(marker.watermark), &mut points);
-                crate::checkpoint::failpoint("writer.flush");
+                crate::failures::failpoint("writer.flush");
                 if !points.is_empty() {
                     let namer = Namer::new(&self.catalog);
                     self.sink.write(&points, &namer)?;
-                    crate::checkpoint::failpoint("sink.written");
+                    crate::failures::failpoint("sink.written");
                 }
                 stats.upserts_written += points.len() as u64;
                 stats.totals_clamped = self.totals.clamped();

@@ -10,16 +10,18 @@
 //! points.
 
 mod file;
+mod json;
 pub mod kairosdb;
 
-pub use file::{format_point, push_json_str, FileSink};
+pub use file::FileSink;
+pub use json::{format_health, format_point, push_json_str};
 pub use kairosdb::{KairosOptions, KairosSink};
 
 use std::sync::{Arc, Mutex};
 
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
-use crate::shard::failures::lock;
+use crate::failures::lock;
+use crate::metrics::{HealthPoint, SinkHealth, SinkReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -32,66 +34,22 @@ pub enum SinkError {
     /// A known kind of sink with a bad address or option.
     #[error("bad sink {sink:?}: {why}")]
     BadOption { sink: String, why: String },
-    #[error("kairosdb sink: {0}")]
-    Kairos(String),
-}
-
-/// A sink's own figures, for the health metrics.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SinkHealth {
-    pub requests: u64,
-    pub rejected_points: u64,
-    pub retries: u64,
-    pub queued_points: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    pub latency_max_us: u64,
-    /// Every write's latency, counted into fixed buckets (for `/metrics`).
-    pub latency: LatencyBuckets,
-}
-
-/// Upper bounds (µs, inclusive) of the write-latency buckets that `/metrics`
-/// exposes as the `expmon_write_latency_seconds` histogram: 100 µs to 30 s.
-pub const WRITE_LATENCY_BOUNDS_US: [u64; 17] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
-    5_000_000, 10_000_000, 30_000_000,
-];
-
-/// Write latencies counted by bucket since the sink started: `counts[i]` is
-/// the writes in `(bound[i-1], bound[i]]`, the last slot those above every
-/// bound; `sum_us` their exact sum. Only ever grows (a Prometheus histogram).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct LatencyBuckets {
-    pub counts: [u64; WRITE_LATENCY_BOUNDS_US.len() + 1],
-    pub sum_us: u64,
-}
-
-impl LatencyBuckets {
-    pub fn record(&mut self, us: u64) {
-        let slot = WRITE_LATENCY_BOUNDS_US.partition_point(|&b| b < us);
-        self.counts[slot] += 1;
-        self.sum_us = self.sum_us.saturating_add(us);
-    }
-
-    /// Writes recorded.
-    pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
-    }
-}
-
-/// What a sink reports when it is closed.
-#[derive(Debug, Default, Clone)]
-pub struct SinkReport {
-    /// Upserts that could not be delivered before the drain deadline.
-    pub undelivered: u64,
-    /// Upserts the destination refused for good (never retried): a loss the
-    /// run's exit status reports.
-    pub refused: u64,
-    /// Who refused them and where they are kept, e.g.
-    /// `refused by KairosDB (HTTP 400), kept in PATH`.
-    pub refused_detail: String,
-    /// One line for the run summary; empty if the sink has nothing to add.
-    pub summary: String,
+    #[error("kairosdb sink: cannot read CA file {path}: {error}")]
+    KairosCa { path: String, error: std::io::Error },
+    #[error("kairosdb sink: CA file {path} is not a PEM certificate: {error}")]
+    KairosCert { path: String, error: reqwest::Error },
+    #[error("kairosdb sink: cannot build an HTTP client: {0}")]
+    KairosClient(reqwest::Error),
+    #[error("kairosdb sink: cannot reach KairosDB at {url}: {error}")]
+    KairosUnreachable { url: String, error: reqwest::Error },
+    /// `body`: the first 120 characters of the answer.
+    #[error("kairosdb sink: {url} is not KairosDB: GET /api/v1/version answered {status} {body:?}")]
+    NotKairos { url: String, status: reqwest::StatusCode, body: String },
+    /// The file refused points are kept in (KairosDB's `dead_letter`).
+    #[error("cannot open dead-letter file {path}: {error}")]
+    DeadLetterOpen { path: String, error: std::io::Error },
+    #[error("cannot write dead-letter file {path}: {error}")]
+    DeadLetterWrite { path: String, error: std::io::Error },
 }
 
 /// A destination of upserts, driven by the writer stage.
@@ -145,7 +103,7 @@ pub trait Sink: Send {
 pub fn open(
     spec: &str,
     catalog: &Arc<crate::config::Catalog>,
-    failures: &crate::shard::Failures,
+    failures: &crate::failures::Failures,
     continuing: bool,
 ) -> Result<Box<dyn Sink>, SinkError> {
     if let Some(url) = spec.strip_prefix("kairosdb:") {

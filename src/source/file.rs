@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-use super::{FileMark, Fill, LineBatch, Source, SourceId, SourceKind, HEAD_BYTES, MAX_LINE_BYTES};
+use super::{Discontinuity, FileMark, Fill, LineBatch, Source, SourceId, SourceKind, HEAD_BYTES, MAX_LINE_BYTES};
 
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -190,20 +190,20 @@ impl Source for FileSource {
 
     /// The same file (path), at least as long as when the checkpoint's run
     /// opened it and as its position, and with the same first bytes.
-    fn continues(&self, saved: &SourceId) -> Result<(), String> {
+    fn continues(&self, saved: &SourceId) -> Result<(), Discontinuity> {
         let me = &self.identity;
         if (me.kind, &me.name) != (saved.kind, &saved.name) {
-            return Err("another input".into());
+            return Err(Discontinuity::AnotherInput);
         }
         let (Some(mine), Some(then)) = (me.file, saved.file) else {
-            return if me.file.is_none() && saved.file.is_none() { Ok(()) } else { Err("another input".into()) };
+            return if me.file.is_none() && saved.file.is_none() { Ok(()) } else { Err(Discontinuity::AnotherInput) };
         };
         if mine.len < then.len.max(self.start) {
-            return Err("the file is shorter than when the checkpoint was taken".into());
+            return Err(Discontinuity::Shorter);
         }
         let head = &self.head[..(then.head_len as usize).min(self.head.len())];
         if head.len() != then.head_len as usize || xxh3(head) != then.head_hash {
-            return Err("the file's first bytes differ".into());
+            return Err(Discontinuity::FirstBytes);
         }
         Ok(())
     }
@@ -394,12 +394,18 @@ mod tests {
             .unwrap()
             .continues(&saved)
             .unwrap_err()
+            .to_string()
             .contains("another"));
         // Rewritten: shorter, or the same length with other first bytes.
         std::fs::write(&a, b"{}\n").unwrap();
-        assert!(FileSource::open_at(path, 0).unwrap().continues(&saved).unwrap_err().contains("shorter"));
+        assert!(FileSource::open_at(path, 0).unwrap().continues(&saved).unwrap_err().to_string().contains("shorter"));
         std::fs::write(&a, b"{\"x\":2}\n").unwrap();
-        assert!(FileSource::open_at(path, 0).unwrap().continues(&saved).unwrap_err().contains("first bytes"));
+        assert!(FileSource::open_at(path, 0)
+            .unwrap()
+            .continues(&saved)
+            .unwrap_err()
+            .to_string()
+            .contains("first bytes"));
         // Stdin continues only stdin.
         let stdin = FileSource::from_reader(Box::new(io::empty()), "file:-".into());
         assert!(stdin.continues(&saved).is_err());

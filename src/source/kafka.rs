@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use super::{Fill, LineBatch, Offsets, PartitionState, Source, MAX_LINE_BYTES};
 use crate::event::Reject;
+use crate::failures::lock;
 use crate::kafka::{topic_partitions, KafkaSpec};
-use crate::shard::failures::lock;
 
 /// Lines per fill, and the bytes after which a fill stops early.
 const FILL_LINES: usize = 16 * 1024;
@@ -220,7 +220,11 @@ impl KafkaSource {
     /// not answer or the topic does not exist.
     /// `resume`: positions from a checkpoint, used when a partition is first
     /// assigned.
-    pub fn connect(spec: KafkaSpec, base: &[(String, String)], resume: &Offsets) -> Result<KafkaSource, String> {
+    pub fn connect(
+        spec: KafkaSpec,
+        base: &[(String, String)],
+        resume: &Offsets,
+    ) -> Result<KafkaSource, crate::kafka::KafkaError> {
         let shared = Arc::new(Mutex::new(Shared {
             topic: spec.topic.clone(),
             resume: resume.iter().copied().collect(),
@@ -265,7 +269,9 @@ impl KafkaSource {
             ),
             None => None,
         };
-        consumer.subscribe(&[&spec.topic]).map_err(|e| format!("cannot subscribe to {:?}: {e}", spec.topic))?;
+        consumer
+            .subscribe(&[&spec.topic])
+            .map_err(|error| crate::kafka::KafkaError::Subscribe { topic: spec.topic.clone(), error })?;
         Ok(KafkaSource {
             consumer,
             shared,

@@ -150,6 +150,20 @@ impl std::fmt::Display for SourceId {
     }
 }
 
+/// Why a source does not continue the input a checkpoint was taken reading
+/// ([`Source::continues`]): the run refuses that checkpoint, saying why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Discontinuity {
+    #[error("another input")]
+    AnotherInput,
+    #[error("the file is shorter than when the checkpoint was taken")]
+    Shorter,
+    #[error("the file's first bytes differ")]
+    FirstBytes,
+    #[error("a generator replay without rate= has no position to resume from")]
+    NoPosition,
+}
+
 /// What a call to [`Source::fill`] produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
@@ -176,11 +190,11 @@ pub trait Source: Send {
     /// Whether this source continues the input a checkpoint was taken
     /// reading (`saved`), so that its position applies here: `Err` says why
     /// not. By default the identities must be equal.
-    fn continues(&self, saved: &SourceId) -> Result<(), String> {
+    fn continues(&self, saved: &SourceId) -> Result<(), Discontinuity> {
         if self.identity() == *saved {
             Ok(())
         } else {
-            Err("another input".into())
+            Err(Discontinuity::AnotherInput)
         }
     }
 

@@ -12,8 +12,12 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod harness;
 pub mod kairos_server;
 pub mod runs;
+
+#[allow(unused_imports)]
+pub use harness::{free_port, lines_of, send_signal, Cmd, Expmon, Running, BIN};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -1,38 +1,18 @@
-//! Running the `expmon` binary against a Kafka-protocol broker: a working
-//! directory with the demo config and data, producing with `expmon gen`, and
-//! consumer runs whose output and health points the tests read.
+//! Runs of the `expmon` binary (through [`Expmon`], the one harness) with the
+//! demo config and data: producing to a Kafka-protocol broker with `expmon
+//! gen`, consumer runs whose output and health points the tests read, and
+//! helpers over a file sink's text.
 
 use super::broker::Broker;
+use super::harness::{Cmd, Expmon, Running};
 use super::{diff, totals_from_jsonl, Totals};
 use expmon::config::Config;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_expmon");
-
-/// A working directory with a demo config.
-pub struct Dir {
-    dir: tempfile::TempDir,
-}
-
-impl Dir {
-    pub fn new() -> Dir {
-        let d = Dir { dir: tempfile::tempdir().unwrap() };
-        let out = Command::new(BIN)
-            .args(["gen", "--profile", "demo", "--events", "0", "--out", "file:none.jsonl"])
-            .args(["--write-config", "demo.toml"])
-            .current_dir(d.dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        d
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+/// A directory made by [`Expmon::with_demo_config`] holds `demo.toml`.
+impl Expmon {
+    /// The config in `demo.toml`.
     pub fn config(&self) -> Config {
         Config::load(&self.path("demo.toml")).unwrap()
     }
@@ -40,45 +20,34 @@ impl Dir {
     /// The `demo` events of `seed`, as lines.
     pub fn events(&self, seed: u64, n: u64) -> Vec<Vec<u8>> {
         let file = format!("events-{seed}-{n}.jsonl");
-        let out = Command::new(BIN)
-            .args(["gen", "--profile", "demo", "--events", &n.to_string(), "--seed", &seed.to_string()])
+        self.cmd(&["gen", "--profile", "demo", "--events", &n.to_string(), "--seed", &seed.to_string()])
             .args(["--out", &format!("file:{file}")])
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        std::fs::read(self.path(&file))
-            .unwrap()
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(<[u8]>::to_vec)
-            .collect()
+            .ok();
+        self.lines(&file)
     }
 
     /// `expmon gen` sending `lines` (from a file: the test's own copy of the
     /// lines is the truth) to `topic`, keyed by session id, optionally paced.
-    fn producer(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: Option<u32>) -> Command {
-        let file = self.path(&format!("produce-{}-{}.jsonl", lines.len(), rate.unwrap_or(0)));
-        std::fs::write(&file, super::jsonl(lines)).unwrap();
-        let mut c = Command::new(BIN);
-        c.args(["gen", "--replay", file.to_str().unwrap()]);
+    fn producer(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: Option<u32>) -> Cmd {
+        let file = format!("produce-{}-{}.jsonl", lines.len(), rate.unwrap_or(0));
+        self.write(&file, super::jsonl(lines));
+        let mut c = self.cmd(&["gen", "--replay", self.path(&file).to_str().unwrap()]);
         if let Some(r) = rate {
-            c.args(["--rate", &r.to_string()]);
+            c = c.args(["--rate", &r.to_string()]);
         }
-        c.arg("--out").arg(format!("kafka://{}/{topic}?partitions=8", broker.addr())).current_dir(self.dir.path());
-        c
+        c.arg("--out").arg(format!("kafka://{}/{topic}?partitions=8", broker.addr()))
     }
 
     /// Produces `lines` to `topic` and waits for every acknowledgement.
     pub fn produce(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>]) {
-        let out = self.producer(broker, topic, lines, None).output().unwrap();
+        let out = self.producer(broker, topic, lines, None).output();
         assert!(out.status.success(), "producing failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Starts producing `lines` to `topic` at `rate` events/s in the
-    /// background; the caller waits for the child.
-    pub fn produce_paced(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: u32) -> Child {
-        self.producer(broker, topic, lines, Some(rate)).stderr(Stdio::null()).spawn().unwrap()
+    /// background; the caller waits for it.
+    pub fn produce_paced(&self, broker: &Broker, topic: &str, lines: &[Vec<u8>], rate: u32) -> Running {
+        self.producer(broker, topic, lines, Some(rate)).spawn()
     }
 
     /// Starts `expmon run` on `topic` in `group`, writing to `out`.
@@ -91,28 +60,35 @@ impl Dir {
         self.consume_args(broker, topic, options, out, &["--threads", "2"])
     }
 
-    /// Starts `expmon run` on `topic` with address options `options` and more
-    /// command-line arguments.
+    /// Starts `expmon run` on `topic` with address options `options` (after
+    /// `session.timeout.ms=6000&idle_timeout=1s` unless they set those) and
+    /// more command-line arguments; its stderr goes to `OUT.stderr.log`.
     pub fn consume_args(&self, broker: &Broker, topic: &str, options: &str, out: &str, args: &[&str]) -> Consumer {
-        let stderr = std::fs::File::create(self.path(&format!("{out}.stderr"))).unwrap();
-        let source = format!("kafka://{}/{topic}?session.timeout.ms=6000&idle_timeout=1s&{options}", broker.addr());
-        let child = Command::new(BIN)
-            .args(["run", "--config", "demo.toml", "--source", &source, "--sink", &format!("file:{out}")])
-            .args(["--trigger", "200ms", "--status", "false"])
+        // The defaults `options` does not set: an address takes each key once.
+        let given = |key: &str| options.split('&').any(|kv| kv.split_once('=').is_some_and(|(k, _)| k == key));
+        let defaults: String = [("session.timeout.ms", "6000"), ("idle_timeout", "1s")]
+            .iter()
+            .filter(|(k, _)| !given(k))
+            .map(|(k, v)| format!("{k}={v}&"))
+            .collect();
+        let source = format!("kafka://{}/{topic}?{defaults}{options}", broker.addr());
+        let run = self
+            .run()
+            .config("demo.toml")
+            .source(&source)
+            .sink(&format!("file:{out}"))
+            .args(["--trigger", "200ms"])
             .args(args)
-            .current_dir(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        Consumer { child: Some(child), out: self.path(out), stderr: self.path(&format!("{out}.stderr")) }
+            .named(&format!("{out}.stderr"))
+            .spawn();
+        Consumer { run, out: self.path(out) }
     }
 }
 
+/// An `expmon run` consuming a topic into a file sink.
 pub struct Consumer {
-    pub child: Option<Child>,
+    pub run: Running,
     pub out: PathBuf,
-    pub stderr: PathBuf,
 }
 
 impl Consumer {
@@ -141,35 +117,23 @@ impl Consumer {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        self.run.log()
     }
 
     /// SIGTERM: drain, flush, commit, exit 0.
     pub fn stop(&mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        send_signal(child.id(), "TERM");
-        let status = child.wait().unwrap();
-        assert!(status.success(), "expmon run failed: {}", self.log());
+        let out = self.run.stop();
+        assert!(out.status.success(), "expmon run failed: {}", self.log());
         self.log()
     }
 
+    /// SIGKILL.
     pub fn kill(&mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        self.run.kill();
     }
 
     pub fn totals(&self, dc: &str) -> Totals {
         totals_from_jsonl(&std::fs::read_to_string(&self.out).unwrap(), dc)
-    }
-}
-
-impl Drop for Consumer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
@@ -183,11 +147,6 @@ pub fn last_health(text: &str, name: &str) -> (i64, usize) {
         last = (v["value"].as_i64().unwrap(), last.1 + 1);
     }
     last
-}
-
-pub fn send_signal(pid: u32, signal: &str) {
-    let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap().success();
-    assert!(ok, "kill -{signal} {pid}");
 }
 
 /// The same events `ms` later (malformed lines unchanged).

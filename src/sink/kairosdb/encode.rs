@@ -1,7 +1,8 @@
 //! Encoding a batch for `POST /api/v1/datapoints`: one entry per series (same
 //! name and tags) with all its points, an explicit `"type":"long"` (a long and
 //! a double at one timestamp would be two points), the configured TTL, then
-//! gzip.
+//! gzip. Each entry starts with the point's name and tags as every sink
+//! writes them ([`crate::sink::json`]).
 //!
 //! ```json
 //! [{"name":"uswm.visit.fm.1231.item_page.beta","tags":{"dc":"dc1","device":"desktop","login":"in"},
@@ -13,8 +14,8 @@ use flate2::Compression;
 use std::io::Write;
 
 use crate::aggregate::{Namer, Point};
-use crate::health::HealthPoint;
-use crate::sink::push_json_str;
+use crate::metrics::HealthPoint;
+use crate::sink::json::{push_health_head, push_point_head};
 
 /// Encodes health points, all stamped `ts_ms`: the gzipped body and the
 /// length of the JSON before compression.
@@ -24,19 +25,9 @@ pub fn encode_health(points: &[HealthPoint], ts_ms: i64, ttl_s: u64) -> (Vec<u8>
         if i > 0 {
             json.push(',');
         }
-        json.push_str("{\"name\":");
-        push_json_str(&mut json, &p.name);
-        json.push_str(",\"tags\":{");
-        for (j, (k, v)) in p.tags.iter().enumerate() {
-            if j > 0 {
-                json.push(',');
-            }
-            push_json_str(&mut json, k);
-            json.push(':');
-            push_json_str(&mut json, v);
-        }
+        push_health_head(&mut json, p);
         json.push_str(&format!(
-            "}},\"type\":\"{}\",\"ttl\":{ttl_s},\"datapoints\":[[{ts_ms},{}]]}}",
+            ",\"type\":\"{}\",\"ttl\":{ttl_s},\"datapoints\":[[{ts_ms},{}]]}}",
             p.value.kairos_type(),
             p.value
         ));
@@ -57,24 +48,14 @@ pub fn encode_batch(points: &[Point], namer: &Namer, ttl_s: u64) -> (Vec<u8>, us
     sorted.sort_unstable_by_key(|p| (p.key, p.minute));
     let mut json = String::with_capacity(points.len() * 64 + 64);
     json.push('[');
-    let mut name = String::new();
     let mut i = 0;
     while i < sorted.len() {
         let key = sorted[i].key;
         if i > 0 {
             json.push(',');
         }
-        name.clear();
-        namer.write_name(key, &mut name);
-        json.push_str("{\"name\":");
-        push_json_str(&mut json, &name);
-        json.push_str(",\"tags\":{\"dc\":");
-        push_json_str(&mut json, namer.dc());
-        json.push_str(",\"device\":");
-        push_json_str(&mut json, namer.device(key));
-        json.push_str(",\"login\":");
-        push_json_str(&mut json, namer.login(key));
-        json.push_str("},\"type\":\"long\",\"ttl\":");
+        push_point_head(&mut json, sorted[i], namer);
+        json.push_str(",\"type\":\"long\",\"ttl\":");
         json.push_str(&ttl_s.to_string());
         json.push_str(",\"datapoints\":[");
         let mut first = true;

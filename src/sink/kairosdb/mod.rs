@@ -47,12 +47,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{LatencyBuckets, Sink, SinkError, SinkHealth, SinkReport};
+use super::json::{format_health, format_point};
+use super::{Sink, SinkError};
+use crate::address::{positive, split_query, Keys, OptionError, Options};
 use crate::aggregate::{Namer, Point};
 use crate::config::{parse_duration_ms, Catalog};
-use crate::health::{HealthPoint, HealthValue};
-use crate::shard::failures::lock;
-use crate::shard::Failures;
+use crate::failures::lock;
+use crate::failures::Failures;
+use crate::metrics::{HealthPoint, LatencyBuckets, SinkHealth, SinkReport};
 
 /// Options of the KairosDB sink, from the query string of its spec.
 #[derive(Debug, Clone)]
@@ -88,7 +90,7 @@ impl KairosOptions {
     pub fn parse(spec: &str) -> Result<KairosOptions, SinkError> {
         let shown = crate::redact::redact(&format!("kairosdb:{spec}"));
         let bad = |why: String| SinkError::BadOption { sink: shown.clone(), why };
-        let (base, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let (base, query) = split_query(spec);
         let (scheme, rest) = base.split_once("://").ok_or_else(|| bad("expected http://HOST:PORT".into()))?;
         if scheme != "http" && scheme != "https" {
             return Err(bad(format!("scheme {scheme:?} is not http or https")));
@@ -102,55 +104,55 @@ impl KairosOptions {
         };
         let host = host.trim_end_matches('/');
         check_host_port(host).map_err(|why| bad(why.into()))?;
-        let mut o = KairosOptions {
-            url: format!("{scheme}://{host}"),
-            user,
-            batch_points: 5_000,
-            batch_bytes: 4 << 20,
-            linger: Duration::from_millis(100),
-            in_flight: 4,
-            timeout: Duration::from_secs(10),
-            queue_points: 2_000_000,
-            backoff: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
-            drain: Duration::from_secs(30),
-            dead_letter: "expmon-out/kairosdb-rejected.jsonl".into(),
-            ca: None,
+        let options = || -> Result<KairosOptions, OptionError> {
+            let o = Options::parse(query, &KEYS)?;
+            let dur = |key| {
+                o.value(key, |v| {
+                    parse_duration_ms(v).map(|ms| Duration::from_millis(ms as u64)).map_err(|e| e.to_string())
+                })
+            };
+            let timeout = o.value("timeout", |v| match parse_duration_ms(v).map_err(|e| e.to_string())? {
+                0 => Err("must be more than 0".to_string()),
+                ms => Ok(Duration::from_millis(ms as u64)),
+            })?;
+            let text = |key| o.get(key).map(str::to_string);
+            Ok(KairosOptions {
+                url: format!("{scheme}://{host}"),
+                user,
+                batch_points: o.value("batch", positive)?.unwrap_or(5_000),
+                batch_bytes: o.value("batch_bytes", positive)?.unwrap_or(4 << 20),
+                linger: dur("linger")?.unwrap_or(Duration::from_millis(100)),
+                in_flight: o.value("inflight", positive)?.unwrap_or(4),
+                timeout: timeout.unwrap_or(Duration::from_secs(10)),
+                queue_points: o.value("queue", positive)?.unwrap_or(2_000_000),
+                backoff: dur("backoff")?.unwrap_or(Duration::from_millis(100)),
+                backoff_max: dur("backoff_max")?.unwrap_or(Duration::from_secs(30)),
+                drain: dur("drain")?.unwrap_or(Duration::from_secs(30)),
+                dead_letter: text("dead_letter").unwrap_or_else(|| "expmon-out/kairosdb-rejected.jsonl".into()),
+                ca: text("ca"),
+            })
         };
-        for kv in query.split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("option {kv:?} is not k=v")))?;
-            let num = || {
-                v.parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("{k}={v} is not a positive number")))
-            };
-            let dur = || {
-                parse_duration_ms(v).map(|ms| Duration::from_millis(ms as u64)).map_err(|e| bad(format!("{k}: {e}")))
-            };
-            match k {
-                "batch" => o.batch_points = num()?,
-                "batch_bytes" => o.batch_bytes = num()?,
-                "linger" => o.linger = dur()?,
-                "inflight" => o.in_flight = num()?,
-                "timeout" => {
-                    o.timeout = dur()?;
-                    if o.timeout.is_zero() {
-                        return Err(bad("timeout must be more than 0".into()));
-                    }
-                }
-                "queue" => o.queue_points = num()?,
-                "backoff" => o.backoff = dur()?,
-                "backoff_max" => o.backoff_max = dur()?,
-                "drain" => o.drain = dur()?,
-                "dead_letter" => o.dead_letter = v.to_string(),
-                "ca" => o.ca = Some(v.to_string()),
-                _ => return Err(bad(format!("unknown option {k:?}"))),
-            }
-        }
-        Ok(o)
+        options().map_err(|e| bad(e.to_string()))
     }
 }
+
+/// The options of a `kairosdb:` address (see [`KairosOptions`]).
+static KEYS: Keys = Keys {
+    known: &[
+        "batch",
+        "batch_bytes",
+        "linger",
+        "inflight",
+        "timeout",
+        "queue",
+        "backoff",
+        "backoff_max",
+        "drain",
+        "dead_letter",
+        "ca",
+    ],
+    passed_on: None,
+};
 
 /// `HOST[:PORT]` with a non-empty host (a name, an IPv4 address or `[IPv6]`)
 /// and, if given, a port number: what an HTTP client can connect to.
@@ -221,12 +223,12 @@ impl KairosSink {
         let mut builder =
             reqwest::blocking::Client::builder().timeout(opts.timeout).pool_max_idle_per_host(opts.in_flight);
         if let Some(path) = &opts.ca {
-            let pem = std::fs::read(path).map_err(|e| SinkError::Kairos(format!("cannot read CA file {path}: {e}")))?;
+            let pem = std::fs::read(path).map_err(|error| SinkError::KairosCa { path: path.clone(), error })?;
             let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| SinkError::Kairos(format!("CA file {path} is not a PEM certificate: {e}")))?;
+                .map_err(|error| SinkError::KairosCert { path: path.clone(), error })?;
             builder = builder.add_root_certificate(cert);
         }
-        let client = builder.build().map_err(|e| SinkError::Kairos(format!("cannot build an HTTP client: {e}")))?;
+        let client = builder.build().map_err(SinkError::KairosClient)?;
         check_version(&client, &opts)?;
         let shared = Arc::new(Shared {
             queue: CoalescingQueue::new(opts.queue_points, catalog),
@@ -248,7 +250,7 @@ impl KairosSink {
                     .spawn(format!("expmon-kairos-{i}"), move || {
                         // Leaves the queue however the thread ends (panics included).
                         let _left = SenderLeaves(&s.queue);
-                        send_loop(&s, crate::health::now_ms() as u64 ^ i as u64)
+                        send_loop(&s, crate::clock::now_ms() as u64 ^ i as u64)
                     })
                     .expect("spawn kairosdb sender")
             })
@@ -277,7 +279,7 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
     if let Some((u, p)) = &opts.user {
         req = req.basic_auth(u, Some(p));
     }
-    let resp = req.send().map_err(|e| SinkError::Kairos(format!("cannot reach KairosDB at {}: {e}", opts.url)))?;
+    let resp = req.send().map_err(|error| SinkError::KairosUnreachable { url: opts.url.clone(), error })?;
     let status = resp.status();
     let body = resp.text().unwrap_or_default();
     let version = serde_json::from_str::<serde_json::Value>(&body)
@@ -285,11 +287,7 @@ fn check_version(client: &reqwest::blocking::Client, opts: &KairosOptions) -> Re
         .and_then(|v| v.get("version").and_then(|v| v.as_str()).map(str::to_string));
     match version {
         Some(v) if status.is_success() && v.starts_with("KairosDB") => Ok(()),
-        _ => Err(SinkError::Kairos(format!(
-            "{} is not KairosDB: GET /api/v1/version answered {status} {:?}",
-            opts.url,
-            body.chars().take(120).collect::<String>()
-        ))),
+        _ => Err(SinkError::NotKairos { url: opts.url.clone(), status, body: body.chars().take(120).collect() }),
     }
 }
 
@@ -373,12 +371,14 @@ fn send_loop(s: &Shared, seed: u64) {
                     s,
                     batch,
                     |part| {
-                        crate::checkpoint::failpoint("kairos.send");
+                        crate::failures::failpoint("kairos.send");
                         encode_batch(part, &Namer::new(&catalog), ttl_s)
                     },
                     |part, status, error| {
                         let namer = Namer::new(&catalog);
-                        refuse(s, status, error, part.iter().map(|p| point_line(p, &namer)))
+                        refuse(s, status, error, part.len(), |out| {
+                            part.iter().for_each(|p| format_point(out, p, &namer))
+                        })
                     },
                     // Failed points go back to the queue, where a newer total
                     // may replace them meanwhile.
@@ -490,7 +490,9 @@ fn send_health(s: &Shared) -> Option<String> {
             s,
             batch,
             |part| encode_health(part, ts, ttl_s),
-            |part, status, error| refuse(s, status, error, part.iter().map(|p| health_line(p, ts))),
+            |part, status, error| {
+                refuse(s, status, error, part.len(), |out| part.iter().for_each(|p| format_health(out, p, ts)))
+            },
             |part, done| {
                 if !done {
                     unsent.extend_from_slice(part);
@@ -513,25 +515,6 @@ fn sleep_unless_stopped(s: &Shared, d: Duration) {
         }
         std::thread::sleep((end - now).min(Duration::from_millis(20)));
     }
-}
-
-/// A refused experiment point as a dead-letter line (the file sink's format).
-fn point_line(p: &Point, namer: &Namer) -> serde_json::Value {
-    serde_json::json!({
-        "name": namer.name(p.key), "tags": {"dc": namer.dc(), "device": namer.device(p.key), "login": namer.login(p.key)},
-        "timestamp": p.minute, "value": p.value,
-    })
-}
-
-/// A refused health point as a dead-letter line (the file sink's format).
-fn health_line(p: &HealthPoint, ts_ms: i64) -> serde_json::Value {
-    let tags: serde_json::Map<String, serde_json::Value> =
-        p.tags.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
-    let value = match p.value {
-        HealthValue::Int(v) => serde_json::Value::from(v),
-        HealthValue::Float(v) => serde_json::Value::from(v),
-    };
-    serde_json::json!({"name": p.name, "tags": tags, "timestamp": ts_ms, "value": value})
 }
 
 /// Points refused for good: what the dead-letter file holds, what the end
@@ -558,29 +541,32 @@ struct Refusals {
 /// Dead-letter format: one line per refused request,
 /// `{"request":N,"status":400,"error":"…","points":M,"at":MS}` (N counts from 1
 /// in each run; the error text cut to [`ERROR_TEXT_MAX`] bytes; `at` is the
-/// wall clock), followed by its M points in the file sink's format, each with
-/// `"request":N`.
-fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<Item = serde_json::Value>) {
-    let points = lines.len() as u64;
+/// wall clock), followed by its M points in the file sink's format
+/// ([`crate::sink::json`]), each with `"request":N` added last.
+fn refuse(s: &Shared, status: u16, error: &str, points: usize, lines: impl FnOnce(&mut String)) {
+    use std::fmt::Write as _;
+    let points = points as u64;
     let mut g = lock(&s.refusals);
     g.requests += 1;
     g.statuses.insert(status);
     let request = g.requests;
     let mut text = serde_json::json!({
-        "request": request, "status": status, "error": error, "points": points, "at": crate::health::now_ms(),
+        "request": request, "status": status, "error": error, "points": points, "at": crate::clock::now_ms(),
     })
     .to_string();
     text.push('\n');
-    for mut line in lines {
-        line["request"] = request.into();
-        text.push_str(&line.to_string());
-        text.push('\n');
+    let mut file_lines = String::new();
+    lines(&mut file_lines);
+    for line in file_lines.lines() {
+        // The file sink's line with `"request":N` last.
+        let open = line.strip_suffix('}').expect("a JSON object");
+        let _ = writeln!(text, "{open},\"request\":{request}}}");
     }
     let kept = match write_dead_letter(&mut g.file, &s.opts.dead_letter, &text) {
         Ok(()) => format!("dead-lettered to {}", s.opts.dead_letter),
         Err(e) => {
             g.lost += points;
-            g.lost_why = e.clone();
+            g.lost_why = e.to_string();
             format!("NOT kept: {e}")
         }
     };
@@ -601,7 +587,7 @@ fn refuse(s: &Shared, status: u16, error: &str, lines: impl ExactSizeIterator<It
 }
 
 /// Appends `text` to the dead-letter file, opening it on first use.
-fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), String> {
+fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str) -> Result<(), SinkError> {
     if file.is_none() {
         let p = std::path::Path::new(path);
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -611,13 +597,13 @@ fn write_dead_letter(file: &mut Option<BufWriter<File>>, path: &str, text: &str)
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| format!("cannot open dead-letter file {path}: {e}"))?;
+            .map_err(|error| SinkError::DeadLetterOpen { path: path.to_string(), error })?;
         *file = Some(BufWriter::new(f));
     }
     let w = file.as_mut().expect("opened above");
     w.write_all(text.as_bytes())
         .and_then(|()| w.flush())
-        .map_err(|e| format!("cannot write dead-letter file {path}: {e}"))
+        .map_err(|error| SinkError::DeadLetterWrite { path: path.to_string(), error })
 }
 
 impl Sink for KairosSink {
@@ -736,9 +722,26 @@ mod tests {
             (100, Duration::from_millis(5), 2, Duration::from_secs(60))
         );
         assert_eq!(KairosOptions::parse("http://h:1").unwrap().batch_points, 5_000);
-        for bad in ["h:1", "ftp://h:1", "http://", "http://h:1?batch=0", "http://h:1?nope=1", "http://h:1?linger=soon"]
-        {
+        for bad in [
+            "h:1",
+            "ftp://h:1",
+            "http://",
+            "http://h:1?batch=0",
+            "http://h:1?nope=1",
+            "http://h:1?linger=soon",
+            "http://h:1?timeout=0s",
+            "http://h:1?batch=1&batch=2",
+            "http://h:1?batch",
+        ] {
             assert!(KairosOptions::parse(bad).is_err(), "{bad}");
         }
+        let why = |spec| match KairosOptions::parse(spec) {
+            Err(SinkError::BadOption { why, .. }) => why,
+            other => panic!("{spec}: {other:?}"),
+        };
+        assert_eq!(why("http://h:1?batch=0"), "batch: \"0\" is not a positive number");
+        assert_eq!(why("http://h:1?timeout=0s"), "timeout: must be more than 0");
+        assert_eq!(why("http://h:1?drain=1s&drain=2s"), "option \"drain\" is given twice");
+        assert!(why("http://h:1?nope=1").starts_with("unknown option \"nope\" (expected batch, batch_bytes, linger,"));
     }
 }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::aggregate::{Point, SeriesKey};
 use crate::config::Catalog;
-use crate::shard::failures::lock;
+use crate::failures::lock;
 
 type PointId = (SeriesKey, i64);
 

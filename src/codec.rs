@@ -1,5 +1,17 @@
 //! Little-endian binary encoding for checkpoints: an append-only [`Enc`] and a
 //! bounds-checked [`Dec`] whose every read fails cleanly on truncated input.
+//! A leaf: `checkpoint` lays out the file with it, and each stage that owns
+//! state (the sessions in `session`, the router and shards in `shard`)
+//! encodes its own part with it, so neither needs the other.
+
+/// Why a [`Dec`] read failed: the bytes are cut short or a count is corrupt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("truncated: needed {needed} bytes at offset {at} of {len}")]
+    Truncated { needed: usize, at: usize, len: usize },
+    #[error("count {n} at offset {at} exceeds the data left")]
+    Count { n: usize, at: usize },
+}
 
 /// Appends fixed-width little-endian values.
 #[derive(Debug, Default)]
@@ -54,50 +66,50 @@ impl<'a> Dec<'a> {
         Dec { data, pos: 0 }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or_else(|| format!("truncated: needed {n} bytes at offset {} of {}", self.pos, self.data.len()))?;
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or(DecodeError::Truncated {
+            needed: n,
+            at: self.pos,
+            len: self.data.len(),
+        })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
     }
 
-    pub fn u8(&mut self) -> Result<u8, String> {
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    pub fn u16(&mut self) -> Result<u16, String> {
+    pub fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
-    pub fn u32(&mut self) -> Result<u32, String> {
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
-    pub fn u64(&mut self) -> Result<u64, String> {
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    pub fn i64(&mut self) -> Result<i64, String> {
+    pub fn i64(&mut self) -> Result<i64, DecodeError> {
         Ok(i64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    pub fn i128(&mut self) -> Result<i128, String> {
+    pub fn i128(&mut self) -> Result<i128, DecodeError> {
         Ok(i128::from_le_bytes(self.take(16)?.try_into().expect("16 bytes")))
     }
-    pub fn opt_i64(&mut self) -> Result<Option<i64>, String> {
+    pub fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
         let has = self.u8()? != 0;
         let v = self.i64()?;
         Ok(has.then_some(v))
     }
-    pub fn bytes(&mut self) -> Result<&'a [u8], String> {
+    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
     /// A count of items each at least `min_item` bytes long, checked against
     /// what is left (so a corrupt count cannot make us allocate wildly).
-    pub fn count(&mut self, min_item: usize) -> Result<usize, String> {
+    pub fn count(&mut self, min_item: usize) -> Result<usize, DecodeError> {
         let n = self.u64()? as usize;
         if n.saturating_mul(min_item.max(1)) > self.data.len() - self.pos {
-            return Err(format!("count {n} at offset {} exceeds the data left", self.pos - 8));
+            return Err(DecodeError::Count { n, at: self.pos - 8 });
         }
         Ok(n)
     }

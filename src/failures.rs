@@ -19,10 +19,15 @@
 //! A thread that ends with an error instead of a panic calls
 //! [`Failures::halt`]: the run stops the same way, and its own error is the
 //! one returned.
+//!
+//! Also here, because every stage needs them and they need nothing of the
+//! engine: [`lock`] (a mutex taken over even when poisoned, since a panic
+//! already stops the run) and [`failpoint`] (crash testing: abort or panic at
+//! a named point).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 use std::thread::JoinHandle;
 
 /// Locks `m`, taking a poisoned lock over as it is.
@@ -152,6 +157,34 @@ impl Failures {
     }
 }
 
+/// Crash testing: `EXPMON_FAILPOINT=NAME` (or `NAME@N`, the Nth time) aborts
+/// the process at the named point, as a power cut would;
+/// `EXPMON_FAILPOINT=panic:NAME[@N]` panics the thread that reaches it instead
+/// (a bug in that thread), which must stop the run with one error line.
+#[track_caller]
+pub fn failpoint(name: &str) {
+    static SPEC: OnceLock<Option<(bool, String, u64)>> = OnceLock::new();
+    static HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("EXPMON_FAILPOINT").ok()?;
+        let (panics, v) = match v.strip_prefix("panic:") {
+            Some(rest) => (true, rest),
+            None => (false, v.as_str()),
+        };
+        let (n, at) = v.split_once('@').unwrap_or((v, "1"));
+        Some((panics, n.to_string(), at.parse().unwrap_or(1)))
+    });
+    if let Some((panics, n, at)) = spec {
+        if n == name && HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == *at {
+            if *panics {
+                panic!("failpoint {name}");
+            }
+            tracing::error!("failpoint {name}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,7 +201,7 @@ mod tests {
         assert!(f.failed());
         let first = f.first().unwrap();
         assert_eq!(first.thread, "expmon-test-0");
-        assert!(first.message.starts_with("boom 1 (at src/shard/failures.rs:"), "{}", first.message);
+        assert!(first.message.starts_with("boom 1 (at src/failures.rs:"), "{}", first.message);
         let later = f.spawn("expmon-test-1".into(), || panic!("again")).unwrap();
         assert_eq!(later.join().unwrap(), None::<()>);
         assert_eq!(f.first().unwrap().thread, "expmon-test-0", "the first failure is the one reported");
