@@ -13,6 +13,7 @@
 //! 5. `checkpoint`, `gen`, `health`
 //! 6. `serve`
 //! 7. `shard` (the runtime, which wires them all)
+//! 8. `scale` (the scale-out runtime: two stages of the same pieces through Kafka)
 
 pub mod address; // the ?key=value&… options of every address, one parser
 pub mod aggregate; // metric keys, per-minute counters, merged totals

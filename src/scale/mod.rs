@@ -395,3 +395,21 @@ pub fn run(
     }
     Ok(ScaleSummary { stage1: r1?, stage2: r2? })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::health::prometheus::FAMILIES;
+
+    /// Every point scale-out writes has its Prometheus family, and every
+    /// `expmon.scale_out.*` family is one of its points.
+    #[test]
+    fn every_scale_out_health_point_has_a_family() {
+        let points = super::health_points(&Default::default(), &Default::default(), "dc1", "h");
+        for p in &points {
+            assert!(FAMILIES.iter().any(|f| f.point == p.name), "{} has no Prometheus family", p.name);
+        }
+        for f in FAMILIES.iter().filter(|f| f.point.starts_with("expmon.scale_out.")) {
+            assert!(points.iter().any(|p| p.name == f.point), "{} is not a point scale-out makes", f.point);
+        }
+    }
+}
