@@ -1,15 +1,17 @@
 //! Per-stage benchmarks on `peak`-profile data: parse, route (parse + resolve +
 //! watermark + batch), sessionize (session state + per-minute counters), merge
-//! (writer totals) and encode (file-sink JSON). Throughput is in events (or
-//! points) per second.
+//! (writer totals) and encode (file-sink JSON). Sessionize, the counters
+//! alone and merge also run on the `sparse` shape of `perf/shapes.sh` (every
+//! event carries its assignments, 125 events/s of event time: few events per
+//! region and minute). Throughput is in events (or deltas, points) per second.
 //!
 //! Run: `cargo bench --bench stages` (add `-- --quick` for a short run).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::sync::Arc;
 
-use expmon::aggregate::{Delta, Namer, Point, Totals};
-use expmon::config::Catalog;
+use expmon::aggregate::{Delta, MinuteCounters, Namer, Point, SeriesKey, Totals, NO_MP};
+use expmon::config::{Catalog, VisitSlot};
 use expmon::event::{parse_event, ParseScratch};
 use expmon::gen::{Generator, Profile, REPLAY_START_MS};
 use expmon::names::Names;
@@ -26,8 +28,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// experiments each), the most expensive kind.
 const EVENTS: usize = 50_000;
 
-fn peak_lines() -> (Profile, Vec<Vec<u8>>) {
-    let profile = Profile::peak();
+/// The `sparse` shape: `expmon gen --profile peak --assign-every 1 --event-rate 125`.
+fn sparse_profile() -> Profile {
+    let mut p = Profile::peak();
+    p.assign_repeat_fraction = 1.0;
+    p.event_time_rate = 125.0;
+    p
+}
+
+fn lines_of(profile: Profile) -> (Profile, Vec<Vec<u8>>) {
     let mut g = Generator::new(profile.clone(), 42, REPLAY_START_MS);
     // Skip the warm-up so sessions are mid-life, as in steady state.
     let mut line = Vec::new();
@@ -62,8 +71,72 @@ fn routed(catalog: &Arc<Catalog>, lines: &[Vec<u8>]) -> Vec<EventBatch> {
     batches
 }
 
+/// The deltas of one shard's flush after `batches`.
+fn drained(catalog: &Arc<Catalog>, batches: &[EventBatch]) -> Vec<Delta> {
+    let mut w = Worker::new(0, catalog.clone());
+    for batch in batches {
+        w.apply(batch);
+    }
+    w.drain_deltas(i64::MIN)
+}
+
+/// The writer's merge as at a flush of two shards: both halves of `deltas`
+/// applied, every due point taken, every minute final (so the next round
+/// reuses what this one held).
+fn bench_merge(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, deltas: &[Delta]) {
+    g.throughput(Throughput::Elements(deltas.len() as u64));
+    g.bench_function(name, |b| {
+        let (a, z) = deltas.split_at(deltas.len() / 2);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        b.iter(|| {
+            t.apply(a);
+            t.apply(z);
+            out.clear();
+            t.take_due(i64::MAX, &mut out);
+            out.len()
+        });
+    });
+}
+
+/// The counters alone: every delta of `deltas` added once (in drain order,
+/// which groups a region's variations as an event does), then drained.
+fn bench_counters(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    catalog: &Arc<Catalog>,
+    deltas: &[Delta],
+) {
+    let adds: Vec<(SeriesKey, Option<VisitSlot>, i64, i64)> = deltas
+        .iter()
+        .map(|d| {
+            let v = d.key.variation();
+            let x = &catalog.experiments[catalog.variations[v as usize].experiment as usize];
+            let slot =
+                (d.key.mp() != NO_MP).then(|| x.visit_slot(d.key.mp(), v).expect("the variation reports the mp"));
+            (d.key, slot, d.minute, d.delta)
+        })
+        .collect();
+    g.throughput(Throughput::Elements(adds.len() as u64));
+    g.bench_function(name, |b| {
+        let mut c = MinuteCounters::new(catalog.clone());
+        let mut out = Vec::new();
+        b.iter(|| {
+            for &(key, slot, ts, delta) in &adds {
+                match slot {
+                    Some(s) => c.add_visit(key, s, ts, delta),
+                    None => c.add_session(key, ts, delta),
+                }
+            }
+            out.clear();
+            c.drain(&mut out);
+            out.len()
+        });
+    });
+}
+
 fn stages(c: &mut Criterion) {
-    let (profile, lines) = peak_lines();
+    let (profile, lines) = lines_of(Profile::peak());
     let catalog = catalog(&profile);
 
     let mut g = c.benchmark_group("parse");
@@ -109,25 +182,35 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         );
     });
+    let (_, sparse_lines) = lines_of(sparse_profile());
+    let sparse_batches = routed(&catalog, &sparse_lines);
+    let sparse_events: usize = sparse_batches.iter().map(|b| b.events.len()).sum();
+    g.throughput(Throughput::Elements(sparse_events as u64));
+    g.bench_function("sessions_and_minute_counters_sparse", |b| {
+        b.iter_batched(
+            || Worker::new(0, catalog.clone()),
+            |mut w| {
+                for batch in &sparse_batches {
+                    w.apply(batch);
+                }
+                w
+            },
+            BatchSize::LargeInput,
+        );
+    });
     g.finish();
 
     // Deltas as one flush of a shard produces them.
-    let mut w = Worker::new(0, catalog.clone());
-    for batch in &batches {
-        w.apply(batch);
-    }
-    let deltas: Vec<Delta> = w.drain_deltas(i64::MIN);
+    let deltas = drained(&catalog, &batches);
+    let sparse_deltas = drained(&catalog, &sparse_batches);
+    let mut g = c.benchmark_group("counters");
+    bench_counters(&mut g, "add_drain_dense", &catalog, &deltas);
+    bench_counters(&mut g, "add_drain_sparse", &catalog, &sparse_deltas);
+    g.finish();
+
     let mut g = c.benchmark_group("merge");
-    g.throughput(Throughput::Elements(deltas.len() as u64));
-    g.bench_function("totals_apply_take_due", |b| {
-        b.iter(|| {
-            let mut t = Totals::new();
-            t.apply(&deltas);
-            let mut out = Vec::new();
-            t.take_due(i64::MIN, &mut out);
-            out.len()
-        });
-    });
+    bench_merge(&mut g, "totals_apply_take_due", &deltas);
+    bench_merge(&mut g, "totals_apply_take_due_sparse", &sparse_deltas);
     g.finish();
 
     let points: Vec<Point> = deltas.iter().map(|d| Point { key: d.key, minute: d.minute, value: d.delta }).collect();

@@ -1,19 +1,20 @@
-//! Per-shard, per-minute delta counters in dense regions.
+//! Per-shard, per-minute delta counters, in memory that follows the traffic.
 //!
-//! A region holds the counters of one (tenant, mp, device, login, minute):
-//! - a visit region has 7 `i64` (the 4 visit counts and the 3 value sums) for
-//!   each variation that reports the mp, at its [`VisitSlot`] (experiments
-//!   listing the mp first, then those reporting every mp);
-//! - the no-mp region has 2 (the session kinds) for each variation of the
-//!   tenant, at its `tenant_slot`.
-//!
-//! All of an event's visit contributions share its mp, tags and minute, so they
-//! land in one small region: one lookup per event (the last region is cached)
-//! and plain array increments, in memory that popular pages keep hot.
+//! Counters are grouped in regions, one per (tenant, mp, device, login,
+//! minute) touched: all of an event's contributions share its mp, tags and
+//! minute, so one region lookup serves the whole event (the last region is
+//! cached). A region is a small open-addressing table of cells, one per
+//! variation touched, a cache line each: 7 `i64` in a visit region (the 4
+//! visit counts and the 3 value sums), 2 of them used in the no-mp region
+//! (the session kinds). A region starts with room for the mean region of
+//! the last drain (at least 4 cells, at most 64) and doubles as it fills,
+//! so memory is proportional to the (region, variation) pairs the traffic
+//! touched since the last drain, never to the size of the catalog, and an
+//! event's cells stay together, in tables that popular pages keep hot.
 //!
 //! Counters hold deltas since the last drain. A drain hands out every non-zero
-//! counter and then frees all regions — they are all zero — so memory follows
-//! the traffic of one trigger interval, not the run.
+//! counter, region by region, then keeps every emptied table for reuse (by
+//! size): a steady stream stops allocating once the tables fit one interval.
 //!
 //! Value sums (`value_sq` above all: one session's square may reach ~6.5·10¹⁸)
 //! can leave the `i64` range within one interval. A counter never wraps: when
@@ -73,27 +74,122 @@ fn region_key(tenant: u16, key: SeriesKey) -> u64 {
     (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
 }
 
+/// `variation` of a free cell.
+const FREE: u32 = u32::MAX;
+
+/// The counters of one variation in one region: one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Cell {
+    /// The variation, or [`FREE`].
+    variation: u32,
+    /// One bit per counter touched since the drain (only while tracking): a
+    /// change that cancels out within one flush is still reported as a zero
+    /// delta (see `crate::checkpoint`).
+    touched: u8,
+    counts: [i64; VISIT_KINDS],
+}
+
+const FREE_CELL: Cell = Cell { variation: FREE, touched: 0, counts: [0; VISIT_KINDS] };
+
+/// Cells of the smallest region table.
+const FIRST_CELLS: usize = 4;
+/// The most cells a region starts with (4 KiB).
+const MAX_START_CELLS: usize = 64;
+
+/// The counters of one (tenant, mp, device, login, minute): an open-addressing
+/// table by variation (linear probing, power-of-two size, at most ¾ full).
 struct Region {
     key: u64,
     minute: i64,
-    /// Size of the listed part (visit regions).
-    listed: u32,
-    counts: Box<[i64]>,
-    /// After a restore: one bit per counter touched since the drain, so that
-    /// a change that cancels out within one flush is still reported (as a
-    /// zero delta) and its point rewritten (see `crate::checkpoint`).
-    touched: Option<Box<[u64]>>,
+    cells: Vec<Cell>,
+    len: usize,
+}
+
+/// Where `variation` starts probing in a table of `cells` (a power of two).
+#[inline]
+fn home(variation: u32, cells: usize) -> usize {
+    let h = (variation as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - cells.trailing_zeros())) as usize
+}
+
+/// Empty tables kept by drains, by size class (`log2(len / FIRST_CELLS)`).
+#[derive(Default)]
+struct Spare {
+    by_class: Vec<Vec<Vec<Cell>>>,
+}
+
+impl Spare {
+    /// An all-free table of `cells` cells.
+    fn take(&mut self, cells: usize) -> Vec<Cell> {
+        let class = (cells / FIRST_CELLS).trailing_zeros() as usize;
+        self.by_class.get_mut(class).and_then(Vec::pop).unwrap_or_else(|| vec![FREE_CELL; cells])
+    }
+
+    /// Keeps `table`, whose cells must all be free again.
+    fn give(&mut self, table: Vec<Cell>) {
+        let class = (table.len() / FIRST_CELLS).trailing_zeros() as usize;
+        if self.by_class.len() <= class {
+            self.by_class.resize_with(class + 1, Vec::new);
+        }
+        self.by_class[class].push(table);
+    }
+
+    fn cells(&self) -> usize {
+        self.by_class.iter().flatten().map(Vec::len).sum()
+    }
 }
 
 impl Region {
-    /// Adds `delta`; if the sum would leave `i64`, restarts the counter at
-    /// `delta` and returns the count it held (to be handed out on its own).
+    /// The position of `variation`'s cell, taken if new.
     #[inline]
-    fn add(&mut self, cell: usize, delta: i64) -> Option<i64> {
-        if let Some(t) = &mut self.touched {
-            t[cell / 64] |= 1 << (cell % 64);
+    fn position(&mut self, variation: u32, spare: &mut Spare) -> usize {
+        if (self.len + 1) * 4 > self.cells.len() * 3 {
+            self.grow(spare);
         }
-        let c = &mut self.counts[cell];
+        let mask = self.cells.len() - 1;
+        let mut i = home(variation, self.cells.len());
+        loop {
+            let c = &mut self.cells[i];
+            if c.variation == variation {
+                return i;
+            }
+            if c.variation == FREE {
+                c.variation = variation;
+                self.len += 1;
+                return i;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Moves the cells to a table twice the size; the old one, freed, goes
+    /// back to `spare`.
+    #[cold]
+    fn grow(&mut self, spare: &mut Spare) {
+        let bigger = spare.take(self.cells.len() * 2);
+        let mut old = std::mem::replace(&mut self.cells, bigger);
+        let mask = self.cells.len() - 1;
+        for c in old.iter_mut().filter(|c| c.variation != FREE) {
+            let mut i = home(c.variation, self.cells.len());
+            while self.cells[i].variation != FREE {
+                i = (i + 1) & mask;
+            }
+            self.cells[i] = std::mem::replace(c, FREE_CELL);
+        }
+        spare.give(old);
+    }
+
+    /// Adds `delta` to counter `o` of the cell at `pos`; if the sum would
+    /// leave `i64`, restarts the counter at `delta` and returns the count it
+    /// held (to be handed out on its own).
+    #[inline]
+    fn add(&mut self, pos: usize, o: usize, delta: i64, tracking: bool) -> Option<i64> {
+        let cell = &mut self.cells[pos];
+        if tracking {
+            cell.touched |= 1 << o;
+        }
+        let c = &mut cell.counts[o];
         match c.checked_add(delta) {
             Some(v) => {
                 *c = v;
@@ -101,11 +197,6 @@ impl Region {
             }
             None => Some(std::mem::replace(c, delta)),
         }
-    }
-
-    #[inline]
-    fn touched(&self, cell: usize) -> bool {
-        self.touched.as_ref().is_some_and(|t| t[cell / 64] & (1 << (cell % 64)) != 0)
     }
 }
 
@@ -116,6 +207,10 @@ pub struct MinuteCounters {
     regions: Vec<Region>,
     /// The last region used: (region key, minute, index).
     last: Option<(u64, i64, u32)>,
+    spare: Spare,
+    /// Cells a new region starts with: enough for the mean region of the
+    /// last drain, so that most never grow.
+    start_cells: usize,
     /// Report touched counters even when their net change is zero.
     track_touched: bool,
     /// Counts set aside because adding to them would have overflowed.
@@ -129,6 +224,8 @@ impl MinuteCounters {
             index: AHashMap::new(),
             regions: Vec::new(),
             last: None,
+            spare: Spare::default(),
+            start_cells: FIRST_CELLS,
             track_touched: false,
             spilled: Vec::new(),
         }
@@ -154,74 +251,64 @@ impl MinuteCounters {
         let next = self.regions.len() as u32;
         let i = *self.index.entry((rkey, minute)).or_insert(next);
         if i == next {
-            let (listed, len) = if key.mp() == NO_MP {
-                (0, self.catalog.tenant_variations[tenant as usize].len() * SESSION_KINDS)
-            } else {
-                let (listed, every) = self.catalog.visit_region(tenant, key.mp());
-                (listed.len() as u32, (listed.len() + every.len()) * VISIT_KINDS)
-            };
-            let touched = self.track_touched.then(|| vec![0u64; len.div_ceil(64)].into_boxed_slice());
-            self.regions.push(Region { key: rkey, minute, listed, counts: vec![0; len].into_boxed_slice(), touched });
+            let cells = self.spare.take(self.start_cells);
+            self.regions.push(Region { key: rkey, minute, cells, len: 0 });
         }
         self.last = Some((rkey, minute, i));
         i as usize
+    }
+
+    #[inline]
+    fn add(&mut self, tenant: u16, key: SeriesKey, minute: i64, delta: i64) {
+        let r = self.region(tenant, key, minute);
+        let region = &mut self.regions[r];
+        let pos = region.position(key.variation(), &mut self.spare);
+        if let Some(full) = region.add(pos, offset(key.kind()), delta, self.track_touched) {
+            self.spilled.push(Delta { key, minute, delta: full });
+        }
     }
 
     /// Adds `delta` to the session-kind point `(key, minute(ts))`.
     #[inline]
     pub fn add_session(&mut self, key: SeriesKey, ts: i64, delta: i64) {
         debug_assert_eq!(key.mp(), NO_MP);
-        let var = self.catalog.variations[key.variation() as usize];
-        let minute = minute_of(ts);
-        let r = self.region(var.tenant, key, minute);
-        if let Some(full) = self.regions[r].add(var.tenant_slot as usize * SESSION_KINDS + offset(key.kind()), delta) {
-            self.spilled.push(Delta { key, minute, delta: full });
-        }
-    }
-
-    /// Adds `delta` to the visit-kind point `(key, minute(ts))`, whose
-    /// variation sits at `slot` of its mp's region.
-    #[inline]
-    pub fn add_visit(&mut self, key: SeriesKey, slot: VisitSlot, ts: i64, delta: i64) {
         let tenant = self.catalog.variations[key.variation() as usize].tenant;
-        let minute = minute_of(ts);
-        let i = self.region(tenant, key, minute);
-        let r = &mut self.regions[i];
-        let s = match slot {
-            VisitSlot::Listed(s) => s,
-            VisitSlot::Every(s) => r.listed + s,
-        };
-        if let Some(full) = r.add(s as usize * VISIT_KINDS + offset(key.kind()), delta) {
-            self.spilled.push(Delta { key, minute, delta: full });
-        }
+        self.add(tenant, key, minute_of(ts), delta);
     }
 
-    /// Appends every non-zero delta since the last drain to `out` and frees
-    /// all counters (they are zero again).
+    /// Adds `delta` to the visit-kind point `(key, minute(ts))`. The slot is
+    /// the caller's proof that the variation reports the mp; cells are keyed
+    /// by the variation itself.
+    #[inline]
+    pub fn add_visit(&mut self, key: SeriesKey, _slot: VisitSlot, ts: i64, delta: i64) {
+        let tenant = self.catalog.variations[key.variation() as usize].tenant;
+        self.add(tenant, key, minute_of(ts), delta);
+    }
+
+    /// Appends every non-zero delta since the last drain to `out` and empties
+    /// the counters, keeping their tables for the next interval.
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
         out.append(&mut self.spilled);
-        for r in &self.regions {
-            let tenant = (r.key >> 40) as u16;
+        if !self.regions.is_empty() {
+            let mean = self.cells().div_ceil(self.regions.len());
+            self.start_cells = (mean * 4).div_ceil(3).next_power_of_two().clamp(FIRST_CELLS, MAX_START_CELLS);
+        }
+        for mut r in self.regions.drain(..) {
             let (mp, device, login) =
                 (((r.key >> 24) & 0xFFFF) as u16, ((r.key >> 12) & 0xFFF) as u16, (r.key & 0xFFF) as u16);
             let session = mp == NO_MP;
-            let (first, second) = if session {
-                (&self.catalog.tenant_variations[tenant as usize][..], &[][..])
-            } else {
-                self.catalog.visit_region(tenant, mp)
-            };
             let per = if session { SESSION_KINDS } else { VISIT_KINDS };
-            for (slot, c) in r.counts.chunks_exact(per).enumerate() {
-                for (o, &d) in c.iter().enumerate() {
-                    if d != 0 || r.touched(slot * per + o) {
-                        let var = if slot < first.len() { first[slot] } else { second[slot - first.len()] };
-                        let key = SeriesKey::new(kind_at(session, o), var, mp, device, login);
+            for c in r.cells.iter_mut().filter(|c| c.variation != FREE) {
+                for (o, &d) in c.counts[..per].iter().enumerate() {
+                    if d != 0 || c.touched & (1 << o) != 0 {
+                        let key = SeriesKey::new(kind_at(session, o), c.variation, mp, device, login);
                         out.push(Delta { key, minute: r.minute, delta: d });
                     }
                 }
+                *c = FREE_CELL;
             }
+            self.spare.give(std::mem::take(&mut r.cells));
         }
-        self.regions.clear();
         self.index.clear();
         self.last = None;
     }
@@ -230,6 +317,16 @@ impl MinuteCounters {
     /// since the last drain).
     pub fn regions(&self) -> usize {
         self.regions.len()
+    }
+
+    /// Cells in use (one per region and variation touched since the last drain).
+    pub fn cells(&self) -> usize {
+        self.regions.iter().map(|r| r.len).sum()
+    }
+
+    /// Cells of the empty tables kept for reuse.
+    pub fn spare_cells(&self) -> usize {
+        self.spare.cells()
     }
 }
 
@@ -341,5 +438,104 @@ mod tests {
                 assert_eq!(out, vec![Delta { key, minute: 120_000, delta: 3 }]);
             }
         }
+    }
+
+    #[test]
+    fn cells_follow_what_is_touched_and_a_drain_keeps_their_memory() {
+        let mut c = MinuteCounters::new(catalog());
+        let k = SeriesKey::new(MetricKind::VisitFm, 1, 0, 3, 4);
+        let kv = SeriesKey::new(MetricKind::ValueFm, 1, 0, 3, 4);
+        add(&mut c, k, 60_000, 1);
+        add(&mut c, kv, 60_000, 5);
+        assert_eq!((c.regions(), c.cells()), (1, 1), "one variation's kinds share a cell");
+        // Every variation reporting mp 0 (0, 1 list it; 3, 4 report every
+        // mp): the region's table grows and keeps every count.
+        for v in [0, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 3, 4), 60_000, v as i64 + 1);
+        }
+        assert_eq!((c.regions(), c.cells()), (1, 4));
+        // Many regions (devices), one variation each.
+        let n = 3000;
+        for device in 0..n {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, 3, 9, device, 1), 60_000, device as i64 + 1);
+        }
+        assert_eq!((c.regions(), c.cells()), (1 + n as usize, 4 + n as usize));
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        out.sort_by_key(|d| (d.key.device(), d.key));
+        let mut want = vec![k, kv]
+            .into_iter()
+            .zip([1, 5])
+            .chain([0, 3, 4].map(|v| (SeriesKey::new(MetricKind::VisitAssigned, v, 0, 3, 4), v as i64 + 1)))
+            .chain((0..n).map(|d| (SeriesKey::new(MetricKind::VisitAssigned, 3, 9, d, 1), d as i64 + 1)))
+            .map(|(key, delta)| Delta { key, minute: 60_000, delta })
+            .collect::<Vec<_>>();
+        want.sort_by_key(|d| (d.key.device(), d.key));
+        assert_eq!(out, want);
+        assert_eq!((c.regions(), c.cells()), (0, 0));
+        // Every table is kept: 3000 of 4 cells and the grown one of 8 (the 4
+        // it grew from went to the next new region).
+        let spare = c.spare_cells();
+        assert_eq!(spare, n as usize * FIRST_CELLS + 2 * FIRST_CELLS);
+        // The next interval takes tables from the spare ones, all empty.
+        add(&mut c, k, 120_000, 2);
+        assert_eq!(c.spare_cells(), spare - FIRST_CELLS);
+        out.clear();
+        c.drain(&mut out);
+        assert_eq!(out, vec![Delta { key: k, minute: 120_000, delta: 2 }]);
+        assert_eq!(c.spare_cells(), spare);
+    }
+
+    #[test]
+    fn touched_counters_survive_a_region_growing() {
+        let mut c = MinuteCounters::new(catalog());
+        c.set_track_touched(true);
+        let k = SeriesKey::new(MetricKind::VisitFmBeta, 0, 0, 0, 0);
+        add(&mut c, k, 0, 1);
+        add(&mut c, k, 0, -1);
+        for v in [1, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 0, 0), 0, 1);
+        }
+        assert_eq!(c.cells(), 4, "grew past its first 4 cells at ¾");
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        assert!(out.contains(&Delta { key: k, minute: 0, delta: 0 }), "cancelled out, still reported");
+        assert_eq!(out.len(), 4);
+        // Touched bits are cleared by the drain, tables reused.
+        add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, 0, 0, 0, 0), 0, 1);
+        add(&mut c, k, 0, 1);
+        add(&mut c, k, 0, -1);
+        c.set_track_touched(false);
+        add(&mut c, SeriesKey::new(MetricKind::VisitFm, 1, 0, 0, 0), 0, 1);
+        add(&mut c, SeriesKey::new(MetricKind::VisitFm, 1, 0, 0, 0), 0, -1);
+        out.clear();
+        c.drain(&mut out);
+        out.sort_by_key(|d| d.key);
+        let mut want = vec![
+            Delta { key: SeriesKey::new(MetricKind::VisitAssigned, 0, 0, 0, 0), minute: 0, delta: 1 },
+            Delta { key: k, minute: 0, delta: 0 },
+        ];
+        want.sort_by_key(|d| d.key);
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn new_regions_start_with_room_for_the_last_drains_mean_region() {
+        let mut c = MinuteCounters::new(catalog());
+        let mut out = Vec::new();
+        for v in [0, 1, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 0, 0), 0, 1);
+        }
+        c.drain(&mut out);
+        // A mean of 4 cells needs 8 at ¾: the next region takes the table
+        // of 8 the first one grew into, and never grows.
+        let spare = c.spare_cells();
+        for v in [0, 1, 3, 4] {
+            add(&mut c, SeriesKey::new(MetricKind::VisitFm, v, 0, 1, 0), 60_000, 1);
+        }
+        assert_eq!(c.spare_cells(), spare - 2 * FIRST_CELLS);
+        out.clear();
+        c.drain(&mut out);
+        assert_eq!(out.len(), 4);
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! - [`SeriesKey`] packs a metric (kind, variation, mp) and its tags (device,
 //!   login) into one `u64`; rendering to a name happens only at output.
-//! - [`MinuteCounters`] (one per shard) counts deltas in dense per-minute
-//!   regions, one per (tenant, mp, device, login), indexed by variation; a
-//!   drain hands out the non-zero deltas and frees them.
+//! - [`MinuteCounters`] (one per shard) counts deltas per (tenant, mp,
+//!   device, login, minute) region in one cell per variation touched; a
+//!   drain hands out the non-zero deltas and empties the cells for reuse.
 //! - [`Totals`] (the writer stage) adds the shards' deltas into absolute totals
 //!   and yields each point whose total changed since it was last written
 //!   (SPEC §5), then forgets points of final minutes.

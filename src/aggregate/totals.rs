@@ -1,6 +1,6 @@
-//! Merged absolute totals in the writer stage.
+//! Merged absolute totals in the writer stage, kept per minute.
 //!
-//! Invariant: for every live point, `total` is the exact sum (`i128`: value
+//! Invariant: for every live point, its total is the exact sum (`i128`: value
 //! sums may leave the 64-bit range) of all deltas received for it, and
 //! `written` the last value handed to the sink: the total clamped to `i64`
 //! (SPEC §3), each clamped write counted in [`Totals::clamped`]. A point is
@@ -8,8 +8,18 @@
 //! whose total is 0 is not due (nothing to correct). Points of minutes before
 //! the final bound are written one last time if due, then forgotten: memory
 //! follows the lateness window, not the run.
+//!
+//! Layout: one open-addressing table per live minute, of 32-byte slots (the
+//! key, an `i64` total, the value written, flags; the rare total beyond 64
+//! bits kept exact aside in `i128`). [`Totals::apply`] looks each delta's
+//! point up once and lists the point the first time a flush touches it, with
+//! where its slot is, so [`Totals::take_due`] writes it once, with its final
+//! value, without a second lookup, however many shards touched it. Forgetting
+//! a final minute empties its whole table, which is kept for a later minute:
+//! a steady stream stops growing (and rehashing) tables.
 
 use ahash::AHashMap;
+use std::collections::BTreeMap;
 
 use super::{Delta, SeriesKey};
 
@@ -26,18 +36,143 @@ pub struct Point {
 /// [`Totals::restore`]).
 pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
+/// `written` holds a value handed to the sink (else it is 0, never written).
+const WRITTEN: u8 = 1;
+/// The exact total is in the table's `wide` map; `total` is unused.
+const WIDE: u8 = 8;
+
+/// `key` of a free slot: kind bits 15, which no [`super::MetricKind`] has.
+const FREE: u64 = u64::MAX;
+
+/// One point of a minute: 32 bytes, two to a cache line. While a flush is
+/// open, `written` already holds what the flush will leave written: the
+/// clamped total (written if due; equal to the old value if not).
 #[derive(Clone, Copy)]
-struct State {
-    total: i128,
-    written: Option<i64>,
-    /// Write at the next flush even if the total did not change.
-    force: bool,
+struct Slot {
+    key: u64,
+    total: i64,
+    written: i64,
+    /// Its record in `Totals::pending`, if that record names this slot.
+    pending: u32,
+    flags: u8,
+}
+
+const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, pending: 0, flags: 0 };
+
+/// A point touched since the last flush, with what `take_due` needs to
+/// decide, so that it reads no slot again.
+struct Pending {
+    table: u32,
+    pos: u32,
+    key: SeriesKey,
+    /// Written before this flush (0 if never).
+    before: i64,
+    /// The clamped total now.
+    value: i64,
+    was_written: bool,
+    /// `value` is the total clamped.
+    clamped: bool,
+}
+
+/// Slots of a new table.
+const FIRST_SLOTS: usize = 1024;
+
+/// Where `key` starts probing in a table of `slots` (a power of two).
+#[inline]
+fn home(key: u64, slots: usize) -> usize {
+    let h = (key ^ key >> 29).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - slots.trailing_zeros())) as usize
+}
+
+/// The points of one minute: open addressing with linear probing over a
+/// power-of-two array, at most half full.
+#[derive(Default)]
+struct MinuteTable {
+    minute: i64,
+    slots: Vec<Slot>,
+    len: usize,
+    /// Exact totals of the slots flagged [`WIDE`].
+    wide: AHashMap<u64, i128>,
+}
+
+impl MinuteTable {
+    fn total(&self, pos: usize) -> i128 {
+        let s = self.slots[pos];
+        if s.flags & WIDE == 0 {
+            s.total as i128
+        } else {
+            self.wide[&s.key]
+        }
+    }
+
+    /// The position of `key`'s slot, taken (zero, never written) if new;
+    /// `true` if the table grew, which moves every slot.
+    #[inline]
+    fn position(&mut self, key: u64) -> (usize, bool) {
+        let grew = (self.len + 1) * 2 > self.slots.len();
+        if grew {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = home(key, self.slots.len());
+        loop {
+            let s = &mut self.slots[i];
+            if s.key == key {
+                return (i, grew);
+            }
+            if s.key == FREE {
+                s.key = key;
+                self.len += 1;
+                return (i, grew);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The position of `key`, which is held.
+    fn find(&self, key: u64) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut i = home(key, self.slots.len());
+        while self.slots[i].key != key {
+            i = (i + 1) & mask;
+        }
+        i
+    }
+
+    #[cold]
+    fn grow(&mut self) {
+        let n = (self.slots.len() * 2).max(FIRST_SLOTS);
+        let old = std::mem::replace(&mut self.slots, vec![FREE_SLOT; n]);
+        for s in old.into_iter().filter(|s| s.key != FREE) {
+            let mut i = home(s.key, n);
+            while self.slots[i].key != FREE {
+                i = (i + 1) & (n - 1);
+            }
+            self.slots[i] = s;
+        }
+    }
+
+    /// Forgets every point, keeping the array.
+    fn clear(&mut self) {
+        self.slots.fill(FREE_SLOT);
+        self.len = 0;
+        self.wide.clear();
+    }
 }
 
 #[derive(Default)]
 pub struct Totals {
-    points: AHashMap<(SeriesKey, i64), State>,
-    dirty: Vec<(SeriesKey, i64)>,
+    /// Live minute → its table in `tables`.
+    minutes: BTreeMap<i64, u32>,
+    tables: Vec<MinuteTable>,
+    /// Tables of forgotten minutes, emptied, to reuse.
+    free: Vec<u32>,
+    /// The table of the last delta's minute: (minute, table).
+    last: Option<(i64, u32)>,
+    /// Points touched since the last flush, once each.
+    pending: Vec<Pending>,
+    /// Points held.
+    points: usize,
     /// After a restore: every point a delta touches is written again, even if
     /// its net change is zero (see `crate::checkpoint`).
     rewrite_touched: bool,
@@ -56,38 +191,113 @@ impl Totals {
         Totals::default()
     }
 
+    /// The table of `minute`, taken from the free ones if new.
+    #[inline]
+    fn table(&mut self, minute: i64) -> u32 {
+        if let Some((m, t)) = self.last {
+            if m == minute {
+                return t;
+            }
+        }
+        let t = match self.minutes.entry(minute) {
+            std::collections::btree_map::Entry::Occupied(o) => *o.get(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let t = self.free.pop().unwrap_or_else(|| {
+                    self.tables.push(MinuteTable::default());
+                    self.tables.len() as u32 - 1
+                });
+                self.tables[t as usize].minute = minute;
+                *v.insert(t)
+            }
+        };
+        self.last = Some((minute, t));
+        t
+    }
+
+    /// The slot of `(key, minute)`, added if new, and its record in
+    /// `pending`, added if it has none.
+    #[inline]
+    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize, usize) {
+        let t = self.table(minute);
+        let table = &mut self.tables[t as usize];
+        let before = table.len;
+        let (pos, grew) = table.position(key.0);
+        self.points += table.len - before;
+        if grew {
+            // Every slot of the table moved: find its listed ones again.
+            for p in self.pending.iter_mut().filter(|p| p.table == t) {
+                p.pos = table.find(p.key.0) as u32;
+            }
+        }
+        let s = &mut table.slots[pos];
+        let listed = self.pending.get(s.pending as usize).is_some_and(|p| p.table == t && p.pos == pos as u32);
+        if !listed {
+            s.pending = self.pending.len() as u32;
+            self.pending.push(Pending {
+                table: t,
+                pos: pos as u32,
+                key,
+                before: s.written,
+                value: s.written,
+                was_written: s.flags & WRITTEN != 0,
+                clamped: false,
+            });
+        }
+        (t, pos, s.pending as usize)
+    }
+
     pub fn apply(&mut self, deltas: &[Delta]) {
         for d in deltas {
-            let k = (d.key, d.minute);
-            let st = self.points.entry(k).or_insert(State { total: 0, written: None, force: false });
-            if st.written.unwrap_or(0) == clamp(st.total) && !st.force {
-                // Was clean; may repeat in `dirty`, which `take_due` tolerates.
-                self.dirty.push(k);
+            let (t, pos, p) = self.touch(d.key, d.minute);
+            let table = &mut self.tables[t as usize];
+            let s = &mut table.slots[pos];
+            let (value, clamped) = match s.total.checked_add(d.delta) {
+                Some(v) if s.flags & WIDE == 0 => {
+                    s.total = v;
+                    (v, false)
+                }
+                _ => {
+                    let exact = table.wide.entry(s.key).or_insert(s.total as i128);
+                    *exact += d.delta as i128;
+                    s.flags |= WIDE;
+                    (clamp(*exact), clamp(*exact) as i128 != *exact)
+                }
+            };
+            s.written = value;
+            if value != 0 || self.rewrite_touched {
+                // Due at this flush unless it ends where it was; `take_due`
+                // takes the flag back from a never-written point that ends
+                // at 0.
+                s.flags |= WRITTEN;
             }
-            st.force |= self.rewrite_touched;
-            st.total += d.delta as i128;
+            let rec = &mut self.pending[p];
+            rec.value = value;
+            rec.clamped = clamped;
         }
     }
 
     /// Moves every due point into `out` (marking it written), then forgets the
     /// points of minutes before `final_before`.
     pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
-        for k in self.dirty.drain(..) {
-            let Some(st) = self.points.get_mut(&k) else {
-                continue;
-            };
-            let value = clamp(st.total);
-            if value != st.written.unwrap_or(0) || st.force {
-                if value as i128 != st.total {
-                    self.clamped += 1;
-                }
-                out.push(Point { key: k.0, minute: k.1, value });
-                st.written = Some(value);
-                st.force = false;
+        for p in self.pending.drain(..) {
+            let table = &mut self.tables[p.table as usize];
+            if p.value != p.before || self.rewrite_touched {
+                self.clamped += p.clamped as u64;
+                out.push(Point { key: p.key, minute: table.minute, value: p.value });
+            } else if !p.was_written {
+                table.slots[p.pos as usize].flags &= !WRITTEN;
             }
         }
-        if final_before > i64::MIN {
-            self.points.retain(|&(_, m), _| m >= final_before);
+        while let Some(first) = self.minutes.first_entry() {
+            if *first.key() >= final_before {
+                break;
+            }
+            let t = first.remove();
+            let table = &mut self.tables[t as usize];
+            self.points -= table.len;
+            table.clear();
+            self.free.push(t);
+            self.last = None;
         }
     }
 
@@ -98,22 +308,50 @@ impl Totals {
 
     /// Points held (live minutes only).
     pub fn len(&self) -> usize {
-        self.points.len()
+        self.points
     }
 
-    /// Every held point, for a checkpoint (call right after `take_due`).
+    /// Minutes held.
+    pub fn minutes(&self) -> usize {
+        self.minutes.len()
+    }
+
+    /// Every held point, for a checkpoint. Call it right after `take_due`:
+    /// while a flush is open, `written` holds what the flush will leave.
     pub fn export(&self) -> Vec<TotalRecord> {
-        self.points.iter().map(|(&(k, m), st)| (k.0, m, st.total, st.written)).collect()
+        let mut out = Vec::with_capacity(self.points);
+        for (&minute, &t) in &self.minutes {
+            let table = &self.tables[t as usize];
+            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s.key != FREE) {
+                let written = (s.flags & WRITTEN != 0).then_some(s.written);
+                out.push((s.key, minute, table.total(pos), written));
+            }
+        }
+        out
     }
 
     /// Totals restored from a checkpoint; from now on every touched point is
     /// rewritten.
     pub fn restore(records: &[TotalRecord]) -> Totals {
-        let points = records
-            .iter()
-            .map(|&(k, m, total, written)| ((SeriesKey(k), m), State { total, written, force: false }))
-            .collect();
-        Totals { points, dirty: Vec::new(), rewrite_touched: true, clamped: 0 }
+        let mut totals = Totals { rewrite_touched: true, ..Totals::default() };
+        for &(key, minute, total, written) in records {
+            let t = totals.table(minute);
+            let table = &mut totals.tables[t as usize];
+            let before = table.len;
+            let (pos, _) = table.position(key);
+            totals.points += table.len - before;
+            let s = &mut table.slots[pos];
+            s.written = written.unwrap_or(0);
+            s.flags = if written.is_some() { WRITTEN } else { 0 };
+            match i64::try_from(total) {
+                Ok(v) => s.total = v,
+                Err(_) => {
+                    s.flags |= WIDE;
+                    table.wide.insert(key, total);
+                }
+            }
+        }
+        totals
     }
 
     /// Empty totals that rewrite every point touched, even at a net zero: for
@@ -123,7 +361,7 @@ impl Totals {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
+        self.points == 0
     }
 }
 
@@ -183,5 +421,106 @@ mod tests {
         t.take_due(i64::MIN, &mut out);
         assert_eq!(out, vec![Point { key: k, minute: 0, value: i64::MIN }]);
         assert_eq!(t.clamped(), 2);
+    }
+
+    #[test]
+    fn a_point_two_shards_touch_in_one_flush_is_written_once_with_the_sum() {
+        let k = SeriesKey::new(MetricKind::VisitAssigned, 1, 1, 1, 1);
+        let other = SeriesKey::new(MetricKind::VisitFm, 1, 1, 1, 1);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        t.apply(&[d(k, 0, 2), d(other, 0, 1)]);
+        t.apply(&[d(k, 0, 3), d(k, 60_000, 1)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Point { key: k, minute: 0, value: 5 },
+                Point { key: other, minute: 0, value: 1 },
+                Point { key: k, minute: 60_000, value: 1 },
+            ]
+        );
+        // Two shards whose changes cancel out: not due, and stays clean.
+        out.clear();
+        t.apply(&[d(k, 0, 4)]);
+        t.apply(&[d(k, 0, -4)]);
+        t.take_due(i64::MIN, &mut out);
+        assert!(out.is_empty());
+        t.apply(&[d(k, 0, 1)]);
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(out, vec![Point { key: k, minute: 0, value: 6 }]);
+    }
+
+    #[test]
+    fn final_minutes_are_forgotten_whole_and_their_tables_reused() {
+        let k = SeriesKey::new(MetricKind::SessionFm, 1, crate::aggregate::NO_MP, 1, 1);
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        for m in 0..5 {
+            t.apply(&[d(k, m * 60_000, 1), d(SeriesKey(k.0 + 1), m * 60_000, 1)]);
+        }
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!((t.len(), t.minutes(), out.len()), (10, 5, 10));
+        t.take_due(3 * 60_000, &mut out);
+        assert_eq!((t.len(), t.minutes()), (4, 2), "minutes 0, 1, 2 are final");
+        // A late delta to a forgotten minute starts it again from zero (as
+        // before: the shards never send one, their minutes are final too).
+        t.apply(&[d(k, 60_000, 7), d(k, 5 * 60_000, 1)]);
+        assert_eq!(t.tables.len(), 5, "the new minutes took freed tables");
+        out.clear();
+        t.take_due(4 * 60_000, &mut out);
+        assert_eq!(out, vec![Point { key: k, minute: 60_000, value: 7 }, Point { key: k, minute: 300_000, value: 1 }]);
+        assert_eq!((t.len(), t.minutes()), (3, 2));
+        t.take_due(i64::MAX, &mut out);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn export_and_restore_keep_exact_totals_and_what_was_written() {
+        let (a, b, c) = (
+            SeriesKey::new(MetricKind::ValueSqFm, 1, 1, 1, 1),
+            SeriesKey::new(MetricKind::VisitFm, 1, 1, 1, 1),
+            SeriesKey::new(MetricKind::VisitFm, 2, 1, 1, 1),
+        );
+        let big = 6_000_000_000_000_000_000;
+        let mut t = Totals::new();
+        let mut out = Vec::new();
+        t.apply(&[d(a, 0, big), d(a, 0, big), d(b, 0, 1), d(b, 0, -1), d(c, 60_000, 3)]);
+        t.take_due(i64::MIN, &mut out);
+        let mut records = t.export();
+        records.sort();
+        let want = vec![(b.0, 0, 0, None), (c.0, 60_000, 3, Some(3)), (a.0, 0, 2 * big as i128, Some(i64::MAX))];
+        let mut want = want;
+        want.sort();
+        assert_eq!(records, want);
+        let mut r = Totals::restore(&records);
+        assert_eq!(r.len(), 3);
+        out.clear();
+        // Rewrites what is touched, even unchanged; the exact total survives.
+        r.apply(&[d(a, 0, -big), d(b, 0, 0)]);
+        r.take_due(i64::MIN, &mut out);
+        assert_eq!(out, vec![Point { key: a, minute: 0, value: big }, Point { key: b, minute: 0, value: 0 }]);
+    }
+
+    #[test]
+    fn a_table_growing_within_a_flush_keeps_every_listed_point() {
+        let key = |i: u64| SeriesKey::new(MetricKind::VisitFm, i as u32, 1, 1, 1);
+        let mut t = Totals::new();
+        let n = 3 * FIRST_SLOTS as u64;
+        let first: Vec<Delta> = (0..n).map(|i| d(key(i), 0, i as i64 + 1)).collect();
+        t.apply(&first);
+        // Touched again after the table moved: still one point each.
+        t.apply(&[d(key(0), 0, 10), d(key(n - 1), 0, 10)]);
+        let mut out = Vec::new();
+        t.take_due(i64::MIN, &mut out);
+        assert_eq!(out.len(), n as usize);
+        for (i, p) in out.iter().enumerate() {
+            let extra = if i == 0 || i as u64 == n - 1 { 10 } else { 0 };
+            assert_eq!(*p, Point { key: key(i as u64), minute: 0, value: i as i64 + 1 + extra });
+        }
+        assert_eq!(t.len(), n as usize);
+        out.clear();
+        t.take_due(i64::MIN, &mut out);
+        assert!(out.is_empty(), "all written");
     }
 }
