@@ -355,6 +355,11 @@ impl Stage1 {
         }
         let meta = self.consumer.group_metadata().ok_or("stage 1: no consumer group metadata")?;
         let timeout = Duration::from_secs(30);
+        // The snapshots and records reach the broker before the offsets do: a
+        // broker that commits (or does not filter) the offsets of a producer
+        // killed mid-transaction then still holds the snapshot they point at
+        // (tests/scale_out.rs found Tansu committing such offsets).
+        self.producer.flush(timeout).map_err(|e| fail("flush", e))?;
         self.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
         self.producer.commit_transaction(timeout).map_err(|e| fail("commit", e))?;
         self.stats.transactions += 1;

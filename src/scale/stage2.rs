@@ -397,6 +397,8 @@ impl Stage2 {
                 let mut offsets = TopicPartitionList::new();
                 offsets.add_partition_offset(&deltas_topic, d, Offset::Offset(next)).map_err(|e| e.to_string())?;
                 let timeout = Duration::from_secs(30);
+                // The changelog reaches the broker before the offset (see stage 1).
+                task.producer.flush(timeout).map_err(|e| fail("flush", e))?;
                 task.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
             }
             let committing = Instant::now();
