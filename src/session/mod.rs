@@ -56,9 +56,13 @@ impl SessionKey {
     }
 }
 
-/// One routed, resolved event, as a worker sees it.
+/// One routed, resolved event, as the router batches it and the session
+/// table reads it. Its assignments and attributes live outside it, in the two
+/// flat side arrays of its batch (`shard::EventBatch`), as `(start, len)`
+/// ranges: a batch of any size is three reusable allocations, and the table
+/// borrows the event's part of them ([`SessionTable::add`]).
 #[derive(Debug, Clone, Copy)]
-pub struct SessionEvent<'a> {
+pub struct SessionEvent {
     pub key: SessionKey,
     pub ts: i64,
     /// The watermark before this event was included (SPEC §4).
@@ -68,10 +72,16 @@ pub struct SessionEvent<'a> {
     pub login: u16,
     /// The event's `value` (0 when absent).
     pub value: i32,
-    /// (experiment index, variation index), experiments unique.
-    pub assigns: &'a [(u32, u32)],
-    /// (attribute name id, value id) of attributes some condition mentions.
-    pub attrs: &'a [(u32, u32)],
+    /// Its (experiment index, variation index) pairs, experiments unique.
+    pub assigns: (u32, u16),
+    /// Its (attribute name id, value id) pairs, of attributes some condition mentions.
+    pub attrs: (u32, u16),
+}
+
+/// The part `(start, len)` of a side array.
+#[inline]
+fn part(all: &[(u32, u32)], (start, len): (u32, u16)) -> &[(u32, u32)] {
+    &all[start as usize..start as usize + len as usize]
 }
 
 /// What the contributions of one experiment depend on, besides the events.
@@ -437,13 +447,15 @@ impl SessionTable {
     }
 
     /// Adds one event, emitting the resulting metric deltas into `out`, by
-    /// the correction protocol at the top of this file.
-    pub fn add(&mut self, ev: &SessionEvent, out: &mut MinuteCounters) {
+    /// the correction protocol at the top of this file. `assigns` and `attrs`
+    /// are the side arrays the event's ranges index (its batch's).
+    pub fn add(&mut self, ev: &SessionEvent, assigns: &[(u32, u32)], attrs: &[(u32, u32)], out: &mut MinuteCounters) {
+        let (assigns, attrs) = (part(assigns, ev.assigns), part(attrs, ev.attrs));
         let catalog = &*self.catalog;
         let work = &mut self.work;
         let session = live_session(&mut self.sessions, &mut work.stats, self.gap_ms, ev);
         let in_order = session.n_events() == 0 || ev.ts > session.max_ts();
-        let Some(idx) = keep_event(session, catalog, ev) else {
+        let Some(idx) = keep_event(session, catalog, ev, assigns, attrs) else {
             work.stats.overflow_dropped += 1;
             return;
         };
@@ -453,8 +465,8 @@ impl SessionTable {
         work.before.clear();
         work.before.resize(known, Before::Same);
         // 2. The event's assignments, then the conditions it meets.
-        work.assign(catalog, session, ev, idx, in_order);
-        work.meet_conditions(catalog, session, ev, idx, known);
+        work.assign(catalog, session, assigns, idx, in_order);
+        work.meet_conditions(catalog, session, ev, attrs, idx, known);
         // 3. Deltas at >= t.
         work.emit_deltas(catalog, session, ev, idx, in_order, out);
     }
@@ -482,15 +494,15 @@ impl Work {
         }
     }
 
-    /// SPEC §3 Assignment, for each experiment the event at `idx` assigns: the
-    /// least (order key, variation id) wins; a disagreement marks the session
-    /// conflicting (once); a newly assigned experiment starts with the first
-    /// events so far that meet its conditions.
-    fn assign(&mut self, catalog: &Catalog, session: &mut Session, ev: &SessionEvent, idx: u8, in_order: bool) {
+    /// SPEC §3 Assignment, for each experiment the event at `idx` assigns
+    /// (`assigns`): the least (order key, variation id) wins; a disagreement
+    /// marks the session conflicting (once); a newly assigned experiment starts
+    /// with the first events so far that meet its conditions.
+    fn assign(&mut self, catalog: &Catalog, session: &mut Session, assigns: &[(u32, u32)], idx: u8, in_order: bool) {
         let ord = Order { catalog };
         let key = session.key(idx);
         let mut cursor = 0;
-        for &(experiment, variation) in ev.assigns {
+        for &(experiment, variation) in assigns {
             let x = &catalog.experiments[experiment as usize];
             let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
             let found = find_experiment(session, cursor, experiment);
@@ -533,10 +545,17 @@ impl Work {
     }
 
     /// SPEC §3 Qualification, for the `known` experiments assigned before the
-    /// event at `idx`: it becomes the first to meet each of their conditions
-    /// that it meets earlier than the first so far.
-    fn meet_conditions(&mut self, catalog: &Catalog, session: &mut Session, ev: &SessionEvent, idx: u8, known: usize) {
-        let attrs = ev.attrs;
+    /// event at `idx` (with attributes `attrs`): it becomes the first to meet
+    /// each of their conditions that it meets earlier than the first so far.
+    fn meet_conditions(
+        &mut self,
+        catalog: &Catalog,
+        session: &mut Session,
+        ev: &SessionEvent,
+        attrs: &[(u32, u32)],
+        idx: u8,
+        known: usize,
+    ) {
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
         let mut cond_start = 0;
@@ -631,13 +650,19 @@ fn live_session<'s>(
 /// Records `ev` with the attributes and value it carries; its index, or
 /// `None` if it does not fit (the session holds [`MAX_EVENTS_PER_SESSION`]
 /// events already, or a tag id or the time span is beyond the layout).
-fn keep_event(session: &mut Session, catalog: &Catalog, ev: &SessionEvent) -> Option<u8> {
+fn keep_event(
+    session: &mut Session,
+    catalog: &Catalog,
+    ev: &SessionEvent,
+    assigns: &[(u32, u32)],
+    attrs: &[(u32, u32)],
+) -> Option<u8> {
     if session.n_events() == 0 {
-        let conditions = ev.assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
-        session.reserve_first(ev.assigns.len(), conditions);
+        let conditions = assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
+        session.reserve_first(assigns.len(), conditions);
     }
     let idx = session.push_event(ev.ts, ev.mp, ev.device, ev.login)?;
-    for &(name, value) in ev.attrs {
+    for &(name, value) in attrs {
         session.push_attr(idx, name, value);
     }
     session.push_value(idx, ev.value);

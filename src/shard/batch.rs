@@ -3,27 +3,14 @@
 
 use crate::aggregate::Delta;
 use crate::health::ShardStats;
-use crate::session::{SessionEvent, SessionKey};
+use crate::session::SessionEvent;
 
-/// One routed event; its assignments and attributes live in the batch's flat
-/// side arrays as `(start, len)` ranges, so a batch is three allocations.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchEvent {
-    pub key: SessionKey,
-    pub ts: i64,
-    pub watermark: i64,
-    pub mp: u16,
-    pub device: u16,
-    pub login: u16,
-    /// The event's `value` (0 when absent).
-    pub value: i32,
-    pub assigns: (u32, u16),
-    pub attrs: (u32, u16),
-}
-
+/// Routed events for one shard. Each event's assignments and attributes live
+/// in the flat side arrays as `(start, len)` ranges (see [`SessionEvent`]), so
+/// a batch is three allocations, reused once the shard has applied it.
 #[derive(Debug, Default)]
 pub struct EventBatch {
-    pub events: Vec<BatchEvent>,
+    pub events: Vec<SessionEvent>,
     pub assigns: Vec<(u32, u32)>,
     pub attrs: Vec<(u32, u32)>,
 }
@@ -37,22 +24,6 @@ impl EventBatch {
         self.events.clear();
         self.assigns.clear();
         self.attrs.clear();
-    }
-
-    pub fn session_event(&self, e: &BatchEvent) -> SessionEvent<'_> {
-        let (a0, an) = e.assigns;
-        let (t0, tn) = e.attrs;
-        SessionEvent {
-            key: e.key,
-            ts: e.ts,
-            watermark: e.watermark,
-            mp: e.mp,
-            device: e.device,
-            login: e.login,
-            value: e.value,
-            assigns: &self.assigns[a0 as usize..a0 as usize + an as usize],
-            attrs: &self.attrs[t0 as usize..t0 as usize + tn as usize],
-        }
     }
 }
 

@@ -17,12 +17,12 @@
 
 use std::sync::Arc;
 
-use super::batch::{BatchEvent, EventBatch};
+use super::batch::EventBatch;
 use crate::config::{AssignLookup, Catalog};
 use crate::event::{parse_event, Event, ParseScratch, Reject};
 use crate::health::RouterStats;
 use crate::names::{Interner, NameKind};
-use crate::session::SessionKey;
+use crate::session::{SessionEvent, SessionKey};
 use crate::source::PartitionState;
 
 /// Events per batch sent to a shard.
@@ -214,7 +214,7 @@ impl Router {
                 }
             }
         }
-        batch.events.push(BatchEvent {
+        batch.events.push(SessionEvent {
             key,
             ts: ev.ts,
             watermark: wm,

@@ -123,10 +123,10 @@ impl Harness {
             device: device.resolve(e.device).0,
             login: login.resolve(e.login).0,
             value: e.value,
-            assigns: &assigns,
-            attrs: &attrs,
+            assigns: (0, assigns.len() as u16),
+            attrs: (0, attrs.len() as u16),
         };
-        self.table.add(&ev, &mut self.counters);
+        self.table.add(&ev, &assigns, &attrs, &mut self.counters);
     }
 
     /// Adds each event at a watermark that expires nothing.
