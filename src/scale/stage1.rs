@@ -87,7 +87,7 @@ impl Task {
         if self.router.pending(0) > 0 {
             let batch = self.router.take_batch(0, None);
             for e in &batch.events {
-                self.sessions.add(&batch.session_event(e), &mut self.counters);
+                self.sessions.add(e, &batch.assigns, &batch.attrs, &mut self.counters);
             }
         }
     }
