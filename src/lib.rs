@@ -13,6 +13,7 @@
 //! 5. `checkpoint`, `gen`, `health`
 //! 6. `serve`
 //! 7. `shard` (the runtime, which wires them all)
+//! 8. `scale` (the scale-out runtime: two stages of the same pieces through Kafka)
 
 pub mod address; // the ?key=value&… options of every address, one parser
 pub mod aggregate; // metric keys, per-minute counters, merged totals
@@ -28,6 +29,7 @@ pub mod kafka; // kafka:// addresses, client settings, topic creation
 pub mod metrics; // figures crossing stages: health points, sink health, sink report
 pub mod names; // interned mp/device/login names shared across stages
 pub mod redact; // credentials hidden from every message that names an address
+pub mod scale; // scale-out: two stages through Kafka transactions (docs/scale-out.md)
 pub mod serve; // HTTP: Prometheus /metrics, results page and its JSON API
 pub mod session; // per-session state, expiry, out-of-order correction
 pub mod shard; // router, pinned shard workers, writer: the runtime

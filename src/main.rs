@@ -137,6 +137,15 @@ struct RunArgs {
     /// here that cannot be bound is an error.
     #[arg(long, value_parser = metrics_addr)]
     metrics_addr: Option<MetricsAddr>,
+    /// Run as one of N instances of a Kafka group that together write one
+    /// instance's exact totals (two stages through Kafka; docs/scale-out.md).
+    /// Needs a kafka:// source; every instance needs its own --instance.
+    #[arg(long)]
+    scale_out: bool,
+    /// With --scale-out: partitions of the internal topics `<group>.deltas`
+    /// and `<group>.totals` when this instance creates them.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    delta_partitions: i32,
 }
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
@@ -223,6 +232,10 @@ enum UsageError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("--scale-out keeps its state in Kafka: drop --checkpoint")]
+    ScaleOutCheckpoint,
+    #[error("--scale-out needs a kafka:// source")]
+    ScaleOutSource,
 }
 
 #[derive(clap::Args)]
@@ -335,6 +348,9 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::demo(),
     };
+    if a.scale_out {
+        return cmd_scale_out(a, config);
+    }
     // `_lock` is held until the run ends: one run per checkpoint directory.
     let (checkpoint, restore, _lock) = match &a.checkpoint {
         Some(dir) => {
@@ -486,6 +502,62 @@ fn open_checkpoint(
     let fingerprint = expmon::checkpoint::fingerprint(config);
     let snapshot = expmon::checkpoint::load(dir, fingerprint)?;
     Ok((a.checkpoint_interval, fingerprint, snapshot, lock))
+}
+
+/// `run --scale-out`: this instance's share of both stages until stopped.
+fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
+    if a.checkpoint.is_some() {
+        return Err(UsageError::ScaleOutCheckpoint.into());
+    }
+    if !a.source.starts_with("kafka://") {
+        return Err(UsageError::ScaleOutSource.into());
+    }
+    let spec = expmon::kafka::KafkaSpec::parse(&a.source).map_err(UsageError::Kafka)?;
+    let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
+    let failures = expmon::failures::Failures::default();
+    let sink = match expmon::sink::open(&a.sink, &catalog, &failures, false) {
+        Ok(sink) => sink,
+        Err(e @ (SinkError::BadSpec(_) | SinkError::BadOption { .. })) => return Err(UsageError::Sink(e).into()),
+        Err(e) => return Err(e.into()),
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
+    }
+    // `/metrics` serves the scale-out health figures (the results page stays empty).
+    let mut published = None;
+    let (addr, explicit) = match a.metrics_addr {
+        Some(MetricsAddr::Off) => (None, true),
+        Some(MetricsAddr::At(addr)) => (Some(addr), true),
+        None => (Some(DEFAULT_METRICS_ADDR.parse().expect("a socket address")), false),
+    };
+    if let Some(addr) = addr {
+        let p = Arc::new(expmon::serve::Published::default());
+        let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
+        match expmon::serve::spawn(addr, p.clone(), results, &failures) {
+            Ok(http) => {
+                tracing::info!("metrics http://{}/metrics", http.addr);
+                published = Some(p);
+            }
+            Err(e) if !explicit => tracing::warn!("{e}; running without it"),
+            Err(e) => bail!(e),
+        }
+    }
+    let options = expmon::scale::ScaleOptions {
+        spec,
+        base: config.kafka.clone(),
+        delta_partitions: a.delta_partitions,
+        instance: a.instance.clone().unwrap_or_else(expmon::health::default_instance),
+        trigger: a.trigger.unwrap_or(Duration::from_millis(config.engine.trigger_ms)),
+        stop,
+        max_duration: a.duration,
+        failures,
+        published,
+        dc: config.engine.dc.clone(),
+    };
+    let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
+    eprintln!("{summary}");
+    Ok(())
 }
 
 fn open_source(spec: &str, config: &Config, resume: &expmon::source::Offsets) -> Result<Box<dyn Source>> {

@@ -129,7 +129,7 @@ impl RouterState {
         }
     }
 
-    fn decode(d: &mut Dec<'_>) -> Result<RouterState, Unusable> {
+    pub fn decode(d: &mut Dec<'_>) -> Result<RouterState, Unusable> {
         let mut r = RouterState { watermark: d.i64()?, max_ts: d.opt_i64()?, ..RouterState::default() };
         for _ in 0..d.count(10)? {
             let m = d.opt_i64()?;

@@ -91,7 +91,7 @@ const fn gauge(point: &'static str, name: &'static str, help: &'static str) -> F
 
 /// Every `expmon.*` health point and its Prometheus family, in `/metrics`
 /// order.
-pub static FAMILIES: [Family; 33] = [
+pub static FAMILIES: [Family; 38] = [
     counter("expmon.events_in", "expmon_events_in", "Non-blank input lines read."),
     counter("expmon.events_rejected", "expmon_events_rejected", "Input lines rejected, all reasons."),
     counter("expmon.events_rejected_by_reason", "expmon_events_rejected_by_reason", "Input lines rejected, by reason."),
@@ -172,6 +172,31 @@ pub static FAMILIES: [Family; 33] = [
         help: "Processing time minus the watermark (event time).",
     },
     gauge("expmon.kafka_consumer_lag", "expmon_kafka_consumer_lag", "Messages behind the end of each input partition."),
+    gauge("expmon.scale_out.tasks", "expmon_scale_out_tasks", "Scale-out tasks this instance holds, per stage."),
+    gauge(
+        "expmon.scale_out.lag",
+        "expmon_scale_out_lag",
+        "Scale-out: records behind the end of this instance's partitions, per stage (1: input, 2: deltas).",
+    ),
+    counter(
+        "expmon.scale_out.transactions",
+        "expmon_scale_out_transactions",
+        "Scale-out transactions committed, per stage.",
+    ),
+    counter(
+        "expmon.scale_out.restores",
+        "expmon_scale_out_restores",
+        "Scale-out tasks rebuilt from Kafka after an assignment, per stage.",
+    ),
+    Family {
+        point: "expmon.scale_out.internal_bytes",
+        only: None,
+        name: "expmon_scale_out_internal",
+        unit: Some(Unit::Bytes),
+        per_base: 1.0,
+        kind: Kind::Counter,
+        help: "Scale-out: bytes (keys and payloads) written to each internal topic.",
+    },
     Family {
         point: "expmon.resident_memory_bytes",
         only: None,
@@ -371,7 +396,9 @@ mod tests {
             assert!(FAMILIES.iter().any(|f| f.point == n), "{n} has no Prometheus family");
         }
         for f in FAMILIES.iter() {
-            assert!(names.iter().any(|n| *n == f.point), "{} is not a point the engine makes", f.point);
+            // Scale-out's own points are checked in `crate::scale` (a layer above).
+            let scale_out = f.point.starts_with("expmon.scale_out.");
+            assert!(scale_out || names.iter().any(|n| *n == f.point), "{} is not a point the engine makes", f.point);
         }
     }
 

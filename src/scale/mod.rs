@@ -1,0 +1,415 @@
+//! Scale-out (`expmon run --scale-out`, SPEC §8, `docs/scale-out.md`): N
+//! instances in one group compute exactly the totals of one instance, through
+//! Kafka only. Every instance runs both stages, each in its own thread with
+//! its own consumer group:
+//!
+//! - [`stage1`] (group `<group>.s1`, the input topic): a task per input
+//!   partition sessionizes it with the engine's own `Router` (one partition,
+//!   one clock: late drop and expiry follow the partition's own watermark)
+//!   and `SessionTable`, and at each trigger publishes, in one transaction,
+//!   the partition's absolute contribution to every point it touched (keyed
+//!   to the point's delta partition), its watermark mark, a snapshot of its
+//!   whole state, and its input offset.
+//! - [`stage2`] (group `<group>.s2`, `<group>.deltas`): a task per delta
+//!   partition keeps, per point and input partition, the latest contribution;
+//!   their sum is the point's total, written as an absolute upsert by the one
+//!   task that owns the point. Its state is a changelog in `<group>.totals`,
+//!   written in a transaction with its delta offsets, before the sink.
+//!
+//! Why it is exact, step by step (the records carry their input offset):
+//! 1. A stage-1 task's output is a function of its input: restored from the
+//!    snapshot taken at its committed offset, it replays the partition's
+//!    events in offset order, and decides late and expired from that
+//!    partition's clock only; so the contribution `c_p(x, o)` of partition
+//!    `p` to point `x` after offset `o` is the same whoever computes it.
+//! 2. Every trigger emits, stamped `o`, `c_p(x, o)` for each point the trigger
+//!    touched (also at a net zero), and the mark `W_p(o)`.
+//! 3. Stage 2 keeps, per `(x, p)`, the entry with the greatest `o`. A record
+//!    of an aborted transaction, a zombie's, or one read twice carries a true
+//!    `c_p(x, o)` too (1), so it can only be replaced by a later one; the last
+//!    touch of `x` in `p` is emitted by whichever run passes it (2), with an
+//!    `o` past every value before it, and nothing touches `x` after it.
+//!    This holds without `read_committed` (the test broker, Tansu 0.6, returns
+//!    aborted records to read_committed readers).
+//! 4. Total of `x` = sum over `p` of its entries. A minute is final once every
+//!    input partition's mark passed it: no partition emits for it again.
+//! 5. Stage 2 writes its changed entries and marks to the changelog and its
+//!    delta offsets in one transaction, and only after the commit writes the
+//!    changed totals to the sink (absolute: a repeat is harmless). Final
+//!    entries are tombstoned one trigger after their last write reached the
+//!    sink, so a restore from the changelog rewrites every point whose final
+//!    value may not have arrived.
+//! 6. Fencing: a stage-2 task's producer has `transactional.id =
+//!    <group>.s2-<partition>` (per task, the pre-KIP-447 way); the new owner's
+//!    `init_transactions` fences the old one, whose commit then fails, so it
+//!    never writes the sink again. A stage-2 task also skips its sink write
+//!    (and stops) when its commit returned after the session timeout or
+//!    later: the process may have been paused and replaced meanwhile.
+
+pub mod stage1;
+pub mod stage2;
+pub mod wire;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::kafka::KafkaSpec;
+
+/// Why a scale-out instance stopped: one line naming the topic, partition or
+/// step (a Kafka error, a record or snapshot that does not decode, a
+/// transaction that failed or may have been fenced).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ScaleError(pub String);
+
+impl From<String> for ScaleError {
+    fn from(s: String) -> ScaleError {
+        ScaleError(s)
+    }
+}
+
+impl From<&str> for ScaleError {
+    fn from(s: &str) -> ScaleError {
+        ScaleError(s.to_string())
+    }
+}
+
+macro_rules! from_display {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ScaleError {
+            fn from(e: $t) -> ScaleError {
+                ScaleError(e.to_string())
+            }
+        }
+    )*};
+}
+from_display!(
+    crate::codec::DecodeError,
+    crate::checkpoint::Unusable,
+    crate::session::SessionDecodeError,
+    crate::config::CatalogError,
+    crate::kafka::KafkaError,
+    crate::sink::SinkError
+);
+
+/// How an instance takes part in a scale-out group.
+#[derive(Debug, Clone)]
+pub struct ScaleOptions {
+    /// The input topic, brokers, group and librdkafka settings.
+    pub spec: KafkaSpec,
+    /// The config file's `[kafka]` settings.
+    pub base: Vec<(String, String)>,
+    /// Partitions of `<group>.deltas` and `<group>.totals` when this instance creates them.
+    pub delta_partitions: i32,
+    /// This instance's name (its stage-1 `transactional.id`).
+    pub instance: String,
+    pub trigger: Duration,
+    pub stop: Arc<AtomicBool>,
+    /// Stop after this long.
+    pub max_duration: Option<Duration>,
+    /// The sink's threads: one that dies stops the run.
+    pub failures: crate::failures::Failures,
+    /// Where stage 2 publishes the health figures for `/metrics`.
+    pub published: Option<Arc<crate::serve::Published>>,
+    /// `dc` tag of the health points.
+    pub dc: String,
+}
+
+impl ScaleOptions {
+    pub fn topic(&self, what: &str) -> String {
+        format!("{}.{what}", self.spec.group)
+    }
+
+    /// A client of the cluster with the user's settings.
+    pub fn client(&self) -> ClientConfig {
+        self.spec.client_config(&self.base)
+    }
+
+    /// The librdkafka `session.timeout.ms` in effect (librdkafka's default 45 s).
+    pub fn session_timeout(&self) -> Duration {
+        let set = self.base.iter().chain(&self.spec.settings).rev().find(|(k, _)| k == "session.timeout.ms");
+        Duration::from_millis(set.and_then(|(_, v)| v.parse().ok()).unwrap_or(45_000))
+    }
+
+    fn stopping(&self, started: Instant) -> bool {
+        self.stop.load(Relaxed) || self.failures.failed() || self.max_duration.is_some_and(|d| started.elapsed() >= d)
+    }
+}
+
+/// Counts rebalances (eager: every one revokes all partitions first).
+#[derive(Default)]
+pub struct Rebalances {
+    pub revoked: AtomicU64,
+    pub assigned: AtomicU64,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Revoke(_) = r {
+            self.revoked.fetch_add(1, Relaxed);
+        }
+    }
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = r {
+            self.assigned.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A group member of a stage: eager assignment (every rebalance hands all
+/// tasks back, and each task is rebuilt from Kafka), offsets committed only
+/// through transactions.
+pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<BaseConsumer<Rebalances>, ScaleError> {
+    let mut c = o.client();
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("partition.assignment.strategy", "range");
+    let consumer: BaseConsumer<Rebalances> =
+        c.create_with_context(Rebalances::default()).map_err(|e| o.spec.client_error(&o.base, "kafka consumer", e))?;
+    consumer.subscribe(&[topic]).map_err(|e| format!("subscribing to {topic:?}: {e}"))?;
+    Ok(consumer)
+}
+
+/// A transactional producer, initialised (which fences any earlier producer
+/// of the same `transactional.id` and ends its open transaction).
+pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::producer::BaseProducer, ScaleError> {
+    use rdkafka::producer::Producer;
+    let mut c = o.client();
+    c.set("transactional.id", id).set("transaction.timeout.ms", "30000").set("linger.ms", "5");
+    // Settings meant for consumers only make librdkafka warn; producers skip them.
+    for k in ["session.timeout.ms", "group.id", "auto.offset.reset", "statistics.interval.ms"] {
+        c.remove(k);
+    }
+    let p: rdkafka::producer::BaseProducer =
+        c.create().map_err(|e| o.spec.client_error(&o.base, "kafka producer", e))?;
+    p.init_transactions(Duration::from_secs(30)).map_err(|e| format!("transactional producer {id:?}: {e}"))?;
+    Ok(p)
+}
+
+/// Creates the internal topics if missing; returns the partitions of
+/// `<group>.deltas` and of the input topic.
+pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), ScaleError> {
+    let input = crate::kafka::ensure_topic(&o.spec, &o.base)?;
+    let internal = |name: String, partitions: i32| KafkaSpec { topic: name, partitions, ..o.spec.clone() };
+    crate::kafka::ensure_topic(&internal(o.topic("state"), input as i32), &o.base)?;
+    let deltas = crate::kafka::ensure_topic(&internal(o.topic("deltas"), o.delta_partitions), &o.base)?;
+    crate::kafka::ensure_topic(&internal(o.topic("totals"), deltas as i32), &o.base)?;
+    Ok((deltas, input))
+}
+
+/// Reads partition `partition` of `topic` from `from` to its end, calling
+/// `each(offset, key, payload)` (payload `None`: a tombstone).
+pub fn read_partition(
+    o: &ScaleOptions,
+    topic: &str,
+    partition: i32,
+    from: Offset,
+    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+) -> Result<(), ScaleError> {
+    let mut c = o.client();
+    c.set("group.id", format!("{}.restore", o.spec.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
+    let reader: BaseConsumer = c.create().map_err(|e| o.spec.client_error(&o.base, "kafka reader", e))?;
+    let (low, high) = reader
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| format!("reading the end of {topic}/{partition}: {e}"))?;
+    if high <= low {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, from).map_err(|e| e.to_string())?;
+    reader.assign(&tpl).map_err(|e| format!("reading {topic}/{partition}: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                each(m.offset(), m.key(), m.payload())?;
+                if m.offset() + 1 >= high {
+                    return Ok(());
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => return Ok(()),
+            Some(Err(e)) => tracing::warn!("reading {topic}/{partition}: {e}"),
+            None => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!("reading {topic}/{partition} to offset {high} took over 60 s").into());
+        }
+    }
+}
+
+/// The committed offset of `group` for `topic/partition` (`None`: none yet).
+pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i32) -> Result<Option<i64>, ScaleError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .map_err(|e| format!("reading the committed offset of {topic}/{partition}: {e}"))?;
+    Ok(got.elements().first().and_then(|e| match e.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }))
+}
+
+/// How often each stage logs its figures and lag.
+pub const STATUS_EVERY: Duration = Duration::from_secs(10);
+
+/// Records of `topic` not yet read by the tasks `(partition, next offset)`:
+/// the lag of one stage of this instance (a partition never read counts
+/// from its start).
+pub fn lag(consumer: &BaseConsumer<Rebalances>, topic: &str, tasks: impl Iterator<Item = (i32, Option<i64>)>) -> i64 {
+    let mut lag = 0;
+    for (p, next) in tasks {
+        if let Ok((low, high)) = consumer.fetch_watermarks(topic, p, Duration::from_secs(1)) {
+            lag += (high - next.unwrap_or(low).max(low)).max(0);
+        }
+    }
+    lag
+}
+
+/// The health points of a scale-out instance (SPEC §6): the engine's input
+/// counts as stage 1 saw them, and per stage its tasks, lag, transactions
+/// and restores, and the bytes it wrote to each internal topic.
+pub fn health_points(
+    s1: &stage1::Stage1Stats,
+    s2: &stage2::Stage2Stats,
+    dc: &str,
+    instance: &str,
+) -> Vec<crate::metrics::HealthPoint> {
+    use crate::metrics::HealthPoint;
+    let tags = |extra: Option<(&'static str, &str)>| {
+        let mut t = vec![("dc", dc.to_string()), ("instance", instance.to_string())];
+        t.extend(extra.map(|(k, v)| (k, v.to_string())));
+        t
+    };
+    let point = |name: &str, extra, v: u64| HealthPoint {
+        name: format!("expmon.{name}"),
+        tags: tags(extra),
+        value: (v as i64).into(),
+    };
+    let mut out = vec![
+        point("events_in", None, s1.events),
+        point("events_rejected", None, s1.rejected),
+        point("late_dropped", None, s1.late_dropped),
+        point("upserts_written", None, s2.upserts),
+    ];
+    for (stage, tasks, lag, txns, restores) in
+        [("1", s1.tasks, s1.lag, s1.transactions, s1.restores), ("2", s2.tasks, s2.lag, s2.transactions, s2.restores)]
+    {
+        out.push(point("scale_out.tasks", Some(("stage", stage)), tasks));
+        out.push(point("scale_out.lag", Some(("stage", stage)), lag));
+        out.push(point("scale_out.transactions", Some(("stage", stage)), txns));
+        out.push(point("scale_out.restores", Some(("stage", stage)), restores));
+    }
+    for (topic, bytes) in [("deltas", s1.delta_bytes), ("state", s1.snapshot_bytes), ("totals", s2.changelog_bytes)] {
+        out.push(point("scale_out.internal_bytes", Some(("topic", topic)), bytes));
+    }
+    out
+}
+
+/// What a scale-out instance did, for its last line.
+#[derive(Debug, Default, Clone)]
+pub struct ScaleSummary {
+    pub stage1: stage1::Stage1Stats,
+    pub stage2: stage2::Stage2Stats,
+}
+
+impl std::fmt::Display for ScaleSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (a, b) = (&self.stage1, &self.stage2);
+        write!(
+            f,
+            "scale-out: stage 1 read {} events ({} rejected, {} late) in {} transactions, {} delta bytes, {} \
+             snapshot bytes, {} restores; stage 2 applied {} delta records in {} transactions, {} changelog bytes, \
+             {} upserts, {} restores",
+            a.events,
+            a.rejected,
+            a.late_dropped,
+            a.transactions,
+            a.delta_bytes,
+            a.snapshot_bytes,
+            a.restores,
+            b.records,
+            b.transactions,
+            b.changelog_bytes,
+            b.upserts,
+            b.restores
+        )
+    }
+}
+
+/// Runs both stages until stopped; each stage's first error ends the run.
+/// `catalog` is the sink's: the names of the points it writes.
+pub fn run(
+    config: Config,
+    catalog: Arc<crate::config::Catalog>,
+    sink: Box<dyn crate::sink::Sink>,
+    o: ScaleOptions,
+) -> Result<ScaleSummary, ScaleError> {
+    let (deltas, inputs) = ensure_topics(&o)?;
+    tracing::info!(
+        "scale-out: {} ({inputs} partitions) → {} ({deltas} partitions) → sink; instance {}",
+        o.spec.topic,
+        o.topic("deltas"),
+        o.instance
+    );
+    let figures = Arc::new(std::sync::Mutex::new(stage1::Stage1Stats::default()));
+    let s1 = {
+        let (config, o, figures) = (config.clone(), o.clone(), figures.clone());
+        std::thread::Builder::new()
+            .name("expmon-stage1".into())
+            .spawn(move || {
+                stage1::Stage1::new(config, o.clone(), deltas, figures)
+                    .and_then(|s| s.run())
+                    .inspect_err(|_| o.stop.store(true, Relaxed))
+            })
+            .map_err(|e| e.to_string())?
+    };
+    let s2 = {
+        let o2 = o.clone();
+        let stop = o.stop.clone();
+        std::thread::Builder::new()
+            .name("expmon-stage2".into())
+            .spawn(move || {
+                stage2::Stage2::new(catalog, o2, sink, inputs, figures)
+                    .and_then(|s| s.run())
+                    .inspect_err(|_| stop.store(true, Relaxed))
+            })
+            .map_err(|e| e.to_string())?
+    };
+    let r1 = s1.join().map_err(|_| "stage 1 panicked".to_string())?;
+    let r2 = s2.join().map_err(|_| "stage 2 panicked".to_string())?;
+    if let Some(f) = o.failures.first() {
+        return Err(format!("thread {} panicked: {}", f.thread, f.message).into());
+    }
+    Ok(ScaleSummary { stage1: r1?, stage2: r2? })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::health::prometheus::FAMILIES;
+
+    /// Every point scale-out writes has its Prometheus family, and every
+    /// `expmon.scale_out.*` family is one of its points.
+    #[test]
+    fn every_scale_out_health_point_has_a_family() {
+        let points = super::health_points(&Default::default(), &Default::default(), "dc1", "h");
+        for p in &points {
+            assert!(FAMILIES.iter().any(|f| f.point == p.name), "{} has no Prometheus family", p.name);
+        }
+        for f in FAMILIES.iter().filter(|f| f.point.starts_with("expmon.scale_out.")) {
+            assert!(points.iter().any(|p| p.name == f.point), "{} is not a point scale-out makes", f.point);
+        }
+    }
+}

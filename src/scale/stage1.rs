@@ -1,0 +1,397 @@
+//! Stage 1 of scale-out: one task per input partition this instance holds,
+//! each the engine's own pieces restricted to that partition — a `Router`
+//! with one clock (parse, resolve, late drop by the partition's watermark),
+//! a `SessionTable` and `MinuteCounters` (sessionize, correct), and a
+//! `Totals` of the partition's absolute contribution to each open point.
+//!
+//! At every trigger one transaction (transactional.id `<group>.s1-<instance>`)
+//! carries, for every task: a [`DeltaRecord`] to each delta partition (the
+//! contributions that changed or were touched, and the watermark mark), a
+//! snapshot of the task's state at its offset to `<group>.state`, and the
+//! task's input offset. A task is built when its partition is assigned: from
+//! the snapshot taken at the group's committed offset, or empty. Every
+//! rebalance (eager) drops every task; nothing uncommitted survives it.
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::wire::{self, DeltaRecord, PointId};
+use super::ScaleError;
+use super::{Rebalances, ScaleOptions};
+use crate::aggregate::{MinuteCounters, Point, Totals};
+use crate::checkpoint::RouterState;
+use crate::codec::{Dec, Enc};
+use crate::config::{Catalog, Config};
+use crate::names::Names;
+use crate::session::SessionTable;
+use crate::shard::{final_before, Router};
+
+/// Stage 1's own figures (over the tasks it ran, including dropped ones).
+#[derive(Debug, Default, Clone)]
+pub struct Stage1Stats {
+    pub events: u64,
+    pub rejected: u64,
+    pub late_dropped: u64,
+    pub transactions: u64,
+    pub delta_records: u64,
+    pub delta_bytes: u64,
+    pub snapshot_bytes: u64,
+    pub restores: u64,
+    /// Tasks held now.
+    pub tasks: u64,
+    /// Input messages not read yet by this instance's tasks (every 10 s).
+    pub lag: u64,
+}
+
+struct Task {
+    router: Router,
+    sessions: SessionTable,
+    counters: MinuteCounters,
+    /// The partition's absolute contribution to each open point.
+    contrib: Totals,
+    catalog: Arc<Catalog>,
+    /// The next input offset to read (`None`: nothing read or committed yet).
+    next: Option<i64>,
+    /// Router figures at the last trigger (to add only what is new).
+    counted: (u64, u64, u64),
+    /// Read events since the last trigger (an idle task has nothing to commit).
+    dirty: bool,
+}
+
+impl Task {
+    fn new(config: &Config, names: Names) -> Result<Task, ScaleError> {
+        let catalog = Arc::new(Catalog::build(config, Arc::new(names))?);
+        let mut counters = MinuteCounters::new(catalog.clone());
+        // Touched points are emitted even at a net zero: a replay that cuts
+        // its triggers elsewhere must still overwrite every value an earlier
+        // run of the same offsets emitted (see `crate::scale`, step 3).
+        counters.set_track_touched(true);
+        Ok(Task {
+            router: Router::new(catalog.clone(), 1),
+            sessions: SessionTable::new(catalog.clone()),
+            counters,
+            contrib: Totals::rewriting_touched(),
+            catalog,
+            next: None,
+            counted: (0, 0, 0),
+            dirty: false,
+        })
+    }
+
+    fn apply_pending(&mut self) {
+        if self.router.pending(0) > 0 {
+            let batch = self.router.take_batch(0, None);
+            for e in &batch.events {
+                self.sessions.add(e, &batch.assigns, &batch.attrs, &mut self.counters);
+            }
+        }
+    }
+
+    /// The task's whole state: router clocks and names, sessions, contributions.
+    fn snapshot(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        self.router.checkpoint_state(Vec::new()).encode(&mut e);
+        self.sessions.encode(&mut e);
+        crate::checkpoint::encode_totals(&self.contrib.export(), &mut e);
+        e.buf
+    }
+
+    fn restore(config: &Config, bytes: &[u8], next: i64) -> Result<Task, ScaleError> {
+        let mut d = Dec::new(bytes);
+        let router_state = RouterState::decode(&mut d)?;
+        let mut task = Task::new(config, router_state.names())?;
+        task.router.restore(&router_state);
+        let mut sessions = Vec::new();
+        SessionTable::decode_each(&mut d, |k, b| sessions.push((k, b.to_vec())))?;
+        for (k, b) in sessions {
+            task.sessions.restore(k, &b)?;
+        }
+        let mut totals = Vec::new();
+        for _ in 0..d.count(8 + 8 + 16 + 9)? {
+            totals.push((d.u64()?, d.i64()?, d.i128()?, d.opt_i64()?));
+        }
+        task.contrib = Totals::restore(&totals);
+        task.next = Some(next);
+        Ok(task)
+    }
+}
+
+pub struct Stage1 {
+    config: Config,
+    o: ScaleOptions,
+    consumer: BaseConsumer<Rebalances>,
+    producer: BaseProducer,
+    deltas: usize,
+    tasks: BTreeMap<i32, Task>,
+    seen: (u64, u64),
+    stats: Stage1Stats,
+    /// Published after every trigger, for stage 2's health points.
+    figures: Arc<std::sync::Mutex<Stage1Stats>>,
+}
+
+impl Stage1 {
+    pub fn new(
+        config: Config,
+        o: ScaleOptions,
+        deltas: usize,
+        figures: Arc<std::sync::Mutex<Stage1Stats>>,
+    ) -> Result<Stage1, ScaleError> {
+        let consumer = super::stage_consumer(&o, &format!("{}.s1", o.spec.group), &o.spec.topic)?;
+        let producer = super::transactional_producer(&o, &format!("{}.s1-{}", o.spec.group, o.instance))?;
+        Ok(Stage1 {
+            config,
+            o,
+            consumer,
+            producer,
+            deltas,
+            tasks: BTreeMap::new(),
+            seen: (0, 0),
+            stats: Stage1Stats::default(),
+            figures,
+        })
+    }
+
+    /// Drops every task after a revoke; builds a task for every assigned
+    /// partition that has none.
+    fn follow_assignment(&mut self) -> Result<(), ScaleError> {
+        let ctx = self.consumer.context();
+        let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
+        if now == self.seen {
+            return Ok(());
+        }
+        if now.0 != self.seen.0 {
+            if !self.tasks.is_empty() {
+                tracing::info!("stage 1: partitions revoked, {} tasks dropped", self.tasks.len());
+            }
+            self.tasks.clear();
+        }
+        self.seen = now;
+        let assignment = self.consumer.assignment().map_err(|e| format!("stage 1 assignment: {e}"))?;
+        for e in assignment.elements() {
+            let p = e.partition();
+            if self.tasks.contains_key(&p) {
+                continue;
+            }
+            let started = Instant::now();
+            let task = self.restore(p)?;
+            tracing::info!(
+                "stage 1: partition {}/{p} assigned, restored at offset {:?} in {} ms",
+                self.o.spec.topic,
+                task.next,
+                started.elapsed().as_millis()
+            );
+            self.stats.restores += 1;
+            self.tasks.insert(p, task);
+        }
+        Ok(())
+    }
+
+    /// The task of partition `p` as of the group's committed offset.
+    fn restore(&self, p: i32) -> Result<Task, ScaleError> {
+        let Some(at) = super::committed(&self.consumer, &self.o.spec.topic, p)? else {
+            return Task::new(&self.config, Names::default());
+        };
+        let topic = self.o.topic("state");
+        // The snapshot at `at` is among the last ones written: look there first.
+        for back in [64, i64::MAX] {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .map_err(|e| format!("reading the end of {topic}/{p}: {e}"))?;
+            let from = high.saturating_sub(back).max(low);
+            let mut chunks: Vec<Option<Vec<u8>>> = Vec::new();
+            let mut id = None;
+            let mut done: Option<Vec<u8>> = None;
+            super::read_partition(&self.o, &topic, p, Offset::Offset(from), |_, _, payload| {
+                let Some(payload) = payload else { return Ok(()) };
+                let c = wire::decode_chunk(payload).map_err(|e| format!("{topic}/{p}: {e}"))?;
+                if c.offset != at || c.partition != p as u32 {
+                    return Ok(());
+                }
+                if id != Some(c.id) || chunks.len() != c.count as usize {
+                    id = Some(c.id);
+                    chunks = vec![None; c.count as usize];
+                }
+                let slot = chunks
+                    .get_mut(c.index as usize)
+                    .ok_or_else(|| format!("{topic}/{p}: chunk {} of {}", c.index, c.count))?;
+                *slot = Some(c.bytes.to_vec());
+                if chunks.iter().all(Option::is_some) {
+                    done = Some(chunks.iter().flat_map(|c| c.as_deref().unwrap_or_default()).copied().collect());
+                    chunks.clear();
+                }
+                Ok(())
+            })?;
+            if let Some(bytes) = done {
+                return Task::restore(&self.config, &bytes, at)
+                    .map_err(|e| ScaleError(format!("snapshot {topic}/{p}@{at}: {e}")));
+            }
+            if from == low {
+                break;
+            }
+        }
+        Err(format!(
+            "input partition {}/{p} is committed at offset {at} but {topic} has no snapshot at that offset",
+            self.o.spec.topic
+        )
+        .into())
+    }
+
+    pub fn run(mut self) -> Result<Stage1Stats, ScaleError> {
+        let started = Instant::now();
+        let mut next_trigger = Instant::now() + self.o.trigger;
+        let mut next_status = Instant::now() + super::STATUS_EVERY;
+        loop {
+            if Instant::now() >= next_status {
+                next_status = Instant::now() + super::STATUS_EVERY;
+                let tasks = self.tasks.iter().map(|(&p, t)| (p, t.next));
+                let lag = super::lag(&self.consumer, &self.o.spec.topic, tasks);
+                self.stats.lag = lag as u64;
+                let s = &self.stats;
+                tracing::info!(
+                    "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
+                    self.tasks.len(),
+                    s.events,
+                    s.transactions
+                );
+            }
+            let stopping = self.o.stopping(started);
+            if stopping || Instant::now() >= next_trigger {
+                self.follow_assignment()?;
+                self.trigger()?;
+                self.stats.tasks = self.tasks.len() as u64;
+                *crate::failures::lock(&self.figures) = self.stats.clone();
+                next_trigger = Instant::now() + self.o.trigger;
+                if stopping {
+                    break;
+                }
+            }
+            let polled = self.consumer.poll(Duration::from_millis(20));
+            // A rebalance inside that poll: rebuild the tasks before using
+            // its message (rare: the message is copied).
+            if self.rebalanced() {
+                let owned = polled.map(|r| r.map(|m| m.detach()));
+                self.follow_assignment()?;
+                if let Some(Ok(m)) = owned {
+                    handle(&mut self.tasks, &m);
+                }
+                continue;
+            }
+            match polled {
+                Some(Ok(m)) => handle(&mut self.tasks, &m),
+                Some(Err(e)) => tracing::warn!("stage 1: {e}"),
+                None => {}
+            }
+        }
+        self.consumer.unsubscribe();
+        Ok(self.stats)
+    }
+
+    fn rebalanced(&self) -> bool {
+        let ctx = self.consumer.context();
+        (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed)) != self.seen
+    }
+
+    /// One transaction: every task's records, snapshot and offset.
+    fn trigger(&mut self) -> Result<(), ScaleError> {
+        // Tasks that read nothing since their last trigger have their
+        // snapshot and offset committed already: an idle trigger is free.
+        if !self.tasks.values().any(|t| t.dirty) {
+            return Ok(());
+        }
+        let fail = |what: &str, e: rdkafka::error::KafkaError| format!("stage 1 transaction ({what}): {e}");
+        self.producer.begin_transaction().map_err(|e| fail("begin", e))?;
+        let (deltas_topic, state_topic) = (self.o.topic("deltas"), self.o.topic("state"));
+        let mut offsets = TopicPartitionList::new();
+        let mut points: Vec<Point> = Vec::new();
+        let mut deltas = Vec::new();
+        for (&p, task) in self.tasks.iter_mut().filter(|(_, t)| t.dirty) {
+            task.dirty = false;
+            task.apply_pending();
+            let wm = task.router.watermark();
+            task.sessions.expire(wm);
+            deltas.clear();
+            task.counters.drain(&mut deltas);
+            task.contrib.apply(&deltas);
+            points.clear();
+            task.contrib.take_due(final_before(wm), &mut points);
+            let s = &task.router.stats;
+            let counts = (s.events_in, s.rejected_total(), s.late_dropped);
+            self.stats.events += counts.0 - task.counted.0;
+            self.stats.rejected += counts.1 - task.counted.1;
+            self.stats.late_dropped += counts.2 - task.counted.2;
+            task.counted = counts;
+            let Some(next) = task.next else { continue };
+            let mut records: Vec<DeltaRecord> = (0..self.deltas)
+                .map(|_| DeltaRecord { partition: p as u32, offset: next, watermark: wm, entries: Vec::new() })
+                .collect();
+            for pt in &points {
+                let id = PointId::of(&task.catalog, pt.key, pt.minute);
+                records[id.partition(self.deltas) as usize].entries.push((id, pt.value));
+            }
+            let key = p.to_le_bytes();
+            for (d, r) in records.iter().enumerate() {
+                for bytes in r.encode_pieces(wire::CHUNK_BYTES) {
+                    self.stats.delta_bytes += bytes.len() as u64;
+                    self.stats.delta_records += 1;
+                    let record = BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes[..]);
+                    send(&self.producer, record)?;
+                }
+            }
+            let snap = task.snapshot();
+            let id = xxhash_rust::xxh3::xxh3_64(&snap) ^ std::process::id() as u64;
+            let count = snap.len().div_ceil(wire::CHUNK_BYTES).max(1) as u32;
+            for (i, chunk) in snap.chunks(wire::CHUNK_BYTES).chain((snap.is_empty()).then_some(&[][..])).enumerate() {
+                let bytes = wire::encode_chunk(p as u32, next, id, i as u32, count, chunk);
+                self.stats.snapshot_bytes += bytes.len() as u64;
+                send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
+            }
+            offsets.add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next)).map_err(|e| e.to_string())?;
+        }
+        let meta = self.consumer.group_metadata().ok_or("stage 1: no consumer group metadata")?;
+        let timeout = Duration::from_secs(30);
+        // The snapshots and records reach the broker before the offsets do: a
+        // broker that commits (or does not filter) the offsets of a producer
+        // killed mid-transaction then still holds the snapshot they point at
+        // (tests/scale_out.rs found Tansu committing such offsets).
+        self.producer.flush(timeout).map_err(|e| fail("flush", e))?;
+        self.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
+        self.producer.commit_transaction(timeout).map_err(|e| fail("commit", e))?;
+        self.stats.transactions += 1;
+        Ok(())
+    }
+}
+
+/// One input message: routed by the task of its partition (none: not ours).
+fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
+    let (p, offset) = (m.partition(), m.offset());
+    let Some(task) = tasks.get_mut(&p) else { return };
+    if task.next.is_some_and(|n| offset < n) {
+        return; // read before the task's restore point
+    }
+    task.next = Some(offset + 1);
+    task.dirty = true;
+    let now = Some(crate::clock::now_ms());
+    if let Ok(Some(_)) = task.router.route(m.payload().unwrap_or_default(), 0, now) {
+        task.apply_pending();
+    }
+}
+
+/// Produces one record, waiting for queue space rather than failing.
+pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), ScaleError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic).into()),
+        }
+    }
+}

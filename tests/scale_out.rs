@@ -1,0 +1,209 @@
+//! Scale-out (`run --scale-out`, SPEC §8, docs/scale-out.md) against a real
+//! Kafka-protocol broker (Tansu) and one strict KairosDB-protocol server that
+//! every instance writes to (last upsert of a point wins, as in KairosDB):
+//! the totals there equal the reference computation and the single-instance
+//! path exactly — with one instance, and with three through a kill, a join,
+//! a graceful leave, a zombie (paused past its session timeout), and a
+//! restart of all.
+//!
+//! A Kafka source never ends, so a run is judged once the server's totals
+//! equal the reference (within a deadline; a miss shows the differences) and
+//! again after every instance stopped.
+
+mod common;
+
+use common::broker::Broker;
+use common::harness::Expmon;
+use common::kairos_server::KairosServer;
+use common::runs::*;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// Starts one scale-out instance named `name` in group `group`.
+fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
+    let source =
+        format!("kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500", broker.addr());
+    let run = dir
+        .run()
+        .args(["--scale-out", "--config", "demo.toml", "--source", &source])
+        .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
+        .args(["--metrics-addr", "off"])
+        .named(name)
+        .spawn();
+    Consumer { run, out: dir.path(&format!("{name}.none")) }
+}
+
+/// The metric points the server holds (health points left out), zeros removed.
+fn server_totals(kairos: &KairosServer, dc: &str) -> Totals {
+    let mut out = Totals::new();
+    for ((name, tags, ts), v) in &kairos.state().points {
+        if name.starts_with("expmon.") {
+            continue;
+        }
+        assert_eq!(tags.get("dc").map(String::as_str), Some(dc), "{name} {tags:?}");
+        out.insert((name.clone(), tags["device"].clone(), tags["login"].clone(), *ts), *v);
+    }
+    out.retain(|_, v| *v != 0);
+    out
+}
+
+/// Waits until the server holds exactly `expected` (each instance's log is
+/// shown if it does not within `secs`).
+fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs: &[&Consumer]) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = server_totals(kairos, dc);
+        if &got == expected {
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = runs.iter().map(|r| r.log()).collect();
+            let d = diff(expected, &got);
+            panic!("after {secs} s, {} differences, first: {d:#?}\nlogs: {logs:#?}", d.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The value of health point `name` (with tag `tag`) at its latest timestamp.
+fn latest_health(kairos: &KairosServer, name: &str, tag: Option<(&str, &str)>) -> Option<i64> {
+    let state = kairos.state();
+    let matching = state
+        .points
+        .iter()
+        .filter(|((n, tags, _), _)| n == name && tag.is_none_or(|(k, v)| tags.get(k).is_some_and(|t| t == v)));
+    matching.max_by_key(|((_, _, ts), _)| *ts).map(|(_, v)| *v)
+}
+
+#[test]
+fn one_scale_out_instance_writes_the_single_instance_totals() {
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(21, 20_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    // The single-instance path over the same events.
+    assert_totals(&expected, &engine_totals(&config, &lines, 2));
+    let mut run = instance(&dir, &broker, &kairos, "g1", "a");
+    wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
+    let log = run.stop();
+    assert!(log.contains("scale-out: stage 1 read 20"), "{log}");
+    // Its health points: what stage 1 read, and the lag and work of each stage.
+    assert_eq!(latest_health(&kairos, "expmon.events_in", None), Some(lines.len() as i64), "{log}");
+    for stage in ["1", "2"] {
+        let tag = Some(("stage", stage));
+        assert!(latest_health(&kairos, "expmon.scale_out.transactions", tag).is_some_and(|n| n > 0), "{log}");
+        assert_eq!(latest_health(&kairos, "expmon.scale_out.tasks", tag), Some(8), "{log}");
+        assert!(latest_health(&kairos, "expmon.scale_out.lag", tag).is_some(), "{log}");
+    }
+    assert_totals(&expected, &server_totals(&kairos, &config.engine.dc));
+    for p in 0..8 {
+        assert!(log.contains(&format!("partition events/{p} assigned")), "{log}");
+    }
+}
+
+#[test]
+fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(22, 30_000);
+    let config = dir.config();
+    let dc = &config.engine.dc;
+    let expected = reference(&config, &lines);
+    let mut producer = dir.produce_paced(&broker, "events", &lines, 1_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut a = instance(&dir, &broker, &kairos, "g3", "a");
+    let mut b = instance(&dir, &broker, &kairos, "g3", "b");
+    std::thread::sleep(Duration::from_secs(8));
+    let written = server_totals(&kairos, dc);
+    assert!(!written.is_empty() && written != expected, "killed mid-run: some totals written, not all");
+    a.kill(); // SIGKILL, mid-transaction or between two
+    let mut c = instance(&dir, &broker, &kairos, "g3", "c"); // joins later
+    std::thread::sleep(Duration::from_secs(6));
+    // A zombie: paused past its session timeout (6 s), then awake again.
+    b.run.signal("STOP");
+    std::thread::sleep(Duration::from_secs(9));
+    b.run.signal("CONT");
+    std::thread::sleep(Duration::from_secs(4));
+    b.run.signal("TERM");
+    let status = b.run.wait().status;
+    let b_log = b.log();
+    eprintln!("zombie b ({status}):\n{b_log}");
+    assert!(b_log.contains("stage 1: partitions revoked"), "b lost its partitions while paused: {b_log}");
+    assert!(producer.wait().status.success());
+    // The survivor alone ends at the reference: nothing the zombie wrote
+    // after waking is left stale (c rewrites only what changes or it restored).
+    wait_for(&kairos, &expected, dc, 90, &[&c]);
+    let c_log = c.stop(); // a graceful leave
+    assert!(c_log.contains("restored at offset Some("), "state moved to the joiner: {c_log}");
+    // Then all restart, on the state in Kafka.
+    let mut runs = vec![
+        instance(&dir, &broker, &kairos, "g3", "a2"),
+        instance(&dir, &broker, &kairos, "g3", "b2"),
+        instance(&dir, &broker, &kairos, "g3", "c2"),
+    ];
+    std::thread::sleep(Duration::from_secs(5));
+    {
+        let refs: Vec<&Consumer> = runs.iter().collect();
+        wait_for(&kairos, &expected, dc, 60, &refs);
+    }
+    let mut restored = 0;
+    for r in &mut runs {
+        restored += r.stop().matches("restored at offset Some(").count();
+    }
+    assert!(restored >= 8, "every input partition restored from its snapshot after the restart: {restored}");
+    assert_totals(&expected, &server_totals(&kairos, dc));
+}
+
+/// The long version (`EXPMON_LONG_TESTS=1`, a few minutes): 80,000 events
+/// paced over about a minute, three instances, and every 5 s one of them is
+/// SIGKILLed and started again, or paused past its session timeout and woken
+/// (`EXPMON_SCALE_SEED=S` picks which); then all restart. The server's totals
+/// equal the reference.
+#[test]
+fn long_many_kills_and_zombies_end_at_the_reference() {
+    if std::env::var("EXPMON_LONG_TESTS").is_err() {
+        eprintln!("skipped: set EXPMON_LONG_TESTS=1 to run it");
+        return;
+    }
+    let seed: u64 = std::env::var("EXPMON_SCALE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(23, 80_000);
+    let config = dir.config();
+    let dc = &config.engine.dc;
+    let expected = reference(&config, &lines);
+    let mut producer = dir.produce_paced(&broker, "events", &lines, 1_500);
+    let mut runs: Vec<Consumer> = (0..3).map(|i| instance(&dir, &broker, &kairos, "gl", &format!("n{i}"))).collect();
+    let mut rng = seed;
+    let mut next = || {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (rng >> 33) as usize
+    };
+    let mut started = 3;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(5));
+        let i = next() % runs.len();
+        if next() % 3 == 0 {
+            runs[i].run.signal("STOP");
+            std::thread::sleep(Duration::from_secs(8));
+            runs[i].run.signal("CONT");
+        } else {
+            runs[i].kill();
+            runs[i] = instance(&dir, &broker, &kairos, "gl", &format!("n{started}"));
+            started += 1;
+        }
+    }
+    assert!(producer.wait().status.success());
+    for r in &mut runs {
+        r.kill();
+    }
+    let mut runs: Vec<Consumer> = (0..3).map(|i| instance(&dir, &broker, &kairos, "gl", &format!("r{i}"))).collect();
+    {
+        let refs: Vec<&Consumer> = runs.iter().collect();
+        wait_for(&kairos, &expected, dc, 120, &refs);
+    }
+    for r in &mut runs {
+        r.stop();
+    }
+    assert_totals(&expected, &server_totals(&kairos, dc));
+}
