@@ -154,17 +154,15 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     assert_totals(&expected, &server_totals(&kairos, dc));
 }
 
-/// The long version (`EXPMON_LONG_TESTS=1`, a few minutes): 80,000 events
+/// The long version (a few minutes, not in the default run:
+/// `cargo test --test scale_out -- --ignored`): 80,000 events
 /// paced over about a minute, three instances, and every 5 s one of them is
 /// SIGKILLed and started again, or paused past its session timeout and woken
 /// (`EXPMON_SCALE_SEED=S` picks which); then all restart. The server's totals
 /// equal the reference.
 #[test]
+#[ignore = "long (a few minutes): cargo test --test scale_out -- --ignored"]
 fn long_many_kills_and_zombies_end_at_the_reference() {
-    if std::env::var("EXPMON_LONG_TESTS").is_err() {
-        eprintln!("skipped: set EXPMON_LONG_TESTS=1 to run it");
-        return;
-    }
     let seed: u64 = std::env::var("EXPMON_SCALE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
     let lines = dir.events(23, 80_000);
