@@ -162,6 +162,31 @@ impl ConsumerContext for Rebalances {
     }
 }
 
+/// Follows a stage's group assignment: on a revoke since `seen`, drops every
+/// task (eager rebalancing hands all partitions back); returns the assigned
+/// partitions that have no task yet, for the stage to restore.
+pub(crate) fn unowned_assigned<T>(
+    consumer: &BaseConsumer<Rebalances>,
+    seen: &mut (u64, u64),
+    tasks: &mut std::collections::BTreeMap<i32, T>,
+    stage: &str,
+) -> Result<Vec<i32>, ScaleError> {
+    let ctx = consumer.context();
+    let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
+    if now == *seen {
+        return Ok(Vec::new());
+    }
+    if now.0 != seen.0 {
+        if !tasks.is_empty() {
+            tracing::info!("{stage}: partitions revoked, {} tasks dropped", tasks.len());
+        }
+        tasks.clear();
+    }
+    *seen = now;
+    let assignment = consumer.assignment().map_err(|e| format!("{stage} assignment: {e}"))?;
+    Ok(assignment.elements().iter().map(|e| e.partition()).filter(|p| !tasks.contains_key(p)).collect())
+}
+
 /// A group member of a stage: eager assignment (every rebalance hands all
 /// tasks back, and each task is rebuilt from Kafka), offsets committed only
 /// through transactions.

@@ -159,24 +159,7 @@ impl Stage1 {
     /// Drops every task after a revoke; builds a task for every assigned
     /// partition that has none.
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
-        let ctx = self.consumer.context();
-        let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
-        if now == self.seen {
-            return Ok(());
-        }
-        if now.0 != self.seen.0 {
-            if !self.tasks.is_empty() {
-                tracing::info!("stage 1: partitions revoked, {} tasks dropped", self.tasks.len());
-            }
-            self.tasks.clear();
-        }
-        self.seen = now;
-        let assignment = self.consumer.assignment().map_err(|e| format!("stage 1 assignment: {e}"))?;
-        for e in assignment.elements() {
-            let p = e.partition();
-            if self.tasks.contains_key(&p) {
-                continue;
-            }
+        for p in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")? {
             let started = Instant::now();
             let task = self.restore(p)?;
             tracing::info!(

@@ -204,33 +204,17 @@ impl Stage2 {
     }
 
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
-        let ctx = self.consumer.context();
-        let now = (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed));
-        if now == self.seen {
-            return Ok(());
-        }
-        if now.0 != self.seen.0 {
-            if !self.tasks.is_empty() {
-                tracing::info!("stage 2: partitions revoked, {} tasks dropped", self.tasks.len());
-            }
-            self.tasks.clear();
-        }
-        self.seen = now;
-        let assignment = self.consumer.assignment().map_err(|e| format!("stage 2 assignment: {e}"))?;
-        for e in assignment.elements() {
-            let d = e.partition();
-            if !self.tasks.contains_key(&d) {
-                let started = Instant::now();
-                let task = self.restore(d)?;
-                tracing::info!(
-                    "stage 2: partition {}/{d} assigned, {} entries restored in {} ms",
-                    self.o.topic("deltas"),
-                    task.state.entries.len(),
-                    started.elapsed().as_millis()
-                );
-                self.stats.restores += 1;
-                self.tasks.insert(d, task);
-            }
+        for d in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 2")? {
+            let started = Instant::now();
+            let task = self.restore(d)?;
+            tracing::info!(
+                "stage 2: partition {}/{d} assigned, {} entries restored in {} ms",
+                self.o.topic("deltas"),
+                task.state.entries.len(),
+                started.elapsed().as_millis()
+            );
+            self.stats.restores += 1;
+            self.tasks.insert(d, task);
         }
         Ok(())
     }
