@@ -415,17 +415,7 @@ mod tests {
     #[test]
     fn every_kind_round_trips_through_its_region() {
         let cat = catalog();
-        for kind in [
-            MetricKind::SessionAssigned,
-            MetricKind::SessionFm,
-            MetricKind::VisitAssigned,
-            MetricKind::VisitAssignedBeta,
-            MetricKind::VisitFm,
-            MetricKind::VisitFmBeta,
-            MetricKind::ValueAssigned,
-            MetricKind::ValueFm,
-            MetricKind::ValueSqFm,
-        ] {
+        for kind in MetricKind::ALL {
             let session = matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm);
             // Variations 0, 1 list mps 0 and 1; 3, 4 report every mp (e.g. 9).
             for (v, mp) in [(0, 0), (1, 1), (3, 9), (4, 0)] {

@@ -46,6 +46,19 @@ pub enum MetricKind {
 }
 
 impl MetricKind {
+    /// Every kind, in discriminant order (`ALL[k as usize] == k`).
+    pub const ALL: [MetricKind; 9] = [
+        MetricKind::SessionAssigned,
+        MetricKind::SessionFm,
+        MetricKind::VisitAssigned,
+        MetricKind::VisitAssignedBeta,
+        MetricKind::VisitFm,
+        MetricKind::VisitFmBeta,
+        MetricKind::ValueAssigned,
+        MetricKind::ValueFm,
+        MetricKind::ValueSqFm,
+    ];
+
     fn from_bits(b: u64) -> MetricKind {
         match b {
             0 => MetricKind::SessionAssigned,

@@ -76,17 +76,7 @@ impl Resolver {
 
     fn key(&mut self, id: &PointId) -> Option<SeriesKey> {
         let variation = *self.variations.get(&id.variation_id)?;
-        let kind = [
-            MetricKind::SessionAssigned,
-            MetricKind::SessionFm,
-            MetricKind::VisitAssigned,
-            MetricKind::VisitAssignedBeta,
-            MetricKind::VisitFm,
-            MetricKind::VisitFmBeta,
-            MetricKind::ValueAssigned,
-            MetricKind::ValueFm,
-            MetricKind::ValueSqFm,
-        ][id.kind as usize];
+        let kind = *MetricKind::ALL.get(id.kind as usize)?;
         let mp = match &id.mp {
             Some(m) => self.mp.resolve(m).0,
             None => NO_MP,
