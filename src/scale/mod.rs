@@ -60,41 +60,77 @@ use crate::config::Config;
 use crate::kafka::KafkaSpec;
 
 /// Why a scale-out instance stopped: one line naming the topic, partition or
-/// step (a Kafka error, a record or snapshot that does not decode, a
-/// transaction that failed or may have been fenced).
+/// step.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ScaleError(pub String);
+pub enum ScaleError {
+    /// A client that cannot be made, a topic missing or not creatable.
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+    /// A broker request that failed: `what` names it, its topic and partition.
+    #[error("{what}: {error}")]
+    Broker { what: String, error: rdkafka::error::KafkaError },
+    /// A step of a stage's transaction failed (or the producer was fenced);
+    /// `of` names a stage-2 task's delta partition.
+    #[error("stage {stage} transaction{of} ({step}): {error}")]
+    Transaction { stage: u8, of: String, step: &'static str, error: rdkafka::error::KafkaError },
+    #[error("stage {0}: no consumer group metadata")]
+    NoGroupMetadata(u8),
+    #[error("producing a record to {topic}: {error}")]
+    Produce { topic: String, error: rdkafka::error::KafkaError },
+    #[error("reading {topic}/{partition} to offset {end} took over 60 s")]
+    ReadTimeout { topic: String, partition: i32, end: i64 },
+    /// Bytes of an internal topic that end early or hold a bad count.
+    #[error(transparent)]
+    Decode(#[from] crate::codec::DecodeError),
+    /// A record of an internal topic that is not one this build reads.
+    #[error("{0}")]
+    Wire(String),
+    /// A record that does not decode, at `topic/partition[@offset]`.
+    #[error("{at}: {source}")]
+    Record { at: String, source: Box<ScaleError> },
+    /// A stage-1 snapshot (`topic/partition@offset`) that does not restore.
+    #[error("snapshot {at}: {source}")]
+    Snapshot { at: String, source: Box<ScaleError> },
+    #[error(
+        "input partition {input}/{partition} is committed at offset {offset} but {state} has no snapshot at that offset"
+    )]
+    NoSnapshot { input: String, partition: i32, offset: i64, state: String },
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionDecodeError),
+    #[error(transparent)]
+    Names(#[from] crate::checkpoint::Unusable),
+    #[error(transparent)]
+    Catalog(#[from] crate::config::CatalogError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    #[error("{0} upserts could not be delivered")]
+    Undelivered(u64),
+    /// A stage-2 commit that returned after the session timeout.
+    #[error(
+        "stage 2: the commit of {task} returned after {took_ms} ms (the session timeout is {timeout_ms} ms): this \
+         instance may have been paused and replaced; stopping without writing"
+    )]
+    Paused { task: String, took_ms: u128, timeout_ms: u128 },
+    #[error("starting the {0} thread: {1}")]
+    Spawn(&'static str, std::io::Error),
+    #[error("{0} panicked")]
+    Panicked(&'static str),
+    #[error("thread {thread} panicked: {message}")]
+    ThreadPanicked { thread: String, message: String },
+}
 
-impl From<String> for ScaleError {
-    fn from(s: String) -> ScaleError {
-        ScaleError(s)
+impl ScaleError {
+    /// `error` of the broker request `what`.
+    pub fn broker(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> ScaleError {
+        let what = what.into();
+        move |error| ScaleError::Broker { what, error }
+    }
+
+    /// `self`, found in the record at `at`.
+    pub fn at(self, at: impl Into<String>) -> ScaleError {
+        ScaleError::Record { at: at.into(), source: Box::new(self) }
     }
 }
-
-impl From<&str> for ScaleError {
-    fn from(s: &str) -> ScaleError {
-        ScaleError(s.to_string())
-    }
-}
-
-macro_rules! from_display {
-    ($($t:ty),*) => {$(
-        impl From<$t> for ScaleError {
-            fn from(e: $t) -> ScaleError {
-                ScaleError(e.to_string())
-            }
-        }
-    )*};
-}
-from_display!(
-    crate::codec::DecodeError,
-    crate::checkpoint::Unusable,
-    crate::session::SessionDecodeError,
-    crate::config::CatalogError,
-    crate::kafka::KafkaError,
-    crate::sink::SinkError
-);
 
 /// How an instance takes part in a scale-out group.
 #[derive(Debug, Clone)]
@@ -183,7 +219,7 @@ pub(crate) fn unowned_assigned<T>(
         tasks.clear();
     }
     *seen = now;
-    let assignment = consumer.assignment().map_err(|e| format!("{stage} assignment: {e}"))?;
+    let assignment = consumer.assignment().map_err(ScaleError::broker(format!("{stage} assignment")))?;
     Ok(assignment.elements().iter().map(|e| e.partition()).filter(|p| !tasks.contains_key(p)).collect())
 }
 
@@ -200,7 +236,7 @@ pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<Base
         .set("partition.assignment.strategy", "range");
     let consumer: BaseConsumer<Rebalances> =
         c.create_with_context(Rebalances::default()).map_err(|e| o.spec.client_error(&o.base, "kafka consumer", e))?;
-    consumer.subscribe(&[topic]).map_err(|e| format!("subscribing to {topic:?}: {e}"))?;
+    consumer.subscribe(&[topic]).map_err(ScaleError::broker(format!("subscribing to {topic:?}")))?;
     Ok(consumer)
 }
 
@@ -216,7 +252,8 @@ pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::pro
     }
     let p: rdkafka::producer::BaseProducer =
         c.create().map_err(|e| o.spec.client_error(&o.base, "kafka producer", e))?;
-    p.init_transactions(Duration::from_secs(30)).map_err(|e| format!("transactional producer {id:?}: {e}"))?;
+    p.init_transactions(Duration::from_secs(30))
+        .map_err(ScaleError::broker(format!("transactional producer {id:?}")))?;
     Ok(p)
 }
 
@@ -248,13 +285,14 @@ pub fn read_partition(
     let reader: BaseConsumer = c.create().map_err(|e| o.spec.client_error(&o.base, "kafka reader", e))?;
     let (low, high) = reader
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| format!("reading the end of {topic}/{partition}: {e}"))?;
+        .map_err(ScaleError::broker(format!("reading the end of {topic}/{partition}")))?;
     if high <= low {
         return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, from).map_err(|e| e.to_string())?;
-    reader.assign(&tpl).map_err(|e| format!("reading {topic}/{partition}: {e}"))?;
+    let reading = || format!("reading {topic}/{partition}");
+    tpl.add_partition_offset(topic, partition, from).map_err(ScaleError::broker(reading()))?;
+    reader.assign(&tpl).map_err(ScaleError::broker(reading()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match reader.poll(Duration::from_millis(200)) {
@@ -269,7 +307,7 @@ pub fn read_partition(
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(format!("reading {topic}/{partition} to offset {high} took over 60 s").into());
+            return Err(ScaleError::ReadTimeout { topic: topic.to_string(), partition, end: high });
         }
     }
 }
@@ -280,7 +318,7 @@ pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i3
     tpl.add_partition(topic, partition);
     let got = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
-        .map_err(|e| format!("reading the committed offset of {topic}/{partition}: {e}"))?;
+        .map_err(ScaleError::broker(format!("reading the committed offset of {topic}/{partition}")))?;
     Ok(got.elements().first().and_then(|e| match e.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,
@@ -399,7 +437,7 @@ pub fn run(
                     .and_then(|s| s.run())
                     .inspect_err(|_| o.stop.store(true, Relaxed))
             })
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ScaleError::Spawn("stage 1", e))?
     };
     let s2 = {
         let o2 = o.clone();
@@ -411,12 +449,12 @@ pub fn run(
                     .and_then(|s| s.run())
                     .inspect_err(|_| stop.store(true, Relaxed))
             })
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ScaleError::Spawn("stage 2", e))?
     };
-    let r1 = s1.join().map_err(|_| "stage 1 panicked".to_string())?;
-    let r2 = s2.join().map_err(|_| "stage 2 panicked".to_string())?;
+    let r1 = s1.join().map_err(|_| ScaleError::Panicked("stage 1"))?;
+    let r2 = s2.join().map_err(|_| ScaleError::Panicked("stage 2"))?;
     if let Some(f) = o.failures.first() {
-        return Err(format!("thread {} panicked: {}", f.thread, f.message).into());
+        return Err(ScaleError::ThreadPanicked { thread: f.thread.to_string(), message: f.message.to_string() });
     }
     Ok(ScaleSummary { stage1: r1?, stage2: r2? })
 }

@@ -185,14 +185,14 @@ impl Stage1 {
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .map_err(|e| format!("reading the end of {topic}/{p}: {e}"))?;
+                .map_err(ScaleError::broker(format!("reading the end of {topic}/{p}")))?;
             let from = high.saturating_sub(back).max(low);
             let mut chunks: Vec<Option<Vec<u8>>> = Vec::new();
             let mut id = None;
             let mut done: Option<Vec<u8>> = None;
             super::read_partition(&self.o, &topic, p, Offset::Offset(from), |_, _, payload| {
                 let Some(payload) = payload else { return Ok(()) };
-                let c = wire::decode_chunk(payload).map_err(|e| format!("{topic}/{p}: {e}"))?;
+                let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
                 if c.offset != at || c.partition != p as u32 {
                     return Ok(());
                 }
@@ -200,9 +200,9 @@ impl Stage1 {
                     id = Some(c.id);
                     chunks = vec![None; c.count as usize];
                 }
-                let slot = chunks
-                    .get_mut(c.index as usize)
-                    .ok_or_else(|| format!("{topic}/{p}: chunk {} of {}", c.index, c.count))?;
+                let slot = chunks.get_mut(c.index as usize).ok_or_else(|| {
+                    ScaleError::Wire(format!("chunk {} of {}", c.index, c.count)).at(format!("{topic}/{p}"))
+                })?;
                 *slot = Some(c.bytes.to_vec());
                 if chunks.iter().all(Option::is_some) {
                     done = Some(chunks.iter().flat_map(|c| c.as_deref().unwrap_or_default()).copied().collect());
@@ -212,17 +212,13 @@ impl Stage1 {
             })?;
             if let Some(bytes) = done {
                 return Task::restore(&self.config, &bytes, at)
-                    .map_err(|e| ScaleError(format!("snapshot {topic}/{p}@{at}: {e}")));
+                    .map_err(|e| ScaleError::Snapshot { at: format!("{topic}/{p}@{at}"), source: Box::new(e) });
             }
             if from == low {
                 break;
             }
         }
-        Err(format!(
-            "input partition {}/{p} is committed at offset {at} but {topic} has no snapshot at that offset",
-            self.o.spec.topic
-        )
-        .into())
+        Err(ScaleError::NoSnapshot { input: self.o.spec.topic.clone(), partition: p, offset: at, state: topic })
     }
 
     pub fn run(mut self) -> Result<Stage1Stats, ScaleError> {
@@ -287,7 +283,7 @@ impl Stage1 {
         if !self.tasks.values().any(|t| t.dirty) {
             return Ok(());
         }
-        let fail = |what: &str, e: rdkafka::error::KafkaError| format!("stage 1 transaction ({what}): {e}");
+        let fail = |step, error| ScaleError::Transaction { stage: 1, of: String::new(), step, error };
         self.producer.begin_transaction().map_err(|e| fail("begin", e))?;
         let (deltas_topic, state_topic) = (self.o.topic("deltas"), self.o.topic("state"));
         let mut offsets = TopicPartitionList::new();
@@ -334,9 +330,11 @@ impl Stage1 {
                 self.stats.snapshot_bytes += bytes.len() as u64;
                 send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
             }
-            offsets.add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next)).map_err(|e| e.to_string())?;
+            offsets
+                .add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next))
+                .map_err(|e| fail("offsets", e))?;
         }
-        let meta = self.consumer.group_metadata().ok_or("stage 1: no consumer group metadata")?;
+        let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(1))?;
         let timeout = Duration::from_secs(30);
         // The snapshots and records reach the broker before the offsets do: a
         // broker that commits (or does not filter) the offsets of a producer
@@ -374,7 +372,7 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
                 record = r;
                 producer.poll(Duration::from_millis(10));
             }
-            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic).into()),
+            Err((error, r)) => return Err(ScaleError::Produce { topic: r.topic.to_string(), error }),
         }
     }
 }
