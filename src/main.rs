@@ -425,7 +425,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     if let Some(addr) = addr {
         let published = Arc::new(expmon::serve::Published::default());
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
-        match expmon::serve::spawn(addr, published.clone(), results.clone(), &opts.failures) {
+        match expmon::serve::spawn(addr, published.clone(), Some(results.clone()), &opts.failures) {
             Ok(http) => {
                 let bound = http.addr;
                 tracing::info!("results page http://{bound}/ · metrics http://{bound}/metrics");
@@ -532,7 +532,6 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         (a.checkpoint_interval.is_some(), "keeps its state in Kafka: drop --checkpoint-interval"),
         (a.threads.is_some(), "runs one thread per stage (add instances to add cores): drop --threads"),
         (a.pin.is_some(), "has no shard workers to pin: drop --pin"),
-        (a.status.is_some(), "has no live status panel (each stage logs its figures every 10 s): drop --status"),
         (
             source_has("idle_timeout"),
             "does not take the source option idle_timeout (a minute is final only once every input partition \
@@ -559,7 +558,7 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
-    // `/metrics` serves the scale-out health figures (the results page stays empty).
+    // `/metrics` serves the scale-out health figures; no results page (serve::NO_RESULTS).
     let mut published = None;
     let (addr, explicit) = match a.metrics_addr {
         Some(MetricsAddr::Off) => (None, true),
@@ -568,8 +567,7 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     };
     if let Some(addr) = addr {
         let p = Arc::new(expmon::serve::Published::default());
-        let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
-        match expmon::serve::spawn(addr, p.clone(), results, &failures) {
+        match expmon::serve::spawn(addr, p.clone(), None, &failures) {
             Ok(http) => {
                 tracing::info!("metrics http://{}/metrics", http.addr);
                 published = Some(p);
@@ -589,6 +587,17 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         failures,
         published,
         dc: config.engine.dc.clone(),
+        status: a.status.unwrap_or(true),
+        reload: match &a.config {
+            // SIGHUP or a change of the file: refused in one line (scale::ReloadRefusal).
+            Some(path) => {
+                let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone())
+                    .context("installing SIGHUP")?;
+                Some(expmon::config::ReloadOptions { path: path.clone(), requested })
+            }
+            None => None,
+        },
     };
     let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
     eprintln!("{summary}");

@@ -260,7 +260,6 @@ fn scale_out_refuses_the_flags_it_cannot_honour_in_one_line() {
     for (args, needle) in [
         (run(kafka, &["--threads", "2"]), "drop --threads"),
         (run(kafka, &["--pin", "false"]), "drop --pin"),
-        (run(kafka, &["--status", "false"]), "drop --status"),
         (run(kafka, &["--checkpoint", "ck"]), "drop --checkpoint"),
         (run(kafka, &["--checkpoint-reset"]), "drop --checkpoint-reset"),
         (run(kafka, &["--checkpoint-interval", "10s"]), "drop --checkpoint-interval"),

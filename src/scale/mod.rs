@@ -153,6 +153,46 @@ pub struct ScaleOptions {
     pub published: Option<Arc<crate::serve::Published>>,
     /// `dc` tag of the health points.
     pub dc: String,
+    /// `--status`: each stage logs its figures and lag every 10 s.
+    pub status: bool,
+    /// The config file and the SIGHUP flag: a reload is refused (see
+    /// [`ReloadRefusal`]).
+    pub reload: Option<crate::config::ReloadOptions>,
+}
+
+/// The scale-out mode does not reload its experiments: every instance would
+/// have to switch at the same input offset of every partition, or stage 1's
+/// output would depend on who ran a partition when (step 1 below), and the
+/// mode has no way to agree on one. On SIGHUP, or when the config file
+/// changes, stage 1 says so in one line and the running config stays.
+pub struct ReloadRefusal {
+    options: Option<crate::config::ReloadOptions>,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// The line logged when a reload is asked for in scale-out mode.
+pub const RELOAD_REFUSED: &str = "config reload refused in --scale-out mode (every instance would have to switch at \
+     the same offset of every input partition): the running config stays; to change the experiments, stop every \
+     instance and start them all with the new config (docs/scale-out.md §6)";
+
+impl ReloadRefusal {
+    pub fn new(options: Option<crate::config::ReloadOptions>) -> ReloadRefusal {
+        let modified = options.as_ref().and_then(|o| std::fs::metadata(&o.path).and_then(|m| m.modified()).ok());
+        ReloadRefusal { options, modified }
+    }
+
+    /// Logs the refusal once per SIGHUP or change of the file; whether it did.
+    pub fn check(&mut self) -> bool {
+        let Some(o) = &self.options else { return false };
+        let modified = std::fs::metadata(&o.path).and_then(|m| m.modified()).ok();
+        let requested = o.requested.swap(false, Relaxed);
+        if !requested && (modified.is_none() || modified == self.modified) {
+            return false;
+        }
+        self.modified = modified;
+        tracing::error!("{}: {RELOAD_REFUSED}", o.path.display());
+        true
+    }
 }
 
 impl ScaleOptions {
@@ -265,6 +305,9 @@ pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), ScaleError> {
     crate::kafka::ensure_topic(&internal(o.topic("state"), input as i32), &o.base)?;
     let deltas = crate::kafka::ensure_topic(&internal(o.topic("deltas"), o.delta_partitions), &o.base)?;
     crate::kafka::ensure_topic(&internal(o.topic("totals"), deltas as i32), &o.base)?;
+    if let Some(topic) = &o.spec.dead_letter {
+        crate::kafka::ensure_topic(&internal(topic.clone(), 1), &o.base)?;
+    }
     Ok((deltas, input))
 }
 
@@ -366,6 +409,7 @@ pub fn health_points(
         point("events_rejected", None, s1.rejected),
         point("late_dropped", None, s1.late_dropped),
         point("upserts_written", None, s2.upserts),
+        point("scale_out.dead_lettered", None, s1.dead_lettered),
     ];
     for (stage, tasks, lag, txns, restores) in
         [("1", s1.tasks, s1.lag, s1.transactions, s1.restores), ("2", s2.tasks, s2.lag, s2.transactions, s2.restores)]
@@ -393,11 +437,12 @@ impl std::fmt::Display for ScaleSummary {
         let (a, b) = (&self.stage1, &self.stage2);
         write!(
             f,
-            "scale-out: stage 1 read {} events ({} rejected, {} late) in {} transactions, {} delta bytes, {} \
-             snapshot bytes, {} restores; stage 2 applied {} delta records in {} transactions, {} changelog bytes, \
-             {} upserts, {} restores",
+            "scale-out: stage 1 read {} events ({} rejected, {} of them dead-lettered, {} late) in {} transactions, \
+             {} delta bytes, {} snapshot bytes, {} restores; stage 2 applied {} delta records in {} transactions, {} \
+             changelog bytes, {} upserts, {} restores",
             a.events,
             a.rejected,
+            a.dead_lettered,
             a.late_dropped,
             a.transactions,
             a.delta_bytes,

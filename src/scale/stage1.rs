@@ -11,8 +11,16 @@
 //! task's input offset. A task is built when its partition is assigned: from
 //! the snapshot taken at the group's committed offset, or empty. Every
 //! rebalance (eager) drops every task; nothing uncommitted survives it.
+//!
+//! With the source option `dead_letter=T`, a message the router refuses is
+//! kept by its task until the trigger and copied to `T` in the same
+//! transaction (headers as the single path's: topic, partition, offset,
+//! reason): a replay of uncommitted input copies it again only in a new
+//! transaction, so a `read_committed` reader of `T` on a real Kafka sees each
+//! copy once (Tansu also returns aborted records, see `crate::scale`).
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -42,6 +50,8 @@ pub struct Stage1Stats {
     pub delta_bytes: u64,
     pub snapshot_bytes: u64,
     pub restores: u64,
+    /// Refused messages copied to the dead-letter topic (committed or not).
+    pub dead_lettered: u64,
     /// Tasks held now.
     pub tasks: u64,
     /// Input messages not read yet by this instance's tasks (every 10 s).
@@ -61,6 +71,9 @@ struct Task {
     counted: (u64, u64, u64),
     /// Read events since the last trigger (an idle task has nothing to commit).
     dirty: bool,
+    /// Refused messages since the last trigger, for the dead-letter topic:
+    /// `(offset, payload, reason)`.
+    refused: Vec<(i64, Vec<u8>, crate::event::Reject)>,
 }
 
 impl Task {
@@ -80,6 +93,7 @@ impl Task {
             next: None,
             counted: (0, 0, 0),
             dirty: false,
+            refused: Vec::new(),
         })
     }
 
@@ -225,6 +239,8 @@ impl Stage1 {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
         let mut next_status = Instant::now() + super::STATUS_EVERY;
+        let mut reload = super::ReloadRefusal::new(self.o.reload.clone());
+        let keep_refused = self.o.spec.dead_letter.is_some();
         loop {
             if Instant::now() >= next_status {
                 next_status = Instant::now() + super::STATUS_EVERY;
@@ -232,15 +248,18 @@ impl Stage1 {
                 let lag = super::lag(&self.consumer, &self.o.spec.topic, tasks);
                 self.stats.lag = lag as u64;
                 let s = &self.stats;
-                tracing::info!(
-                    "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
-                    self.tasks.len(),
-                    s.events,
-                    s.transactions
-                );
+                if self.o.status {
+                    tracing::info!(
+                        "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
+                        self.tasks.len(),
+                        s.events,
+                        s.transactions
+                    );
+                }
             }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
+                reload.check();
                 self.follow_assignment()?;
                 self.trigger()?;
                 self.stats.tasks = self.tasks.len() as u64;
@@ -257,12 +276,12 @@ impl Stage1 {
                 let owned = polled.map(|r| r.map(|m| m.detach()));
                 self.follow_assignment()?;
                 if let Some(Ok(m)) = owned {
-                    handle(&mut self.tasks, &m);
+                    handle(&mut self.tasks, &m, keep_refused);
                 }
                 continue;
             }
             match polled {
-                Some(Ok(m)) => handle(&mut self.tasks, &m),
+                Some(Ok(m)) => handle(&mut self.tasks, &m, keep_refused),
                 Some(Err(e)) => tracing::warn!("stage 1: {e}"),
                 None => {}
             }
@@ -313,6 +332,18 @@ impl Stage1 {
                 let id = PointId::of(&task.catalog, pt.key, pt.minute);
                 records[id.partition(self.deltas) as usize].entries.push((id, pt.value));
             }
+            if let Some(topic) = &self.o.spec.dead_letter {
+                for (offset, payload, reason) in task.refused.drain(..) {
+                    let (partition, offset) = (p.to_string(), offset.to_string());
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: "expmon.topic", value: Some(self.o.spec.topic.as_str()) })
+                        .insert(Header { key: "expmon.partition", value: Some(partition.as_str()) })
+                        .insert(Header { key: "expmon.offset", value: Some(offset.as_str()) })
+                        .insert(Header { key: "expmon.reason", value: Some(reason.as_str()) });
+                    send(&self.producer, BaseRecord::to(topic).payload(&payload[..]).headers(headers))?;
+                    self.stats.dead_lettered += 1;
+                }
+            }
             let key = p.to_le_bytes();
             for (d, r) in records.iter().enumerate() {
                 for bytes in r.encode_pieces(wire::CHUNK_BYTES) {
@@ -348,8 +379,9 @@ impl Stage1 {
     }
 }
 
-/// One input message: routed by the task of its partition (none: not ours).
-fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
+/// One input message: routed by the task of its partition (none: not ours);
+/// a refused one is kept for the dead-letter topic if `keep_refused`.
+fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message, keep_refused: bool) {
     let (p, offset) = (m.partition(), m.offset());
     let Some(task) = tasks.get_mut(&p) else { return };
     if task.next.is_some_and(|n| offset < n) {
@@ -358,8 +390,12 @@ fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
     task.next = Some(offset + 1);
     task.dirty = true;
     let now = Some(crate::clock::now_ms());
-    if let Ok(Some(_)) = task.router.route(m.payload().unwrap_or_default(), 0, now) {
-        task.apply_pending();
+    let payload = m.payload().unwrap_or_default();
+    match task.router.route(payload, 0, now) {
+        Ok(Some(_)) => task.apply_pending(),
+        Ok(None) => {}
+        Err(reason) if keep_refused => task.refused.push((offset, payload.to_vec(), reason)),
+        Err(_) => {}
     }
 }
 

@@ -256,13 +256,16 @@ impl Stage2 {
                 let lag = super::lag(&self.consumer, &self.o.topic("deltas"), tasks);
                 self.stats.lag = lag as u64;
                 let s = &self.stats;
-                tracing::info!(
-                    "stage 2: {} tasks, {} delta records applied, {} transactions, {} upserts, delta lag {lag} records",
-                    self.tasks.len(),
-                    s.records,
-                    s.transactions,
-                    s.upserts
-                );
+                if self.o.status {
+                    tracing::info!(
+                        "stage 2: {} tasks, {} delta records applied, {} transactions, {} upserts, delta lag {lag} \
+                         records",
+                        self.tasks.len(),
+                        s.records,
+                        s.transactions,
+                        s.upserts
+                    );
+                }
             }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
