@@ -185,6 +185,23 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap();
     assert_totals(&expected, &totals_from_jsonl(&text, dc));
     assert!(text.contains(r#""name":"expmon.scale_out.transactions""#), "health points too: {}", run.log());
+    // The group's state was built under this config: a restart under another
+    // one stops in one line instead of restoring sessions it would misread.
+    let changed = dir.read("demo.toml").replace("allowed_lateness = \"120000ms\"", "allowed_lateness = \"180000ms\"");
+    assert_ne!(changed, dir.read("demo.toml"));
+    dir.write("demo.toml", changed);
+    let out = dir
+        .run()
+        .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points2.jsonl"])
+        .args(["--instance", "f2", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "60s"])
+        .output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        last.starts_with("expmon: error: snapshot gf.state/") && last.contains("built under another config"),
+        "{err}"
+    );
 }
 
 #[test]

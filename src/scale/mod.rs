@@ -95,6 +95,12 @@ pub enum ScaleError {
         "input partition {input}/{partition} is committed at offset {offset} but {state} has no snapshot at that offset"
     )]
     NoSnapshot { input: String, partition: i32, offset: i64, state: String },
+    /// A snapshot built under other engine settings or experiments.
+    #[error(
+        "it was built under another config (engine settings or experiments) than this instance's: every instance \
+         of a group runs the same config; to change it, start a new group (docs/scale-out.md §6)"
+    )]
+    OtherConfig,
     #[error(transparent)]
     Session(#[from] crate::session::SessionDecodeError),
     #[error(transparent)]

@@ -74,6 +74,8 @@ struct Task {
     /// Refused messages since the last trigger, for the dead-letter topic:
     /// `(offset, payload, reason)`.
     refused: Vec<(i64, Vec<u8>, crate::event::Reject)>,
+    /// The [`config_hash`] of the config it runs under.
+    config_hash: u64,
 }
 
 impl Task {
@@ -94,6 +96,7 @@ impl Task {
             counted: (0, 0, 0),
             dirty: false,
             refused: Vec::new(),
+            config_hash: config_hash(config),
         })
     }
 
@@ -106,9 +109,11 @@ impl Task {
         }
     }
 
-    /// The task's whole state: router clocks and names, sessions, contributions.
+    /// The task's whole state: router clocks and names, sessions,
+    /// contributions, after the [`config_hash`] it was built under.
     fn snapshot(&self) -> Vec<u8> {
         let mut e = Enc::default();
+        e.u64(self.config_hash);
         self.router.checkpoint_state(Vec::new()).encode(&mut e);
         self.sessions.encode(&mut e);
         crate::checkpoint::encode_totals(&self.contrib.export(), &mut e);
@@ -117,6 +122,9 @@ impl Task {
 
     fn restore(config: &Config, bytes: &[u8], next: i64) -> Result<Task, ScaleError> {
         let mut d = Dec::new(bytes);
+        if d.u64()? != config_hash(config) {
+            return Err(ScaleError::OtherConfig);
+        }
         let router_state = RouterState::decode(&mut d)?;
         let mut task = Task::new(config, router_state.names())?;
         task.router.restore(&router_state);
@@ -133,6 +141,14 @@ impl Task {
         task.next = Some(next);
         Ok(task)
     }
+}
+
+/// What a snapshot depends on besides the input: the engine settings that
+/// decide late and expired (`crate::checkpoint::fingerprint`) and the
+/// experiments, whose indices the sessions hold.
+fn config_hash(config: &Config) -> u64 {
+    let experiments = serde_json::to_vec(&config.experiments).unwrap_or_default();
+    crate::checkpoint::fingerprint(config) ^ xxhash_rust::xxh3::xxh3_64(&experiments)
 }
 
 pub struct Stage1 {
