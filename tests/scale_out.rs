@@ -154,7 +154,8 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
 }
 
 /// The file sink in scale-out mode: one instance's stage 2 owns every point,
-/// so its file is the whole output (metric points and health points).
+/// so its file is the whole output (metric points and health points); the
+/// instance ends by itself at `--duration`.
 #[test]
 fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
@@ -166,7 +167,7 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let mut run = dir
         .run()
         .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points.jsonl"])
-        .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off"])
+        .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "45s"])
         .named("f")
         .spawn();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -180,8 +181,9 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
         assert!(Instant::now() < deadline, "after 90 s: {:#?}\n{}", &diff(&expected, &got)[..1], run.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = run.stop();
-    assert!(out.status.success(), "{}", run.log());
+    let out = run.wait(); // --duration: no signal
+    let last = format!("scale-out: stage 1 read {} events", lines.len());
+    assert!(out.status.success() && run.log().contains(&last), "{}", run.log());
     let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap();
     assert_totals(&expected, &totals_from_jsonl(&text, dc));
     assert!(text.contains(r#""name":"expmon.scale_out.transactions""#), "health points too: {}", run.log());
