@@ -167,7 +167,7 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let mut run = dir
         .run()
         .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points.jsonl"])
-        .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "45s"])
+        .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "30s"])
         .named("f")
         .spawn();
     let deadline = Instant::now() + Duration::from_secs(90);
