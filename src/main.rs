@@ -354,7 +354,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None => Config::demo(),
     };
     if a.scale_out {
-        return cmd_scale_out(a, config);
+        return cmd_scale_out(a, config, json_logs);
     }
     if a.delta_partitions.is_some() {
         return Err(UsageError::DeltaPartitionsWithoutScaleOut.into());
@@ -513,7 +513,7 @@ fn open_checkpoint(
 }
 
 /// `run --scale-out`: this instance's share of both stages until stopped.
-fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
+fn cmd_scale_out(a: RunArgs, config: Config, json_logs: bool) -> Result<()> {
     if a.checkpoint.is_some() {
         return Err(UsageError::ScaleOutCheckpoint.into());
     }
@@ -600,7 +600,11 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         },
     };
     let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
-    eprintln!("{summary}");
+    if json_logs {
+        tracing::info!(events_in = summary.stage1.events, "{summary}");
+    } else {
+        eprintln!("{summary}");
+    }
     Ok(())
 }
 

@@ -155,7 +155,7 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
 
 /// The file sink in scale-out mode: one instance's stage 2 owns every point,
 /// so its file is the whole output (metric points and health points); the
-/// instance ends by itself at `--duration`.
+/// instance ends by itself at `--duration`, its log one JSON object a line.
 #[test]
 fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
@@ -166,6 +166,7 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
     let source = format!("kafka://{}/events?group=gf&session.timeout.ms=6000", broker.addr());
     let mut run = dir
         .run()
+        .args(["--log-format", "json"])
         .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points.jsonl"])
         .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "30s"])
         .named("f")
@@ -182,8 +183,15 @@ fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = run.wait(); // --duration: no signal
-    let last = format!("scale-out: stage 1 read {} events", lines.len());
-    assert!(out.status.success() && run.log().contains(&last), "{}", run.log());
+    let log = run.log();
+    assert!(out.status.success(), "{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap_or_default()).unwrap();
+    let read = format!("scale-out: stage 1 read {} events", lines.len());
+    assert!(last["message"].as_str().is_some_and(|m| m.starts_with(&read)), "{log}");
+    assert_eq!(last["events_in"].as_u64(), Some(lines.len() as u64), "{log}");
     let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap();
     assert_totals(&expected, &totals_from_jsonl(&text, dc));
     assert!(text.contains(r#""name":"expmon.scale_out.transactions""#), "health points too: {}", run.log());
