@@ -168,7 +168,8 @@ pub struct ScaleOptions {
 
 /// The scale-out mode does not reload its experiments: every instance would
 /// have to switch at the same input offset of every partition, or stage 1's
-/// output would depend on who ran a partition when (step 1 below), and the
+/// output would depend on who ran a partition when (step 1 of the argument
+/// at the top of this file), and the
 /// mode has no way to agree on one. On SIGHUP, or when the config file
 /// changes, stage 1 says so in one line and the running config stays.
 pub struct ReloadRefusal {
