@@ -601,7 +601,7 @@ fn cmd_scale_out(a: RunArgs, config: Config, json_logs: bool) -> Result<()> {
     };
     let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
     if json_logs {
-        tracing::info!(events_in = summary.stage1.events, "{summary}");
+        tracing::info!(events_in = summary.stage1.router.events_in, "{summary}");
     } else {
         eprintln!("{summary}");
     }

@@ -140,6 +140,13 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     let rejected = latest_health(&kairos, "expmon.events_rejected", None).unwrap_or(0);
     assert!(rejected > 0, "the data has malformed lines");
     assert_eq!(latest_health(&kairos, "expmon.scale_out.dead_lettered", None), Some(rejected), "{log}");
+    // Counted by reason too, as in the single path.
+    let reasons: std::collections::BTreeSet<String> = (kairos.state().points.keys())
+        .filter(|(n, _, _)| n == "expmon.events_rejected_by_reason")
+        .map(|(_, tags, _)| tags["reason"].clone())
+        .collect();
+    let by_reason = |r: &str| latest_health(&kairos, "expmon.events_rejected_by_reason", Some(("reason", r)));
+    assert_eq!(reasons.iter().map(|r| by_reason(r).unwrap_or(0)).sum::<i64>(), rejected, "{reasons:?}");
     assert!(log.contains(&format!("({rejected} rejected, {rejected} of them dead-lettered,")), "{log}");
     let copies = broker.read_topic("bad-events", rejected as usize);
     assert_eq!(copies.len() as i64, rejected);

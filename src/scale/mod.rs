@@ -392,8 +392,9 @@ pub fn lag(consumer: &BaseConsumer<Rebalances>, topic: &str, tasks: impl Iterato
 }
 
 /// The health points of a scale-out instance (SPEC §6): the engine's input
-/// counts as stage 1 saw them, and per stage its tasks, lag, transactions
-/// and restores, and the bytes it wrote to each internal topic.
+/// counts as stage 1's routers made them (rejections by reason, late, unknown
+/// names, names replaced by `_other`), and per stage its tasks, lag,
+/// transactions and restores, and the bytes it wrote to each internal topic.
 pub fn health_points(
     s1: &stage1::Stage1Stats,
     s2: &stage2::Stage2Stats,
@@ -409,15 +410,25 @@ pub fn health_points(
     let point = |name: &str, extra, v: u64| HealthPoint {
         name: format!("expmon.{name}"),
         tags: tags(extra),
-        value: (v as i64).into(),
+        value: (v.min(i64::MAX as u64) as i64).into(),
     };
+    let r = &s1.router;
     let mut out = vec![
-        point("events_in", None, s1.events),
-        point("events_rejected", None, s1.rejected),
-        point("late_dropped", None, s1.late_dropped),
+        point("events_in", None, r.events_in),
+        point("events_rejected", None, r.rejected_total()),
+        point("late_dropped", None, r.late_dropped),
+        point("unknown_tenant", None, r.unknown_tenant),
+        point("unknown_experiment", None, r.unknown_experiment),
+        point("unknown_variation", None, r.unknown_variation),
         point("upserts_written", None, s2.upserts),
         point("scale_out.dead_lettered", None, s1.dead_lettered),
     ];
+    for reason in crate::event::Reject::ALL {
+        out.push(point("events_rejected_by_reason", Some(("reason", reason.as_str())), r.rejected[reason.index()]));
+    }
+    for kind in crate::names::NameKind::ALL {
+        out.push(point("names_replaced_other", Some(("table", kind.as_str())), r.names_replaced[kind.index()]));
+    }
     for (stage, tasks, lag, txns, restores) in
         [("1", s1.tasks, s1.lag, s1.transactions, s1.restores), ("2", s2.tasks, s2.lag, s2.transactions, s2.restores)]
     {
@@ -447,10 +458,10 @@ impl std::fmt::Display for ScaleSummary {
             "scale-out: stage 1 read {} events ({} rejected, {} of them dead-lettered, {} late) in {} transactions, \
              {} delta bytes, {} snapshot bytes, {} restores; stage 2 applied {} delta records in {} transactions, {} \
              changelog bytes, {} upserts, {} restores",
-            a.events,
-            a.rejected,
+            a.router.events_in,
+            a.router.rejected_total(),
             a.dead_lettered,
-            a.late_dropped,
+            a.router.late_dropped,
             a.transactions,
             a.delta_bytes,
             a.snapshot_bytes,

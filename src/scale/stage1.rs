@@ -35,6 +35,7 @@ use crate::aggregate::{MinuteCounters, Point, Totals};
 use crate::checkpoint::RouterState;
 use crate::codec::{Dec, Enc};
 use crate::config::{Catalog, Config};
+use crate::health::RouterStats;
 use crate::names::Names;
 use crate::session::SessionTable;
 use crate::shard::{final_before, Router};
@@ -42,9 +43,9 @@ use crate::shard::{final_before, Router};
 /// Stage 1's own figures (over the tasks it ran, including dropped ones).
 #[derive(Debug, Default, Clone)]
 pub struct Stage1Stats {
-    pub events: u64,
-    pub rejected: u64,
-    pub late_dropped: u64,
+    /// What the tasks' routers counted (input, rejected by reason, late,
+    /// unknown names), summed over the tasks.
+    pub router: RouterStats,
     pub transactions: u64,
     pub delta_records: u64,
     pub delta_bytes: u64,
@@ -68,7 +69,7 @@ struct Task {
     /// The next input offset to read (`None`: nothing read or committed yet).
     next: Option<i64>,
     /// Router figures at the last trigger (to add only what is new).
-    counted: (u64, u64, u64),
+    counted: RouterStats,
     /// Read events since the last trigger (an idle task has nothing to commit).
     dirty: bool,
     /// Refused messages since the last trigger, for the dead-letter topic:
@@ -93,7 +94,7 @@ impl Task {
             contrib: Totals::rewriting_touched(),
             catalog,
             next: None,
-            counted: (0, 0, 0),
+            counted: RouterStats::default(),
             dirty: false,
             refused: Vec::new(),
             config_hash: config_hash(config),
@@ -268,7 +269,7 @@ impl Stage1 {
                     tracing::info!(
                         "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
                         self.tasks.len(),
-                        s.events,
+                        s.router.events_in,
                         s.transactions
                     );
                 }
@@ -334,12 +335,8 @@ impl Stage1 {
             task.contrib.apply(&deltas);
             points.clear();
             task.contrib.take_due(final_before(wm), &mut points);
-            let s = &task.router.stats;
-            let counts = (s.events_in, s.rejected_total(), s.late_dropped);
-            self.stats.events += counts.0 - task.counted.0;
-            self.stats.rejected += counts.1 - task.counted.1;
-            self.stats.late_dropped += counts.2 - task.counted.2;
-            task.counted = counts;
+            add_since(&mut self.stats.router, &task.router.stats, &task.counted);
+            task.counted = task.router.stats.clone();
             let Some(next) = task.next else { continue };
             let mut records: Vec<DeltaRecord> = (0..self.deltas)
                 .map(|_| DeltaRecord { partition: p as u32, offset: next, watermark: wm, entries: Vec::new() })
@@ -392,6 +389,23 @@ impl Stage1 {
         self.producer.commit_transaction(timeout).map_err(|e| fail("commit", e))?;
         self.stats.transactions += 1;
         Ok(())
+    }
+}
+
+/// Adds to `total` what `now` counted since `before` (one task's router).
+fn add_since(total: &mut RouterStats, now: &RouterStats, before: &RouterStats) {
+    let new = |n: u64, b: u64| n.saturating_sub(b);
+    total.events_in += new(now.events_in, before.events_in);
+    total.routed += new(now.routed, before.routed);
+    total.late_dropped += new(now.late_dropped, before.late_dropped);
+    total.unknown_tenant += new(now.unknown_tenant, before.unknown_tenant);
+    total.unknown_experiment += new(now.unknown_experiment, before.unknown_experiment);
+    total.unknown_variation += new(now.unknown_variation, before.unknown_variation);
+    for (t, (n, b)) in total.rejected.iter_mut().zip(now.rejected.iter().zip(&before.rejected)) {
+        *t += new(*n, *b);
+    }
+    for (t, (n, b)) in total.names_replaced.iter_mut().zip(now.names_replaced.iter().zip(&before.names_replaced)) {
+        *t += new(*n, *b);
     }
 }
 
