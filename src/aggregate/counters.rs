@@ -70,8 +70,8 @@ fn kind_at(session: bool, offset: usize) -> MetricKind {
 
 /// (tenant, mp, device, login) packed: 16 + 16 + 12 + 12 bits (logins use 11).
 #[inline]
-fn region_key(tenant: u16, key: SeriesKey) -> u64 {
-    (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
+fn region_key(tenant: u16, mp: u16, device: u16, login: u16) -> u64 {
+    (tenant as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64
 }
 
 /// `variation` of a free cell.
@@ -91,6 +91,40 @@ struct Cell {
 }
 
 const FREE_CELL: Cell = Cell { variation: FREE, touched: 0, counts: [0; VISIT_KINDS] };
+
+/// What one event changes in one variation's cell of a region, summed by kind
+/// before it is added: [`MinuteCounters::add_cells`] probes a cell once per
+/// (event, variation), not once per counter.
+#[derive(Debug, Clone, Copy)]
+pub struct CellAdd {
+    variation: u32,
+    /// One bit per counter changed (an addition of 0 changes it too: it is
+    /// touched, as by [`MinuteCounters::add_visit`] with 0).
+    kinds: u8,
+    counts: [i64; VISIT_KINDS],
+}
+
+impl CellAdd {
+    /// No change yet to `variation`'s cell.
+    #[inline]
+    pub fn new(variation: u32) -> CellAdd {
+        CellAdd { variation, kinds: 0, counts: [0; VISIT_KINDS] }
+    }
+
+    pub fn variation(&self) -> u32 {
+        self.variation
+    }
+
+    /// Adds `delta` to this variation's counter of `kind`. One event's
+    /// changes to one counter are a few at most, each far inside `i64`
+    /// (see `crate::session`), so their sum cannot overflow.
+    #[inline]
+    pub fn add(&mut self, kind: MetricKind, delta: i64) {
+        let o = offset(kind);
+        self.kinds |= 1 << o;
+        self.counts[o] += delta;
+    }
+}
 
 /// Cells of the smallest region table.
 const FIRST_CELLS: usize = 4;
@@ -161,6 +195,13 @@ impl Region {
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// Loads the line where `variation` starts probing, so that the probes of
+    /// one event's cells, issued together, wait for memory together.
+    #[inline]
+    fn touch(&self, variation: u32) -> u32 {
+        self.cells[home(variation, self.cells.len())].variation
     }
 
     /// Moves the cells to a table twice the size; the old one, freed, goes
@@ -242,7 +283,11 @@ impl MinuteCounters {
 
     #[inline]
     fn region(&mut self, tenant: u16, key: SeriesKey, minute: i64) -> usize {
-        let rkey = region_key(tenant, key);
+        self.region_at(region_key(tenant, key.mp(), key.device(), key.login()), minute)
+    }
+
+    #[inline]
+    fn region_at(&mut self, rkey: u64, minute: i64) -> usize {
         if let Some((k, m, i)) = self.last {
             if k == rkey && m == minute {
                 return i as usize;
@@ -283,6 +328,44 @@ impl MinuteCounters {
     pub fn add_visit(&mut self, key: SeriesKey, _slot: VisitSlot, ts: i64, delta: i64) {
         let tenant = self.catalog.variations[key.variation() as usize].tenant;
         self.add(tenant, key, minute_of(ts), delta);
+    }
+
+    /// Adds one event's changes `cells` (variations of `tenant`, each at most
+    /// once) to the region `(tenant, mp, device, login, minute(ts))`: the
+    /// region is found once, and every cell's line is requested before the
+    /// first is probed. Session kinds go to the region of mp [`NO_MP`].
+    #[inline]
+    pub fn add_cells(&mut self, tenant: u16, mp: u16, device: u16, login: u16, ts: i64, cells: &[CellAdd]) {
+        let minute = minute_of(ts);
+        let r = self.region_at(region_key(tenant, mp, device, login), minute);
+        let region = &mut self.regions[r];
+        if cells.len() > 1 {
+            let mut seen = 0;
+            for c in cells {
+                seen ^= region.touch(c.variation);
+            }
+            std::hint::black_box(seen);
+        }
+        for c in cells {
+            if c.kinds == 0 {
+                continue;
+            }
+            debug_assert_eq!(self.catalog.variations[c.variation as usize].tenant, tenant);
+            let pos = region.position(c.variation, &mut self.spare);
+            let cell = &mut region.cells[pos];
+            if self.track_touched {
+                cell.touched |= c.kinds;
+            }
+            for (o, (count, &d)) in cell.counts.iter_mut().zip(&c.counts).enumerate() {
+                match count.checked_add(d) {
+                    Some(v) => *count = v,
+                    None => {
+                        let key = SeriesKey::new(kind_at(mp == NO_MP, o), c.variation, mp, device, login);
+                        self.spilled.push(Delta { key, minute, delta: std::mem::replace(count, d) });
+                    }
+                }
+            }
+        }
     }
 
     /// Appends every non-zero delta since the last drain to `out` and empties

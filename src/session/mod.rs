@@ -38,8 +38,8 @@ mod state;
 
 pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
 
-use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
-use crate::config::{Catalog, CompiledExperiment, VisitSlot};
+use crate::aggregate::{minute_of, CellAdd, MetricKind, MinuteCounters, SeriesKey, NO_MP};
+use crate::config::{Catalog, CompiledExperiment};
 use state::{EvRec, ExpState, Extra, OrderKey, Session, NONE, VALUE_KEY};
 
 /// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
@@ -275,17 +275,17 @@ fn emit_from(
     events: &Events,
     from: i64,
     sign: i64,
-    out: &mut MinuteCounters,
+    out: &mut Emit,
 ) {
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.add_session(SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
+        out.session(x.tenant, SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.add_session(
+                out.session(x.tenant, 
                     SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
                     first.ts,
                     sign,
@@ -298,29 +298,26 @@ fn emit_from(
         if ts < from || ts < a.ts {
             continue;
         }
-        let Some(slot) = x.visit_slot(e.mp, v) else { continue };
+        if x.visit_slot(e.mp, v).is_none() {
+            continue;
+        }
         let (mp, d, l) = (e.mp, e.device, e.login as u16);
-        out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, sign);
+        out.visit(x.tenant, SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, sign);
+            out.visit(x.tenant, SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
         }
         let value = events.value(i);
-        add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, sign * value);
+        out.amount(x.tenant, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, sign * value);
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, sign);
+            out.visit(x.tenant, SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
             if events.is_first_visit(ord, i, f) {
-                out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, sign);
+                out.visit(x.tenant, SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
             }
             if value != 0 {
-                add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, sign * value);
+                out.amount(x.tenant, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, sign * value);
                 let y = events.value_before(ord, i, f);
-                add_amount(
-                    out,
-                    SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l),
-                    slot,
-                    ts,
-                    sign * square_step(y, value),
-                );
+                let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l);
+                out.amount(x.tenant, key, ts, sign * square_step(y, value));
             }
         }
     }
@@ -333,11 +330,86 @@ fn square_step(y: i64, value: i64) -> i64 {
     value * (2 * y + value)
 }
 
-/// Adds an amount to a value metric; a contribution of 0 creates no point.
-#[inline]
-fn add_amount(out: &mut MinuteCounters, key: SeriesKey, slot: VisitSlot, ts: i64, amount: i64) {
-    if amount != 0 {
-        out.add_visit(key, slot, ts, amount);
+/// Where [`SessionTable::add`] sends an event's deltas: gathered by region
+/// and variation (visit kinds and session kinds apart, since an event's visits
+/// share one region and the session kinds of the experiments it assigns
+/// another), each group handed to [`MinuteCounters::add_cells`] as a whole.
+struct Emit<'a> {
+    counters: &'a mut MinuteCounters,
+    gather: &'a mut Gather,
+}
+
+/// The groups being gathered (kept between events for their memory).
+#[derive(Default)]
+struct Gather {
+    visits: Group,
+    sessions: Group,
+}
+
+/// Changes to cells of one region: (tenant, mp, device, login, minute).
+#[derive(Default)]
+struct Group {
+    region: (u16, u16, u16, u16, i64),
+    cells: Vec<CellAdd>,
+}
+
+impl Group {
+    /// Adds `delta` to point `(key, minute(ts))` of `tenant`, handing the
+    /// group gathered so far to `counters` first if it is another region's.
+    #[inline]
+    fn add(&mut self, counters: &mut MinuteCounters, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        let region = (tenant, key.mp(), key.device(), key.login(), minute_of(ts));
+        if region != self.region {
+            self.flush(counters);
+            self.region = region;
+        }
+        let v = key.variation();
+        match self.cells.last_mut() {
+            Some(c) if c.variation() == v => c.add(key.kind(), delta),
+            _ => {
+                let mut c = CellAdd::new(v);
+                c.add(key.kind(), delta);
+                self.cells.push(c);
+            }
+        }
+    }
+
+    fn flush(&mut self, counters: &mut MinuteCounters) {
+        if !self.cells.is_empty() {
+            let (tenant, mp, device, login, minute) = self.region;
+            counters.add_cells(tenant, mp, device, login, minute, &self.cells);
+            self.cells.clear();
+        }
+    }
+}
+
+impl Emit<'_> {
+    /// A visit-kind delta of `tenant`'s variation `key.variation()`, which
+    /// reports `key.mp()`.
+    #[inline]
+    fn visit(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        self.gather.visits.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// A session-kind delta (`key.mp()` is [`NO_MP`]).
+    #[inline]
+    fn session(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        debug_assert_eq!(key.mp(), NO_MP);
+        self.gather.sessions.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// An amount of a value metric; a contribution of 0 creates no point.
+    #[inline]
+    fn amount(&mut self, tenant: u16, key: SeriesKey, ts: i64, amount: i64) {
+        if amount != 0 {
+            self.visit(tenant, key, ts, amount);
+        }
+    }
+
+    /// Hands every group still gathered to the counters.
+    fn finish(self) {
+        self.gather.visits.flush(self.counters);
+        self.gather.sessions.flush(self.counters);
     }
 }
 
@@ -347,6 +419,7 @@ pub struct SessionTable {
     catalog: Arc<Catalog>,
     gap_ms: i64,
     work: Work,
+    gather: Gather,
 }
 
 impl SessionTable {
@@ -357,7 +430,7 @@ impl SessionTable {
 
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, work: Work::default() }
+        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, work: Work::default(), gather: Gather::default() }
     }
 
     /// Sessions that became conflicting per experiment since the last call
@@ -468,7 +541,9 @@ impl SessionTable {
         work.assign(catalog, session, assigns, idx, in_order);
         work.meet_conditions(catalog, session, ev, attrs, idx, known);
         // 3. Deltas at >= t.
-        work.emit_deltas(catalog, session, ev, idx, in_order, out);
+        let mut out = Emit { counters: out, gather: &mut self.gather };
+        work.emit_deltas(catalog, session, ev, idx, in_order, &mut out);
+        out.finish();
     }
 }
 
@@ -585,7 +660,7 @@ impl Work {
         ev: &SessionEvent,
         idx: u8,
         in_order: bool,
-        out: &mut MinuteCounters,
+        out: &mut Emit,
     ) {
         let ord = Order { catalog };
         let cells = session.event_cells();
@@ -752,7 +827,7 @@ fn same_view_out_of_order(
     before: &Events,
     e: EvRec,
     value: i64,
-    out: &mut MinuteCounters,
+    out: &mut Emit,
 ) {
     let (ek, v) = (before.key(&e), view.variation);
     let ts = ek.ts;
@@ -760,34 +835,36 @@ fn same_view_out_of_order(
         let old = before.first_from(ord, f);
         if old.is_none_or(|o| ord.cmp(ek, o) == Ordering::Less) {
             if let Some(o) = old {
-                out.add_session(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, o.device, o.login), o.ts, -1);
+                out.session(x.tenant, SeriesKey::new(MetricKind::SessionFm, v, NO_MP, o.device, o.login), o.ts, -1);
             }
-            out.add_session(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, ek.device, ek.login), ts, 1);
+            out.session(x.tenant, SeriesKey::new(MetricKind::SessionFm, v, NO_MP, ek.device, ek.login), ts, 1);
         }
     }
-    let Some(slot) = x.visit_slot(e.mp, v) else { return };
+    if x.visit_slot(e.mp, v).is_none() {
+        return;
+    }
     let forms = [
         (MetricKind::VisitAssigned, MetricKind::VisitAssignedBeta, Some(view.assigned_at.ts)),
         (MetricKind::VisitFm, MetricKind::VisitFmBeta, view.fm_at),
     ];
     for (visit, beta, bound) in forms {
         let Some(bound) = bound.filter(|&b| ts >= b) else { continue };
-        out.add_visit(SeriesKey::new(visit, v, e.mp, ek.device, ek.login), slot, ts, 1);
+        out.visit(x.tenant, SeriesKey::new(visit, v, e.mp, ek.device, ek.login), ts, 1);
         let old = before.first_visit_from(ord, e.mp, bound);
         if old.is_none_or(|o| ord.cmp(ek, o) == Ordering::Less) {
             if let Some(o) = old {
-                out.add_visit(SeriesKey::new(beta, v, e.mp, o.device, o.login), slot, o.ts, -1);
+                out.visit(x.tenant, SeriesKey::new(beta, v, e.mp, o.device, o.login), o.ts, -1);
             }
-            out.add_visit(SeriesKey::new(beta, v, e.mp, ek.device, ek.login), slot, ts, 1);
+            out.visit(x.tenant, SeriesKey::new(beta, v, e.mp, ek.device, ek.login), ts, 1);
         }
     }
     if value == 0 || ts < view.assigned_at.ts {
         return;
     }
     let (mp, d, l) = (e.mp, ek.device, ek.login);
-    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
     let Some(f) = view.fm_at.filter(|&f| ts >= f) else { return };
-    add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
     // `e` has the greatest index: of the events tied with it, all precede it.
     let mut y = 0;
     for (j, vg) in before.values() {
@@ -798,12 +875,12 @@ fn same_view_out_of_order(
         let gk = before.key(&g);
         if ord.cmp(gk, ek) == Ordering::Greater {
             let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, gk.device, gk.login);
-            add_amount(out, key, slot, gk.ts, 2 * value * vg);
+            out.amount(x.tenant, key, gk.ts, 2 * value * vg);
         } else {
             y += vg;
         }
     }
-    add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
+    out.amount(x.tenant, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
 }
 
 /// An experiment's view before the current event, when it differs from after.
@@ -830,11 +907,13 @@ fn fast_in_order(
     cond_start: usize,
     prior: Option<i64>,
     value: i32,
-    out: &mut MinuteCounters,
+    out: &mut Emit,
 ) {
     let events = session.event_cells();
     let e = EvRec::from_cell(events[events.len() - 1]);
-    let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };
+    if x.visit_slot(e.mp, x.variations[s.slot as usize]).is_none() {
+        return;
+    }
     let ts = session.base + e.off as i64;
     let a = session.ts(s.assigned);
     if ts < a {
@@ -842,22 +921,22 @@ fn fast_in_order(
     }
     let view = session.view(s, x, cond_start);
     let (v, mp, d, l) = (view.variation, e.mp, e.device, e.login as u16);
-    out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
+    out.visit(x.tenant, SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of
     // its mp counts, i.e. the latest earlier visit of its mp is before the bound.
     let prior_since = |bound: i64| prior.is_some_and(|p| p >= bound);
     if !prior_since(a) {
-        out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
+        out.visit(x.tenant, SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
     }
     let value = value as i64;
-    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-        out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, 1);
+        out.visit(x.tenant, SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
         if !prior_since(f) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, 1);
+            out.visit(x.tenant, SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
         }
         if value != 0 {
-            add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+            out.amount(x.tenant, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
             let last = events.len() - 1;
             let events = Events { base: session.base, cells: events, extras: session.extras() };
             let y: i64 = events
@@ -868,7 +947,7 @@ fn fast_in_order(
                 })
                 .map(|(_, v)| v)
                 .sum();
-            add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
+            out.amount(x.tenant, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
         }
     }
 }
