@@ -592,6 +592,82 @@ mod tests {
         assert_eq!(out, want);
     }
 
+    /// Drained deltas, sorted, summed per point (spilled parts joined).
+    fn drained(c: &mut MinuteCounters) -> Vec<Delta> {
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        out.sort_by_key(|d| (d.key, d.minute));
+        out.dedup_by(|b, a| {
+            let same = (a.key, a.minute) == (b.key, b.minute);
+            if same {
+                a.delta += b.delta;
+            }
+            same
+        });
+        out
+    }
+
+    #[test]
+    fn cells_added_per_event_drain_as_the_same_adds_one_by_one() {
+        let cat = catalog();
+        // Variations 0, 1 (tenant a, mp 0 listed), 3, 4 (tenant a, every mp).
+        let visit = [MetricKind::VisitAssigned, MetricKind::VisitFmBeta, MetricKind::ValueFm, MetricKind::ValueSqFm];
+        for track in [false, true] {
+            let (mut one, mut cells) = (MinuteCounters::new(cat.clone()), MinuteCounters::new(cat.clone()));
+            one.set_track_touched(track);
+            cells.set_track_touched(track);
+            for event in 0..40i64 {
+                let (device, ts) = ((event % 3) as u16, 60_000 * (event % 2) + event);
+                let mut adds = Vec::new();
+                for v in [0, 1, 3, 4] {
+                    let mut a = CellAdd::new(v);
+                    for (k, &kind) in visit.iter().enumerate() {
+                        if (event + v as i64 + k as i64) % 3 != 0 {
+                            // A change that cancels out within the event, now and then.
+                            let d = if (event + k as i64) % 5 == 0 { 0 } else { event * 7 - 100 + k as i64 };
+                            a.add(kind, d);
+                            add(&mut one, SeriesKey::new(kind, v, 0, device, 1), ts, d);
+                        }
+                    }
+                    adds.push(a);
+                }
+                cells.add_cells(0, 0, device, 1, ts, &adds);
+                let mut s = CellAdd::new(4);
+                s.add(MetricKind::SessionAssigned, 1);
+                s.add(MetricKind::SessionFm, -1);
+                cells.add_cells(0, NO_MP, device, 1, ts, &[s]);
+                add(&mut one, SeriesKey::new(MetricKind::SessionAssigned, 4, NO_MP, device, 1), ts, 1);
+                add(&mut one, SeriesKey::new(MetricKind::SessionFm, 4, NO_MP, device, 1), ts, -1);
+            }
+            let mut z = CellAdd::new(1);
+            z.add(MetricKind::VisitFm, 0);
+            cells.add_cells(0, 0, 7, 1, 0, &[z]);
+            add(&mut one, SeriesKey::new(MetricKind::VisitFm, 1, 0, 7, 1), 0, 0);
+            assert_eq!((cells.regions(), cells.cells()), (one.regions(), one.cells()));
+            let want = drained(&mut one);
+            assert!(want.iter().any(|d| d.delta == 0) == track, "zero deltas only while tracking");
+            assert_eq!(drained(&mut cells), want, "tracking {track}");
+        }
+    }
+
+    #[test]
+    fn cells_added_per_event_spill_a_sum_beyond_i64() {
+        let mut c = MinuteCounters::new(catalog());
+        let k = SeriesKey::new(MetricKind::ValueSqFm, 3, 9, 1, 2);
+        let mut a = CellAdd::new(3);
+        a.add(MetricKind::ValueSqFm, 6_000_000_000_000_000_000);
+        a.add(MetricKind::VisitAssigned, 1);
+        for _ in 0..3 {
+            c.add_cells(0, 9, 1, 2, 60_000, &[a]);
+        }
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        let sum = |key| out.iter().filter(|d| d.key == key && d.minute == 60_000).map(|d| d.delta as i128).sum::<i128>();
+        assert_eq!(sum(k), 18_000_000_000_000_000_000);
+        assert_eq!(sum(SeriesKey::new(MetricKind::VisitAssigned, 3, 9, 1, 2)), 3);
+        assert!(out.len() >= 3, "the square sum in parts: {out:?}");
+    }
+
     #[test]
     fn new_regions_start_with_room_for_the_last_drains_mean_region() {
         let mut c = MinuteCounters::new(catalog());
