@@ -3,7 +3,10 @@
 //! Counters are grouped in regions, one per (tenant, mp, device, login,
 //! minute) touched: all of an event's contributions share its mp, tags and
 //! minute, so one region lookup serves the whole event (the last region is
-//! cached). A region is a small open-addressing table of cells, one per
+//! cached). The session code hands in an event's changes summed per
+//! variation ([`CellAdd`], [`MinuteCounters::add_cells`]): one probe per
+//! (event, variation), all the event's cell lines requested before the first
+//! probe waits for one. A region is a small open-addressing table of cells, one per
 //! variation touched, a cache line each: 7 `i64` in a visit region (the 4
 //! visit counts and the 3 value sums), 2 of them used in the no-mp region
 //! (the session kinds). A region starts with room for the mean region of
@@ -132,7 +135,8 @@ const FIRST_CELLS: usize = 4;
 const MAX_START_CELLS: usize = 64;
 
 /// The counters of one (tenant, mp, device, login, minute): an open-addressing
-/// table by variation (linear probing, power-of-two size, at most ¾ full).
+/// table by variation (linear probing, power-of-two size, at most half full:
+/// a cell is a cache line, so every extra probe is one more line to wait for).
 struct Region {
     key: u64,
     minute: i64,
@@ -178,7 +182,7 @@ impl Region {
     /// The position of `variation`'s cell, taken if new.
     #[inline]
     fn position(&mut self, variation: u32, spare: &mut Spare) -> usize {
-        if (self.len + 1) * 4 > self.cells.len() * 3 {
+        if (self.len + 1) * 2 > self.cells.len() {
             self.grow(spare);
         }
         let mask = self.cells.len() - 1;
@@ -569,7 +573,7 @@ mod tests {
         for v in [1, 3, 4] {
             add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 0, 0), 0, 1);
         }
-        assert_eq!(c.cells(), 4, "grew past its first 4 cells at ¾");
+        assert_eq!(c.cells(), 4, "grew past its first 4 cells");
         let mut out = Vec::new();
         c.drain(&mut out);
         assert!(out.contains(&Delta { key: k, minute: 0, delta: 0 }), "cancelled out, still reported");

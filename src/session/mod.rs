@@ -852,12 +852,13 @@ fn assignment_wins(
 /// conditions met before the assignment count (SPEC §3 Qualification).
 fn first_met_so_far(session: &Session, x: Exp, out: &mut Vec<u8>) {
     out.clear();
-    for (c, def) in x.conds.iter().zip(&x.def.conditions) {
+    for (j, c) in x.conds.iter().enumerate() {
         let mut first = NONE;
         for i in 0..session.n_events() {
             let e = session.event(i);
-            if c.tags_match(e.mp, e.device, e.login as u16)
-                && (!c.has_attrs() || def.matches(e.mp, e.device, e.login as u16, |k| session.attr_of(i, k)))
+            let (mp, device, login) = (e.mp, e.device, e.login as u16);
+            if c.tags_match(mp, device, login)
+                && (!c.has_attrs() || x.def.conditions[j].matches(mp, device, login, |k| session.attr_of(i, k)))
                 && (first == NONE || e.off < session.event(first as usize).off)
             {
                 first = i as u8;
