@@ -148,7 +148,9 @@ fn bench_cells(
     deltas: &[Delta],
 ) {
     const PER_EVENT: usize = 8;
-    let region = |d: &Delta| (catalog.variations[d.key.variation() as usize].tenant, d.key.mp(), d.key.device(), d.key.login(), d.minute);
+    let region = |d: &Delta| {
+        (catalog.variations[d.key.variation() as usize].tenant, d.key.mp(), d.key.device(), d.key.login(), d.minute)
+    };
     let mut events: Vec<((u16, u16, u16, u16, i64), Vec<CellAdd>)> = Vec::new();
     for d in deltas {
         let r = region(d);

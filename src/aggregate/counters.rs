@@ -666,7 +666,8 @@ mod tests {
         }
         let mut out = Vec::new();
         c.drain(&mut out);
-        let sum = |key| out.iter().filter(|d| d.key == key && d.minute == 60_000).map(|d| d.delta as i128).sum::<i128>();
+        let sum =
+            |key| out.iter().filter(|d| d.key == key && d.minute == 60_000).map(|d| d.delta as i128).sum::<i128>();
         assert_eq!(sum(k), 18_000_000_000_000_000_000);
         assert_eq!(sum(SeriesKey::new(MetricKind::VisitAssigned, 3, 9, 1, 2)), 3);
         assert!(out.len() >= 3, "the square sum in parts: {out:?}");

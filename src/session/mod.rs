@@ -8,7 +8,9 @@
 //! event* carries it, and per qualification condition one byte: the event that
 //! first met it. Times and tags are read from the events, so a session assigned
 //! to 20 experiments costs about 320 bytes, table slot included (see
-//! `state.rs`). From that state the nine metrics of SPEC §3 follow.
+//! `state.rs`). From that state the nine metrics of SPEC §3 follow. The hot
+//! path reads the catalog from a packed copy (`hot.rs`) and hands an event's
+//! deltas to the counters summed per (region, variation) ([`CellAdd`]).
 //!
 //! Correction protocol, for an arriving event `e` with timestamp `t`:
 //! 1. Note each experiment's view (variation, assignment key, F) before `e`.
@@ -270,15 +272,7 @@ impl Events<'_> {
 }
 
 /// Emits the contributions of one experiment located at times `>= from`.
-fn emit_from(
-    ord: &Order,
-    x: Exp,
-    view: View,
-    events: &Events,
-    from: i64,
-    sign: i64,
-    out: &mut Emit,
-) {
+fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: i64, out: &mut Emit) {
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
@@ -287,7 +281,8 @@ fn emit_from(
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.session(x.tenant(), 
+                out.session(
+                    x.tenant(),
                     SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
                     first.ts,
                     sign,
@@ -717,15 +712,7 @@ impl Work {
     /// SPEC §4 correction, step 3: for each experiment, the deltas of the
     /// event at `idx` at times `>= t`, by the cheapest path exact for how the
     /// event changed that experiment's view.
-    fn emit_deltas(
-        &self,
-        cat: Cat,
-        session: &Session,
-        ev: &SessionEvent,
-        idx: u8,
-        in_order: bool,
-        out: &mut Emit,
-    ) {
+    fn emit_deltas(&self, cat: Cat, session: &Session, ev: &SessionEvent, idx: u8, in_order: bool, out: &mut Emit) {
         let ord = Order { catalog: cat.catalog };
         let cells = session.event_cells();
         let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
@@ -829,14 +816,7 @@ fn held_by_older_version(cat: Cat, session: &Session, experiment: u32) -> bool {
 /// Whether the event at `key`, assigning `variation`, takes experiment `x`
 /// over from the assignment `s` holds: the least order key wins, a tie going
 /// to the smaller variation id (SPEC §3 Assignment).
-fn assignment_wins(
-    ord: &Order,
-    key: OrderKey,
-    variation: u32,
-    session: &Session,
-    s: &ExpState,
-    x: Exp,
-) -> bool {
+fn assignment_wins(ord: &Order, key: OrderKey, variation: u32, session: &Session, s: &ExpState, x: Exp) -> bool {
     match ord.cmp(key, session.key(s.assigned)) {
         Ordering::Less => true,
         Ordering::Equal => {
@@ -886,15 +866,7 @@ fn latest_visit_before(session: &Session, idx: u8, mp: u16) -> Option<i64> {
 /// `2·value·value(g)` now that `e` precedes them (`before` holds the other
 /// events). The same as emitting everything at `>= t` with −1 and +1, without
 /// the work.
-fn same_view_out_of_order(
-    ord: &Order,
-    x: Exp,
-    view: View,
-    before: &Events,
-    e: EvRec,
-    value: i64,
-    out: &mut Emit,
-) {
+fn same_view_out_of_order(ord: &Order, x: Exp, view: View, before: &Events, e: EvRec, value: i64, out: &mut Emit) {
     let (ek, v) = (before.key(&e), view.variation);
     let ts = ek.ts;
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
