@@ -151,7 +151,9 @@ fn bench_cells(
     let region = |d: &Delta| {
         (catalog.variations[d.key.variation() as usize].tenant, d.key.mp(), d.key.device(), d.key.login(), d.minute)
     };
-    let mut events: Vec<((u16, u16, u16, u16, i64), Vec<CellAdd>)> = Vec::new();
+    /// (tenant, mp, device, login, minute) of a region.
+    type Region = (u16, u16, u16, u16, i64);
+    let mut events: Vec<(Region, Vec<CellAdd>)> = Vec::new();
     for d in deltas {
         let r = region(d);
         let v = d.key.variation();
