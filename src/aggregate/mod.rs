@@ -13,7 +13,7 @@
 mod counters;
 mod totals;
 
-pub use counters::{Delta, MinuteCounters};
+pub use counters::{CellAdd, Delta, MinuteCounters};
 pub use totals::{Point, TotalRecord, Totals};
 
 use std::fmt;
