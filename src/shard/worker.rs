@@ -6,7 +6,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 
 use super::batch::{EventBatch, ShardMsg, ShardReport};
-use crate::aggregate::{minute_of, MinuteCounters};
+use crate::aggregate::{minute_of, Delta, DeltaSums, MinuteCounters, SumsBuilder};
 use crate::config::Catalog;
 use crate::health::ShardStats;
 use crate::session::SessionTable;
@@ -24,6 +24,8 @@ pub struct Worker {
     shard: usize,
     sessions: SessionTable,
     counters: MinuteCounters,
+    /// Sums the drain adds to, kept from one drain to the next.
+    sums: SumsBuilder,
     events: u64,
 }
 
@@ -33,6 +35,7 @@ impl Worker {
             shard,
             sessions: SessionTable::new(catalog.clone()),
             counters: MinuteCounters::new(catalog),
+            sums: SumsBuilder::default(),
             events: 0,
         }
     }
@@ -71,11 +74,17 @@ impl Worker {
 
     /// Expires sessions at `watermark`, and returns the deltas since the last
     /// drain (the counters are then empty).
-    pub fn drain_deltas(&mut self, watermark: i64) -> Vec<crate::aggregate::Delta> {
+    pub fn drain_deltas(&mut self, watermark: i64) -> Vec<Delta> {
+        self.drain(watermark, Vec::new()).0
+    }
+
+    /// [`Worker::drain_deltas`] into `deltas` (emptied first, its memory
+    /// reused), with their [`DeltaSums`].
+    pub fn drain(&mut self, watermark: i64, mut deltas: Vec<Delta>) -> (Vec<Delta>, DeltaSums) {
         self.sessions.expire(watermark);
-        let mut deltas = Vec::new();
-        self.counters.drain(&mut deltas);
-        deltas
+        deltas.clear();
+        self.counters.drain_summed(&mut deltas, &mut self.sums);
+        (deltas, self.sums.take())
     }
 
     /// Runs until the last flush marker: batches in, reports out, emptied
@@ -93,7 +102,7 @@ impl Worker {
                     // State size before this flush's expiry: at the end of a
                     // replay that is the whole state, just before it is freed.
                     let (held_sessions, state_bytes) = (self.sessions.len() as u64, self.sessions.state_bytes() as u64);
-                    let deltas = self.drain_deltas(marker.watermark);
+                    let (deltas, sums) = self.drain(marker.watermark, Vec::new());
                     let s = self.sessions.stats();
                     let stats = ShardStats {
                         events: self.events,
@@ -120,7 +129,7 @@ impl Worker {
                         self.counters = MinuteCounters::new(c.clone());
                         self.counters.set_track_touched(track);
                     }
-                    let report = ShardReport { shard: self.shard, marker, deltas, stats, conflicts, snapshot };
+                    let report = ShardReport { shard: self.shard, marker, deltas, sums, stats, conflicts, snapshot };
                     if reports.send(report).is_err() || last {
                         return;
                     }

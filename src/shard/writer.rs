@@ -74,13 +74,13 @@ impl Writer<'_> {
                 let started = Instant::now();
                 for r in &group {
                     self.totals.apply(r.deltas());
-                    self.experiments.observe(r.deltas(), &r.conflicts);
+                    self.experiments.observe_sums(&r.sums, &r.conflicts);
                     last_stats[r.shard] = r.stats;
                 }
                 if let Some(results) = &self.results {
                     let mut res = lock(results);
                     for r in &group {
-                        res.observe(r.deltas());
+                        res.observe_sums(&r.sums);
                     }
                     res.trim();
                 }
@@ -289,7 +289,8 @@ mod tests {
             crate::session::SessionTable::new(demo()).encode(&mut e);
             (e.buf, Duration::ZERO)
         });
-        ShardReport { shard, marker, deltas, stats: ShardStats::default(), conflicts: Vec::new(), snapshot }
+        let sums = crate::aggregate::DeltaSums::from_deltas(&deltas);
+        ShardReport { shard, marker, deltas, sums, stats: ShardStats::default(), conflicts: Vec::new(), snapshot }
     }
 
     /// Runs a writer over `reports` (in that order) for `shards` shards.
