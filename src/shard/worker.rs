@@ -26,6 +26,8 @@ pub struct Worker {
     counters: MinuteCounters,
     /// Sums the drain adds to, kept from one drain to the next.
     sums: SumsBuilder,
+    /// Delta vectors the writer is done with, to drain into.
+    spent_deltas: Option<Receiver<Vec<Delta>>>,
     events: u64,
 }
 
@@ -36,6 +38,7 @@ impl Worker {
             sessions: SessionTable::new(catalog.clone()),
             counters: MinuteCounters::new(catalog),
             sums: SumsBuilder::default(),
+            spent_deltas: None,
             events: 0,
         }
     }
@@ -54,6 +57,12 @@ impl Worker {
     /// by itself).
     pub fn rewrite_zero_totals(&mut self) {
         self.counters.set_track_touched(true);
+    }
+
+    /// Drains into the delta vectors `spent` hands back (the writer's,
+    /// once merged) instead of new ones.
+    pub fn reuse_deltas_from(&mut self, spent: Receiver<Vec<Delta>>) {
+        self.spent_deltas = Some(spent);
     }
 
     pub fn apply(&mut self, batch: &EventBatch) {
@@ -102,7 +111,8 @@ impl Worker {
                     // State size before this flush's expiry: at the end of a
                     // replay that is the whole state, just before it is freed.
                     let (held_sessions, state_bytes) = (self.sessions.len() as u64, self.sessions.state_bytes() as u64);
-                    let (deltas, sums) = self.drain(marker.watermark, Vec::new());
+                    let spare = self.spent_deltas.as_ref().and_then(|r| r.try_recv().ok()).unwrap_or_default();
+                    let (deltas, sums) = self.drain(marker.watermark, spare);
                     let s = self.sessions.stats();
                     let stats = ShardStats {
                         events: self.events,
