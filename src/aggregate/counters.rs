@@ -28,6 +28,7 @@
 use ahash::AHashMap;
 use std::sync::Arc;
 
+use super::sums::SumsBuilder;
 use super::{minute_of, MetricKind, SeriesKey, NO_MP};
 use crate::config::{Catalog, VisitSlot};
 
@@ -375,6 +376,19 @@ impl MinuteCounters {
     /// Appends every non-zero delta since the last drain to `out` and empties
     /// the counters, keeping their tables for the next interval.
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
+        self.drain_into(out, None);
+    }
+
+    /// [`MinuteCounters::drain`], also adding what experiment health and the
+    /// results page read of those deltas to `sums`, once per cell.
+    pub fn drain_summed(&mut self, out: &mut Vec<Delta>, sums: &mut SumsBuilder) {
+        self.drain_into(out, Some(sums));
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<Delta>, mut sums: Option<&mut SumsBuilder>) {
+        if let Some(sums) = sums.as_deref_mut() {
+            self.spilled.iter().for_each(|d| sums.add_delta(d));
+        }
         out.append(&mut self.spilled);
         if !self.regions.is_empty() {
             let mean = self.cells().div_ceil(self.regions.len());
@@ -390,6 +404,20 @@ impl MinuteCounters {
                     if d != 0 || c.touched & (1 << o) != 0 {
                         let key = SeriesKey::new(kind_at(session, o), c.variation, mp, device, login);
                         out.push(Delta { key, minute: r.minute, delta: d });
+                    }
+                }
+                if let Some(sums) = sums.as_deref_mut() {
+                    // The same deltas as just handed out, of the kinds the sums read.
+                    let handed = |o: usize| (c.counts[o] != 0 || c.touched & (1 << o) != 0).then_some(c.counts[o]);
+                    if session {
+                        sums.add_session_cell(c.variation, r.minute, device, login, handed(0), handed(1));
+                    } else {
+                        let fm = [
+                            offset(MetricKind::VisitFmBeta),
+                            offset(MetricKind::ValueFm),
+                            offset(MetricKind::ValueSqFm),
+                        ];
+                        sums.add_visit_cell(c.variation, mp, r.minute, fm.map(handed));
                     }
                 }
                 *c = FREE_CELL;
@@ -691,5 +719,40 @@ mod tests {
         out.clear();
         c.drain(&mut out);
         assert_eq!(out.len(), 4);
+    }
+
+    /// The sums a drain makes are exactly those of the deltas it hands out:
+    /// every kind, several regions and minutes, a spilled value sum, and
+    /// (tracking) a cancelled-out count that is still handed out.
+    #[test]
+    fn a_drains_sums_are_the_sums_of_its_deltas() {
+        let cat = catalog();
+        for track in [false, true] {
+            let mut c = MinuteCounters::new(cat.clone());
+            c.set_track_touched(track);
+            for kind in MetricKind::ALL {
+                let session = matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm);
+                for (v, mp, device, minute) in [(0, 0, 1, 0), (1, 1, 1, 0), (3, 9, 2, 60_000), (4, 0, 1, 60_000)] {
+                    let mp = if session { NO_MP } else { mp };
+                    add(&mut c, SeriesKey::new(kind, v, mp, device, 2), minute, v as i64 + 1);
+                }
+            }
+            let cancelled = SeriesKey::new(MetricKind::SessionAssigned, 3, NO_MP, 3, 0);
+            add(&mut c, cancelled, 120_000, 1);
+            add(&mut c, cancelled, 120_000, -1);
+            let big = SeriesKey::new(MetricKind::ValueSqFm, 1, 1, 1, 2);
+            for _ in 0..3 {
+                add(&mut c, big, 0, 6_000_000_000_000_000_000);
+            }
+            let (mut out, mut sums) = (Vec::new(), SumsBuilder::default());
+            c.drain_summed(&mut out, &mut sums);
+            let sums = sums.take();
+            assert_eq!(sums, crate::aggregate::DeltaSums::from_deltas(&out), "tracking {track}");
+            assert_eq!(sums.sessions.len(), 4 + track as usize, "(variation, minute) pairs; tracking {track}");
+            assert_eq!(
+                sums.visits.iter().map(|v| v.value_sq).sum::<i128>(),
+                18_000_000_000_000_000_000 + 1 + 2 + 4 + 5
+            );
+        }
     }
 }
