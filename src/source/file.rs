@@ -441,6 +441,54 @@ mod tests {
         assert_eq!(stdin.identity().to_string(), "stdin");
     }
 
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = out.len().min(self.step).min(self.data.len() - self.at);
+            out[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// Lines cut in place across reads of any size: every line whole, in
+    /// order, and the position after each fill just past its last line.
+    #[test]
+    fn lines_split_across_reads_are_whole_and_the_position_follows_them() {
+        let mut data = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..3000 {
+            let line = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 97));
+            data.extend_from_slice(line.as_bytes());
+            data.extend_from_slice(if i % 5 == 0 { b"\r\n" } else { b"\n" });
+            want.push(line.into_bytes());
+        }
+        for step in [1, 7, 100, 4096, READ_CHUNK, usize::MAX] {
+            let mut s = FileSource::from_reader(Box::new(Trickle { data: data.clone(), at: 0, step }), "t".into());
+            s.read_total = Some(0);
+            let mut b = LineBatch::default();
+            let mut got = Vec::new();
+            loop {
+                let f = s.fill(&mut b).unwrap();
+                got.extend((0..b.len()).map(|i| b.line(i).to_vec()));
+                let pos = s.position().unwrap()[0].1 as usize;
+                let just_past = data[..pos].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
+                assert_eq!(pos, just_past, "step {step}: the position ends a line");
+                assert_eq!(data[..pos].iter().filter(|&&c| c == b'\n').count(), got.len(), "step {step}");
+                if f == Fill::End {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "step {step}");
+        }
+    }
+
     #[test]
     fn overlong_line_is_skipped_whole() {
         let mut data = b"first\n".to_vec();
