@@ -1,16 +1,17 @@
 //! Per-stage benchmarks on `peak`-profile data: parse, route (parse + resolve +
 //! watermark + batch), sessionize (session state + per-minute counters), merge
-//! (writer totals) and encode (file-sink JSON). Parse, route, sessionize, the
-//! counters alone and merge also run on the `sparse` shape of `perf/shapes.sh` (every
-//! event carries its assignments, 125 events/s of event time: few events per
-//! region and minute). Throughput is in events (or deltas, points) per second.
+//! (writer totals) and encode (file-sink JSON). Parse, route, sessionize,
+//! the counters alone (one counter per call, and one event's cells per call)
+//! and merge also run on the `sparse` shape of `perf/shapes.sh` (every event
+//! carries its assignments, 125 events/s of event time: few events per region
+//! and minute). Throughput is in events (or deltas, points) per second.
 //!
 //! Run: `cargo bench --bench stages` (add `-- --quick` for a short run).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::sync::Arc;
 
-use expmon::aggregate::{Delta, MinuteCounters, Namer, Point, SeriesKey, Totals, NO_MP};
+use expmon::aggregate::{CellAdd, Delta, MinuteCounters, Namer, Point, SeriesKey, Totals, NO_MP};
 use expmon::config::{Catalog, VisitSlot};
 use expmon::event::{parse_event, ParseScratch};
 use expmon::gen::{Generator, Profile, REPLAY_START_MS};
@@ -135,6 +136,58 @@ fn bench_counters(
     });
 }
 
+/// The counters fed as the session code feeds them: one `add_cells` per
+/// (event, region), with the changes of each variation summed. The deltas of
+/// a region's cell, consecutive in drain order, make one [`CellAdd`]; a
+/// region's cells go in groups of `PER_EVENT`, about the variations an event
+/// of `peak` reports at its mp (~20 experiments, a third of which list it).
+fn bench_cells(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    catalog: &Arc<Catalog>,
+    deltas: &[Delta],
+) {
+    const PER_EVENT: usize = 8;
+    let region = |d: &Delta| {
+        (catalog.variations[d.key.variation() as usize].tenant, d.key.mp(), d.key.device(), d.key.login(), d.minute)
+    };
+    /// (tenant, mp, device, login, minute) of a region.
+    type Region = (u16, u16, u16, u16, i64);
+    let mut events: Vec<(Region, Vec<CellAdd>)> = Vec::new();
+    for d in deltas {
+        let r = region(d);
+        let v = d.key.variation();
+        match events.last_mut() {
+            Some((er, cells)) if *er == r && cells.last().is_some_and(|c| c.variation() == v) => {
+                cells.last_mut().unwrap().add(d.key.kind(), d.delta)
+            }
+            Some((er, cells)) if *er == r && cells.len() < PER_EVENT => {
+                let mut c = CellAdd::new(v);
+                c.add(d.key.kind(), d.delta);
+                cells.push(c);
+            }
+            _ => {
+                let mut c = CellAdd::new(v);
+                c.add(d.key.kind(), d.delta);
+                events.push((r, vec![c]));
+            }
+        }
+    }
+    g.throughput(Throughput::Elements(deltas.len() as u64));
+    g.bench_function(name, |b| {
+        let mut c = MinuteCounters::new(catalog.clone());
+        let mut out = Vec::new();
+        b.iter(|| {
+            for ((tenant, mp, device, login, minute), cells) in &events {
+                c.add_cells(*tenant, *mp, *device, *login, *minute, cells);
+            }
+            out.clear();
+            c.drain(&mut out);
+            out.len()
+        });
+    });
+}
+
 /// Parsing alone: every line of `lines` through `parse_event`.
 fn bench_parse(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, lines: &[Vec<u8>]) {
     g.throughput(Throughput::Elements(lines.len() as u64));
@@ -227,6 +280,8 @@ fn stages(c: &mut Criterion) {
     let mut g = c.benchmark_group("counters");
     bench_counters(&mut g, "add_drain_dense", &catalog, &deltas);
     bench_counters(&mut g, "add_drain_sparse", &catalog, &sparse_deltas);
+    bench_cells(&mut g, "add_cells_drain_dense", &catalog, &deltas);
+    bench_cells(&mut g, "add_cells_drain_sparse", &catalog, &sparse_deltas);
     g.finish();
 
     let mut g = c.benchmark_group("merge");

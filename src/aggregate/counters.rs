@@ -3,7 +3,10 @@
 //! Counters are grouped in regions, one per (tenant, mp, device, login,
 //! minute) touched: all of an event's contributions share its mp, tags and
 //! minute, so one region lookup serves the whole event (the last region is
-//! cached). A region is a small open-addressing table of cells, one per
+//! cached). The session code hands in an event's changes summed per
+//! variation ([`CellAdd`], [`MinuteCounters::add_cells`]): one probe per
+//! (event, variation), all the event's cell lines requested before the first
+//! probe waits for one. A region is a small open-addressing table of cells, one per
 //! variation touched, a cache line each: 7 `i64` in a visit region (the 4
 //! visit counts and the 3 value sums), 2 of them used in the no-mp region
 //! (the session kinds). A region starts with room for the mean region of
@@ -25,6 +28,7 @@
 use ahash::AHashMap;
 use std::sync::Arc;
 
+use super::sums::SumsBuilder;
 use super::{minute_of, MetricKind, SeriesKey, NO_MP};
 use crate::config::{Catalog, VisitSlot};
 
@@ -70,8 +74,8 @@ fn kind_at(session: bool, offset: usize) -> MetricKind {
 
 /// (tenant, mp, device, login) packed: 16 + 16 + 12 + 12 bits (logins use 11).
 #[inline]
-fn region_key(tenant: u16, key: SeriesKey) -> u64 {
-    (tenant as u64) << 40 | (key.mp() as u64) << 24 | (key.device() as u64) << 12 | key.login() as u64
+fn region_key(tenant: u16, mp: u16, device: u16, login: u16) -> u64 {
+    (tenant as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64
 }
 
 /// `variation` of a free cell.
@@ -92,13 +96,48 @@ struct Cell {
 
 const FREE_CELL: Cell = Cell { variation: FREE, touched: 0, counts: [0; VISIT_KINDS] };
 
+/// What one event changes in one variation's cell of a region, summed by kind
+/// before it is added: [`MinuteCounters::add_cells`] probes a cell once per
+/// (event, variation), not once per counter.
+#[derive(Debug, Clone, Copy)]
+pub struct CellAdd {
+    variation: u32,
+    /// One bit per counter changed (an addition of 0 changes it too: it is
+    /// touched, as by [`MinuteCounters::add_visit`] with 0).
+    kinds: u8,
+    counts: [i64; VISIT_KINDS],
+}
+
+impl CellAdd {
+    /// No change yet to `variation`'s cell.
+    #[inline]
+    pub fn new(variation: u32) -> CellAdd {
+        CellAdd { variation, kinds: 0, counts: [0; VISIT_KINDS] }
+    }
+
+    pub fn variation(&self) -> u32 {
+        self.variation
+    }
+
+    /// Adds `delta` to this variation's counter of `kind`. One event's
+    /// changes to one counter are a few at most, each far inside `i64`
+    /// (see `crate::session`), so their sum cannot overflow.
+    #[inline]
+    pub fn add(&mut self, kind: MetricKind, delta: i64) {
+        let o = offset(kind);
+        self.kinds |= 1 << o;
+        self.counts[o] += delta;
+    }
+}
+
 /// Cells of the smallest region table.
 const FIRST_CELLS: usize = 4;
 /// The most cells a region starts with (4 KiB).
 const MAX_START_CELLS: usize = 64;
 
 /// The counters of one (tenant, mp, device, login, minute): an open-addressing
-/// table by variation (linear probing, power-of-two size, at most ¾ full).
+/// table by variation (linear probing, power-of-two size, at most half full:
+/// a cell is a cache line, so every extra probe is one more line to wait for).
 struct Region {
     key: u64,
     minute: i64,
@@ -144,7 +183,7 @@ impl Region {
     /// The position of `variation`'s cell, taken if new.
     #[inline]
     fn position(&mut self, variation: u32, spare: &mut Spare) -> usize {
-        if (self.len + 1) * 4 > self.cells.len() * 3 {
+        if (self.len + 1) * 2 > self.cells.len() {
             self.grow(spare);
         }
         let mask = self.cells.len() - 1;
@@ -161,6 +200,13 @@ impl Region {
             }
             i = (i + 1) & mask;
         }
+    }
+
+    /// Loads the line where `variation` starts probing, so that the probes of
+    /// one event's cells, issued together, wait for memory together.
+    #[inline]
+    fn touch(&self, variation: u32) -> u32 {
+        self.cells[home(variation, self.cells.len())].variation
     }
 
     /// Moves the cells to a table twice the size; the old one, freed, goes
@@ -242,7 +288,11 @@ impl MinuteCounters {
 
     #[inline]
     fn region(&mut self, tenant: u16, key: SeriesKey, minute: i64) -> usize {
-        let rkey = region_key(tenant, key);
+        self.region_at(region_key(tenant, key.mp(), key.device(), key.login()), minute)
+    }
+
+    #[inline]
+    fn region_at(&mut self, rkey: u64, minute: i64) -> usize {
         if let Some((k, m, i)) = self.last {
             if k == rkey && m == minute {
                 return i as usize;
@@ -285,9 +335,60 @@ impl MinuteCounters {
         self.add(tenant, key, minute_of(ts), delta);
     }
 
+    /// Adds one event's changes `cells` (variations of `tenant`, each at most
+    /// once) to the region `(tenant, mp, device, login, minute(ts))`: the
+    /// region is found once, and every cell's line is requested before the
+    /// first is probed. Session kinds go to the region of mp [`NO_MP`].
+    #[inline]
+    pub fn add_cells(&mut self, tenant: u16, mp: u16, device: u16, login: u16, ts: i64, cells: &[CellAdd]) {
+        let minute = minute_of(ts);
+        let r = self.region_at(region_key(tenant, mp, device, login), minute);
+        let region = &mut self.regions[r];
+        if cells.len() > 1 {
+            let mut seen = 0;
+            for c in cells {
+                seen ^= region.touch(c.variation);
+            }
+            std::hint::black_box(seen);
+        }
+        for c in cells {
+            if c.kinds == 0 {
+                continue;
+            }
+            debug_assert_eq!(self.catalog.variations[c.variation as usize].tenant, tenant);
+            let pos = region.position(c.variation, &mut self.spare);
+            let cell = &mut region.cells[pos];
+            if self.track_touched {
+                cell.touched |= c.kinds;
+            }
+            for (o, (count, &d)) in cell.counts.iter_mut().zip(&c.counts).enumerate() {
+                match count.checked_add(d) {
+                    Some(v) => *count = v,
+                    None => {
+                        let key = SeriesKey::new(kind_at(mp == NO_MP, o), c.variation, mp, device, login);
+                        self.spilled.push(Delta { key, minute, delta: std::mem::replace(count, d) });
+                    }
+                }
+            }
+        }
+    }
+
     /// Appends every non-zero delta since the last drain to `out` and empties
     /// the counters, keeping their tables for the next interval.
     pub fn drain(&mut self, out: &mut Vec<Delta>) {
+        self.drain_into(out, None);
+    }
+
+    /// [`MinuteCounters::drain`], also adding what experiment health and the
+    /// results page read of those deltas to `sums`, once per cell.
+    pub fn drain_summed(&mut self, out: &mut Vec<Delta>, sums: &mut SumsBuilder) {
+        self.drain_into(out, Some(sums));
+    }
+
+    fn drain_into(&mut self, out: &mut Vec<Delta>, mut sums: Option<&mut SumsBuilder>) {
+        if let Some(sums) = sums.as_deref_mut() {
+            self.spilled.iter().for_each(|d| sums.add_delta(d));
+        }
         out.append(&mut self.spilled);
         if !self.regions.is_empty() {
             let mean = self.cells().div_ceil(self.regions.len());
@@ -303,6 +404,20 @@ impl MinuteCounters {
                     if d != 0 || c.touched & (1 << o) != 0 {
                         let key = SeriesKey::new(kind_at(session, o), c.variation, mp, device, login);
                         out.push(Delta { key, minute: r.minute, delta: d });
+                    }
+                }
+                if let Some(sums) = sums.as_deref_mut() {
+                    // The same deltas as just handed out, of the kinds the sums read.
+                    let handed = |o: usize| (c.counts[o] != 0 || c.touched & (1 << o) != 0).then_some(c.counts[o]);
+                    if session {
+                        sums.add_session_cell(c.variation, r.minute, device, login, handed(0), handed(1));
+                    } else {
+                        let fm = [
+                            offset(MetricKind::VisitFmBeta),
+                            offset(MetricKind::ValueFm),
+                            offset(MetricKind::ValueSqFm),
+                        ];
+                        sums.add_visit_cell(c.variation, mp, r.minute, fm.map(handed));
                     }
                 }
                 *c = FREE_CELL;
@@ -486,7 +601,7 @@ mod tests {
         for v in [1, 3, 4] {
             add(&mut c, SeriesKey::new(MetricKind::VisitAssigned, v, 0, 0, 0), 0, 1);
         }
-        assert_eq!(c.cells(), 4, "grew past its first 4 cells at ¾");
+        assert_eq!(c.cells(), 4, "grew past its first 4 cells");
         let mut out = Vec::new();
         c.drain(&mut out);
         assert!(out.contains(&Delta { key: k, minute: 0, delta: 0 }), "cancelled out, still reported");
@@ -509,6 +624,83 @@ mod tests {
         assert_eq!(out, want);
     }
 
+    /// Drained deltas, sorted, summed per point (spilled parts joined).
+    fn drained(c: &mut MinuteCounters) -> Vec<Delta> {
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        out.sort_by_key(|d| (d.key, d.minute));
+        out.dedup_by(|b, a| {
+            let same = (a.key, a.minute) == (b.key, b.minute);
+            if same {
+                a.delta += b.delta;
+            }
+            same
+        });
+        out
+    }
+
+    #[test]
+    fn cells_added_per_event_drain_as_the_same_adds_one_by_one() {
+        let cat = catalog();
+        // Variations 0, 1 (tenant a, mp 0 listed), 3, 4 (tenant a, every mp).
+        let visit = [MetricKind::VisitAssigned, MetricKind::VisitFmBeta, MetricKind::ValueFm, MetricKind::ValueSqFm];
+        for track in [false, true] {
+            let (mut one, mut cells) = (MinuteCounters::new(cat.clone()), MinuteCounters::new(cat.clone()));
+            one.set_track_touched(track);
+            cells.set_track_touched(track);
+            for event in 0..40i64 {
+                let (device, ts) = ((event % 3) as u16, 60_000 * (event % 2) + event);
+                let mut adds = Vec::new();
+                for v in [0, 1, 3, 4] {
+                    let mut a = CellAdd::new(v);
+                    for (k, &kind) in visit.iter().enumerate() {
+                        if (event + v as i64 + k as i64) % 3 != 0 {
+                            // A change that cancels out within the event, now and then.
+                            let d = if (event + k as i64) % 5 == 0 { 0 } else { event * 7 - 100 + k as i64 };
+                            a.add(kind, d);
+                            add(&mut one, SeriesKey::new(kind, v, 0, device, 1), ts, d);
+                        }
+                    }
+                    adds.push(a);
+                }
+                cells.add_cells(0, 0, device, 1, ts, &adds);
+                let mut s = CellAdd::new(4);
+                s.add(MetricKind::SessionAssigned, 1);
+                s.add(MetricKind::SessionFm, -1);
+                cells.add_cells(0, NO_MP, device, 1, ts, &[s]);
+                add(&mut one, SeriesKey::new(MetricKind::SessionAssigned, 4, NO_MP, device, 1), ts, 1);
+                add(&mut one, SeriesKey::new(MetricKind::SessionFm, 4, NO_MP, device, 1), ts, -1);
+            }
+            let mut z = CellAdd::new(1);
+            z.add(MetricKind::VisitFm, 0);
+            cells.add_cells(0, 0, 7, 1, 0, &[z]);
+            add(&mut one, SeriesKey::new(MetricKind::VisitFm, 1, 0, 7, 1), 0, 0);
+            assert_eq!((cells.regions(), cells.cells()), (one.regions(), one.cells()));
+            let want = drained(&mut one);
+            assert!(want.iter().any(|d| d.delta == 0) == track, "zero deltas only while tracking");
+            assert_eq!(drained(&mut cells), want, "tracking {track}");
+        }
+    }
+
+    #[test]
+    fn cells_added_per_event_spill_a_sum_beyond_i64() {
+        let mut c = MinuteCounters::new(catalog());
+        let k = SeriesKey::new(MetricKind::ValueSqFm, 3, 9, 1, 2);
+        let mut a = CellAdd::new(3);
+        a.add(MetricKind::ValueSqFm, 6_000_000_000_000_000_000);
+        a.add(MetricKind::VisitAssigned, 1);
+        for _ in 0..3 {
+            c.add_cells(0, 9, 1, 2, 60_000, &[a]);
+        }
+        let mut out = Vec::new();
+        c.drain(&mut out);
+        let sum =
+            |key| out.iter().filter(|d| d.key == key && d.minute == 60_000).map(|d| d.delta as i128).sum::<i128>();
+        assert_eq!(sum(k), 18_000_000_000_000_000_000);
+        assert_eq!(sum(SeriesKey::new(MetricKind::VisitAssigned, 3, 9, 1, 2)), 3);
+        assert!(out.len() >= 3, "the square sum in parts: {out:?}");
+    }
+
     #[test]
     fn new_regions_start_with_room_for_the_last_drains_mean_region() {
         let mut c = MinuteCounters::new(catalog());
@@ -527,5 +719,40 @@ mod tests {
         out.clear();
         c.drain(&mut out);
         assert_eq!(out.len(), 4);
+    }
+
+    /// The sums a drain makes are exactly those of the deltas it hands out:
+    /// every kind, several regions and minutes, a spilled value sum, and
+    /// (tracking) a cancelled-out count that is still handed out.
+    #[test]
+    fn a_drains_sums_are_the_sums_of_its_deltas() {
+        let cat = catalog();
+        for track in [false, true] {
+            let mut c = MinuteCounters::new(cat.clone());
+            c.set_track_touched(track);
+            for kind in MetricKind::ALL {
+                let session = matches!(kind, MetricKind::SessionAssigned | MetricKind::SessionFm);
+                for (v, mp, device, minute) in [(0, 0, 1, 0), (1, 1, 1, 0), (3, 9, 2, 60_000), (4, 0, 1, 60_000)] {
+                    let mp = if session { NO_MP } else { mp };
+                    add(&mut c, SeriesKey::new(kind, v, mp, device, 2), minute, v as i64 + 1);
+                }
+            }
+            let cancelled = SeriesKey::new(MetricKind::SessionAssigned, 3, NO_MP, 3, 0);
+            add(&mut c, cancelled, 120_000, 1);
+            add(&mut c, cancelled, 120_000, -1);
+            let big = SeriesKey::new(MetricKind::ValueSqFm, 1, 1, 1, 2);
+            for _ in 0..3 {
+                add(&mut c, big, 0, 6_000_000_000_000_000_000);
+            }
+            let (mut out, mut sums) = (Vec::new(), SumsBuilder::default());
+            c.drain_summed(&mut out, &mut sums);
+            let sums = sums.take();
+            assert_eq!(sums, crate::aggregate::DeltaSums::from_deltas(&out), "tracking {track}");
+            assert_eq!(sums.sessions.len(), 4 + track as usize, "(variation, minute) pairs; tracking {track}");
+            assert_eq!(
+                sums.visits.iter().map(|v| v.value_sq).sum::<i128>(),
+                18_000_000_000_000_000_000 + 1 + 2 + 4 + 5
+            );
+        }
     }
 }

@@ -6,14 +6,19 @@
 //! - [`MinuteCounters`] (one per shard) counts deltas per (tenant, mp,
 //!   device, login, minute) region in one cell per variation touched; a
 //!   drain hands out the non-zero deltas and empties the cells for reuse.
+//! - [`DeltaSums`]: what experiment health and the results page read of a
+//!   drain's deltas, summed by the shard once per cell for the writer.
 //! - [`Totals`] (the writer stage) adds the shards' deltas into absolute totals
 //!   and yields each point whose total changed since it was last written
 //!   (SPEC §5), then forgets points of final minutes.
 
 mod counters;
+mod sums;
 mod totals;
 
-pub use counters::{Delta, MinuteCounters};
+pub use counters::{CellAdd, Delta, MinuteCounters};
+pub use sums::{DeltaSums, SegmentSum, SessionSum, SumsBuilder, VisitSum};
+pub use sums::{SEEN_ASSIGNED, SEEN_BETA, SEEN_FM, SEEN_VALUE, SEEN_VALUE_SQ};
 pub use totals::{Point, TotalRecord, Totals};
 
 use std::fmt;

@@ -15,8 +15,10 @@
 //! point up once and lists the point the first time a flush touches it, with
 //! where its slot is, so [`Totals::take_due`] writes it once, with its final
 //! value, without a second lookup, however many shards touched it. Forgetting
-//! a final minute empties its whole table, which is kept for a later minute:
-//! a steady stream stops growing (and rehashing) tables.
+//! a final minute empties its whole table, which is kept for a later minute,
+//! and a new table starts as large as the largest one: a steady stream stops
+//! growing (and rehashing) tables. On sparse traffic the tables outgrow the
+//! caches; [`Totals::apply`] prefetches each delta's slot ahead of its turn.
 
 use ahash::AHashMap;
 use std::collections::BTreeMap;
@@ -76,6 +78,23 @@ struct Pending {
 
 /// Slots of a new table.
 const FIRST_SLOTS: usize = 1024;
+
+/// How many deltas ahead [`Totals::apply`] prefetches a slot.
+const AHEAD: usize = 16;
+
+/// Asks for the cache line of `p` (a hint: no effect on results).
+#[inline(always)]
+fn prefetch<T>(p: &T) {
+    // SAFETY: the intrinsic only needs SSE, which this build enables (the
+    // cfg); a prefetch never faults and reads nothing back, and `p` is a
+    // valid reference anyway.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast())
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
+    let _ = p;
+}
 
 /// Where `key` starts probing in a table of `slots` (a power of two).
 #[inline]
@@ -203,7 +222,11 @@ impl Totals {
             std::collections::btree_map::Entry::Occupied(o) => *o.get(),
             std::collections::btree_map::Entry::Vacant(v) => {
                 let t = self.free.pop().unwrap_or_else(|| {
-                    self.tables.push(MinuteTable::default());
+                    // As large as the largest table so far (the last minutes'
+                    // size), so that a steady stream's new tables never grow.
+                    let slots = self.tables.iter().map(|t| t.slots.len()).max().unwrap_or(0);
+                    let slots = if slots == 0 { Vec::new() } else { vec![FREE_SLOT; slots] };
+                    self.tables.push(MinuteTable { slots, ..MinuteTable::default() });
                     self.tables.len() as u32 - 1
                 });
                 self.tables[t as usize].minute = minute;
@@ -246,8 +269,19 @@ impl Totals {
         (t, pos, s.pending as usize)
     }
 
+    /// Adds `deltas` to their points. The tables are larger than the caches
+    /// on sparse traffic, so each delta's slot is prefetched [`AHEAD`] deltas
+    /// before its turn (from its home position, in the table of the minute
+    /// being applied), and its `pending` record half as far ahead, once the
+    /// slot is in cache.
     pub fn apply(&mut self, deltas: &[Delta]) {
-        for d in deltas {
+        for (i, d) in deltas.iter().enumerate() {
+            if let Some(next) = deltas.get(i + AHEAD) {
+                self.prefetch_slot(next);
+            }
+            if let Some(next) = deltas.get(i + AHEAD / 2) {
+                self.prefetch_pending(next);
+            }
             let (t, pos, p) = self.touch(d.key, d.minute);
             let table = &mut self.tables[t as usize];
             let s = &mut table.slots[pos];
@@ -273,6 +307,32 @@ impl Totals {
             let rec = &mut self.pending[p];
             rec.value = value;
             rec.clamped = clamped;
+        }
+    }
+
+    /// The home slot of `d` if its minute's table is the last one used.
+    #[inline]
+    fn home_slot(&self, d: &Delta) -> Option<&Slot> {
+        let (m, t) = self.last?;
+        let slots = &self.tables[t as usize].slots;
+        (m == d.minute && !slots.is_empty()).then(|| &slots[home(d.key.0, slots.len())])
+    }
+
+    #[inline]
+    fn prefetch_slot(&self, d: &Delta) {
+        if let Some(s) = self.home_slot(d) {
+            prefetch(s);
+        }
+    }
+
+    /// The `pending` record that `d`'s slot names (listed or stale: which
+    /// one `touch` reads), if the slot is at its home position.
+    #[inline]
+    fn prefetch_pending(&self, d: &Delta) {
+        if let Some(s) = self.home_slot(d).filter(|s| s.key == d.key.0) {
+            if let Some(p) = self.pending.get(s.pending as usize) {
+                prefetch(p);
+            }
         }
     }
 

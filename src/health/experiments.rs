@@ -2,7 +2,8 @@
 //! significance, computed by the writer from the same deltas that make the
 //! totals, written at triggers (when changed, see [`super::HealthWrites`]) as
 //! `expmon.experiment.*` points (tags `dc`, `instance`, `tenant`,
-//! `experiment`, and more per signal).
+//! `experiment`, and more per signal). The writer adds the sums each shard
+//! made of its deltas ([`DeltaSums`]), a few per variation and minute.
 //!
 //! - **Sample ratio mismatch (SRM):** the sequential test of Lindon & Malek
 //!   ([`crate::stats::SrmMonitor`]) on the sessions assigned to each
@@ -37,7 +38,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::aggregate::{Delta, MetricKind, MINUTE_MS};
+use crate::aggregate::{Delta, DeltaSums, MINUTE_MS, SEEN_ASSIGNED};
 use crate::config::Catalog;
 use crate::metrics::{HealthPoint, HealthValue};
 use crate::stats::{compare_all, ArmSums, Comparison, SequentialConfig, SrmMonitor, SrmPrior, Verdict};
@@ -168,41 +169,37 @@ impl ExperimentHealth {
 
     /// Takes in one shard report's deltas and new conflicts.
     pub fn observe(&mut self, deltas: &[Delta], conflicts: &[(u32, u64)]) {
-        for d in deltas {
-            let kind = d.key.kind();
-            let v = d.key.variation() as usize;
-            let info = &self.catalog.variations[v];
-            let x = info.experiment as usize;
-            let slot = info.slot as usize;
-            let fm = match kind {
-                MetricKind::SessionAssigned => false,
-                MetricKind::SessionFm => {
-                    self.lifts[x].fm[slot] += d.delta;
-                    true
-                }
-                MetricKind::VisitFmBeta | MetricKind::ValueFm | MetricKind::ValueSqFm => {
-                    let lift = &mut self.lifts[x];
-                    let n = lift.fm.len();
-                    let sums = lift.mps.entry(d.key.mp()).or_insert_with(|| MpSums::new(n));
-                    match kind {
-                        MetricKind::VisitFmBeta => sums.beta[slot] += d.delta,
-                        MetricKind::ValueFm => sums.value[slot] += d.delta as i128,
-                        _ => sums.value_sq[slot] += d.delta as i128,
-                    }
-                    continue;
-                }
-                _ => continue,
-            };
-            let m = self.minutes[x].entry(d.minute).or_default();
-            m[fm as usize] += d.delta;
-            if fm {
-                continue;
+        self.observe_sums(&DeltaSums::from_deltas(deltas), conflicts);
+    }
+
+    /// Takes in one shard report's sums of its deltas and new conflicts.
+    pub fn observe_sums(&mut self, sums: &DeltaSums, conflicts: &[(u32, u64)]) {
+        for s in &sums.sessions {
+            let info = &self.catalog.variations[s.variation as usize];
+            let (x, slot) = (info.experiment as usize, info.slot as usize);
+            let m = self.minutes[x].entry(s.minute).or_default();
+            m[0] += s.assigned;
+            m[1] += s.fm;
+            self.lifts[x].fm[slot] += s.fm;
+            if s.seen & SEEN_ASSIGNED != 0 {
+                *self.tenant_minutes[info.tenant as usize].entry(s.minute).or_default() += s.assigned;
+                self.splits[x].overall[slot] += s.assigned;
             }
-            *self.tenant_minutes[info.tenant as usize].entry(d.minute).or_default() += d.delta;
-            let split = &mut self.splits[x];
-            split.overall[slot] += d.delta;
+        }
+        for g in &sums.segments {
+            let info = &self.catalog.variations[g.variation as usize];
+            let split = &mut self.splits[info.experiment as usize];
             let n = split.overall.len();
-            split.segments.entry((d.key.device(), d.key.login())).or_insert_with(|| vec![0; n])[slot] += d.delta;
+            split.segments.entry((g.device, g.login)).or_insert_with(|| vec![0; n])[info.slot as usize] += g.assigned;
+        }
+        for s in &sums.visits {
+            let info = &self.catalog.variations[s.variation as usize];
+            let lift = &mut self.lifts[info.experiment as usize];
+            let (n, slot) = (lift.fm.len(), info.slot as usize);
+            let mp = lift.mps.entry(s.mp).or_insert_with(|| MpSums::new(n));
+            mp.beta[slot] += s.beta;
+            mp.value[slot] += s.value;
+            mp.value_sq[slot] += s.value_sq;
         }
         for &(x, n) in conflicts {
             if let Some(c) = self.conflicts.get_mut(x as usize) {

@@ -60,7 +60,7 @@ impl PointId {
     pub fn decode(d: &mut Dec<'_>) -> Result<PointId, ScaleError> {
         let kind = d.u8()?;
         if kind > MetricKind::ValueSqFm as u8 {
-            return Err(format!("unknown metric kind {kind}").into());
+            return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
         }
         let variation_id = d.i64()?;
         let has_mp = d.u8()? != 0;
@@ -85,7 +85,7 @@ impl PointId {
 }
 
 fn text(d: &mut Dec<'_>) -> Result<String, ScaleError> {
-    String::from_utf8(d.bytes()?.to_vec()).map_err(|_| "a name is not UTF-8".into())
+    String::from_utf8(d.bytes()?.to_vec()).map_err(|_| ScaleError::Wire("a name is not UTF-8".into()))
 }
 
 const DELTA_VERSION: u8 = 1;
@@ -145,7 +145,7 @@ impl DeltaRecord {
         let mut d = Dec::new(bytes);
         let v = d.u8()?;
         if v != DELTA_VERSION {
-            return Err(format!("delta record version {v}, this build reads {DELTA_VERSION}").into());
+            return Err(ScaleError::Wire(format!("delta record version {v}, this build reads {DELTA_VERSION}")));
         }
         let (partition, offset, watermark) = (d.u32()?, d.i64()?, d.i64()?);
         let n = d.count(8 + 1 + 4 * 3 + 8 + 8)?;

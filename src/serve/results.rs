@@ -2,7 +2,7 @@
 //! experiment and minute, per variation, the assigned and factor-matched
 //! sessions and each measurement point's factor-matched "beta" visits,
 //! `value.fm` and `value_sq.fm`, summed over devices and logins. Fed by the
-//! writer from the deltas of each flush (one lock per flush, never per
+//! writer from the sums the shards made of each flush's deltas (one lock per flush, never per
 //! event); minutes older than [`KEEP_MINUTES`] before the newest are folded
 //! into one sum of everything before them (so the lift figures stay
 //! cumulative since the experiment started in this process) and dropped.
@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::aggregate::{Delta, MetricKind, MINUTE_MS};
+use crate::aggregate::{Delta, DeltaSums, MINUTE_MS, SEEN_BETA, SEEN_VALUE, SEEN_VALUE_SQ};
 use crate::config::Catalog;
 use crate::health::{lift_arms, LIFT_METRICS};
 use crate::stats::{compare_all, Comparison, SequentialConfig, Verdict};
@@ -123,33 +123,40 @@ impl Results {
 
     /// Adds one flush's deltas.
     pub fn observe(&mut self, deltas: &[Delta]) {
-        for d in deltas {
-            let kind = d.key.kind();
-            if !matches!(
-                kind,
-                MetricKind::SessionAssigned
-                    | MetricKind::SessionFm
-                    | MetricKind::VisitFmBeta
-                    | MetricKind::ValueFm
-                    | MetricKind::ValueSqFm
-            ) {
-                continue;
+        self.observe_sums(&DeltaSums::from_deltas(deltas));
+    }
+
+    /// Adds one shard report's sums of its deltas.
+    pub fn observe_sums(&mut self, sums: &DeltaSums) {
+        let catalog = &self.catalog;
+        let at = |v: u32| {
+            let info = &catalog.variations[v as usize];
+            (
+                info.experiment as usize,
+                info.slot as usize,
+                catalog.experiments[info.experiment as usize].variations.len(),
+            )
+        };
+        for s in &sums.sessions {
+            let (x, slot, n) = at(s.variation);
+            let m = self.by_experiment[x].entry(s.minute).or_insert_with(|| Minute::new(n));
+            m.assigned[slot] += s.assigned;
+            m.fm[slot] += s.fm;
+            self.newest = self.newest.max(s.minute);
+        }
+        for s in &sums.visits {
+            let (x, slot, n) = at(s.variation);
+            let m = self.by_experiment[x].entry(s.minute).or_insert_with(|| Minute::new(n));
+            if s.seen & SEEN_BETA != 0 {
+                m.visits.entry(s.mp).or_insert_with(|| vec![0; n])[slot] += s.beta;
             }
-            let v = d.key.variation() as usize;
-            let x = self.catalog.variations[v].experiment as usize;
-            let n = self.catalog.experiments[x].variations.len();
-            let slot = self.catalog.variations[v].slot as usize;
-            let m = self.by_experiment[x].entry(d.minute).or_insert_with(|| Minute::new(n));
-            match kind {
-                MetricKind::SessionAssigned => m.assigned[slot] += d.delta,
-                MetricKind::SessionFm => m.fm[slot] += d.delta,
-                MetricKind::VisitFmBeta => m.visits.entry(d.key.mp()).or_insert_with(|| vec![0; n])[slot] += d.delta,
-                MetricKind::ValueFm => {
-                    m.values.entry(d.key.mp()).or_insert_with(|| vec![0; n])[slot] += d.delta as i128
-                }
-                _ => m.values_sq.entry(d.key.mp()).or_insert_with(|| vec![0; n])[slot] += d.delta as i128,
+            if s.seen & SEEN_VALUE != 0 {
+                m.values.entry(s.mp).or_insert_with(|| vec![0; n])[slot] += s.value;
             }
-            self.newest = self.newest.max(d.minute);
+            if s.seen & SEEN_VALUE_SQ != 0 {
+                m.values_sq.entry(s.mp).or_insert_with(|| vec![0; n])[slot] += s.value_sq;
+            }
+            self.newest = self.newest.max(s.minute);
         }
     }
 
@@ -279,7 +286,7 @@ pub type SharedResults = Arc<std::sync::Mutex<Results>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{SeriesKey, NO_MP};
+    use crate::aggregate::{MetricKind, SeriesKey, NO_MP};
     use crate::config::Config;
 
     /// Minutes trimmed off the curves still count in the lift figures, and a

@@ -8,7 +8,9 @@
 //! event* carries it, and per qualification condition one byte: the event that
 //! first met it. Times and tags are read from the events, so a session assigned
 //! to 20 experiments costs about 320 bytes, table slot included (see
-//! `state.rs`). From that state the nine metrics of SPEC §3 follow.
+//! `state.rs`). From that state the nine metrics of SPEC §3 follow. The hot
+//! path reads the catalog from a packed copy (`hot.rs`) and hands an event's
+//! deltas to the counters summed per (region, variation) ([`CellAdd`]).
 //!
 //! Correction protocol, for an arriving event `e` with timestamp `t`:
 //! 1. Note each experiment's view (variation, assignment key, F) before `e`.
@@ -34,12 +36,14 @@ use ahash::AHashMap;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
+mod hot;
 mod state;
 
 pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS};
 
-use crate::aggregate::{MetricKind, MinuteCounters, SeriesKey, NO_MP};
-use crate::config::{Catalog, CompiledExperiment, VisitSlot};
+use crate::aggregate::{minute_of, CellAdd, MetricKind, MinuteCounters, SeriesKey, NO_MP};
+use crate::config::{Catalog, CompiledExperiment};
+use hot::{HotCatalog, HotCond, HotExp};
 use state::{EvRec, ExpState, Extra, OrderKey, Session, NONE, VALUE_KEY};
 
 /// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
@@ -95,15 +99,15 @@ struct View {
 
 impl Session {
     /// Where experiment `i`'s conditions start: after those of the ones before it.
-    fn cond_start(&self, i: usize, catalog: &Catalog) -> usize {
-        (0..i).map(|j| catalog.experiments[self.exp(j).experiment as usize].conditions.len()).sum()
+    fn cond_start(&self, i: usize, hot: &HotCatalog) -> usize {
+        (0..i).map(|j| hot.exps[self.exp(j).experiment as usize].n_conds as usize).sum()
     }
 
     /// The view of experiment `s`, whose conditions start at `cond_start`.
-    fn view(&self, s: &ExpState, x: &CompiledExperiment, cond_start: usize) -> View {
+    fn view(&self, s: &ExpState, x: Exp, cond_start: usize) -> View {
         let assigned_at = self.key(s.assigned);
         let mut fm_at = Some(assigned_at.ts);
-        for j in 0..x.conditions.len() {
+        for j in 0..x.n_conds() {
             let e = self.first_met(cond_start + j);
             if e == NONE {
                 fm_at = None;
@@ -111,7 +115,7 @@ impl Session {
             }
             fm_at = fm_at.map(|f| f.max(self.ts(e)));
         }
-        View { variation: x.variations[s.slot as usize], assigned_at, fm_at }
+        View { variation: x.variation(s.slot), assigned_at, fm_at }
     }
 }
 
@@ -268,24 +272,17 @@ impl Events<'_> {
 }
 
 /// Emits the contributions of one experiment located at times `>= from`.
-fn emit_from(
-    ord: &Order,
-    x: &CompiledExperiment,
-    view: View,
-    events: &Events,
-    from: i64,
-    sign: i64,
-    out: &mut MinuteCounters,
-) {
+fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: i64, out: &mut Emit) {
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.add_session(SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
+        out.session(x.tenant(), SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.add_session(
+                out.session(
+                    x.tenant(),
                     SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
                     first.ts,
                     sign,
@@ -298,29 +295,26 @@ fn emit_from(
         if ts < from || ts < a.ts {
             continue;
         }
-        let Some(slot) = x.visit_slot(e.mp, v) else { continue };
+        if !x.reports(e.mp) {
+            continue;
+        }
         let (mp, d, l) = (e.mp, e.device, e.login as u16);
-        out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, sign);
+        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, sign);
+            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
         }
         let value = events.value(i);
-        add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, sign * value);
+        out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, sign * value);
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, sign);
+            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
             if events.is_first_visit(ord, i, f) {
-                out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, sign);
+                out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
             }
             if value != 0 {
-                add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, sign * value);
+                out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, sign * value);
                 let y = events.value_before(ord, i, f);
-                add_amount(
-                    out,
-                    SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l),
-                    slot,
-                    ts,
-                    sign * square_step(y, value),
-                );
+                let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l);
+                out.amount(x.tenant(), key, ts, sign * square_step(y, value));
             }
         }
     }
@@ -333,11 +327,133 @@ fn square_step(y: i64, value: i64) -> i64 {
     value * (2 * y + value)
 }
 
-/// Adds an amount to a value metric; a contribution of 0 creates no point.
-#[inline]
-fn add_amount(out: &mut MinuteCounters, key: SeriesKey, slot: VisitSlot, ts: i64, amount: i64) {
-    if amount != 0 {
-        out.add_visit(key, slot, ts, amount);
+/// The catalog and its packed hot facts, as the hot path reads them.
+#[derive(Clone, Copy)]
+struct Cat<'a> {
+    catalog: &'a Catalog,
+    hot: &'a HotCatalog,
+}
+
+impl<'a> Cat<'a> {
+    #[inline]
+    fn exp(self, experiment: u32) -> Exp<'a> {
+        let hot = &self.hot.exps[experiment as usize];
+        Exp { hot, conds: self.hot.conds(hot), def: &self.catalog.experiments[experiment as usize] }
+    }
+}
+
+/// One experiment: its packed facts, its conditions' packed tags, and the
+/// catalog's definition for what they leave out (read only then).
+#[derive(Clone, Copy)]
+struct Exp<'a> {
+    hot: &'a HotExp,
+    conds: &'a [HotCond],
+    def: &'a CompiledExperiment,
+}
+
+impl Exp<'_> {
+    #[inline]
+    fn tenant(self) -> u16 {
+        self.hot.tenant
+    }
+
+    #[inline]
+    fn n_conds(self) -> usize {
+        self.hot.n_conds as usize
+    }
+
+    #[inline]
+    fn variation(self, slot: u8) -> u32 {
+        self.hot.variation(slot)
+    }
+
+    /// Whether its variations report visits to `mp`.
+    #[inline]
+    fn reports(self, mp: u16) -> bool {
+        self.hot.reports(mp, self.def)
+    }
+}
+
+/// Where [`SessionTable::add`] sends an event's deltas: gathered by region
+/// and variation (visit kinds and session kinds apart, since an event's visits
+/// share one region and the session kinds of the experiments it assigns
+/// another), each group handed to [`MinuteCounters::add_cells`] as a whole.
+struct Emit<'a> {
+    counters: &'a mut MinuteCounters,
+    gather: &'a mut Gather,
+}
+
+/// The groups being gathered (kept between events for their memory).
+#[derive(Default)]
+struct Gather {
+    visits: Group,
+    sessions: Group,
+}
+
+/// Changes to cells of one region: (tenant, mp, device, login, minute).
+#[derive(Default)]
+struct Group {
+    region: (u16, u16, u16, u16, i64),
+    cells: Vec<CellAdd>,
+}
+
+impl Group {
+    /// Adds `delta` to point `(key, minute(ts))` of `tenant`, handing the
+    /// group gathered so far to `counters` first if it is another region's.
+    #[inline]
+    fn add(&mut self, counters: &mut MinuteCounters, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        let region = (tenant, key.mp(), key.device(), key.login(), minute_of(ts));
+        if region != self.region {
+            self.flush(counters);
+            self.region = region;
+        }
+        let v = key.variation();
+        match self.cells.last_mut() {
+            Some(c) if c.variation() == v => c.add(key.kind(), delta),
+            _ => {
+                let mut c = CellAdd::new(v);
+                c.add(key.kind(), delta);
+                self.cells.push(c);
+            }
+        }
+    }
+
+    fn flush(&mut self, counters: &mut MinuteCounters) {
+        if !self.cells.is_empty() {
+            let (tenant, mp, device, login, minute) = self.region;
+            counters.add_cells(tenant, mp, device, login, minute, &self.cells);
+            self.cells.clear();
+        }
+    }
+}
+
+impl Emit<'_> {
+    /// A visit-kind delta of `tenant`'s variation `key.variation()`, which
+    /// reports `key.mp()`.
+    #[inline]
+    fn visit(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        self.gather.visits.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// A session-kind delta (`key.mp()` is [`NO_MP`]).
+    #[inline]
+    fn session(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
+        debug_assert_eq!(key.mp(), NO_MP);
+        self.gather.sessions.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// An amount of a value metric; a contribution of 0 creates no point.
+    #[inline]
+    fn amount(&mut self, tenant: u16, key: SeriesKey, ts: i64, amount: i64) {
+        if amount != 0 {
+            self.visit(tenant, key, ts, amount);
+        }
+    }
+
+    /// Hands every group still gathered to the counters.
+    fn finish(self) {
+        self.gather.visits.flush(self.counters);
+        self.gather.sessions.flush(self.counters);
     }
 }
 
@@ -347,17 +463,29 @@ pub struct SessionTable {
     catalog: Arc<Catalog>,
     gap_ms: i64,
     work: Work,
+    gather: Gather,
+    /// The catalog's facts that the hot path reads, packed.
+    hot: HotCatalog,
 }
 
 impl SessionTable {
     /// Uses `catalog` from now on (a reload: indices only ever grow).
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.hot = HotCatalog::of(&catalog);
         self.catalog = catalog;
     }
 
     pub fn new(catalog: Arc<Catalog>) -> SessionTable {
         let gap_ms = catalog.engine.session_gap_ms;
-        SessionTable { sessions: AHashMap::new(), catalog, gap_ms, work: Work::default() }
+        let hot = HotCatalog::of(&catalog);
+        SessionTable {
+            sessions: AHashMap::new(),
+            catalog,
+            gap_ms,
+            work: Work::default(),
+            gather: Gather::default(),
+            hot,
+        }
     }
 
     /// Sessions that became conflicting per experiment since the last call
@@ -451,11 +579,11 @@ impl SessionTable {
     /// are the side arrays the event's ranges index (its batch's).
     pub fn add(&mut self, ev: &SessionEvent, assigns: &[(u32, u32)], attrs: &[(u32, u32)], out: &mut MinuteCounters) {
         let (assigns, attrs) = (part(assigns, ev.assigns), part(attrs, ev.attrs));
-        let catalog = &*self.catalog;
+        let cat = Cat { catalog: &self.catalog, hot: &self.hot };
         let work = &mut self.work;
         let session = live_session(&mut self.sessions, &mut work.stats, self.gap_ms, ev);
         let in_order = session.n_events() == 0 || ev.ts > session.max_ts();
-        let Some(idx) = keep_event(session, catalog, ev, assigns, attrs) else {
+        let Some(idx) = keep_event(session, cat.hot, ev, assigns, attrs) else {
             work.stats.overflow_dropped += 1;
             return;
         };
@@ -465,10 +593,12 @@ impl SessionTable {
         work.before.clear();
         work.before.resize(known, Before::Same);
         // 2. The event's assignments, then the conditions it meets.
-        work.assign(catalog, session, assigns, idx, in_order);
-        work.meet_conditions(catalog, session, ev, attrs, idx, known);
+        work.assign(cat, session, assigns, idx, in_order);
+        work.meet_conditions(cat, session, ev, attrs, idx, known);
         // 3. Deltas at >= t.
-        work.emit_deltas(catalog, session, ev, idx, in_order, out);
+        let mut out = Emit { counters: out, gather: &mut self.gather };
+        work.emit_deltas(cat, session, ev, idx, in_order, &mut out);
+        out.finish();
     }
 }
 
@@ -498,15 +628,16 @@ impl Work {
     /// (`assigns`): the least (order key, variation id) wins; a disagreement
     /// marks the session conflicting (once); a newly assigned experiment starts
     /// with the first events so far that meet its conditions.
-    fn assign(&mut self, catalog: &Catalog, session: &mut Session, assigns: &[(u32, u32)], idx: u8, in_order: bool) {
+    fn assign(&mut self, cat: Cat, session: &mut Session, assigns: &[(u32, u32)], idx: u8, in_order: bool) {
+        let catalog = cat.catalog;
         let ord = Order { catalog };
         let key = session.key(idx);
         let mut cursor = 0;
         for &(experiment, variation) in assigns {
-            let x = &catalog.experiments[experiment as usize];
-            let slot = x.variations.iter().position(|&v| v == variation).expect("variation of its experiment") as u8;
+            let x = cat.exp(experiment);
+            let slot = x.hot.slot_of(variation);
             let found = find_experiment(session, cursor, experiment);
-            if found.is_none() && held_by_older_version(catalog, session, experiment) {
+            if found.is_none() && held_by_older_version(cat, session, experiment) {
                 continue;
             }
             match found {
@@ -520,7 +651,7 @@ impl Work {
                     }
                     // In order, the event is later than the assignment held.
                     if !in_order && assignment_wins(&ord, key, variation, session, &s, x) {
-                        self.snapshot(i, || session.view(&s, x, session.cond_start(i, catalog)));
+                        self.snapshot(i, || session.view(&s, x, session.cond_start(i, cat.hot)));
                         session.set_exp(i, ExpState { slot, assigned: idx, ..s });
                     }
                 }
@@ -549,7 +680,7 @@ impl Work {
     /// each of their conditions that it meets earlier than the first so far.
     fn meet_conditions(
         &mut self,
-        catalog: &Catalog,
+        cat: Cat,
         session: &mut Session,
         ev: &SessionEvent,
         attrs: &[(u32, u32)],
@@ -561,33 +692,28 @@ impl Work {
         let mut cond_start = 0;
         for i in 0..known {
             let s = session.exp(i);
-            let x = &catalog.experiments[s.experiment as usize];
-            for (j, c) in x.conditions.iter().enumerate() {
+            let x = cat.exp(s.experiment as u32);
+            for (j, c) in x.conds.iter().enumerate() {
+                if !c.tags_match(ev.mp, ev.device, ev.login) {
+                    continue;
+                }
                 let first = session.first_met(cond_start + j);
                 if (first == NONE || off < session.event(first as usize).off)
-                    && c.matches(ev.mp, ev.device, ev.login, lookup)
+                    && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
                 {
                     self.snapshot(i, || session.view(&s, x, cond_start));
                     session.set_first_met(cond_start + j, idx);
                 }
             }
-            cond_start += x.conditions.len();
+            cond_start += x.n_conds();
         }
     }
 
     /// SPEC §4 correction, step 3: for each experiment, the deltas of the
     /// event at `idx` at times `>= t`, by the cheapest path exact for how the
     /// event changed that experiment's view.
-    fn emit_deltas(
-        &self,
-        catalog: &Catalog,
-        session: &Session,
-        ev: &SessionEvent,
-        idx: u8,
-        in_order: bool,
-        out: &mut MinuteCounters,
-    ) {
-        let ord = Order { catalog };
+    fn emit_deltas(&self, cat: Cat, session: &Session, ev: &SessionEvent, idx: u8, in_order: bool, out: &mut Emit) {
+        let ord = Order { catalog: cat.catalog };
         let cells = session.event_cells();
         let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
         let extras = session.extras();
@@ -596,9 +722,9 @@ impl Work {
         let mut cond_start = 0;
         for (i, before) in self.before.iter().enumerate() {
             let s = session.exp(i);
-            let x = &catalog.experiments[s.experiment as usize];
+            let x = cat.exp(s.experiment as u32);
             let cs = cond_start;
-            cond_start += x.conditions.len();
+            cond_start += x.n_conds();
             match *before {
                 Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::Same => {
@@ -652,13 +778,13 @@ fn live_session<'s>(
 /// events already, or a tag id or the time span is beyond the layout).
 fn keep_event(
     session: &mut Session,
-    catalog: &Catalog,
+    hot: &HotCatalog,
     ev: &SessionEvent,
     assigns: &[(u32, u32)],
     attrs: &[(u32, u32)],
 ) -> Option<u8> {
     if session.n_events() == 0 {
-        let conditions = assigns.iter().map(|a| catalog.experiments[a.0 as usize].conditions.len()).sum();
+        let conditions = assigns.iter().map(|a| hot.exps[a.0 as usize].n_conds as usize).sum();
         session.reserve_first(assigns.len(), conditions);
     }
     let idx = session.push_event(ev.ts, ev.mp, ev.device, ev.login)?;
@@ -682,27 +808,20 @@ fn find_experiment(session: &Session, hint: usize, experiment: u32) -> Option<us
 
 /// After a reload changed an experiment, a session already holding its older
 /// version stays with that version: an assignment to the new one is ignored.
-fn held_by_older_version(catalog: &Catalog, session: &Session, experiment: u32) -> bool {
-    catalog.experiments[experiment as usize].supersedes.is_some()
-        && (0..session.n_exps()).any(|i| catalog.same_experiment(session.exp(i).experiment as u32, experiment))
+fn held_by_older_version(cat: Cat, session: &Session, experiment: u32) -> bool {
+    cat.hot.exps[experiment as usize].supersedes
+        && (0..session.n_exps()).any(|i| cat.catalog.same_experiment(session.exp(i).experiment as u32, experiment))
 }
 
 /// Whether the event at `key`, assigning `variation`, takes experiment `x`
 /// over from the assignment `s` holds: the least order key wins, a tie going
 /// to the smaller variation id (SPEC §3 Assignment).
-fn assignment_wins(
-    ord: &Order,
-    key: OrderKey,
-    variation: u32,
-    session: &Session,
-    s: &ExpState,
-    x: &CompiledExperiment,
-) -> bool {
+fn assignment_wins(ord: &Order, key: OrderKey, variation: u32, session: &Session, s: &ExpState, x: Exp) -> bool {
     match ord.cmp(key, session.key(s.assigned)) {
         Ordering::Less => true,
         Ordering::Equal => {
             let ids = &ord.catalog.variations;
-            ids[variation as usize].id < ids[x.variations[s.slot as usize] as usize].id
+            ids[variation as usize].id < ids[x.variation(s.slot) as usize].id
         }
         Ordering::Greater => false,
     }
@@ -711,13 +830,15 @@ fn assignment_wins(
 /// For an experiment assigned only now: the first of the session's events
 /// that meets each of its conditions ([`NONE`] if none does yet), so that
 /// conditions met before the assignment count (SPEC §3 Qualification).
-fn first_met_so_far(session: &Session, x: &CompiledExperiment, out: &mut Vec<u8>) {
+fn first_met_so_far(session: &Session, x: Exp, out: &mut Vec<u8>) {
     out.clear();
-    for c in &x.conditions {
+    for (j, c) in x.conds.iter().enumerate() {
         let mut first = NONE;
         for i in 0..session.n_events() {
             let e = session.event(i);
-            if c.matches(e.mp, e.device, e.login as u16, |k| session.attr_of(i, k))
+            let (mp, device, login) = (e.mp, e.device, e.login as u16);
+            if c.tags_match(mp, device, login)
+                && (!c.has_attrs() || x.def.conditions[j].matches(mp, device, login, |k| session.attr_of(i, k)))
                 && (first == NONE || e.off < session.event(first as usize).off)
             {
                 first = i as u8;
@@ -745,49 +866,43 @@ fn latest_visit_before(session: &Session, idx: u8, mp: u16) -> Option<i64> {
 /// `2·value·value(g)` now that `e` precedes them (`before` holds the other
 /// events). The same as emitting everything at `>= t` with −1 and +1, without
 /// the work.
-fn same_view_out_of_order(
-    ord: &Order,
-    x: &CompiledExperiment,
-    view: View,
-    before: &Events,
-    e: EvRec,
-    value: i64,
-    out: &mut MinuteCounters,
-) {
+fn same_view_out_of_order(ord: &Order, x: Exp, view: View, before: &Events, e: EvRec, value: i64, out: &mut Emit) {
     let (ek, v) = (before.key(&e), view.variation);
     let ts = ek.ts;
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
         let old = before.first_from(ord, f);
         if old.is_none_or(|o| ord.cmp(ek, o) == Ordering::Less) {
             if let Some(o) = old {
-                out.add_session(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, o.device, o.login), o.ts, -1);
+                out.session(x.tenant(), SeriesKey::new(MetricKind::SessionFm, v, NO_MP, o.device, o.login), o.ts, -1);
             }
-            out.add_session(SeriesKey::new(MetricKind::SessionFm, v, NO_MP, ek.device, ek.login), ts, 1);
+            out.session(x.tenant(), SeriesKey::new(MetricKind::SessionFm, v, NO_MP, ek.device, ek.login), ts, 1);
         }
     }
-    let Some(slot) = x.visit_slot(e.mp, v) else { return };
+    if !x.reports(e.mp) {
+        return;
+    }
     let forms = [
         (MetricKind::VisitAssigned, MetricKind::VisitAssignedBeta, Some(view.assigned_at.ts)),
         (MetricKind::VisitFm, MetricKind::VisitFmBeta, view.fm_at),
     ];
     for (visit, beta, bound) in forms {
         let Some(bound) = bound.filter(|&b| ts >= b) else { continue };
-        out.add_visit(SeriesKey::new(visit, v, e.mp, ek.device, ek.login), slot, ts, 1);
+        out.visit(x.tenant(), SeriesKey::new(visit, v, e.mp, ek.device, ek.login), ts, 1);
         let old = before.first_visit_from(ord, e.mp, bound);
         if old.is_none_or(|o| ord.cmp(ek, o) == Ordering::Less) {
             if let Some(o) = old {
-                out.add_visit(SeriesKey::new(beta, v, e.mp, o.device, o.login), slot, o.ts, -1);
+                out.visit(x.tenant(), SeriesKey::new(beta, v, e.mp, o.device, o.login), o.ts, -1);
             }
-            out.add_visit(SeriesKey::new(beta, v, e.mp, ek.device, ek.login), slot, ts, 1);
+            out.visit(x.tenant(), SeriesKey::new(beta, v, e.mp, ek.device, ek.login), ts, 1);
         }
     }
     if value == 0 || ts < view.assigned_at.ts {
         return;
     }
     let (mp, d, l) = (e.mp, ek.device, ek.login);
-    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
     let Some(f) = view.fm_at.filter(|&f| ts >= f) else { return };
-    add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
     // `e` has the greatest index: of the events tied with it, all precede it.
     let mut y = 0;
     for (j, vg) in before.values() {
@@ -798,12 +913,12 @@ fn same_view_out_of_order(
         let gk = before.key(&g);
         if ord.cmp(gk, ek) == Ordering::Greater {
             let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, gk.device, gk.login);
-            add_amount(out, key, slot, gk.ts, 2 * value * vg);
+            out.amount(x.tenant(), key, gk.ts, 2 * value * vg);
         } else {
             y += vg;
         }
     }
-    add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
+    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
 }
 
 /// An experiment's view before the current event, when it differs from after.
@@ -824,17 +939,19 @@ enum Before {
 /// `value_sq` increment is over all the other values of its mp at `>= F`.
 #[inline]
 fn fast_in_order(
-    x: &CompiledExperiment,
+    x: Exp,
     session: &Session,
     s: &ExpState,
     cond_start: usize,
     prior: Option<i64>,
     value: i32,
-    out: &mut MinuteCounters,
+    out: &mut Emit,
 ) {
     let events = session.event_cells();
     let e = EvRec::from_cell(events[events.len() - 1]);
-    let Some(slot) = x.visit_slot(e.mp, x.variations[s.slot as usize]) else { return };
+    if !x.reports(e.mp) {
+        return;
+    }
     let ts = session.base + e.off as i64;
     let a = session.ts(s.assigned);
     if ts < a {
@@ -842,22 +959,22 @@ fn fast_in_order(
     }
     let view = session.view(s, x, cond_start);
     let (v, mp, d, l) = (view.variation, e.mp, e.device, e.login as u16);
-    out.add_visit(SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), slot, ts, 1);
+    out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
     // In order, e is the greatest event: it is first iff no other visit of
     // its mp counts, i.e. the latest earlier visit of its mp is before the bound.
     let prior_since = |bound: i64| prior.is_some_and(|p| p >= bound);
     if !prior_since(a) {
-        out.add_visit(SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), slot, ts, 1);
+        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
     }
     let value = value as i64;
-    add_amount(out, SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), slot, ts, value);
+    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-        out.add_visit(SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), slot, ts, 1);
+        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
         if !prior_since(f) {
-            out.add_visit(SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), slot, ts, 1);
+            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
         }
         if value != 0 {
-            add_amount(out, SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), slot, ts, value);
+            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
             let last = events.len() - 1;
             let events = Events { base: session.base, cells: events, extras: session.extras() };
             let y: i64 = events
@@ -868,7 +985,7 @@ fn fast_in_order(
                 })
                 .map(|(_, v)| v)
                 .sum();
-            add_amount(out, SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), slot, ts, square_step(y, value));
+            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Messages that cross threads: event batches to shards, flush markers, and
 //! shard reports to the writer. Always batches, never one message per event.
 
-use crate::aggregate::Delta;
+use crate::aggregate::{Delta, DeltaSums};
 use crate::health::ShardStats;
 use crate::session::SessionEvent;
 
@@ -54,6 +54,9 @@ pub struct ShardReport {
     pub shard: usize,
     pub marker: FlushMarker,
     pub deltas: Vec<crate::aggregate::Delta>,
+    /// What experiment health and the results page read of `deltas`, summed
+    /// by the shard (exactly [`DeltaSums::from_deltas`] of them).
+    pub sums: DeltaSums,
     pub stats: ShardStats,
     /// Sessions that became conflicting since the last report, per experiment.
     pub conflicts: Vec<(u32, u64)>,

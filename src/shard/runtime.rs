@@ -108,6 +108,8 @@ pub fn run(
     let n = opts.threads;
     let (report_tx, report_rx) = bounded::<ShardReport>(n * 4);
     let (recycle_tx, recycle_rx) = bounded::<EventBatch>(n * (SHARD_QUEUE + 2));
+    // Delta vectors the writer has merged, back to the shards to drain into.
+    let (spent_tx, spent_rx) = bounded::<Vec<crate::aggregate::Delta>>(n * 4);
     let cores = if opts.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
 
     // Restored sessions go to the shard that owns them at this run's `threads`.
@@ -130,6 +132,7 @@ pub fn run(
         let (tx, rx) = bounded::<ShardMsg>(SHARD_QUEUE);
         shard_txs.push(tx);
         let (catalog, reports, recycle) = (catalog.clone(), report_tx.clone(), recycle_tx.clone());
+        let spent = spent_rx.clone();
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         workers.push(
             opts.failures
@@ -148,6 +151,7 @@ pub fn run(
                         worker.rewrite_zero_totals();
                     }
                     drop(sessions);
+                    worker.reuse_deltas_from(spent);
                     worker.run(rx, reports, recycle);
                 })
                 .expect("spawn shard thread"),
@@ -185,6 +189,7 @@ pub fn run(
                     health_writes: HealthWrites::new(),
                     published,
                     results,
+                    spent_deltas: Some(spent_tx),
                 };
                 let result = w.run(report_rx, n, &acked);
                 if result.is_err() {

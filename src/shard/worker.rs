@@ -6,7 +6,7 @@ use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 
 use super::batch::{EventBatch, ShardMsg, ShardReport};
-use crate::aggregate::{minute_of, MinuteCounters};
+use crate::aggregate::{minute_of, Delta, DeltaSums, MinuteCounters, SumsBuilder};
 use crate::config::Catalog;
 use crate::health::ShardStats;
 use crate::session::SessionTable;
@@ -24,6 +24,10 @@ pub struct Worker {
     shard: usize,
     sessions: SessionTable,
     counters: MinuteCounters,
+    /// Sums the drain adds to, kept from one drain to the next.
+    sums: SumsBuilder,
+    /// Delta vectors the writer is done with, to drain into.
+    spent_deltas: Option<Receiver<Vec<Delta>>>,
     events: u64,
 }
 
@@ -33,6 +37,8 @@ impl Worker {
             shard,
             sessions: SessionTable::new(catalog.clone()),
             counters: MinuteCounters::new(catalog),
+            sums: SumsBuilder::default(),
+            spent_deltas: None,
             events: 0,
         }
     }
@@ -53,6 +59,12 @@ impl Worker {
         self.counters.set_track_touched(true);
     }
 
+    /// Drains into the delta vectors `spent` hands back (the writer's,
+    /// once merged) instead of new ones.
+    pub fn reuse_deltas_from(&mut self, spent: Receiver<Vec<Delta>>) {
+        self.spent_deltas = Some(spent);
+    }
+
     pub fn apply(&mut self, batch: &EventBatch) {
         // Session state is mostly out of cache; looking the sessions of a
         // stretch of events up first, with nothing depending on the loads, lets
@@ -71,11 +83,17 @@ impl Worker {
 
     /// Expires sessions at `watermark`, and returns the deltas since the last
     /// drain (the counters are then empty).
-    pub fn drain_deltas(&mut self, watermark: i64) -> Vec<crate::aggregate::Delta> {
+    pub fn drain_deltas(&mut self, watermark: i64) -> Vec<Delta> {
+        self.drain(watermark, Vec::new()).0
+    }
+
+    /// [`Worker::drain_deltas`] into `deltas` (emptied first, its memory
+    /// reused), with their [`DeltaSums`].
+    pub fn drain(&mut self, watermark: i64, mut deltas: Vec<Delta>) -> (Vec<Delta>, DeltaSums) {
         self.sessions.expire(watermark);
-        let mut deltas = Vec::new();
-        self.counters.drain(&mut deltas);
-        deltas
+        deltas.clear();
+        self.counters.drain_summed(&mut deltas, &mut self.sums);
+        (deltas, self.sums.take())
     }
 
     /// Runs until the last flush marker: batches in, reports out, emptied
@@ -93,7 +111,8 @@ impl Worker {
                     // State size before this flush's expiry: at the end of a
                     // replay that is the whole state, just before it is freed.
                     let (held_sessions, state_bytes) = (self.sessions.len() as u64, self.sessions.state_bytes() as u64);
-                    let deltas = self.drain_deltas(marker.watermark);
+                    let spare = self.spent_deltas.as_ref().and_then(|r| r.try_recv().ok()).unwrap_or_default();
+                    let (deltas, sums) = self.drain(marker.watermark, spare);
                     let s = self.sessions.stats();
                     let stats = ShardStats {
                         events: self.events,
@@ -120,7 +139,7 @@ impl Worker {
                         self.counters = MinuteCounters::new(c.clone());
                         self.counters.set_track_touched(track);
                     }
-                    let report = ShardReport { shard: self.shard, marker, deltas, stats, conflicts, snapshot };
+                    let report = ShardReport { shard: self.shard, marker, deltas, sums, stats, conflicts, snapshot };
                     if reports.send(report).is_err() || last {
                         return;
                     }

@@ -35,6 +35,9 @@ pub(super) struct Writer<'a> {
     pub(super) health_writes: HealthWrites,
     pub(super) published: Option<Arc<crate::serve::Published>>,
     pub(super) results: Option<crate::serve::SharedResults>,
+    /// Merged reports' delta vectors go back to the shards here (if there is
+    /// room), so that a drain reuses their memory.
+    pub(super) spent_deltas: Option<crossbeam_channel::Sender<Vec<crate::aggregate::Delta>>>,
 }
 
 impl Writer<'_> {
@@ -74,13 +77,13 @@ impl Writer<'_> {
                 let started = Instant::now();
                 for r in &group {
                     self.totals.apply(r.deltas());
-                    self.experiments.observe(r.deltas(), &r.conflicts);
+                    self.experiments.observe_sums(&r.sums, &r.conflicts);
                     last_stats[r.shard] = r.stats;
                 }
                 if let Some(results) = &self.results {
                     let mut res = lock(results);
                     for r in &group {
-                        res.observe(r.deltas());
+                        res.observe_sums(&r.sums);
                     }
                     res.trim();
                 }
@@ -147,6 +150,11 @@ impl Writer<'_> {
                         stats.checkpoints_written += 1;
                         stats.checkpoint_pause_max_us = stats.checkpoint_pause_max_us.max(w.pause.as_micros() as u64);
                         stats.checkpoint_bytes = stats.checkpoint_bytes.max(w.bytes);
+                    }
+                }
+                if let Some(spent) = &self.spent_deltas {
+                    for r in group {
+                        let _ = spent.try_send(r.deltas);
                     }
                 }
                 // Epochs run 0, 1, 2, …: flush k (1-based) ends epoch k - 1.
@@ -289,7 +297,8 @@ mod tests {
             crate::session::SessionTable::new(demo()).encode(&mut e);
             (e.buf, Duration::ZERO)
         });
-        ShardReport { shard, marker, deltas, stats: ShardStats::default(), conflicts: Vec::new(), snapshot }
+        let sums = crate::aggregate::DeltaSums::from_deltas(&deltas);
+        ShardReport { shard, marker, deltas, sums, stats: ShardStats::default(), conflicts: Vec::new(), snapshot }
     }
 
     /// Runs a writer over `reports` (in that order) for `shards` shards.
@@ -317,6 +326,7 @@ mod tests {
             health_writes: HealthWrites::new(),
             published: None,
             results: None,
+            spent_deltas: None,
         };
         let acked = AtomicU64::new(0);
         writer.run(rx, shards, &acked).expect("the writer runs").0
