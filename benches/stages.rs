@@ -1,10 +1,10 @@
 //! Per-stage benchmarks on `peak`-profile data: parse, route (parse + resolve +
 //! watermark + batch), sessionize (session state + per-minute counters), merge
-//! (writer totals) and encode (file-sink JSON). Sessionize, the counters
-//! alone (one counter per call, and one event's cells per call) and merge
-//! also run on the `sparse` shape of `perf/shapes.sh` (every event carries
-//! its assignments, 125 events/s of event time: few events per region and
-//! minute). Throughput is in events (or deltas, points) per second.
+//! (writer totals) and encode (file-sink JSON). Parse, route, sessionize,
+//! the counters alone (one counter per call, and one event's cells per call)
+//! and merge also run on the `sparse` shape of `perf/shapes.sh` (every event
+//! carries its assignments, 125 events/s of event time: few events per region
+//! and minute). Throughput is in events (or deltas, points) per second.
 //!
 //! Run: `cargo bench --bench stages` (add `-- --quick` for a short run).
 
@@ -188,28 +188,35 @@ fn bench_cells(
     });
 }
 
-fn stages(c: &mut Criterion) {
-    let (profile, lines) = lines_of(Profile::peak());
-    let catalog = catalog(&profile);
-
-    let mut g = c.benchmark_group("parse");
+/// Parsing alone: every line of `lines` through `parse_event`.
+fn bench_parse(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, lines: &[Vec<u8>]) {
     g.throughput(Throughput::Elements(lines.len() as u64));
-    g.bench_function("parse_event", |b| {
+    g.bench_function(name, |b| {
         let mut scratch = ParseScratch::default();
         b.iter(|| lines.iter().filter(|l| parse_event(l, None, &mut scratch).is_ok()).count());
     });
-    g.finish();
+}
 
-    let mut g = c.benchmark_group("route");
+/// The router thread's work per line: parse, resolve, watermark, batch for
+/// four shards (full batches taken and recycled, as the drive loop does).
+fn bench_route(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    catalog: &Arc<Catalog>,
+    lines: &[Vec<u8>],
+) {
     g.throughput(Throughput::Elements(lines.len() as u64));
-    g.bench_function("parse_resolve_batch", |b| {
+    g.bench_function(name, |b| {
         b.iter_batched(
             || Router::new(catalog.clone(), 4),
             |mut router| {
-                for l in &lines {
+                let mut spare = None;
+                for l in lines {
                     if let Ok(Some(s)) = router.route(l, 0, None) {
-                        let batch = router.take_batch(s, None);
+                        let mut batch = router.take_batch(s, spare.take());
                         std::hint::black_box(&batch);
+                        batch.clear();
+                        spare = Some(batch);
                     }
                 }
                 router
@@ -217,6 +224,21 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         );
     });
+}
+
+fn stages(c: &mut Criterion) {
+    let (profile, lines) = lines_of(Profile::peak());
+    let catalog = catalog(&profile);
+
+    let (_, sparse_lines) = lines_of(sparse_profile());
+    let mut g = c.benchmark_group("parse");
+    bench_parse(&mut g, "parse_event", &lines);
+    bench_parse(&mut g, "parse_event_sparse", &sparse_lines);
+    g.finish();
+
+    let mut g = c.benchmark_group("route");
+    bench_route(&mut g, "parse_resolve_batch", &catalog, &lines);
+    bench_route(&mut g, "parse_resolve_batch_sparse", &catalog, &sparse_lines);
     g.finish();
 
     let batches = routed(&catalog, &lines);
@@ -235,7 +257,6 @@ fn stages(c: &mut Criterion) {
             BatchSize::LargeInput,
         );
     });
-    let (_, sparse_lines) = lines_of(sparse_profile());
     let sparse_batches = routed(&catalog, &sparse_lines);
     let sparse_events: usize = sparse_batches.iter().map(|b| b.events.len()).sum();
     g.throughput(Throughput::Elements(sparse_events as u64));

@@ -13,6 +13,8 @@ use std::borrow::Cow;
 use super::{Attrs, RawEvent, MAX_ATTR_BYTES, MAX_ENTRIES, UNKNOWN_EXPERIMENT_ID};
 
 struct Scan<'a> {
+    /// The line, already checked to be UTF-8 (so string slices cut at
+    /// quotes, which are ASCII, are `str` without a second pass).
     s: &'a str,
     b: &'a [u8],
     i: usize,
@@ -61,6 +63,34 @@ impl<'a> Scan<'a> {
         Some(out)
     }
 
+    /// An `assign` key read straight into its experiment id, in one pass:
+    /// `"` ASCII digits `"` (leading zeros allowed; more than fits in `u64`
+    /// is [`UNKNOWN_EXPERIMENT_ID`]). Anything else (empty, a non-digit, an
+    /// escape) is `None`: the serde path decides (`bad_assign_key`).
+    #[inline]
+    fn experiment_key(&mut self) -> Option<u64> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let mut id: u64 = 0;
+        let mut overflow = false;
+        while let Some(&c) = self.b.get(self.i) {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                break;
+            }
+            match id.checked_mul(10).and_then(|v| v.checked_add(d as u64)) {
+                Some(v) => id = v,
+                None => overflow = true,
+            }
+            self.i += 1;
+        }
+        if self.i == start || self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        self.i += 1;
+        Some(if overflow { UNKNOWN_EXPERIMENT_ID } else { id })
+    }
+
     /// An integer of at most 18 digits, JSON grammar (no leading zeros, no "-0").
     #[inline]
     fn integer(&mut self) -> Option<i64> {
@@ -72,23 +102,33 @@ impl<'a> Scan<'a> {
         let start = self.i;
         let mut v: i64 = 0;
         while let Some(&c) = self.b.get(self.i) {
-            if !c.is_ascii_digit() {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
                 break;
             }
             if self.i - start == 18 {
                 return None;
             }
-            v = v * 10 + (c - b'0') as i64;
+            v = v * 10 + d as i64;
             self.i += 1;
         }
         let n = self.i - start;
-        if n == 0 || n > 18 || (n > 1 && self.b[start] == b'0') || (neg && v == 0) {
+        if n == 0 || (n > 1 && self.b[start] == b'0') || (neg && v == 0) {
             return None;
         }
         if matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
             return None;
         }
         Some(if neg { -v } else { v })
+    }
+
+    /// `null` or an integer: `Some(None)` / `Some(Some(v))`.
+    #[inline]
+    fn opt_integer(&mut self) -> Option<Option<i64>> {
+        if self.peek()? == b'n' {
+            return self.literal(b"null").map(|()| None);
+        }
+        self.integer().map(Some)
     }
 
     #[inline]
@@ -100,7 +140,7 @@ impl<'a> Scan<'a> {
     /// `null` → `Some(true)`; anything else: no input consumed.
     #[inline]
     fn null(&mut self) -> bool {
-        self.literal(b"null").is_some()
+        self.peek() == Some(b'n') && self.literal(b"null").is_some()
     }
 
     fn opt_string(&mut self) -> Option<Option<Cow<'a, str>>> {
@@ -132,21 +172,24 @@ impl<'a> Scan<'a> {
     }
 
     /// An `assign` value into `out` (emptied first: a later key replaces an
-    /// earlier one, and null empties it).
+    /// earlier one, and null empties it). Each key becomes its experiment id
+    /// as it is scanned, each value an integer, in one pass over the bytes.
     fn assign(&mut self, out: &mut Vec<(u64, i64)>) -> Option<()> {
         out.clear();
         if self.null() {
             return Some(());
         }
+        self.eat(b'{')?;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
         // Bit (id mod 64) set for every id pushed: duplicates are rare, so
         // most keys skip the scan for an earlier entry.
         let mut seen = 0u64;
-        self.object(|sc, key| {
-            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let exp = key.parse::<u64>().unwrap_or(UNKNOWN_EXPERIMENT_ID);
-            let var = if sc.null() { None } else { Some(sc.integer()?) };
+        loop {
+            let exp = self.experiment_key()?;
+            self.eat(b':')?;
+            let var = self.opt_integer()?;
             let bit = 1u64 << (exp % 64);
             if seen & bit != 0 && exp != UNKNOWN_EXPERIMENT_ID {
                 if let Some(p) = out.iter().position(|(e, _)| *e == exp) {
@@ -160,8 +203,15 @@ impl<'a> Scan<'a> {
                 }
                 out.push((exp, v));
             }
-            Some(())
-        })
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
     }
 
     fn attrs(&mut self) -> Option<Option<Attrs<'a>>> {
@@ -204,7 +254,7 @@ pub(super) fn parse_fast<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Opt
     let mut ev = RawEvent::default();
     sc.object(|sc, key| {
         match key {
-            "ts" => ev.ts = if sc.null() { None } else { Some(sc.integer()?) },
+            "ts" => ev.ts = sc.opt_integer()?,
             "tenant" => ev.tenant = sc.opt_string()?,
             "session" => ev.session = sc.opt_string()?,
             "mp" => ev.mp = sc.opt_string()?,
@@ -213,7 +263,7 @@ pub(super) fn parse_fast<'a>(text: &'a str, assign: &mut Vec<(u64, i64)>) -> Opt
             "assign" => sc.assign(assign)?,
             "attrs" => ev.attrs = sc.attrs()?,
             // An integer or null; a float, a string etc. goes to serde (bad_value).
-            "value" => ev.value = if sc.null() { None } else { Some(sc.integer()?) },
+            "value" => ev.value = sc.opt_integer()?,
             _ => sc.skip_scalar()?,
         }
         Some(())

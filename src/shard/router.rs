@@ -13,7 +13,11 @@
 //! - nothing is logged, locked or allocated per event (a new name takes the
 //!   name table's lock once, when first seen);
 //! - a valid event is never dropped for a name: beyond a table's bound its
-//!   name becomes `_other`, counted in [`RouterStats::names_replaced`].
+//!   name becomes `_other`, counted in [`RouterStats::names_replaced`];
+//! - an assignment resolves as [`Catalog::assignment`] says: the router's
+//!   [`AssignTable`] is a flat copy of the catalog's known assignments (one
+//!   probe of one cache line instead of three dependent lookups), and
+//!   anything it does not hold is asked of the catalog.
 
 use std::sync::Arc;
 
@@ -47,7 +51,78 @@ pub struct Router {
     shards: usize,
     batches: Vec<EventBatch>,
     scratch: ParseScratch,
+    assign: AssignTable,
     pub stats: RouterStats,
+}
+
+/// Variation id → its experiment's id, tenant and the catalog's indices, for
+/// every assignment the catalog knows (active experiments): open addressing,
+/// linear probing, one 24-byte slot per entry. Built with the catalog (at
+/// start and on a reload), never on the hot path.
+struct AssignTable {
+    slots: Vec<AssignSlot>,
+    /// `slots.len() - 1` (a power of two less one).
+    mask: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AssignSlot {
+    variation_id: i64,
+    experiment_id: u64,
+    /// Variation index (bits 0..32), experiment index (32..48), tenant
+    /// (48..64); [`AssignSlot::EMPTY`] for a free slot.
+    packed: u64,
+}
+
+impl AssignSlot {
+    const EMPTY: u64 = u64::MAX;
+}
+
+impl AssignTable {
+    fn new(catalog: &Catalog) -> AssignTable {
+        let n = catalog.variations.len();
+        let len = (n + n / 3 + 1).next_power_of_two().max(16);
+        let free = AssignSlot { variation_id: 0, experiment_id: 0, packed: AssignSlot::EMPTY };
+        let mut t = AssignTable { slots: vec![free; len], mask: len - 1 };
+        for (vi, v) in catalog.variations.iter().enumerate() {
+            let x = &catalog.experiments[v.experiment as usize];
+            // Only what the catalog itself answers `Known` for, so the table
+            // can never disagree with it.
+            let known = AssignLookup::Known { experiment: v.experiment, variation: vi as u32 };
+            if x.active && catalog.assignment(v.tenant, x.id, v.id) == known && v.experiment <= u16::MAX as u32 {
+                let packed = vi as u64 | (v.experiment as u64) << 32 | (v.tenant as u64) << 48;
+                let mut i = t.home(v.id);
+                while t.slots[i].packed != AssignSlot::EMPTY {
+                    i = (i + 1) & t.mask;
+                }
+                t.slots[i] = AssignSlot { variation_id: v.id, experiment_id: x.id, packed };
+            }
+        }
+        t
+    }
+
+    #[inline]
+    fn home(&self, variation_id: i64) -> usize {
+        ((variation_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
+    }
+
+    /// `(experiment index, variation index)` if the catalog knows this
+    /// assignment; `None`: ask the catalog (an unknown one, or not held).
+    #[inline]
+    fn get(&self, tenant: u16, experiment_id: u64, variation_id: i64) -> Option<(u32, u32)> {
+        let mut i = self.home(variation_id);
+        loop {
+            let s = &self.slots[i];
+            if s.packed == AssignSlot::EMPTY {
+                return None;
+            }
+            if s.variation_id == variation_id {
+                let ok = s.experiment_id == experiment_id && (s.packed >> 48) as u16 == tenant;
+                return ok.then_some(((s.packed >> 32) as u16 as u32, s.packed as u32));
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
 }
 
 /// The greatest event ts seen on one input partition.
@@ -66,6 +141,7 @@ pub fn shard_of(key: &SessionKey, shards: usize) -> usize {
 impl Router {
     pub fn new(catalog: Arc<Catalog>, shards: usize) -> Router {
         let names = catalog.names.clone();
+        let assign = AssignTable::new(&catalog);
         Router {
             mp: Interner::new(names.clone(), NameKind::Mp, NameKind::Mp.capacity()),
             device: Interner::new(names.clone(), NameKind::Device, NameKind::Device.capacity()),
@@ -81,6 +157,7 @@ impl Router {
             shards,
             batches: (0..shards).map(|_| EventBatch::with_capacity(BATCH_EVENTS)).collect(),
             scratch: ParseScratch::default(),
+            assign,
             stats: RouterStats::default(),
         }
     }
@@ -200,6 +277,10 @@ impl Router {
         let batch = &mut self.batches[shard];
         let assign_start = batch.assigns.len() as u32;
         for &(x, v) in ev.assign {
+            if let Some(pair) = self.assign.get(tenant, x, v) {
+                batch.assigns.push(pair);
+                continue;
+            }
             match self.catalog.assignment(tenant, x, v) {
                 AssignLookup::Known { experiment, variation } => batch.assigns.push((experiment, variation)),
                 AssignLookup::UnknownExperiment => self.stats.unknown_experiment += 1,
@@ -264,6 +345,7 @@ impl Router {
 
     /// Uses a reloaded catalog for the events routed from now on.
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.assign = AssignTable::new(&catalog);
         self.catalog = catalog;
     }
 
@@ -384,6 +466,45 @@ mod tests {
         let names = r.catalog().names.clone();
         let tags: Vec<String> = batch.events.iter().map(|e| names.device.get(e.device).to_string()).collect();
         assert_eq!(tags, ["dev-a", crate::names::OTHER, crate::names::OTHER]);
+    }
+
+    /// The flat assignment table answers exactly as the catalog, for every
+    /// known pair, for pairs crossed with another experiment or tenant, and
+    /// after a reload that stops one experiment and changes another.
+    #[test]
+    fn the_assignment_table_agrees_with_the_catalog_before_and_after_a_reload() {
+        let check = |catalog: &Catalog| {
+            let table = AssignTable::new(catalog);
+            let ids: Vec<u64> = catalog.experiments.iter().map(|x| x.id).chain([0, UNKNOWN]).collect();
+            let vars: Vec<i64> = catalog.variations.iter().map(|v| v.id).chain([-1, i64::MIN, i64::MAX]).collect();
+            let mut known = 0;
+            for tenant in 0..catalog.tenants.len() as u16 + 1 {
+                for &x in &ids {
+                    for &v in &vars {
+                        let want = catalog.assignment(tenant, x, v);
+                        let got = table.get(tenant, x, v);
+                        match want {
+                            AssignLookup::Known { experiment, variation } => {
+                                assert_eq!(got, Some((experiment, variation)), "{tenant} {x} {v}");
+                                known += 1;
+                            }
+                            _ => assert_eq!(got, None, "{tenant} {x} {v}"),
+                        }
+                    }
+                }
+            }
+            known
+        };
+        const UNKNOWN: u64 = crate::event::UNKNOWN_EXPERIMENT_ID;
+        let config = Config::demo();
+        let catalog = Catalog::build(&config, Arc::new(Names::default())).unwrap();
+        assert!(check(&catalog) >= config.experiments.iter().map(|x| x.variations.len()).sum::<usize>());
+        let mut next = config.clone();
+        next.experiments.remove(0);
+        next.experiments[0].variations.push(999_002);
+        let (reloaded, _) = catalog.reload(&next).unwrap();
+        assert!(reloaded.experiments.iter().any(|x| !x.active), "the reload stopped an experiment");
+        check(&reloaded);
     }
 
     #[test]

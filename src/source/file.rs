@@ -2,6 +2,12 @@
 //! are skipped; a trailing `\r` is removed; a line over [`MAX_LINE_BYTES`] is
 //! skipped whole and counted, never buffered.
 //!
+//! Each fill reads straight into the batch's buffer and cuts it into line
+//! ranges there: the bytes of a line are copied once, by the read itself, and
+//! the buffer (kept at its length between fills) is not zeroed again once
+//! grown. Only the partial line a fill ends with is copied, to the front of
+//! the next fill's buffer.
+//!
 //! A regular file is identified by its canonical path, its size and a hash of
 //! its first [`HEAD_BYTES`]; it continues a checkpoint's input if it is that
 //! file, possibly grown since (an appended log). Stdin has no position: it
@@ -13,13 +19,14 @@ use std::path::Path;
 
 use super::{Discontinuity, FileMark, Fill, LineBatch, Source, SourceId, SourceKind, HEAD_BYTES, MAX_LINE_BYTES};
 
+/// Bytes asked of each `read`.
 const READ_CHUNK: usize = 256 * 1024;
 
 pub struct FileSource {
     input: Box<dyn Read + Send>,
     name: String,
-    /// Bytes read but not yet cut into lines (the start of a partial line).
-    pending: Vec<u8>,
+    /// The partial line the last fill ended with (read, not yet cut).
+    carry: Vec<u8>,
     /// Inside an over-long line: drop bytes up to the next newline.
     skipping: bool,
     done: bool,
@@ -71,7 +78,7 @@ impl FileSource {
     pub fn from_reader(input: Box<dyn Read + Send>, name: String) -> FileSource {
         FileSource {
             input,
-            pending: Vec::with_capacity(READ_CHUNK),
+            carry: Vec::new(),
             skipping: false,
             done: false,
             read_total: None,
@@ -88,34 +95,34 @@ impl FileSource {
         }
     }
 
-    fn cut_lines(&mut self, batch: &mut LineBatch, at_end: bool) {
-        let mut start = 0;
-        let data = &self.pending;
-        while start < data.len() {
-            let Some(nl) = memchr::memchr(b'\n', &data[start..]) else {
-                break;
-            };
-            let line = &data[start..start + nl];
+    /// Cuts `batch.buf[from..len]` into lines (`from` is a line start, and
+    /// no newline lies before `scanned`); returns where the partial last line
+    /// starts (`len` if none). `at_end`: that last line is whole too.
+    fn cut_lines(&mut self, batch: &mut LineBatch, from: usize, scanned: usize, len: usize, at_end: bool) -> usize {
+        let mut start = from;
+        let mut at = scanned;
+        while let Some(nl) = memchr::memchr(b'\n', &batch.buf[at..len]) {
+            let end = at + nl;
             if self.skipping {
                 self.skipping = false;
             } else {
-                push_trimmed(batch, line);
+                push_trimmed(batch, start, end);
             }
-            start += nl + 1;
+            start = end + 1;
+            at = start;
         }
-        let rest = self.pending.len() - start;
+        let rest = len - start;
         if at_end && rest > 0 && !self.skipping {
-            let line = self.pending[start..].to_vec();
-            push_trimmed(batch, &line);
-            start = self.pending.len();
+            push_trimmed(batch, start, len);
+            start = len;
         } else if rest > MAX_LINE_BYTES || (self.skipping && rest > 0) {
             if !self.skipping {
                 batch.overlong += 1;
             }
             self.skipping = true;
-            start = self.pending.len();
+            start = len;
         }
-        self.pending.drain(..start);
+        start
     }
 }
 
@@ -123,7 +130,10 @@ fn xxh3(b: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(b)
 }
 
-fn push_trimmed(batch: &mut LineBatch, line: &[u8]) {
+/// Adds `batch.buf[start..end]` as a line, less a trailing `\r`; skips it if
+/// blank, counts it if over [`MAX_LINE_BYTES`].
+fn push_trimmed(batch: &mut LineBatch, start: usize, end: usize) {
+    let line = &batch.buf[start..end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(u8::is_ascii_whitespace) {
         return;
@@ -132,45 +142,63 @@ fn push_trimmed(batch: &mut LineBatch, line: &[u8]) {
         batch.overlong += 1;
         return;
     }
-    batch.push_line(line);
+    batch.lines.push(start as u32..(start + line.len()) as u32);
 }
 
 impl Source for FileSource {
     fn fill(&mut self, batch: &mut LineBatch) -> io::Result<Fill> {
-        batch.clear();
+        batch.clear_keeping_buffer();
         if self.done {
             return Ok(Fill::End);
         }
+        // The buffer keeps its length (stale bytes past the lines) from fill
+        // to fill, so it is zeroed only when it grows.
+        let carried = self.carry.len();
+        if batch.buf.len() < carried + READ_CHUNK {
+            batch.buf.resize(carried + READ_CHUNK, 0);
+        }
+        batch.buf[..carried].copy_from_slice(&self.carry);
+        self.carry.clear();
+        // `start`: the first byte not cut into a line; `len`: bytes of input
+        // in the buffer; no newline lies in `start..scanned`.
+        let (mut start, mut len) = (0, carried);
         loop {
-            let old = self.pending.len();
-            self.pending.resize(old + READ_CHUNK, 0);
+            if batch.buf.len() < len + READ_CHUNK {
+                batch.buf.resize(len + READ_CHUNK, 0);
+            }
+            let scanned = len;
             let n = loop {
-                match self.input.read(&mut self.pending[old..]) {
+                match self.input.read(&mut batch.buf[len..len + READ_CHUNK]) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // A pipe with nothing new: hand back what is complete.
-                        self.pending.truncate(old);
-                        self.cut_lines(batch, false);
+                        self.carry.extend_from_slice(&batch.buf[start..len]);
                         return Ok(Fill::Lines);
                     }
                     Err(e) => {
-                        self.pending.truncate(old);
+                        self.carry.extend_from_slice(&batch.buf[start..len]);
                         return Err(e);
                     }
                 }
             };
-            self.pending.truncate(old + n);
+            len += n;
             if let Some(t) = &mut self.read_total {
                 *t += n as u64;
             }
             if n == 0 {
-                self.cut_lines(batch, true);
+                self.cut_lines(batch, start, scanned, len, true);
                 self.done = true;
                 return Ok(Fill::End);
             }
-            self.cut_lines(batch, false);
+            start = self.cut_lines(batch, start, scanned, len, false);
+            if start == len && batch.lines.is_empty() {
+                // Everything read so far was dropped (inside an over-long
+                // line): reuse the buffer from its front.
+                (start, len) = (0, 0);
+            }
             if !batch.is_empty() || batch.overlong > 0 {
+                self.carry.extend_from_slice(&batch.buf[start..len]);
                 return Ok(Fill::Lines);
             }
         }
@@ -214,7 +242,7 @@ impl Source for FileSource {
 
     /// The byte offset just past the last line returned (partition 0).
     fn position(&self) -> Option<super::Offsets> {
-        self.read_total.map(|t| vec![(0, (t - self.pending.len() as u64) as i64)])
+        self.read_total.map(|t| vec![(0, (t - self.carry.len() as u64) as i64)])
     }
 }
 
@@ -411,6 +439,54 @@ mod tests {
         assert!(stdin.continues(&saved).is_err());
         assert_eq!(stdin.continues(&stdin.identity()), Ok(()));
         assert_eq!(stdin.identity().to_string(), "stdin");
+    }
+
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = out.len().min(self.step).min(self.data.len() - self.at);
+            out[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// Lines cut in place across reads of any size: every line whole, in
+    /// order, and the position after each fill just past its last line.
+    #[test]
+    fn lines_split_across_reads_are_whole_and_the_position_follows_them() {
+        let mut data = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..3000 {
+            let line = format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(i % 97));
+            data.extend_from_slice(line.as_bytes());
+            data.extend_from_slice(if i % 5 == 0 { b"\r\n" } else { b"\n" });
+            want.push(line.into_bytes());
+        }
+        for step in [1, 7, 100, 4096, READ_CHUNK, usize::MAX] {
+            let mut s = FileSource::from_reader(Box::new(Trickle { data: data.clone(), at: 0, step }), "t".into());
+            s.read_total = Some(0);
+            let mut b = LineBatch::default();
+            let mut got = Vec::new();
+            loop {
+                let f = s.fill(&mut b).unwrap();
+                got.extend((0..b.len()).map(|i| b.line(i).to_vec()));
+                let pos = s.position().unwrap()[0].1 as usize;
+                let just_past = data[..pos].iter().rposition(|&c| c == b'\n').map_or(0, |p| p + 1);
+                assert_eq!(pos, just_past, "step {step}: the position ends a line");
+                assert_eq!(data[..pos].iter().filter(|&&c| c == b'\n').count(), got.len(), "step {step}");
+                if f == Fill::End {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "step {step}");
+        }
     }
 
     #[test]

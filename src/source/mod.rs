@@ -26,6 +26,8 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 /// Raw lines, in arrival order.
 #[derive(Debug, Default)]
 pub struct LineBatch {
+    /// The bytes the lines are ranges of (a source reading in place may
+    /// leave other bytes between and after them).
     pub buf: Vec<u8>,
     pub lines: Vec<Range<u32>>,
     /// Lines dropped by the source for being over [`MAX_LINE_BYTES`].
@@ -58,6 +60,12 @@ pub type Offsets = Vec<(i32, i64)>;
 impl LineBatch {
     pub fn clear(&mut self) {
         self.buf.clear();
+        self.clear_keeping_buffer();
+    }
+
+    /// Clears everything but `buf`'s bytes, for a source that reads into
+    /// `buf` in place and cuts it into `lines` (the file source).
+    pub fn clear_keeping_buffer(&mut self) {
         self.lines.clear();
         self.overlong = 0;
         self.part.clear();
