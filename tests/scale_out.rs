@@ -21,6 +21,18 @@ use std::time::{Duration, Instant};
 
 /// Starts one scale-out instance named `name` in group `group`.
 fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
+    instance_with(dir, broker, kairos, group, name, &[])
+}
+
+/// [`instance`] with more arguments.
+fn instance_with(
+    dir: &Expmon,
+    broker: &Broker,
+    kairos: &KairosServer,
+    group: &str,
+    name: &str,
+    more: &[&str],
+) -> Consumer {
     let source =
         format!("kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500", broker.addr());
     let run = dir
@@ -28,6 +40,7 @@ fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, n
         .args(["--scale-out", "--config", "demo.toml", "--source", &source])
         .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
         .args(["--metrics-addr", "off"])
+        .args(more)
         .named(name)
         .spawn();
     Consumer { run, out: dir.path(&format!("{name}.none")) }
@@ -63,6 +76,12 @@ fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs:
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Input messages the restores in `log` replayed (from their log lines).
+fn replayed(log: &str) -> u64 {
+    let counts = log.lines().filter_map(|l| l.split(" messages replayed)").next().filter(|_| l.contains(" messages replayed)")));
+    counts.filter_map(|head| head.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
 /// The value of health point `name` (with tag `tag`) at its latest timestamp.
@@ -111,13 +130,17 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     let expected = reference(&config, &lines);
     let mut producer = dir.produce_paced(&broker, "events", &lines, 1_000);
     std::thread::sleep(Duration::from_secs(2));
-    let mut a = instance(&dir, &broker, &kairos, "g3", "a");
-    let mut b = instance(&dir, &broker, &kairos, "g3", "b");
+    // A snapshot every 50 triggers (15 s): a task snapshots at its first
+    // trigger and then rarely, so the kill below lands between snapshots
+    // and the new owners replay the input since them.
+    let every = ["--snapshot-every", "50"];
+    let mut a = instance_with(&dir, &broker, &kairos, "g3", "a", &every);
+    let mut b = instance_with(&dir, &broker, &kairos, "g3", "b", &every);
     std::thread::sleep(Duration::from_secs(8));
     let written = server_totals(&kairos, dc);
     assert!(!written.is_empty() && written != expected, "killed mid-run: some totals written, not all");
     a.kill(); // SIGKILL, mid-transaction or between two
-    let mut c = instance(&dir, &broker, &kairos, "g3", "c"); // joins later
+    let mut c = instance_with(&dir, &broker, &kairos, "g3", "c", &every); // joins later
     std::thread::sleep(Duration::from_secs(6));
     // A zombie: paused past its session timeout (6 s), then awake again.
     b.run.signal("STOP");
@@ -135,6 +158,7 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     wait_for(&kairos, &expected, dc, 90, &[&c]);
     let c_log = c.stop(); // a graceful leave
     assert!(c_log.contains("restored at offset Some("), "state moved to the joiner: {c_log}");
+    assert!(replayed(&c_log) > 0, "the joiner replayed input since the snapshots: {c_log}");
     // Then all restart, on the state in Kafka.
     let mut runs = vec![
         instance(&dir, &broker, &kairos, "g3", "a2"),
