@@ -80,7 +80,8 @@ fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs:
 
 /// Input messages the restores in `log` replayed (from their log lines).
 fn replayed(log: &str) -> u64 {
-    let counts = log.lines().filter_map(|l| l.split(" messages replayed)").next().filter(|_| l.contains(" messages replayed)")));
+    let counts =
+        log.lines().filter_map(|l| l.split(" messages replayed)").next().filter(|_| l.contains(" messages replayed)")));
     counts.filter_map(|head| head.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 

@@ -171,6 +171,9 @@ impl Task {
     }
 }
 
+/// A snapshot's chunks as they arrive (`None`: not yet).
+type Chunks = Vec<Option<Vec<u8>>>;
+
 pub struct Stage1 {
     config: Config,
     o: ScaleOptions,
@@ -256,7 +259,7 @@ impl Stage1 {
                 .map_err(|e| format!("reading the end of {topic}/{p}: {e}"))?;
             let from = high.saturating_sub(back).max(low);
             // Snapshots being assembled, by id: (offset, chunks).
-            let mut partial: ahash::AHashMap<u64, (i64, Vec<Option<Vec<u8>>>)> = ahash::AHashMap::new();
+            let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
             let mut best: Option<(i64, Vec<u8>)> = None;
             super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |_, _, payload| {
                 let Some(payload) = payload else { return Ok(()) };
