@@ -8,8 +8,9 @@
 # per CPU-second of all instances together (they share this machine's cores),
 # the broker's CPU, the internal topics' bytes per input event (payloads
 # and keys, from the instances' last lines), and the bytes the broker
-# received per input event (its rchar: what went over the sockets into it,
-# after any compression; mostly the internal topics' produce requests).
+# received per input event on the connections open when the instances have
+# caught up (TCP bytes_received from ss: after any compression; mostly the
+# internal topics' produce requests).
 # Saves the report under perf/runs/.
 #
 #   perf/scale-out.sh                         # 300,000 events, 1 2 3 instances
@@ -43,8 +44,8 @@ sleep 1
 
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
-# Bytes a process has read so far (sockets included).
-read_of() { awk '/^rchar/{print $2}' "/proc/$1/io"; }
+# Bytes the broker received on its open connections so far.
+read_of() { ss -tin state established "( sport = :$port )" | grep -o 'bytes_received:[0-9]*' | awk -F: '{s += $2} END {print s + 0}'; }
 
 report=$(perf_report scale-out)
 topic="kafka://127.0.0.1:$port/peak?partitions=8"
@@ -66,10 +67,10 @@ options="session.timeout.ms=6000&fetch.wait.max.ms=5"
 cmd="./target/release/expmon run --config $config --sink null --threads 1 --status false --trigger $TRIGGER --metrics-addr off"
 source="kafka://127.0.0.1:$port/peak?group=single&until_end=true&$options"
 b0=$(cpu_of $broker)
-r0=$(read_of $broker)
+r0=$(read_of)
 out=$(/usr/bin/time -f 'cpu %U %S' $cmd --source "$source" 2>&1 | grep -v ' assigned$')
 b1=$(cpu_of $broker)
-r1=$(read_of $broker)
+r1=$(read_of)
 cpu=$(echo "$out" | awk '/^cpu /{print $2 + $3}')
 line="single instance: $EVENTS events in $cpu CPU s: $(echo "$EVENTS / $cpu" | bc) events per CPU-second; broker $(echo "$b1 - $b0" | bc) CPU s, received $(echo "($r1 - $r0) / $EVENTS" | bc) bytes per input event"
 echo "$line"
@@ -81,7 +82,7 @@ for n in $INSTANCES; do
   cmd="./target/release/expmon run --scale-out --config $config --sink null --status false --trigger $TRIGGER --metrics-addr off --snapshot-every $SNAPSHOT_EVERY"
   pids=()
   b0=$(cpu_of $broker)
-  r0=$(read_of $broker)
+  r0=$(read_of)
   start=$(date +%s.%N)
   for i in $(seq "$n"); do
     $cmd --instance "i$i" --source "$source" 2> "target/perf/scale-$n-$i.log" &
@@ -116,7 +117,7 @@ for n in $INSTANCES; do
   cpu=0
   for p in "${pids[@]}"; do cpu=$(echo "$cpu + $(cpu_of "$p")" | bc); done
   b1=$(cpu_of $broker)
-  r1=$(read_of $broker)
+  r1=$(read_of)
   for p in "${pids[@]}"; do kill -TERM "$p"; done
   for p in "${pids[@]}"; do wait "$p" || true; done
   out=""
