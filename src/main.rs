@@ -105,9 +105,9 @@ struct RunArgs {
     /// Shard worker threads, 1 to 1024 [default: one per available core].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_THREADS as i64))]
     threads: Option<u16>,
-    /// Pin shard workers to cores.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pin: bool,
+    /// Pin shard workers to cores [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pin: Option<bool>,
     /// Stop after this long (e.g. 30s, 5m) [default: until the source ends or Ctrl-C].
     #[arg(long, value_parser = positive_duration)]
     duration: Option<Duration>,
@@ -118,16 +118,16 @@ struct RunArgs {
     /// an existing checkpoint there is restored at start.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
-    /// Time between checkpoints (e.g. 30s).
-    #[arg(long, default_value = "30s", value_parser = positive_duration)]
-    checkpoint_interval: Duration,
+    /// Time between checkpoints (e.g. 30s) [default: 30s].
+    #[arg(long, value_parser = positive_duration)]
+    checkpoint_interval: Option<Duration>,
     /// Set an existing checkpoint aside (renamed, not deleted) and start fresh.
     #[arg(long)]
     checkpoint_reset: bool,
     /// Live status: a refreshed panel on a terminal (with a progress bar for a
-    /// file replay), a log line every 10 s otherwise.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    status: bool,
+    /// file replay), a log line every 10 s otherwise [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    status: Option<bool>,
     /// `instance` tag of the health metrics [default: the host name].
     #[arg(long, value_parser = tag_value)]
     instance: Option<String>,
@@ -143,9 +143,9 @@ struct RunArgs {
     #[arg(long)]
     scale_out: bool,
     /// With --scale-out: partitions of the internal topics `<group>.deltas`
-    /// and `<group>.totals` when this instance creates them.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i32).range(1..=1024))]
-    delta_partitions: i32,
+    /// and `<group>.totals` when this instance creates them [default: 8].
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
+    delta_partitions: Option<i32>,
     /// With --scale-out: a stage-1 task snapshots its state to `<group>.state`
     /// every N triggers; a new owner restores the last snapshot and replays
     /// the input since it silently (docs/scale-out.md §2).
@@ -241,6 +241,11 @@ enum UsageError {
     ScaleOutCheckpoint,
     #[error("--scale-out needs a kafka:// source")]
     ScaleOutSource,
+    /// A `run` flag that the scale-out mode cannot honour, and why.
+    #[error("--scale-out {0}")]
+    ScaleOutFlag(&'static str),
+    #[error("--delta-partitions needs --scale-out (it sizes the scale-out mode's internal topics)")]
+    DeltaPartitionsWithoutScaleOut,
 }
 
 #[derive(clap::Args)]
@@ -354,7 +359,10 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         None => Config::demo(),
     };
     if a.scale_out {
-        return cmd_scale_out(a, config);
+        return cmd_scale_out(a, config, json_logs);
+    }
+    if a.delta_partitions.is_some() {
+        return Err(UsageError::DeltaPartitionsWithoutScaleOut.into());
     }
     // `_lock` is held until the run ends: one run per checkpoint directory.
     let (checkpoint, restore, _lock) = match &a.checkpoint {
@@ -422,7 +430,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
     if let Some(addr) = addr {
         let published = Arc::new(expmon::serve::Published::default());
         let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
-        match expmon::serve::spawn(addr, published.clone(), results.clone(), &opts.failures) {
+        match expmon::serve::spawn(addr, published.clone(), Some(results.clone()), &opts.failures) {
             Ok(http) => {
                 let bound = http.addr;
                 tracing::info!("results page http://{bound}/ · metrics http://{bound}/metrics");
@@ -433,7 +441,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
             Err(e) => return Err(e.into()), // names the flag and the address
         }
     }
-    opts.pin = a.pin;
+    opts.pin = a.pin.unwrap_or(true);
     if let Some(i) = a.instance {
         opts.instance = i;
     }
@@ -450,7 +458,7 @@ fn cmd_run(a: RunArgs, json_logs: bool) -> Result<()> {
         signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone()).context("installing SIGHUP")?;
         opts.reload = Some(expmon::config::ReloadOptions { path: path.clone(), requested });
     }
-    let show_status = a.status;
+    let show_status = a.status.unwrap_or(true);
     tracing::info!(
         "{} → {} shard threads → {} (trigger {:?}); Ctrl-C to stop",
         source.describe(),
@@ -506,11 +514,11 @@ fn open_checkpoint(
     }
     let fingerprint = expmon::checkpoint::fingerprint(config);
     let snapshot = expmon::checkpoint::load(dir, fingerprint)?;
-    Ok((a.checkpoint_interval, fingerprint, snapshot, lock))
+    Ok((a.checkpoint_interval.unwrap_or(Duration::from_secs(30)), fingerprint, snapshot, lock))
 }
 
 /// `run --scale-out`: this instance's share of both stages until stopped.
-fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
+fn cmd_scale_out(a: RunArgs, config: Config, json_logs: bool) -> Result<()> {
     if a.checkpoint.is_some() {
         return Err(UsageError::ScaleOutCheckpoint.into());
     }
@@ -518,6 +526,32 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         return Err(UsageError::ScaleOutSource.into());
     }
     let spec = expmon::kafka::KafkaSpec::parse(&a.source).map_err(UsageError::Kafka)?;
+    // What the single path has and this mode does not (docs/scale-out.md §6):
+    // refused in one line rather than ignored.
+    let source_has = |key: &str| {
+        let query = a.source.split_once('?').map_or("", |(_, q)| q);
+        query.split('&').any(|kv| kv.split('=').next() == Some(key))
+    };
+    for (given, why) in [
+        (a.checkpoint_reset, "keeps its state in Kafka: drop --checkpoint-reset"),
+        (a.checkpoint_interval.is_some(), "keeps its state in Kafka: drop --checkpoint-interval"),
+        (a.threads.is_some(), "runs one thread per stage (add instances to add cores): drop --threads"),
+        (a.pin.is_some(), "has no shard workers to pin: drop --pin"),
+        (
+            source_has("idle_timeout"),
+            "does not take the source option idle_timeout (a minute is final only once every input partition \
+             passed it, quiet or not): drop it",
+        ),
+        (
+            source_has("until_end"),
+            "does not take the source option until_end (the group runs until each instance is stopped; use \
+             --duration): drop it",
+        ),
+    ] {
+        if given {
+            return Err(UsageError::ScaleOutFlag(why).into());
+        }
+    }
     let catalog = Arc::new(Catalog::build(&config, Arc::new(Names::default())).map_err(anyhow::Error::msg)?);
     let failures = expmon::failures::Failures::default();
     let sink = match expmon::sink::open(&a.sink, &catalog, &failures, false) {
@@ -529,7 +563,7 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handler")?;
     }
-    // `/metrics` serves the scale-out health figures (the results page stays empty).
+    // `/metrics` serves the scale-out health figures; no results page (serve::NO_RESULTS).
     let mut published = None;
     let (addr, explicit) = match a.metrics_addr {
         Some(MetricsAddr::Off) => (None, true),
@@ -538,8 +572,7 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     };
     if let Some(addr) = addr {
         let p = Arc::new(expmon::serve::Published::default());
-        let results = Arc::new(std::sync::Mutex::new(expmon::serve::Results::new(catalog.clone())));
-        match expmon::serve::spawn(addr, p.clone(), results, &failures) {
+        match expmon::serve::spawn(addr, p.clone(), None, &failures) {
             Ok(http) => {
                 tracing::info!("metrics http://{}/metrics", http.addr);
                 published = Some(p);
@@ -551,7 +584,7 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
     let options = expmon::scale::ScaleOptions {
         spec,
         base: config.kafka.clone(),
-        delta_partitions: a.delta_partitions,
+        delta_partitions: a.delta_partitions.unwrap_or(8),
         snapshot_every: a.snapshot_every,
         instance: a.instance.clone().unwrap_or_else(expmon::health::default_instance),
         trigger: a.trigger.unwrap_or(Duration::from_millis(config.engine.trigger_ms)),
@@ -560,9 +593,24 @@ fn cmd_scale_out(a: RunArgs, config: Config) -> Result<()> {
         failures,
         published,
         dc: config.engine.dc.clone(),
+        status: a.status.unwrap_or(true),
+        reload: match &a.config {
+            // SIGHUP or a change of the file: refused in one line (scale::ReloadRefusal).
+            Some(path) => {
+                let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                signal_hook::flag::register(signal_hook::consts::SIGHUP, requested.clone())
+                    .context("installing SIGHUP")?;
+                Some(expmon::config::ReloadOptions { path: path.clone(), requested })
+            }
+            None => None,
+        },
     };
     let summary = expmon::scale::run(config, catalog, sink, options).map_err(anyhow::Error::msg)?;
-    eprintln!("{summary}");
+    if json_logs {
+        tracing::info!(events_in = summary.stage1.router.events_in, "{summary}");
+    } else {
+        eprintln!("{summary}");
+    }
     Ok(())
 }
 

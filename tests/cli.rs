@@ -244,6 +244,38 @@ fn every_bad_flag_is_refused_in_one_line_with_exit_2() {
     }
 }
 
+/// What `--scale-out` cannot honour is refused before it connects, in one
+/// line naming the flag or source option (docs/scale-out.md §6); and the
+/// scale-out flag is refused without the mode.
+#[test]
+fn scale_out_refuses_the_flags_it_cannot_honour_in_one_line() {
+    let x = Expmon::new();
+    let kafka = "kafka://127.0.0.1:1/events?group=g";
+    let run = |source: &str, extra: &[&str]| -> Vec<String> {
+        let a = ["run", "--scale-out", "--source", source, "--sink", "null", "--metrics-addr", "off"];
+        a.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let (idle, until) = (format!("{kafka}&idle_timeout=2s"), format!("{kafka}&until_end=true"));
+    let single = ["run", "--source", "file:/dev/null", "--sink", "null", "--delta-partitions", "4"];
+    for (args, needle) in [
+        (run(kafka, &["--threads", "2"]), "drop --threads"),
+        (run(kafka, &["--pin", "false"]), "drop --pin"),
+        (run(kafka, &["--checkpoint", "ck"]), "drop --checkpoint"),
+        (run(kafka, &["--checkpoint-reset"]), "drop --checkpoint-reset"),
+        (run(kafka, &["--checkpoint-interval", "10s"]), "drop --checkpoint-interval"),
+        (run(&idle, &[]), "source option idle_timeout"),
+        (run(&until, &[]), "source option until_end"),
+        (run("file:/dev/null", &[]), "--scale-out needs a kafka:// source"),
+        (run("gen:demo", &[]), "--scale-out needs a kafka:// source"),
+        (single.map(String::from).to_vec(), "--delta-partitions needs --scale-out"),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = one_line_failure(&x, &args, 2);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!x.path("ck").exists(), "refused before anything was made");
+}
+
 #[test]
 fn an_explicit_metrics_addr_that_is_taken_is_an_error() {
     let x = Expmon::new();

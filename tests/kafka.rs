@@ -34,7 +34,7 @@ fn replay_through_an_8_partition_topic_equals_the_reference() {
     // Every refused message is in the dead-letter topic, with its origin.
     let rejected = run.health("events_rejected").0;
     assert!(rejected > 0, "the data has malformed lines");
-    let copies = read_topic(&broker, "bad-events", rejected as usize);
+    let copies = broker.read_topic("bad-events", rejected as usize);
     assert_eq!(copies.len() as i64, rejected);
     for (payload, headers) in &copies {
         let origin = headers.get("expmon.offset").and_then(|o| o.parse::<usize>().ok());
@@ -43,35 +43,6 @@ fn replay_through_an_8_partition_topic_equals_the_reference() {
         assert!(headers.get("expmon.reason").is_some_and(|r| !r.is_empty()), "{headers:?}");
         assert!(lines.contains(payload), "a copy is the original message");
     }
-}
-
-/// Reads `n` messages of `topic` from the start: payload and headers.
-fn read_topic(broker: &Broker, topic: &str, n: usize) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.addr())
-        .set("group.id", "test-reader")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut out = Vec::new();
-    while out.len() < n && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let mut headers = std::collections::BTreeMap::new();
-            if let Some(h) = m.headers() {
-                for hd in h.iter() {
-                    let v = hd.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default();
-                    headers.insert(hd.key.to_string(), v);
-                }
-            }
-            out.push((m.payload().unwrap_or_default().to_vec(), headers));
-        }
-    }
-    out
 }
 
 #[test]

@@ -21,26 +21,29 @@ use std::time::{Duration, Instant};
 
 /// Starts one scale-out instance named `name` in group `group`.
 fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
-    instance_with(dir, broker, kairos, group, name, &[])
+    instance_with(dir, broker, kairos, (group, name), "", "off", &[])
 }
 
-/// [`instance`] with more arguments.
+/// [`instance`] with more source options (`&key=value…`) and a `--metrics-addr`.
 fn instance_with(
     dir: &Expmon,
     broker: &Broker,
     kairos: &KairosServer,
-    group: &str,
-    name: &str,
-    more: &[&str],
+    (group, name): (&str, &str),
+    more: &str,
+    metrics: &str,
+    args: &[&str],
 ) -> Consumer {
-    let source =
-        format!("kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500", broker.addr());
+    let source = format!(
+        "kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500{more}",
+        broker.addr()
+    );
     let run = dir
         .run()
         .args(["--scale-out", "--config", "demo.toml", "--source", &source])
         .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
-        .args(["--metrics-addr", "off"])
-        .args(more)
+        .args(["--metrics-addr", metrics])
+        .args(args)
         .named(name)
         .spawn();
     Consumer { run, out: dir.path(&format!("{name}.none")) }
@@ -85,6 +88,17 @@ fn replayed(log: &str) -> u64 {
     counts.filter_map(|head| head.rsplit(' ').next()?.parse::<u64>().ok()).sum()
 }
 
+/// The answer to `GET path` from `addr`, head and body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The value of health point `name` (with tag `tag`) at its latest timestamp.
 fn latest_health(kairos: &KairosServer, name: &str, tag: Option<(&str, &str)>) -> Option<i64> {
     let state = kairos.state();
@@ -104,8 +118,19 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     let expected = reference(&config, &lines);
     // The single-instance path over the same events.
     assert_totals(&expected, &engine_totals(&config, &lines, 2));
-    let mut run = instance(&dir, &broker, &kairos, "g1", "a");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut run = instance_with(&dir, &broker, &kairos, ("g1", "a"), "&dead_letter=bad-events", &metrics, &[]);
     wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
+    // `/metrics` serves the instance's health figures; the results page says why it has none.
+    let text = http_get(&metrics, "/metrics");
+    for family in ["expmon_scale_out_tasks{", "expmon_scale_out_dead_lettered_total{", "expmon_events_in_total{"] {
+        assert!(text.contains(family), "{family}: {text}");
+    }
+    let page = http_get(&metrics, "/");
+    assert!(page.contains(" 404 ") && page.contains("no results page in --scale-out mode"), "{page}");
+    // A reload is refused in one line (not exact across instances); the run goes on.
+    run.run.signal("HUP");
+    run.run.wait_for_log("config reload refused in --scale-out mode");
     let log = run.stop();
     assert!(log.contains("scale-out: stage 1 read 20"), "{log}");
     // Its health points: what stage 1 read, and the lag and work of each stage.
@@ -120,6 +145,89 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     for p in 0..8 {
         assert!(log.contains(&format!("partition events/{p} assigned")), "{log}");
     }
+    // Every refused message is in the dead-letter topic once, with its origin.
+    let rejected = latest_health(&kairos, "expmon.events_rejected", None).unwrap_or(0);
+    assert!(rejected > 0, "the data has malformed lines");
+    assert_eq!(latest_health(&kairos, "expmon.scale_out.dead_lettered", None), Some(rejected), "{log}");
+    // Counted by reason too, as in the single path.
+    let reasons: std::collections::BTreeSet<String> = (kairos.state().points.keys())
+        .filter(|(n, _, _)| n == "expmon.events_rejected_by_reason")
+        .map(|(_, tags, _)| tags["reason"].clone())
+        .collect();
+    let by_reason = |r: &str| latest_health(&kairos, "expmon.events_rejected_by_reason", Some(("reason", r)));
+    assert_eq!(reasons.iter().map(|r| by_reason(r).unwrap_or(0)).sum::<i64>(), rejected, "{reasons:?}");
+    assert!(log.contains(&format!("({rejected} rejected, {rejected} of them dead-lettered,")), "{log}");
+    let copies = broker.read_topic("bad-events", rejected as usize);
+    assert_eq!(copies.len() as i64, rejected);
+    let mut origins = std::collections::BTreeSet::new();
+    for (payload, headers) in &copies {
+        let origin = (headers.get("expmon.partition").cloned(), headers.get("expmon.offset").cloned());
+        assert!(origin.0.is_some() && origin.1.is_some() && origins.insert(origin), "once each: {headers:?}");
+        assert!(headers.get("expmon.topic").is_some_and(|t| t == "events"), "{headers:?}");
+        assert!(headers.get("expmon.reason").is_some_and(|r| !r.is_empty()), "{headers:?}");
+        assert!(lines.contains(payload), "a copy is the original message");
+    }
+}
+
+/// The file sink in scale-out mode: one instance's stage 2 owns every point,
+/// so its file is the whole output (metric points and health points); the
+/// instance ends by itself at `--duration`, its log one JSON object a line.
+#[test]
+fn one_scale_out_instance_with_the_file_sink_writes_the_reference() {
+    let (broker, dir) = (Broker::start(), Expmon::with_demo_config());
+    let lines = dir.events(24, 5_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let (dc, expected) = (&config.engine.dc, reference(&config, &lines));
+    let source = format!("kafka://{}/events?group=gf&session.timeout.ms=6000", broker.addr());
+    let mut run = dir
+        .run()
+        .args(["--log-format", "json"])
+        .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points.jsonl"])
+        .args(["--instance", "f", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "30s"])
+        .named("f")
+        .spawn();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)]; // not a line being written
+        let got = totals_from_jsonl(whole, dc);
+        if got == expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after 90 s: {:#?}\n{}", &diff(&expected, &got)[..1], run.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run.wait(); // --duration: no signal
+    let log = run.log();
+    assert!(out.status.success(), "{log}");
+    for line in log.lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap_or_default()).unwrap();
+    let read = format!("scale-out: stage 1 read {} events", lines.len());
+    assert!(last["message"].as_str().is_some_and(|m| m.starts_with(&read)), "{log}");
+    assert_eq!(last["events_in"].as_u64(), Some(lines.len() as u64), "{log}");
+    let text = std::fs::read_to_string(dir.path("points.jsonl")).unwrap();
+    assert_totals(&expected, &totals_from_jsonl(&text, dc));
+    assert!(text.contains(r#""name":"expmon.scale_out.transactions""#), "health points too: {}", run.log());
+    // The group's state was built under this config: a restart under another
+    // one stops in one line instead of restoring sessions it would misread.
+    let changed = dir.read("demo.toml").replace("allowed_lateness = \"120000ms\"", "allowed_lateness = \"180000ms\"");
+    assert_ne!(changed, dir.read("demo.toml"));
+    dir.write("demo.toml", changed);
+    let out = dir
+        .run()
+        .args(["--scale-out", "--config", "demo.toml", "--source", &source, "--sink", "file:points2.jsonl"])
+        .args(["--instance", "f2", "--trigger", "300ms", "--metrics-addr", "off", "--duration", "60s"])
+        .output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        last.starts_with("expmon: error: snapshot gf.state/") && last.contains("built under another config"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -135,13 +243,13 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     // trigger and then rarely, so the kill below lands between snapshots
     // and the new owners replay the input since them.
     let every = ["--snapshot-every", "50"];
-    let mut a = instance_with(&dir, &broker, &kairos, "g3", "a", &every);
-    let mut b = instance_with(&dir, &broker, &kairos, "g3", "b", &every);
+    let mut a = instance_with(&dir, &broker, &kairos, ("g3", "a"), "", "off", &every);
+    let mut b = instance_with(&dir, &broker, &kairos, ("g3", "b"), "", "off", &every);
     std::thread::sleep(Duration::from_secs(8));
     let written = server_totals(&kairos, dc);
     assert!(!written.is_empty() && written != expected, "killed mid-run: some totals written, not all");
     a.kill(); // SIGKILL, mid-transaction or between two
-    let mut c = instance_with(&dir, &broker, &kairos, "g3", "c", &every); // joins later
+    let mut c = instance_with(&dir, &broker, &kairos, ("g3", "c"), "", "off", &every); // joins later
     std::thread::sleep(Duration::from_secs(6));
     // A zombie: paused past its session timeout (6 s), then awake again.
     b.run.signal("STOP");
@@ -160,6 +268,8 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     let c_log = c.stop(); // a graceful leave
     assert!(c_log.contains("restored at offset Some("), "state moved to the joiner: {c_log}");
     assert!(replayed(&c_log) > 0, "the joiner replayed input since the snapshots: {c_log}");
+    // `--status false` (the harness's): no 10-s figure lines in c's 20 s and more.
+    assert!(!c_log.contains("input lag") && !c_log.contains("delta lag"), "{c_log}");
     // Then all restart, on the state in Kafka.
     let mut runs = vec![
         instance(&dir, &broker, &kairos, "g3", "a2"),

@@ -91,7 +91,7 @@ const fn gauge(point: &'static str, name: &'static str, help: &'static str) -> F
 
 /// Every `expmon.*` health point and its Prometheus family, in `/metrics`
 /// order.
-pub static FAMILIES: [Family; 38] = [
+pub static FAMILIES: [Family; 39] = [
     counter("expmon.events_in", "expmon_events_in", "Non-blank input lines read."),
     counter("expmon.events_rejected", "expmon_events_rejected", "Input lines rejected, all reasons."),
     counter("expmon.events_rejected_by_reason", "expmon_events_rejected_by_reason", "Input lines rejected, by reason."),
@@ -182,6 +182,11 @@ pub static FAMILIES: [Family; 38] = [
         "expmon.scale_out.transactions",
         "expmon_scale_out_transactions",
         "Scale-out transactions committed, per stage.",
+    ),
+    counter(
+        "expmon.scale_out.dead_lettered",
+        "expmon_scale_out_dead_lettered",
+        "Scale-out: refused input messages copied to the source's dead-letter topic.",
     ),
     counter(
         "expmon.scale_out.restores",

@@ -67,41 +67,83 @@ use crate::config::Config;
 use crate::kafka::KafkaSpec;
 
 /// Why a scale-out instance stopped: one line naming the topic, partition or
-/// step (a Kafka error, a record or snapshot that does not decode, a
-/// transaction that failed or may have been fenced).
+/// step.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ScaleError(pub String);
+pub enum ScaleError {
+    /// A client that cannot be made, a topic missing or not creatable.
+    #[error(transparent)]
+    Kafka(#[from] crate::kafka::KafkaError),
+    /// A broker request that failed: `what` names it, its topic and partition.
+    #[error("{what}: {error}")]
+    Broker { what: String, error: rdkafka::error::KafkaError },
+    /// A step of a stage's transaction failed (or the producer was fenced);
+    /// `of` names a stage-2 task's delta partition.
+    #[error("stage {stage} transaction{of} ({step}): {error}")]
+    Transaction { stage: u8, of: String, step: &'static str, error: rdkafka::error::KafkaError },
+    #[error("stage {0}: no consumer group metadata")]
+    NoGroupMetadata(u8),
+    #[error("producing a record to {topic}: {error}")]
+    Produce { topic: String, error: rdkafka::error::KafkaError },
+    #[error("reading {topic}/{partition} to offset {end} took over 60 s")]
+    ReadTimeout { topic: String, partition: i32, end: i64 },
+    /// Bytes of an internal topic that end early or hold a bad count.
+    #[error(transparent)]
+    Decode(#[from] crate::codec::DecodeError),
+    /// A record of an internal topic that is not one this build reads.
+    #[error("{0}")]
+    Wire(String),
+    /// A record that does not decode, at `topic/partition[@offset]`.
+    #[error("{at}: {source}")]
+    Record { at: String, source: Box<ScaleError> },
+    /// A stage-1 snapshot (`topic/partition@offset`) that does not restore.
+    #[error("snapshot {at}: {source}")]
+    Snapshot { at: String, source: Box<ScaleError> },
+    #[error(
+        "input partition {input}/{partition} is committed at offset {offset} but {state} has no snapshot at or before that offset"
+    )]
+    NoSnapshot { input: String, partition: i32, offset: i64, state: String },
+    /// A snapshot built under other engine settings or experiments.
+    #[error(
+        "it was built under another config (engine settings or experiments) than this instance's: every instance \
+         of a group runs the same config; to change it, start a new group (docs/scale-out.md §6)"
+    )]
+    OtherConfig,
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionDecodeError),
+    #[error(transparent)]
+    Names(#[from] crate::checkpoint::Unusable),
+    #[error(transparent)]
+    Catalog(#[from] crate::config::CatalogError),
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    #[error("{0} upserts could not be delivered")]
+    Undelivered(u64),
+    /// A stage-2 commit that returned after the session timeout.
+    #[error(
+        "stage 2: the commit of {task} returned after {took_ms} ms (the session timeout is {timeout_ms} ms): this \
+         instance may have been paused and replaced; stopping without writing"
+    )]
+    Paused { task: String, took_ms: u128, timeout_ms: u128 },
+    #[error("starting the {0} thread: {1}")]
+    Spawn(&'static str, std::io::Error),
+    #[error("{0} panicked")]
+    Panicked(&'static str),
+    #[error("thread {thread} panicked: {message}")]
+    ThreadPanicked { thread: String, message: String },
+}
 
-impl From<String> for ScaleError {
-    fn from(s: String) -> ScaleError {
-        ScaleError(s)
+impl ScaleError {
+    /// `error` of the broker request `what`.
+    pub fn broker(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> ScaleError {
+        let what = what.into();
+        move |error| ScaleError::Broker { what, error }
+    }
+
+    /// `self`, found in the record at `at`.
+    pub fn at(self, at: impl Into<String>) -> ScaleError {
+        ScaleError::Record { at: at.into(), source: Box::new(self) }
     }
 }
-
-impl From<&str> for ScaleError {
-    fn from(s: &str) -> ScaleError {
-        ScaleError(s.to_string())
-    }
-}
-
-macro_rules! from_display {
-    ($($t:ty),*) => {$(
-        impl From<$t> for ScaleError {
-            fn from(e: $t) -> ScaleError {
-                ScaleError(e.to_string())
-            }
-        }
-    )*};
-}
-from_display!(
-    crate::codec::DecodeError,
-    crate::checkpoint::Unusable,
-    crate::session::SessionDecodeError,
-    crate::config::CatalogError,
-    crate::kafka::KafkaError,
-    crate::sink::SinkError
-);
 
 /// How an instance takes part in a scale-out group.
 #[derive(Debug, Clone)]
@@ -127,6 +169,47 @@ pub struct ScaleOptions {
     pub published: Option<Arc<crate::serve::Published>>,
     /// `dc` tag of the health points.
     pub dc: String,
+    /// `--status`: each stage logs its figures and lag every 10 s.
+    pub status: bool,
+    /// The config file and the SIGHUP flag: a reload is refused (see
+    /// [`ReloadRefusal`]).
+    pub reload: Option<crate::config::ReloadOptions>,
+}
+
+/// The scale-out mode does not reload its experiments: every instance would
+/// have to switch at the same input offset of every partition, or stage 1's
+/// output would depend on who ran a partition when (step 1 of the argument
+/// at the top of this file), and the
+/// mode has no way to agree on one. On SIGHUP, or when the config file
+/// changes, stage 1 says so in one line and the running config stays.
+pub struct ReloadRefusal {
+    options: Option<crate::config::ReloadOptions>,
+    modified: Option<std::time::SystemTime>,
+}
+
+/// The line logged when a reload is asked for in scale-out mode.
+pub const RELOAD_REFUSED: &str = "config reload refused in --scale-out mode (every instance would have to switch at \
+     the same offset of every input partition): the running config stays; to change the experiments, stop every \
+     instance and start them all with the new config (docs/scale-out.md §6)";
+
+impl ReloadRefusal {
+    pub fn new(options: Option<crate::config::ReloadOptions>) -> ReloadRefusal {
+        let modified = options.as_ref().and_then(|o| std::fs::metadata(&o.path).and_then(|m| m.modified()).ok());
+        ReloadRefusal { options, modified }
+    }
+
+    /// Logs the refusal once per SIGHUP or change of the file; whether it did.
+    pub fn check(&mut self) -> bool {
+        let Some(o) = &self.options else { return false };
+        let modified = std::fs::metadata(&o.path).and_then(|m| m.modified()).ok();
+        let requested = o.requested.swap(false, Relaxed);
+        if !requested && (modified.is_none() || modified == self.modified) {
+            return false;
+        }
+        self.modified = modified;
+        tracing::error!("{}: {RELOAD_REFUSED}", o.path.display());
+        true
+    }
 }
 
 impl ScaleOptions {
@@ -193,7 +276,7 @@ pub(crate) fn unowned_assigned<T>(
         tasks.clear();
     }
     *seen = now;
-    let assignment = consumer.assignment().map_err(|e| format!("{stage} assignment: {e}"))?;
+    let assignment = consumer.assignment().map_err(ScaleError::broker(format!("{stage} assignment")))?;
     Ok(assignment.elements().iter().map(|e| e.partition()).filter(|p| !tasks.contains_key(p)).collect())
 }
 
@@ -210,7 +293,7 @@ pub fn stage_consumer(o: &ScaleOptions, group: &str, topic: &str) -> Result<Base
         .set("partition.assignment.strategy", "range");
     let consumer: BaseConsumer<Rebalances> =
         c.create_with_context(Rebalances::default()).map_err(|e| o.spec.client_error(&o.base, "kafka consumer", e))?;
-    consumer.subscribe(&[topic]).map_err(|e| format!("subscribing to {topic:?}: {e}"))?;
+    consumer.subscribe(&[topic]).map_err(ScaleError::broker(format!("subscribing to {topic:?}")))?;
     Ok(consumer)
 }
 
@@ -232,7 +315,8 @@ pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::pro
     }
     let p: rdkafka::producer::BaseProducer =
         c.create().map_err(|e| o.spec.client_error(&o.base, "kafka producer", e))?;
-    p.init_transactions(Duration::from_secs(30)).map_err(|e| format!("transactional producer {id:?}: {e}"))?;
+    p.init_transactions(Duration::from_secs(30))
+        .map_err(ScaleError::broker(format!("transactional producer {id:?}")))?;
     Ok(p)
 }
 
@@ -244,6 +328,9 @@ pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), ScaleError> {
     crate::kafka::ensure_topic(&internal(o.topic("state"), input as i32), &o.base)?;
     let deltas = crate::kafka::ensure_topic(&internal(o.topic("deltas"), o.delta_partitions), &o.base)?;
     crate::kafka::ensure_topic(&internal(o.topic("totals"), deltas as i32), &o.base)?;
+    if let Some(topic) = &o.spec.dead_letter {
+        crate::kafka::ensure_topic(&internal(topic.clone(), 1), &o.base)?;
+    }
     Ok((deltas, input))
 }
 
@@ -277,14 +364,15 @@ pub fn read_range(
     let reader: BaseConsumer = c.create().map_err(|e| o.spec.client_error(&o.base, "kafka reader", e))?;
     let (low, high) = reader
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(|e| format!("reading the end of {topic}/{partition}: {e}"))?;
+        .map_err(ScaleError::broker(format!("reading the end of {topic}/{partition}")))?;
     let high = end.map_or(high, |e| e.min(high));
     if high <= low || matches!(from, Offset::Offset(f) if f >= high) {
         return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, from).map_err(|e| e.to_string())?;
-    reader.assign(&tpl).map_err(|e| format!("reading {topic}/{partition}: {e}"))?;
+    let reading = || format!("reading {topic}/{partition}");
+    tpl.add_partition_offset(topic, partition, from).map_err(ScaleError::broker(reading()))?;
+    reader.assign(&tpl).map_err(ScaleError::broker(reading()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match reader.poll(Duration::from_millis(200)) {
@@ -301,7 +389,7 @@ pub fn read_range(
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(format!("reading {topic}/{partition} to offset {high} took over 60 s").into());
+            return Err(ScaleError::ReadTimeout { topic: topic.to_string(), partition, end: high });
         }
     }
 }
@@ -312,7 +400,7 @@ pub fn committed(consumer: &BaseConsumer<Rebalances>, topic: &str, partition: i3
     tpl.add_partition(topic, partition);
     let got = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
-        .map_err(|e| format!("reading the committed offset of {topic}/{partition}: {e}"))?;
+        .map_err(ScaleError::broker(format!("reading the committed offset of {topic}/{partition}")))?;
     Ok(got.elements().first().and_then(|e| match e.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,
@@ -336,8 +424,9 @@ pub fn lag(consumer: &BaseConsumer<Rebalances>, topic: &str, tasks: impl Iterato
 }
 
 /// The health points of a scale-out instance (SPEC §6): the engine's input
-/// counts as stage 1 saw them, and per stage its tasks, lag, transactions
-/// and restores, and the bytes it wrote to each internal topic.
+/// counts as stage 1's routers made them (rejections by reason, late, unknown
+/// names, names replaced by `_other`), and per stage its tasks, lag,
+/// transactions and restores, and the bytes it wrote to each internal topic.
 pub fn health_points(
     s1: &stage1::Stage1Stats,
     s2: &stage2::Stage2Stats,
@@ -353,14 +442,25 @@ pub fn health_points(
     let point = |name: &str, extra, v: u64| HealthPoint {
         name: format!("expmon.{name}"),
         tags: tags(extra),
-        value: (v as i64).into(),
+        value: (v.min(i64::MAX as u64) as i64).into(),
     };
+    let r = &s1.router;
     let mut out = vec![
-        point("events_in", None, s1.events),
-        point("events_rejected", None, s1.rejected),
-        point("late_dropped", None, s1.late_dropped),
+        point("events_in", None, r.events_in),
+        point("events_rejected", None, r.rejected_total()),
+        point("late_dropped", None, r.late_dropped),
+        point("unknown_tenant", None, r.unknown_tenant),
+        point("unknown_experiment", None, r.unknown_experiment),
+        point("unknown_variation", None, r.unknown_variation),
         point("upserts_written", None, s2.upserts),
+        point("scale_out.dead_lettered", None, s1.dead_lettered),
     ];
+    for reason in crate::event::Reject::ALL {
+        out.push(point("events_rejected_by_reason", Some(("reason", reason.as_str())), r.rejected[reason.index()]));
+    }
+    for kind in crate::names::NameKind::ALL {
+        out.push(point("names_replaced_other", Some(("table", kind.as_str())), r.names_replaced[kind.index()]));
+    }
     for (stage, tasks, lag, txns, restores) in
         [("1", s1.tasks, s1.lag, s1.transactions, s1.restores), ("2", s2.tasks, s2.lag, s2.transactions, s2.restores)]
     {
@@ -387,12 +487,13 @@ impl std::fmt::Display for ScaleSummary {
         let (a, b) = (&self.stage1, &self.stage2);
         write!(
             f,
-            "scale-out: stage 1 read {} events ({} rejected, {} late) in {} transactions, {} delta bytes, {} \
-             snapshot bytes, {} restores ({} messages replayed); stage 2 applied {} delta records in {} transactions, {} changelog bytes, \
-             {} upserts, {} restores",
-            a.events,
-            a.rejected,
-            a.late_dropped,
+            "scale-out: stage 1 read {} events ({} rejected, {} of them dead-lettered, {} late) in {} transactions, \
+             {} delta bytes, {} snapshot bytes, {} restores ({} messages replayed); stage 2 applied {} delta records in {} transactions, {} \
+             changelog bytes, {} upserts, {} restores",
+            a.router.events_in,
+            a.router.rejected_total(),
+            a.dead_lettered,
+            a.router.late_dropped,
             a.transactions,
             a.delta_bytes,
             a.snapshot_bytes,
@@ -432,7 +533,7 @@ pub fn run(
                     .and_then(|s| s.run())
                     .inspect_err(|_| o.stop.store(true, Relaxed))
             })
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ScaleError::Spawn("stage 1", e))?
     };
     let s2 = {
         let o2 = o.clone();
@@ -444,12 +545,12 @@ pub fn run(
                     .and_then(|s| s.run())
                     .inspect_err(|_| stop.store(true, Relaxed))
             })
-            .map_err(|e| e.to_string())?
+            .map_err(|e| ScaleError::Spawn("stage 2", e))?
     };
-    let r1 = s1.join().map_err(|_| "stage 1 panicked".to_string())?;
-    let r2 = s2.join().map_err(|_| "stage 2 panicked".to_string())?;
+    let r1 = s1.join().map_err(|_| ScaleError::Panicked("stage 1"))?;
+    let r2 = s2.join().map_err(|_| ScaleError::Panicked("stage 2"))?;
     if let Some(f) = o.failures.first() {
-        return Err(format!("thread {} panicked: {}", f.thread, f.message).into());
+        return Err(ScaleError::ThreadPanicked { thread: f.thread.to_string(), message: f.message.to_string() });
     }
     Ok(ScaleSummary { stage1: r1?, stage2: r2? })
 }

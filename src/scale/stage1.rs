@@ -15,8 +15,16 @@
 //! that offset replayed without publishing (`crate::scale`, step 7); or
 //! empty. Every rebalance (eager) drops every task; nothing uncommitted
 //! survives it.
+//!
+//! With the source option `dead_letter=T`, a message the router refuses is
+//! kept by its task until the trigger and copied to `T` in the same
+//! transaction (headers as the single path's: topic, partition, offset,
+//! reason): a replay of uncommitted input copies it again only in a new
+//! transaction, so a `read_committed` reader of `T` on a real Kafka sees each
+//! copy once (Tansu also returns aborted records, see `crate::scale`).
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use std::collections::BTreeMap;
@@ -31,6 +39,7 @@ use crate::aggregate::{MinuteCounters, Point, Totals};
 use crate::checkpoint::RouterState;
 use crate::codec::{Dec, Enc};
 use crate::config::{Catalog, Config};
+use crate::health::RouterStats;
 use crate::names::Names;
 use crate::session::SessionTable;
 use crate::shard::{final_before, Router};
@@ -38,15 +47,17 @@ use crate::shard::{final_before, Router};
 /// Stage 1's own figures (over the tasks it ran, including dropped ones).
 #[derive(Debug, Default, Clone)]
 pub struct Stage1Stats {
-    pub events: u64,
-    pub rejected: u64,
-    pub late_dropped: u64,
+    /// What the tasks' routers counted (input, rejected by reason, late,
+    /// unknown names), summed over the tasks.
+    pub router: RouterStats,
     pub transactions: u64,
     pub delta_records: u64,
     pub delta_bytes: u64,
     pub snapshot_bytes: u64,
     pub restores: u64,
-    /// Input messages replayed silently by restores (not in `events`).
+    /// Refused messages copied to the dead-letter topic (committed or not).
+    pub dead_lettered: u64,
+    /// Input messages replayed silently by restores (not in `router`).
     pub replayed: u64,
     /// Tasks held now.
     pub tasks: u64,
@@ -64,9 +75,14 @@ struct Task {
     /// The next input offset to read (`None`: nothing read or committed yet).
     next: Option<i64>,
     /// Router figures at the last trigger (to add only what is new).
-    counted: (u64, u64, u64),
+    counted: RouterStats,
     /// Read events since the last trigger (an idle task has nothing to commit).
     dirty: bool,
+    /// Refused messages since the last trigger, for the dead-letter topic:
+    /// `(offset, payload, reason)`.
+    refused: Vec<(i64, Vec<u8>, crate::event::Reject)>,
+    /// The [`config_hash`] of the config it runs under.
+    config_hash: u64,
     /// Committed triggers since the last snapshot of this task.
     since_snapshot: u32,
     /// The next commit carries a snapshot: a fresh task (a committed offset
@@ -74,6 +90,9 @@ struct Task {
     /// input (so replays stay short across rebalances).
     snapshot_due: bool,
 }
+
+/// A snapshot's chunks as they arrive (`None`: not yet).
+type Chunks = Vec<Option<Vec<u8>>>;
 
 impl Task {
     fn new(config: &Config, names: Names) -> Result<Task, ScaleError> {
@@ -90,23 +109,29 @@ impl Task {
             contrib: Totals::rewriting_touched(),
             catalog,
             next: None,
-            counted: (0, 0, 0),
+            counted: RouterStats::default(),
             dirty: false,
+            refused: Vec::new(),
+            config_hash: config_hash(config),
             since_snapshot: 0,
             snapshot_due: true,
         })
     }
 
-    /// One input message at `offset`: parsed, routed, sessionized.
-    fn read(&mut self, offset: i64, payload: &[u8]) {
+    /// One input message at `offset`: parsed, routed, sessionized; a refused
+    /// one is kept for the dead-letter topic if `keep_refused`.
+    fn read(&mut self, offset: i64, payload: &[u8], keep_refused: bool) {
         if self.next.is_some_and(|n| offset < n) {
             return; // read before the task's restore point
         }
         self.next = Some(offset + 1);
         self.dirty = true;
         let now = Some(crate::clock::now_ms());
-        if let Ok(Some(_)) = self.router.route(payload, 0, now) {
-            self.apply_pending();
+        match self.router.route(payload, 0, now) {
+            Ok(Some(_)) => self.apply_pending(),
+            Ok(None) => {}
+            Err(reason) if keep_refused => self.refused.push((offset, payload.to_vec(), reason)),
+            Err(_) => {}
         }
     }
 
@@ -126,12 +151,6 @@ impl Task {
         wm
     }
 
-    /// The router's `(events in, rejected, late dropped)` so far.
-    fn counts(&self) -> (u64, u64, u64) {
-        let s = &self.router.stats;
-        (s.events_in, s.rejected_total(), s.late_dropped)
-    }
-
     fn apply_pending(&mut self) {
         if self.router.pending(0) > 0 {
             let batch = self.router.take_batch(0, None);
@@ -141,9 +160,11 @@ impl Task {
         }
     }
 
-    /// The task's whole state: router clocks and names, sessions, contributions.
+    /// The task's whole state: router clocks and names, sessions,
+    /// contributions, after the [`config_hash`] it was built under.
     fn snapshot(&self) -> Vec<u8> {
         let mut e = Enc::default();
+        e.u64(self.config_hash);
         self.router.checkpoint_state(Vec::new()).encode(&mut e);
         self.sessions.encode(&mut e);
         crate::checkpoint::encode_totals(&self.contrib.export(), &mut e);
@@ -152,6 +173,9 @@ impl Task {
 
     fn restore(config: &Config, bytes: &[u8], next: i64) -> Result<Task, ScaleError> {
         let mut d = Dec::new(bytes);
+        if d.u64()? != config_hash(config) {
+            return Err(ScaleError::OtherConfig);
+        }
         let router_state = RouterState::decode(&mut d)?;
         let mut task = Task::new(config, router_state.names())?;
         task.router.restore(&router_state);
@@ -171,8 +195,13 @@ impl Task {
     }
 }
 
-/// A snapshot's chunks as they arrive (`None`: not yet).
-type Chunks = Vec<Option<Vec<u8>>>;
+/// What a snapshot depends on besides the input: the engine settings that
+/// decide late and expired (`crate::checkpoint::fingerprint`) and the
+/// experiments, whose indices the sessions hold.
+fn config_hash(config: &Config) -> u64 {
+    let experiments = serde_json::to_vec(&config.experiments).unwrap_or_default();
+    crate::checkpoint::fingerprint(config) ^ xxhash_rust::xxh3::xxh3_64(&experiments)
+}
 
 pub struct Stage1 {
     config: Config,
@@ -239,8 +268,8 @@ impl Stage1 {
         };
         let (s, bytes) = self.find_snapshot(p, at)?;
         let topic = self.o.topic("state");
-        let mut task =
-            Task::restore(&self.config, &bytes, s).map_err(|e| ScaleError(format!("snapshot {topic}/{p}@{s}: {e}")))?;
+        let mut task = Task::restore(&self.config, &bytes, s)
+            .map_err(|e| ScaleError::Snapshot { at: format!("{topic}/{p}@{s}"), source: Box::new(e) })?;
         let replayed = if s < at { self.replay(&mut task, p, s, at)? } else { 0 };
         Ok((task, Some(s), replayed))
     }
@@ -256,21 +285,21 @@ impl Stage1 {
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .map_err(|e| format!("reading the end of {topic}/{p}: {e}"))?;
+                .map_err(ScaleError::broker(format!("reading the end of {topic}/{p}")))?;
             let from = high.saturating_sub(back).max(low);
             // Snapshots being assembled, by id: (offset, chunks).
             let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
             let mut best: Option<(i64, Vec<u8>)> = None;
             super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |_, _, payload| {
                 let Some(payload) = payload else { return Ok(()) };
-                let c = wire::decode_chunk(payload).map_err(|e| format!("{topic}/{p}: {e}"))?;
+                let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
                 if c.offset > at || c.partition != p as u32 || best.as_ref().is_some_and(|(s, _)| c.offset < *s) {
                     return Ok(());
                 }
                 let (_, chunks) = partial.entry(c.id).or_insert_with(|| (c.offset, vec![None; c.count as usize]));
-                let slot = chunks
-                    .get_mut(c.index as usize)
-                    .ok_or_else(|| format!("{topic}/{p}: chunk {} of {}", c.index, c.count))?;
+                let slot = chunks.get_mut(c.index as usize).ok_or_else(|| {
+                    ScaleError::Wire(format!("chunk {} of {}", c.index, c.count)).at(format!("{topic}/{p}"))
+                })?;
                 *slot = Some(c.bytes.to_vec());
                 if chunks.iter().all(Option::is_some) {
                     let (offset, chunks) = partial.remove(&c.id).expect("being assembled");
@@ -286,32 +315,28 @@ impl Stage1 {
                 break;
             }
         }
-        Err(format!(
-            "input partition {}/{p} is committed at offset {at} but {topic} has no snapshot at or before it",
-            self.o.spec.topic
-        )
-        .into())
+        Err(ScaleError::NoSnapshot { input: self.o.spec.topic.clone(), partition: p, offset: at, state: topic })
     }
 
     /// Reads input offsets `from..to` of partition `p` into `task` silently:
-    /// every record they produced was committed by the run that read them
-    /// first (its commit of offset `to` carried them), and stage 2 holds it.
+    /// every record they produced (deltas, dead letters) was committed by the
+    /// run that read them first (its commit of offset `to` carried them), and
+    /// stage 2 holds it.
     fn replay(&self, task: &mut Task, p: i32, from: i64, to: i64) -> Result<u64, ScaleError> {
         let topic = &self.o.spec.topic;
         let (low, _) = self
             .consumer
             .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(|e| format!("reading the start of {topic}/{p}: {e}"))?;
+            .map_err(ScaleError::broker(format!("reading the start of {topic}/{p}")))?;
         if low > from {
-            return Err(format!(
+            return Err(ScaleError::Wire(format!(
                 "input partition {topic}/{p}: its snapshot is at offset {from} but the partition now starts at {low} \
                  (retention deleted the input a restore replays)"
-            )
-            .into());
+            )));
         }
         let mut n = 0u64;
         super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |offset, _, payload| {
-            task.read(offset, payload.unwrap_or_default());
+            task.read(offset, payload.unwrap_or_default(), false);
             n += 1;
             Ok(())
         })?;
@@ -319,7 +344,7 @@ impl Stage1 {
         task.advance(&mut Vec::new(), &mut Vec::new());
         task.next = Some(to);
         task.dirty = false;
-        task.counted = task.counts();
+        task.counted = task.router.stats.clone();
         task.snapshot_due = true;
         Ok(n)
     }
@@ -328,6 +353,8 @@ impl Stage1 {
         let started = Instant::now();
         let mut next_trigger = Instant::now() + self.o.trigger;
         let mut next_status = Instant::now() + super::STATUS_EVERY;
+        let mut reload = super::ReloadRefusal::new(self.o.reload.clone());
+        let keep_refused = self.o.spec.dead_letter.is_some();
         loop {
             if Instant::now() >= next_status {
                 next_status = Instant::now() + super::STATUS_EVERY;
@@ -335,15 +362,18 @@ impl Stage1 {
                 let lag = super::lag(&self.consumer, &self.o.spec.topic, tasks);
                 self.stats.lag = lag as u64;
                 let s = &self.stats;
-                tracing::info!(
-                    "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
-                    self.tasks.len(),
-                    s.events,
-                    s.transactions
-                );
+                if self.o.status {
+                    tracing::info!(
+                        "stage 1: {} tasks, {} events read, {} transactions, input lag {lag} messages",
+                        self.tasks.len(),
+                        s.router.events_in,
+                        s.transactions
+                    );
+                }
             }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
+                reload.check();
                 self.follow_assignment()?;
                 self.trigger(stopping)?;
                 self.stats.tasks = self.tasks.len() as u64;
@@ -360,12 +390,12 @@ impl Stage1 {
                 let owned = polled.map(|r| r.map(|m| m.detach()));
                 self.follow_assignment()?;
                 if let Some(Ok(m)) = owned {
-                    handle(&mut self.tasks, &m);
+                    handle(&mut self.tasks, &m, keep_refused);
                 }
                 continue;
             }
             match polled {
-                Some(Ok(m)) => handle(&mut self.tasks, &m),
+                Some(Ok(m)) => handle(&mut self.tasks, &m, keep_refused),
                 Some(Err(e)) => tracing::warn!("stage 1: {e}"),
                 None => {}
             }
@@ -387,7 +417,7 @@ impl Stage1 {
         if !self.tasks.values().any(|t| t.dirty) {
             return Ok(());
         }
-        let fail = |what: &str, e: rdkafka::error::KafkaError| format!("stage 1 transaction ({what}): {e}");
+        let fail = |step, error| ScaleError::Transaction { stage: 1, of: String::new(), step, error };
         self.producer.begin_transaction().map_err(|e| fail("begin", e))?;
         let (deltas_topic, state_topic) = (self.o.topic("deltas"), self.o.topic("state"));
         let mut offsets = TopicPartitionList::new();
@@ -397,11 +427,8 @@ impl Stage1 {
         for (&p, task) in self.tasks.iter_mut().filter(|(_, t)| t.dirty) {
             task.dirty = false;
             let wm = task.advance(&mut deltas, &mut points);
-            let counts = task.counts();
-            self.stats.events += counts.0 - task.counted.0;
-            self.stats.rejected += counts.1 - task.counted.1;
-            self.stats.late_dropped += counts.2 - task.counted.2;
-            task.counted = counts;
+            add_since(&mut self.stats.router, &task.router.stats, &task.counted);
+            task.counted = task.router.stats.clone();
             let Some(next) = task.next else { continue };
             let mut records: Vec<DeltaRecord> = (0..self.deltas)
                 .map(|_| DeltaRecord { partition: p as u32, offset: next, watermark: wm, entries: Vec::new() })
@@ -409,6 +436,18 @@ impl Stage1 {
             for pt in &points {
                 let id = PointId::of(&task.catalog, pt.key, pt.minute);
                 records[id.partition(self.deltas) as usize].entries.push((id, pt.value));
+            }
+            if let Some(topic) = &self.o.spec.dead_letter {
+                for (offset, payload, reason) in task.refused.drain(..) {
+                    let (partition, offset) = (p.to_string(), offset.to_string());
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: "expmon.topic", value: Some(self.o.spec.topic.as_str()) })
+                        .insert(Header { key: "expmon.partition", value: Some(partition.as_str()) })
+                        .insert(Header { key: "expmon.offset", value: Some(offset.as_str()) })
+                        .insert(Header { key: "expmon.reason", value: Some(reason.as_str()) });
+                    send(&self.producer, BaseRecord::to(topic).payload(&payload[..]).headers(headers))?;
+                    self.stats.dead_lettered += 1;
+                }
             }
             let key = p.to_le_bytes();
             for (d, r) in records.iter().enumerate() {
@@ -419,7 +458,9 @@ impl Stage1 {
                     send(&self.producer, record)?;
                 }
             }
-            offsets.add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next)).map_err(|e| e.to_string())?;
+            offsets
+                .add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next))
+                .map_err(|e| fail("offsets", e))?;
             if !(task.snapshot_due || stopping || task.since_snapshot + 1 >= every) {
                 task.since_snapshot += 1;
                 continue;
@@ -435,7 +476,7 @@ impl Stage1 {
                 send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
             }
         }
-        let meta = self.consumer.group_metadata().ok_or("stage 1: no consumer group metadata")?;
+        let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(1))?;
         let timeout = Duration::from_secs(30);
         // The snapshots and records reach the broker before the offsets do: a
         // broker that commits (or does not filter) the offsets of a producer
@@ -449,10 +490,28 @@ impl Stage1 {
     }
 }
 
-/// One input message: routed by the task of its partition (none: not ours).
-fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message) {
+/// Adds to `total` what `now` counted since `before` (one task's router).
+fn add_since(total: &mut RouterStats, now: &RouterStats, before: &RouterStats) {
+    let new = |n: u64, b: u64| n.saturating_sub(b);
+    total.events_in += new(now.events_in, before.events_in);
+    total.routed += new(now.routed, before.routed);
+    total.late_dropped += new(now.late_dropped, before.late_dropped);
+    total.unknown_tenant += new(now.unknown_tenant, before.unknown_tenant);
+    total.unknown_experiment += new(now.unknown_experiment, before.unknown_experiment);
+    total.unknown_variation += new(now.unknown_variation, before.unknown_variation);
+    for (t, (n, b)) in total.rejected.iter_mut().zip(now.rejected.iter().zip(&before.rejected)) {
+        *t += new(*n, *b);
+    }
+    for (t, (n, b)) in total.names_replaced.iter_mut().zip(now.names_replaced.iter().zip(&before.names_replaced)) {
+        *t += new(*n, *b);
+    }
+}
+
+/// One input message: routed by the task of its partition (none: not ours);
+/// a refused one is kept for the dead-letter topic if `keep_refused`.
+fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message, keep_refused: bool) {
     if let Some(task) = tasks.get_mut(&m.partition()) {
-        task.read(m.offset(), m.payload().unwrap_or_default());
+        task.read(m.offset(), m.payload().unwrap_or_default(), keep_refused);
     }
 }
 
@@ -465,7 +524,7 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
                 record = r;
                 producer.poll(Duration::from_millis(10));
             }
-            Err((e, r)) => return Err(format!("producing a record to {}: {e}", r.topic).into()),
+            Err((error, r)) => return Err(ScaleError::Produce { topic: r.topic.to_string(), error }),
         }
     }
 }

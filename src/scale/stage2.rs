@@ -220,15 +220,16 @@ impl Stage2 {
         super::read_partition(&self.o, &topic, d, Offset::Beginning, |_, key, payload| {
             let Some(key) = key else { return Ok(()) };
             let value =
-                payload.map(wire::decode_changelog_value).transpose().map_err(|e| format!("{topic}/{d}: {e}"))?;
+                payload.map(wire::decode_changelog_value).transpose().map_err(|e| e.at(format!("{topic}/{d}")))?;
             latest.insert(key.to_vec(), value);
             Ok(())
         })?;
         for (key, value) in latest {
             let Some((offset, value)) = value else { continue };
-            let (point, p) = wire::decode_changelog_key(&key).map_err(|e| format!("{topic}/{d}: {e}"))?;
+            let (point, p) = wire::decode_changelog_key(&key).map_err(|e| e.at(format!("{topic}/{d}")))?;
             if p as usize >= self.inputs {
-                return Err(format!("{topic}/{d} names input partition {p}; the input has {}", self.inputs).into());
+                let why = format!("names input partition {p}; the input has {}", self.inputs);
+                return Err(ScaleError::Wire(why).at(format!("{topic}/{d}")));
             }
             match point {
                 None => task.state.mark(p, offset, value),
@@ -255,13 +256,16 @@ impl Stage2 {
                 let lag = super::lag(&self.consumer, &self.o.topic("deltas"), tasks);
                 self.stats.lag = lag as u64;
                 let s = &self.stats;
-                tracing::info!(
-                    "stage 2: {} tasks, {} delta records applied, {} transactions, {} upserts, delta lag {lag} records",
-                    self.tasks.len(),
-                    s.records,
-                    s.transactions,
-                    s.upserts
-                );
+                if self.o.status {
+                    tracing::info!(
+                        "stage 2: {} tasks, {} delta records applied, {} transactions, {} upserts, delta lag {lag} \
+                         records",
+                        self.tasks.len(),
+                        s.records,
+                        s.transactions,
+                        s.upserts
+                    );
+                }
             }
             let stopping = self.o.stopping(started);
             if stopping || Instant::now() >= next_trigger {
@@ -290,9 +294,9 @@ impl Stage2 {
             }
         }
         self.consumer.unsubscribe();
-        let report = self.sink.close().map_err(|e| e.to_string())?;
+        let report = self.sink.close()?;
         if report.undelivered > 0 {
-            return Err(format!("{} upserts could not be delivered", report.undelivered).into());
+            return Err(ScaleError::Undelivered(report.undelivered));
         }
         Ok(self.stats)
     }
@@ -306,7 +310,7 @@ impl Stage2 {
         let (topic, deltas_topic) = (self.o.topic("totals"), self.o.topic("deltas"));
         let acked = self.sink.unacknowledged_flushes() == 0;
         let session_timeout = self.o.session_timeout();
-        let meta = self.consumer.group_metadata().ok_or("stage 2: no consumer group metadata")?;
+        let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(2))?;
         let mut points: Vec<Point> = Vec::new();
         for (&d, task) in self.tasks.iter_mut() {
             let forget = if acked { task.state.written_final } else { task.state.forgotten };
@@ -314,9 +318,8 @@ impl Stage2 {
             if idle && forget <= task.state.forgotten && task.next == task.committed && !task.rewrite {
                 continue; // nothing to commit or write
             }
-            let fail = |what: &str, e: rdkafka::error::KafkaError| {
-                format!("stage 2 transaction of {deltas_topic}/{d} ({what}): {e}")
-            };
+            let fail =
+                |step, error| ScaleError::Transaction { stage: 2, of: format!(" of {deltas_topic}/{d}"), step, error };
             task.producer.begin_transaction().map_err(|e| fail("begin", e))?;
             let catalog = &self.resolver.catalog;
             let mut bytes = 0u64;
@@ -369,7 +372,7 @@ impl Stage2 {
             task.state.totals.take_due(task.state.forgotten, &mut points);
             if let Some(next) = task.next {
                 let mut offsets = TopicPartitionList::new();
-                offsets.add_partition_offset(&deltas_topic, d, Offset::Offset(next)).map_err(|e| e.to_string())?;
+                offsets.add_partition_offset(&deltas_topic, d, Offset::Offset(next)).map_err(|e| fail("offsets", e))?;
                 let timeout = Duration::from_secs(30);
                 // The changelog reaches the broker before the offset (see stage 1).
                 task.producer.flush(timeout).map_err(|e| fail("flush", e))?;
@@ -383,26 +386,24 @@ impl Stage2 {
             // only a pause of the whole process as long as the session timeout
             // can have let another instance take the task meanwhile.
             if committing.elapsed() >= session_timeout {
-                return Err(format!(
-                    "stage 2: the commit of {deltas_topic}/{d} returned after {} ms (the session timeout is {} ms): \
-                     this instance may have been paused and replaced; stopping without writing",
-                    committing.elapsed().as_millis(),
-                    session_timeout.as_millis()
-                )
-                .into());
+                return Err(ScaleError::Paused {
+                    task: format!("{deltas_topic}/{d}"),
+                    took_ms: committing.elapsed().as_millis(),
+                    timeout_ms: session_timeout.as_millis(),
+                });
             }
             self.stats.transactions += 1;
             self.stats.changelog_bytes += bytes;
             if !points.is_empty() {
                 let namer = Namer::new(catalog);
-                self.sink.write(&points, &namer).map_err(|e| e.to_string())?;
+                self.sink.write(&points, &namer)?;
                 self.stats.upserts += points.len() as u64;
             }
             task.state.written_final = task.state.final_bound();
         }
         self.stats.tasks = self.tasks.len() as u64;
         self.write_health()?;
-        self.sink.flush().map_err(|e| e.to_string())?;
+        self.sink.flush()?;
         Ok(())
     }
 
@@ -411,7 +412,7 @@ impl Stage2 {
         let s1 = crate::failures::lock(&self.figures).clone();
         let points = super::health_points(&s1, &self.stats, &self.o.dc, &self.o.instance);
         let due = self.health_writes.due(&points);
-        self.sink.write_health(crate::clock::now_ms(), &due).map_err(|e| e.to_string())?;
+        self.sink.write_health(crate::clock::now_ms(), &due)?;
         if let Some(p) = &self.o.published {
             let write_latency = self.sink.health().latency;
             *crate::failures::lock(&p.health) = crate::serve::Snapshot { points, write_latency };
@@ -434,10 +435,10 @@ fn handle(
         return Ok(());
     }
     task.next = Some(offset + 1);
-    let bad = |why: ScaleError| ScaleError(format!("{}/{d}@{offset}: {why}", m.topic()));
-    let record = DeltaRecord::decode(m.payload().unwrap_or_default()).map_err(bad)?;
+    let at = || format!("{}/{d}@{offset}", m.topic());
+    let record = DeltaRecord::decode(m.payload().unwrap_or_default()).map_err(|e| e.at(at()))?;
     if record.partition as usize >= inputs {
-        return Err(bad(format!("input partition {} of {inputs}", record.partition).into()));
+        return Err(ScaleError::Wire(format!("input partition {} of {inputs}", record.partition)).at(at()));
     }
     stats.records += 1;
     for (id, value) in &record.entries {

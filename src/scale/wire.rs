@@ -90,7 +90,7 @@ fn get_var(d: &mut Dec<'_>) -> Result<u64, ScaleError> {
             return Ok(v);
         }
     }
-    Err("a varint longer than 10 bytes".into())
+    Err(ScaleError::Wire("a varint longer than 10 bytes".into()))
 }
 
 /// A signed varint (zigzag: small magnitudes are short either side of 0).
@@ -114,7 +114,7 @@ fn get_text(d: &mut Dec<'_>) -> Result<String, ScaleError> {
     for _ in 0..n {
         bytes.push(d.u8()?);
     }
-    String::from_utf8(bytes).map_err(|_| "a name is not UTF-8".into())
+    String::from_utf8(bytes).map_err(|_| ScaleError::Wire("a name is not UTF-8".into()))
 }
 
 /// A stage-1 task's output for one delta partition at one trigger.
@@ -219,27 +219,28 @@ impl DeltaRecord {
         let mut d = Dec::new(bytes);
         let v = d.u8()?;
         if v != DELTA_VERSION {
-            return Err(format!("delta record version {v}, this build reads {DELTA_VERSION}").into());
+            return Err(ScaleError::Wire(format!("delta record version {v}, this build reads {DELTA_VERSION}")));
         }
         let (partition, offset, watermark, base) = (d.u32()?, d.i64()?, d.i64()?, d.i64()?);
         let unit = get_var(&mut d)? as i64;
         let left = |d: &Dec<'_>| bytes.len() - d.clone_position();
         let n = get_var(&mut d)?;
         if n > left(&d) as u64 {
-            return Err(format!("a delta record's name table of {n} names exceeds its bytes").into());
+            return Err(ScaleError::Wire(format!("a delta record's name table of {n} names exceeds its bytes")));
         }
         let names = (0..n).map(|_| get_text(&mut d)).collect::<Result<Vec<String>, _>>()?;
-        let name = |i: u64| names.get(i as usize).cloned().ok_or_else(|| ScaleError(format!("name index {i} of {n}")));
+        let name =
+            |i: u64| names.get(i as usize).cloned().ok_or_else(|| ScaleError::Wire(format!("name index {i} of {n}")));
         let n = get_var(&mut d)?;
         // Every entry is at least 7 bytes: a corrupt count cannot allocate wildly.
         if n.saturating_mul(7) > left(&d) as u64 {
-            return Err(format!("a delta record's {n} entries exceed its bytes").into());
+            return Err(ScaleError::Wire(format!("a delta record's {n} entries exceed its bytes")));
         }
         let mut entries = Vec::with_capacity(n as usize);
         for _ in 0..n {
             let kind = d.u8()?;
             if kind > MetricKind::ValueSqFm as u8 {
-                return Err(format!("unknown metric kind {kind}").into());
+                return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
             }
             let variation_id = get_ivar(&mut d)?;
             let mp = match get_var(&mut d)? {
@@ -252,7 +253,7 @@ impl DeltaRecord {
             entries.push((id, get_ivar(&mut d)?));
         }
         if !d.is_done() {
-            return Err("a delta record has bytes after its entries".into());
+            return Err(ScaleError::Wire("a delta record has bytes after its entries".into()));
         }
         Ok(DeltaRecord { partition, offset, watermark, entries })
     }
@@ -329,32 +330,35 @@ pub fn changelog_key(point: Option<&PointId>, partition: u32) -> Vec<u8> {
 fn format_byte(d: &mut Dec<'_>, what: &str) -> Result<(), ScaleError> {
     match d.u8()? {
         CHANGELOG_FORMAT => Ok(()),
-        b => Err(format!("changelog {what} of another format (first byte {b:#x}): start a new group").into()),
+        b => {
+            Err(ScaleError::Wire(format!("changelog {what} of another format (first byte {b:#x}): start a new group")))
+        }
     }
 }
 
 pub fn decode_changelog_key(bytes: &[u8]) -> Result<(Option<PointId>, u32), ScaleError> {
     let mut d = Dec::new(bytes);
     format_byte(&mut d, "key")?;
-    let partition = u32::try_from(get_var(&mut d)?).map_err(|_| "a changelog key's partition is out of range")?;
+    let partition = u32::try_from(get_var(&mut d)?)
+        .map_err(|_| ScaleError::Wire("a changelog key's partition is out of range".into()))?;
     if d.is_done() {
         return Ok((None, partition));
     }
     let kind = d.u8()?;
     if kind > MetricKind::ValueSqFm as u8 {
-        return Err(format!("unknown metric kind {kind}").into());
+        return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
     }
     let variation_id = get_ivar(&mut d)?;
     let mp = match get_var(&mut d)? {
         0 => None,
         n => {
             let bytes = (0..n - 1).map(|_| d.u8()).collect::<Result<Vec<u8>, _>>()?;
-            Some(String::from_utf8(bytes).map_err(|_| "a name is not UTF-8")?)
+            Some(String::from_utf8(bytes).map_err(|_| ScaleError::Wire("a name is not UTF-8".into()))?)
         }
     };
     let (device, login, minute) = (get_text(&mut d)?, get_text(&mut d)?, get_ivar(&mut d)?);
     if !d.is_done() {
-        return Err("a changelog key has bytes after its point".into());
+        return Err(ScaleError::Wire("a changelog key has bytes after its point".into()));
     }
     Ok((Some(PointId { kind, variation_id, mp, device, login, minute }), partition))
 }
@@ -418,7 +422,7 @@ mod tests {
         // A changelog of the first format (fixed-width, no format byte): refused, not misread.
         let mut v1 = Vec::new();
         v1.extend_from_slice(&5u32.to_le_bytes());
-        assert!(decode_changelog_key(&v1).unwrap_err().0.contains("another format"));
+        assert!(decode_changelog_key(&v1).unwrap_err().to_string().contains("another format"));
         assert!(decode_changelog_value(&[0; 16]).is_err());
         let c = encode_chunk(1, 2, 42, 0, 1, b"abc");
         let c = decode_chunk(&c).unwrap();
@@ -463,7 +467,7 @@ mod tests {
         let mut bad = one.encode();
         let at = bad.len() - 4; // the entry's device index
         bad[at] = 9;
-        assert!(DeltaRecord::decode(&bad).unwrap_err().0.contains("name index"), "{bad:?}");
+        assert!(DeltaRecord::decode(&bad).unwrap_err().to_string().contains("name index"), "{bad:?}");
     }
 
     #[test]

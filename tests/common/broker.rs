@@ -77,6 +77,37 @@ impl Broker {
     }
 
     /// `HOST:PORT` for clients.
+    /// Reads up to `n` messages of `topic` from the start (60 s at most):
+    /// payload and headers of each.
+    pub fn read_topic(&self, topic: &str, n: usize) -> Vec<(Vec<u8>, std::collections::BTreeMap<String, String>)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.addr())
+            .set("group.id", "test-reader")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                let mut headers = std::collections::BTreeMap::new();
+                if let Some(h) = m.headers() {
+                    for hd in h.iter() {
+                        let v = hd.value.map(|v| String::from_utf8_lossy(v).to_string()).unwrap_or_default();
+                        headers.insert(hd.key.to_string(), v);
+                    }
+                }
+                out.push((m.payload().unwrap_or_default().to_vec(), headers));
+            }
+        }
+        out
+    }
+
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.proxy.port)
     }
