@@ -45,7 +45,7 @@ sleep 1
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 # Bytes the broker received on its open connections so far.
-read_of() { ss -tin state established "( sport = :$port )" | grep -o 'bytes_received:[0-9]*' | awk -F: '{s += $2} END {print s + 0}'; }
+read_of() { ss -tin state established "( sport = :$port )" | { grep -o 'bytes_received:[0-9]*' || true; } | awk -F: '{s += $2} END {print s + 0}'; }
 
 report=$(perf_report scale-out)
 topic="kafka://127.0.0.1:$port/peak?partitions=8"
