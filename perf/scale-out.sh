@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The scale-out runs need --status true: their 10-s lines tell when they caught up.)
 # Scale-out against the single-instance path: pre-fill an 8-partition topic on
 # a local Tansu broker with `peak` events, read it once with one ordinary
 # instance (`until_end=true`, null sink), then with 1, 2 and 3 `--scale-out`
@@ -79,7 +80,7 @@ perf_section "$report" "$line" "$cmd --source '$source'" "$out"
 for n in $INSTANCES; do
   group="scale-$n"
   source="kafka://127.0.0.1:$port/peak?group=$group&$options${EXTRA:+&$EXTRA}"
-  cmd="./target/release/expmon run --scale-out --config $config --sink null --status false --trigger $TRIGGER --metrics-addr off --snapshot-every $SNAPSHOT_EVERY"
+  cmd="./target/release/expmon run --scale-out --config $config --sink null --status true --trigger $TRIGGER --metrics-addr off --snapshot-every $SNAPSHOT_EVERY"
   pids=()
   b0=$(cpu_of $broker)
   r0=$(read_of)
