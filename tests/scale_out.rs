@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 /// Starts one scale-out instance named `name` in group `group`.
 fn instance(dir: &Expmon, broker: &Broker, kairos: &KairosServer, group: &str, name: &str) -> Consumer {
-    instance_with(dir, broker, kairos, (group, name), "", "off")
+    instance_with(dir, broker, kairos, (group, name), "", "off", &[])
 }
 
 /// [`instance`] with more source options (`&key=value…`) and a `--metrics-addr`.
@@ -32,6 +32,7 @@ fn instance_with(
     (group, name): (&str, &str),
     more: &str,
     metrics: &str,
+    args: &[&str],
 ) -> Consumer {
     let source = format!(
         "kafka://{}/events?group={group}&session.timeout.ms=6000&heartbeat.interval.ms=500{more}",
@@ -42,6 +43,7 @@ fn instance_with(
         .args(["--scale-out", "--config", "demo.toml", "--source", &source])
         .args(["--sink", &format!("kairosdb:{}", kairos.url()), "--instance", name, "--trigger", "300ms"])
         .args(["--metrics-addr", metrics])
+        .args(args)
         .named(name)
         .spawn();
     Consumer { run, out: dir.path(&format!("{name}.none")) }
@@ -79,6 +81,13 @@ fn wait_for(kairos: &KairosServer, expected: &Totals, dc: &str, secs: u64, runs:
     }
 }
 
+/// Input messages the restores in `log` replayed (from their log lines).
+fn replayed(log: &str) -> u64 {
+    let counts =
+        log.lines().filter_map(|l| l.split(" messages replayed)").next().filter(|_| l.contains(" messages replayed)")));
+    counts.filter_map(|head| head.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
 /// The answer to `GET path` from `addr`, head and body.
 fn http_get(addr: &str, path: &str) -> String {
     use std::io::{Read, Write};
@@ -110,7 +119,7 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     // The single-instance path over the same events.
     assert_totals(&expected, &engine_totals(&config, &lines, 2));
     let metrics = format!("127.0.0.1:{}", free_port());
-    let mut run = instance_with(&dir, &broker, &kairos, ("g1", "a"), "&dead_letter=bad-events", &metrics);
+    let mut run = instance_with(&dir, &broker, &kairos, ("g1", "a"), "&dead_letter=bad-events", &metrics, &[]);
     wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
     // `/metrics` serves the instance's health figures; the results page says why it has none.
     let text = http_get(&metrics, "/metrics");
@@ -230,13 +239,17 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     let expected = reference(&config, &lines);
     let mut producer = dir.produce_paced(&broker, "events", &lines, 1_000);
     std::thread::sleep(Duration::from_secs(2));
-    let mut a = instance(&dir, &broker, &kairos, "g3", "a");
-    let mut b = instance(&dir, &broker, &kairos, "g3", "b");
+    // A snapshot every 50 triggers (15 s): a task snapshots at its first
+    // trigger and then rarely, so the kill below lands between snapshots
+    // and the new owners replay the input since them.
+    let every = ["--snapshot-every", "50"];
+    let mut a = instance_with(&dir, &broker, &kairos, ("g3", "a"), "", "off", &every);
+    let mut b = instance_with(&dir, &broker, &kairos, ("g3", "b"), "", "off", &every);
     std::thread::sleep(Duration::from_secs(8));
     let written = server_totals(&kairos, dc);
     assert!(!written.is_empty() && written != expected, "killed mid-run: some totals written, not all");
     a.kill(); // SIGKILL, mid-transaction or between two
-    let mut c = instance(&dir, &broker, &kairos, "g3", "c"); // joins later
+    let mut c = instance_with(&dir, &broker, &kairos, ("g3", "c"), "", "off", &every); // joins later
     std::thread::sleep(Duration::from_secs(6));
     // A zombie: paused past its session timeout (6 s), then awake again.
     b.run.signal("STOP");
@@ -254,6 +267,7 @@ fn three_instances_through_a_kill_a_join_a_leave_a_zombie_and_a_restart() {
     wait_for(&kairos, &expected, dc, 90, &[&c]);
     let c_log = c.stop(); // a graceful leave
     assert!(c_log.contains("restored at offset Some("), "state moved to the joiner: {c_log}");
+    assert!(replayed(&c_log) > 0, "the joiner replayed input since the snapshots: {c_log}");
     // `--status false` (the harness's): no 10-s figure lines in c's 20 s and more.
     assert!(!c_log.contains("input lag") && !c_log.contains("delta lag"), "{c_log}");
     // Then all restart, on the state in Kafka.

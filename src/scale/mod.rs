@@ -8,8 +8,8 @@
 //!   one clock: late drop and expiry follow the partition's own watermark)
 //!   and `SessionTable`, and at each trigger publishes, in one transaction,
 //!   the partition's absolute contribution to every point it touched (keyed
-//!   to the point's delta partition), its watermark mark, a snapshot of its
-//!   whole state, and its input offset.
+//!   to the point's delta partition), its watermark mark, its input offset,
+//!   and every `--snapshot-every` triggers a snapshot of its whole state.
 //! - [`stage2`] (group `<group>.s2`, `<group>.deltas`): a task per delta
 //!   partition keeps, per point and input partition, the latest contribution;
 //!   their sum is the point's total, written as an absolute upsert by the one
@@ -45,6 +45,13 @@
 //!    never writes the sink again. A stage-2 task also skips its sink write
 //!    (and stops) when its commit returned after the session timeout or
 //!    later: the process may have been paused and replaced meanwhile.
+//! 7. Snapshots every N triggers: a complete snapshot at offset `s` is the
+//!    state at `s` whoever wrote it (1). A new owner restores the newest one
+//!    at `s <= o` (`o` its committed offset) and replays `s..o` silently:
+//!    every record those offsets produced was in a transaction committed no
+//!    later than `o`'s, so stage 2 has it; the owner's first trigger then
+//!    publishes, stamped past `o`, the points touched after `o`, as the old
+//!    owner would have (2, 3).
 
 pub mod stage1;
 pub mod stage2;
@@ -92,7 +99,7 @@ pub enum ScaleError {
     #[error("snapshot {at}: {source}")]
     Snapshot { at: String, source: Box<ScaleError> },
     #[error(
-        "input partition {input}/{partition} is committed at offset {offset} but {state} has no snapshot at that offset"
+        "input partition {input}/{partition} is committed at offset {offset} but {state} has no snapshot at or before that offset"
     )]
     NoSnapshot { input: String, partition: i32, offset: i64, state: String },
     /// A snapshot built under other engine settings or experiments.
@@ -147,6 +154,9 @@ pub struct ScaleOptions {
     pub base: Vec<(String, String)>,
     /// Partitions of `<group>.deltas` and `<group>.totals` when this instance creates them.
     pub delta_partitions: i32,
+    /// A stage-1 task writes its snapshot every this many triggers (and a
+    /// restore replays the input since the last one).
+    pub snapshot_every: u32,
     /// This instance's name (its stage-1 `transactional.id`).
     pub instance: String,
     pub trigger: Duration,
@@ -293,6 +303,12 @@ pub fn transactional_producer(o: &ScaleOptions, id: &str) -> Result<rdkafka::pro
     use rdkafka::producer::Producer;
     let mut c = o.client();
     c.set("transactional.id", id).set("transaction.timeout.ms", "30000").set("linger.ms", "5");
+    // The internal records repeat names and small numbers: lz4 (built into
+    // librdkafka) shrinks them for little CPU (docs/scale-out.md,
+    // "Measured"). A `compression.type` the user set wins.
+    if c.get("compression.type").is_none() {
+        c.set("compression.type", "lz4");
+    }
     // Settings meant for consumers only make librdkafka warn; producers skip them.
     for k in ["session.timeout.ms", "group.id", "auto.offset.reset", "statistics.interval.ms"] {
         c.remove(k);
@@ -325,6 +341,19 @@ pub fn read_partition(
     topic: &str,
     partition: i32,
     from: Offset,
+    each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+) -> Result<(), ScaleError> {
+    read_range(o, topic, partition, from, None, each)
+}
+
+/// [`read_partition`], stopping before offset `end` when given (the
+/// records at and past it are not passed to `each`).
+pub fn read_range(
+    o: &ScaleOptions,
+    topic: &str,
+    partition: i32,
+    from: Offset,
+    end: Option<i64>,
     mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
     let mut c = o.client();
@@ -336,7 +365,8 @@ pub fn read_partition(
     let (low, high) = reader
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(ScaleError::broker(format!("reading the end of {topic}/{partition}")))?;
-    if high <= low {
+    let high = end.map_or(high, |e| e.min(high));
+    if high <= low || matches!(from, Offset::Offset(f) if f >= high) {
         return Ok(());
     }
     let mut tpl = TopicPartitionList::new();
@@ -347,7 +377,9 @@ pub fn read_partition(
     loop {
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                each(m.offset(), m.key(), m.payload())?;
+                if m.offset() < high {
+                    each(m.offset(), m.key(), m.payload())?;
+                }
                 if m.offset() + 1 >= high {
                     return Ok(());
                 }
@@ -456,7 +488,7 @@ impl std::fmt::Display for ScaleSummary {
         write!(
             f,
             "scale-out: stage 1 read {} events ({} rejected, {} of them dead-lettered, {} late) in {} transactions, \
-             {} delta bytes, {} snapshot bytes, {} restores; stage 2 applied {} delta records in {} transactions, {} \
+             {} delta bytes, {} snapshot bytes, {} restores ({} messages replayed); stage 2 applied {} delta records in {} transactions, {} \
              changelog bytes, {} upserts, {} restores",
             a.router.events_in,
             a.router.rejected_total(),
@@ -466,6 +498,7 @@ impl std::fmt::Display for ScaleSummary {
             a.delta_bytes,
             a.snapshot_bytes,
             a.restores,
+            a.replayed,
             b.records,
             b.transactions,
             b.changelog_bytes,

@@ -6,11 +6,15 @@
 //!
 //! At every trigger one transaction (transactional.id `<group>.s1-<instance>`)
 //! carries, for every task: a [`DeltaRecord`] to each delta partition (the
-//! contributions that changed or were touched, and the watermark mark), a
-//! snapshot of the task's state at its offset to `<group>.state`, and the
-//! task's input offset. A task is built when its partition is assigned: from
-//! the snapshot taken at the group's committed offset, or empty. Every
-//! rebalance (eager) drops every task; nothing uncommitted survives it.
+//! contributions that changed or were touched, and the watermark mark) and
+//! the task's input offset; every `snapshot_every` triggers (and at a fresh
+//! task's first, after a restore that replayed, and when stopping) also a
+//! snapshot of the task's state at that offset to `<group>.state`. A task
+//! is built when its partition is assigned: from the newest snapshot at or
+//! before the group's committed offset, then the input from the snapshot to
+//! that offset replayed without publishing (`crate::scale`, step 7); or
+//! empty. Every rebalance (eager) drops every task; nothing uncommitted
+//! survives it.
 //!
 //! With the source option `dead_letter=T`, a message the router refuses is
 //! kept by its task until the trigger and copied to `T` in the same
@@ -53,6 +57,8 @@ pub struct Stage1Stats {
     pub restores: u64,
     /// Refused messages copied to the dead-letter topic (committed or not).
     pub dead_lettered: u64,
+    /// Input messages replayed silently by restores (not in `router`).
+    pub replayed: u64,
     /// Tasks held now.
     pub tasks: u64,
     /// Input messages not read yet by this instance's tasks (every 10 s).
@@ -77,7 +83,16 @@ struct Task {
     refused: Vec<(i64, Vec<u8>, crate::event::Reject)>,
     /// The [`config_hash`] of the config it runs under.
     config_hash: u64,
+    /// Committed triggers since the last snapshot of this task.
+    since_snapshot: u32,
+    /// The next commit carries a snapshot: a fresh task (a committed offset
+    /// always has a snapshot at or before it), or one whose restore replayed
+    /// input (so replays stay short across rebalances).
+    snapshot_due: bool,
 }
+
+/// A snapshot's chunks as they arrive (`None`: not yet).
+type Chunks = Vec<Option<Vec<u8>>>;
 
 impl Task {
     fn new(config: &Config, names: Names) -> Result<Task, ScaleError> {
@@ -98,7 +113,42 @@ impl Task {
             dirty: false,
             refused: Vec::new(),
             config_hash: config_hash(config),
+            since_snapshot: 0,
+            snapshot_due: true,
         })
+    }
+
+    /// One input message at `offset`: parsed, routed, sessionized; a refused
+    /// one is kept for the dead-letter topic if `keep_refused`.
+    fn read(&mut self, offset: i64, payload: &[u8], keep_refused: bool) {
+        if self.next.is_some_and(|n| offset < n) {
+            return; // read before the task's restore point
+        }
+        self.next = Some(offset + 1);
+        self.dirty = true;
+        let now = Some(crate::clock::now_ms());
+        match self.router.route(payload, 0, now) {
+            Ok(Some(_)) => self.apply_pending(),
+            Ok(None) => {}
+            Err(reason) if keep_refused => self.refused.push((offset, payload.to_vec(), reason)),
+            Err(_) => {}
+        }
+    }
+
+    /// What a trigger computes: the pending events applied, sessions expired
+    /// at the partition's watermark, the counters' deltas folded into the
+    /// contributions, and `points` the contributions touched since the last
+    /// trigger (the final ones forgotten). Returns the watermark.
+    fn advance(&mut self, deltas: &mut Vec<crate::aggregate::Delta>, points: &mut Vec<Point>) -> i64 {
+        self.apply_pending();
+        let wm = self.router.watermark();
+        self.sessions.expire(wm);
+        deltas.clear();
+        self.counters.drain(deltas);
+        self.contrib.apply(deltas);
+        points.clear();
+        self.contrib.take_due(final_before(wm), points);
+        wm
     }
 
     fn apply_pending(&mut self) {
@@ -140,6 +190,7 @@ impl Task {
         }
         task.contrib = Totals::restore(&totals);
         task.next = Some(next);
+        task.snapshot_due = false;
         Ok(task)
     }
 }
@@ -192,64 +243,110 @@ impl Stage1 {
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
         for p in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")? {
             let started = Instant::now();
-            let task = self.restore(p)?;
+            let (task, snapshot, replayed) = self.restore(p)?;
             tracing::info!(
-                "stage 1: partition {}/{p} assigned, restored at offset {:?} in {} ms",
+                "stage 1: partition {}/{p} assigned, restored at offset {:?} in {} ms (snapshot at {snapshot:?}, \
+                 {replayed} messages replayed)",
                 self.o.spec.topic,
                 task.next,
                 started.elapsed().as_millis()
             );
             self.stats.restores += 1;
+            self.stats.replayed += replayed;
             self.tasks.insert(p, task);
         }
         Ok(())
     }
 
-    /// The task of partition `p` as of the group's committed offset.
-    fn restore(&self, p: i32) -> Result<Task, ScaleError> {
+    /// The task of partition `p` as of the group's committed offset `o`: the
+    /// newest complete snapshot at an offset `s <= o`, then the input from
+    /// `s` to `o` replayed silently (`crate::scale`, step 7). Returns the
+    /// task, `s` (`None`: a fresh task) and the messages replayed.
+    fn restore(&self, p: i32) -> Result<(Task, Option<i64>, u64), ScaleError> {
         let Some(at) = super::committed(&self.consumer, &self.o.spec.topic, p)? else {
-            return Task::new(&self.config, Names::default());
+            return Ok((Task::new(&self.config, Names::default())?, None, 0));
         };
+        let (s, bytes) = self.find_snapshot(p, at)?;
         let topic = self.o.topic("state");
-        // The snapshot at `at` is among the last ones written: look there first.
+        let mut task = Task::restore(&self.config, &bytes, s)
+            .map_err(|e| ScaleError::Snapshot { at: format!("{topic}/{p}@{s}"), source: Box::new(e) })?;
+        let replayed = if s < at { self.replay(&mut task, p, s, at)? } else { 0 };
+        Ok((task, Some(s), replayed))
+    }
+
+    /// The newest complete snapshot of partition `p` at an offset no later
+    /// than `at`, and that offset. Any complete snapshot is a true state at
+    /// its offset, whoever wrote it (`crate::scale`, step 1); one past `at`
+    /// (an aborted or a zombie's transaction) is not used.
+    fn find_snapshot(&self, p: i32, at: i64) -> Result<(i64, Vec<u8>), ScaleError> {
+        let topic = self.o.topic("state");
+        // The one wanted is among the last ones written: look there first.
         for back in [64, i64::MAX] {
             let (low, high) = self
                 .consumer
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .map_err(ScaleError::broker(format!("reading the end of {topic}/{p}")))?;
             let from = high.saturating_sub(back).max(low);
-            let mut chunks: Vec<Option<Vec<u8>>> = Vec::new();
-            let mut id = None;
-            let mut done: Option<Vec<u8>> = None;
-            super::read_partition(&self.o, &topic, p, Offset::Offset(from), |_, _, payload| {
+            // Snapshots being assembled, by id: (offset, chunks).
+            let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
+            let mut best: Option<(i64, Vec<u8>)> = None;
+            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |_, _, payload| {
                 let Some(payload) = payload else { return Ok(()) };
                 let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
-                if c.offset != at || c.partition != p as u32 {
+                if c.offset > at || c.partition != p as u32 || best.as_ref().is_some_and(|(s, _)| c.offset < *s) {
                     return Ok(());
                 }
-                if id != Some(c.id) || chunks.len() != c.count as usize {
-                    id = Some(c.id);
-                    chunks = vec![None; c.count as usize];
-                }
+                let (_, chunks) = partial.entry(c.id).or_insert_with(|| (c.offset, vec![None; c.count as usize]));
                 let slot = chunks.get_mut(c.index as usize).ok_or_else(|| {
                     ScaleError::Wire(format!("chunk {} of {}", c.index, c.count)).at(format!("{topic}/{p}"))
                 })?;
                 *slot = Some(c.bytes.to_vec());
                 if chunks.iter().all(Option::is_some) {
-                    done = Some(chunks.iter().flat_map(|c| c.as_deref().unwrap_or_default()).copied().collect());
-                    chunks.clear();
+                    let (offset, chunks) = partial.remove(&c.id).expect("being assembled");
+                    best = Some((offset, chunks.into_iter().flatten().flatten().collect()));
+                    partial.retain(|_, (o, _)| *o >= offset);
                 }
                 Ok(())
             })?;
-            if let Some(bytes) = done {
-                return Task::restore(&self.config, &bytes, at)
-                    .map_err(|e| ScaleError::Snapshot { at: format!("{topic}/{p}@{at}"), source: Box::new(e) });
+            if let Some(found) = best {
+                return Ok(found);
             }
             if from == low {
                 break;
             }
         }
         Err(ScaleError::NoSnapshot { input: self.o.spec.topic.clone(), partition: p, offset: at, state: topic })
+    }
+
+    /// Reads input offsets `from..to` of partition `p` into `task` silently:
+    /// every record they produced (deltas, dead letters) was committed by the
+    /// run that read them first (its commit of offset `to` carried them), and
+    /// stage 2 holds it.
+    fn replay(&self, task: &mut Task, p: i32, from: i64, to: i64) -> Result<u64, ScaleError> {
+        let topic = &self.o.spec.topic;
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(ScaleError::broker(format!("reading the start of {topic}/{p}")))?;
+        if low > from {
+            return Err(ScaleError::Wire(format!(
+                "input partition {topic}/{p}: its snapshot is at offset {from} but the partition now starts at {low} \
+                 (retention deleted the input a restore replays)"
+            )));
+        }
+        let mut n = 0u64;
+        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |offset, _, payload| {
+            task.read(offset, payload.unwrap_or_default(), false);
+            n += 1;
+            Ok(())
+        })?;
+        // The trigger the first run ended these offsets with, unpublished.
+        task.advance(&mut Vec::new(), &mut Vec::new());
+        task.next = Some(to);
+        task.dirty = false;
+        task.counted = task.router.stats.clone();
+        task.snapshot_due = true;
+        Ok(n)
     }
 
     pub fn run(mut self) -> Result<Stage1Stats, ScaleError> {
@@ -278,7 +375,7 @@ impl Stage1 {
             if stopping || Instant::now() >= next_trigger {
                 reload.check();
                 self.follow_assignment()?;
-                self.trigger()?;
+                self.trigger(stopping)?;
                 self.stats.tasks = self.tasks.len() as u64;
                 *crate::failures::lock(&self.figures) = self.stats.clone();
                 next_trigger = Instant::now() + self.o.trigger;
@@ -312,10 +409,11 @@ impl Stage1 {
         (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed)) != self.seen
     }
 
-    /// One transaction: every task's records, snapshot and offset.
-    fn trigger(&mut self) -> Result<(), ScaleError> {
-        // Tasks that read nothing since their last trigger have their
-        // snapshot and offset committed already: an idle trigger is free.
+    /// One transaction: every task's records, its input offset and, every
+    /// `snapshot_every` triggers (and when due or stopping), its snapshot.
+    fn trigger(&mut self, stopping: bool) -> Result<(), ScaleError> {
+        // Tasks that read nothing since their last trigger have their offset
+        // committed already (and a snapshot at or before it): an idle trigger is free.
         if !self.tasks.values().any(|t| t.dirty) {
             return Ok(());
         }
@@ -325,16 +423,10 @@ impl Stage1 {
         let mut offsets = TopicPartitionList::new();
         let mut points: Vec<Point> = Vec::new();
         let mut deltas = Vec::new();
+        let every = self.o.snapshot_every.max(1);
         for (&p, task) in self.tasks.iter_mut().filter(|(_, t)| t.dirty) {
             task.dirty = false;
-            task.apply_pending();
-            let wm = task.router.watermark();
-            task.sessions.expire(wm);
-            deltas.clear();
-            task.counters.drain(&mut deltas);
-            task.contrib.apply(&deltas);
-            points.clear();
-            task.contrib.take_due(final_before(wm), &mut points);
+            let wm = task.advance(&mut deltas, &mut points);
             add_since(&mut self.stats.router, &task.router.stats, &task.counted);
             task.counted = task.router.stats.clone();
             let Some(next) = task.next else { continue };
@@ -366,6 +458,15 @@ impl Stage1 {
                     send(&self.producer, record)?;
                 }
             }
+            offsets
+                .add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next))
+                .map_err(|e| fail("offsets", e))?;
+            if !(task.snapshot_due || stopping || task.since_snapshot + 1 >= every) {
+                task.since_snapshot += 1;
+                continue;
+            }
+            task.since_snapshot = 0;
+            task.snapshot_due = false;
             let snap = task.snapshot();
             let id = xxhash_rust::xxh3::xxh3_64(&snap) ^ std::process::id() as u64;
             let count = snap.len().div_ceil(wire::CHUNK_BYTES).max(1) as u32;
@@ -374,9 +475,6 @@ impl Stage1 {
                 self.stats.snapshot_bytes += bytes.len() as u64;
                 send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
             }
-            offsets
-                .add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next))
-                .map_err(|e| fail("offsets", e))?;
         }
         let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(1))?;
         let timeout = Duration::from_secs(30);
@@ -412,20 +510,8 @@ fn add_since(total: &mut RouterStats, now: &RouterStats, before: &RouterStats) {
 /// One input message: routed by the task of its partition (none: not ours);
 /// a refused one is kept for the dead-letter topic if `keep_refused`.
 fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message, keep_refused: bool) {
-    let (p, offset) = (m.partition(), m.offset());
-    let Some(task) = tasks.get_mut(&p) else { return };
-    if task.next.is_some_and(|n| offset < n) {
-        return; // read before the task's restore point
-    }
-    task.next = Some(offset + 1);
-    task.dirty = true;
-    let now = Some(crate::clock::now_ms());
-    let payload = m.payload().unwrap_or_default();
-    match task.router.route(payload, 0, now) {
-        Ok(Some(_)) => task.apply_pending(),
-        Ok(None) => {}
-        Err(reason) if keep_refused => task.refused.push((offset, payload.to_vec(), reason)),
-        Err(_) => {}
+    if let Some(task) = tasks.get_mut(&m.partition()) {
+        task.read(m.offset(), m.payload().unwrap_or_default(), keep_refused);
     }
 }
 
