@@ -392,7 +392,7 @@ impl MinuteCounters {
         out.append(&mut self.spilled);
         if !self.regions.is_empty() {
             let mean = self.cells().div_ceil(self.regions.len());
-            self.start_cells = (mean * 4).div_ceil(3).next_power_of_two().clamp(FIRST_CELLS, MAX_START_CELLS);
+            self.start_cells = (mean * 2).next_power_of_two().clamp(FIRST_CELLS, MAX_START_CELLS);
         }
         for mut r in self.regions.drain(..) {
             let (mp, device, login) =
