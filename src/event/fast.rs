@@ -44,6 +44,19 @@ impl<'a> Scan<'a> {
         self.b.get(self.i).copied()
     }
 
+    /// After an object's member: `,` (another follows: `false`) or `}` (the
+    /// object ends: `true`); anything else is not the fast subset.
+    #[inline]
+    fn object_ends(&mut self) -> Option<bool> {
+        let ends = match self.peek()? {
+            b',' => false,
+            b'}' => true,
+            _ => return None,
+        };
+        self.i += 1;
+        Some(ends)
+    }
+
     /// A string with no escapes and no control characters.
     #[inline]
     fn string(&mut self) -> Option<&'a str> {
@@ -160,13 +173,8 @@ impl<'a> Scan<'a> {
             let key = self.string()?;
             self.eat(b':')?;
             member(self, key)?;
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if self.object_ends()? {
+                return Some(());
             }
         }
     }
@@ -203,13 +211,8 @@ impl<'a> Scan<'a> {
                 }
                 out.push((exp, v));
             }
-            match self.peek()? {
-                b',' => self.i += 1,
-                b'}' => {
-                    self.i += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if self.object_ends()? {
+                return Some(());
             }
         }
     }

@@ -93,6 +93,15 @@ fn get_var(d: &mut Dec<'_>) -> Result<u64, ScaleError> {
     Err(ScaleError::Wire("a varint longer than 10 bytes".into()))
 }
 
+/// A metric kind's byte, refused unless some [`MetricKind`] has it.
+fn get_kind(d: &mut Dec<'_>) -> Result<u8, ScaleError> {
+    let kind = d.u8()?;
+    if kind > MetricKind::ValueSqFm as u8 {
+        return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
+    }
+    Ok(kind)
+}
+
 /// A signed varint (zigzag: small magnitudes are short either side of 0).
 fn put_ivar(e: &mut Enc, v: i64) {
     put_var(e, ((v << 1) ^ (v >> 63)) as u64);
@@ -238,10 +247,7 @@ impl DeltaRecord {
         }
         let mut entries = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let kind = d.u8()?;
-            if kind > MetricKind::ValueSqFm as u8 {
-                return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
-            }
+            let kind = get_kind(&mut d)?;
             let variation_id = get_ivar(&mut d)?;
             let mp = match get_var(&mut d)? {
                 0 => None,
@@ -344,10 +350,7 @@ pub fn decode_changelog_key(bytes: &[u8]) -> Result<(Option<PointId>, u32), Scal
     if d.is_done() {
         return Ok((None, partition));
     }
-    let kind = d.u8()?;
-    if kind > MetricKind::ValueSqFm as u8 {
-        return Err(ScaleError::Wire(format!("unknown metric kind {kind}")));
-    }
+    let kind = get_kind(&mut d)?;
     let variation_id = get_ivar(&mut d)?;
     let mp = match get_var(&mut d)? {
         0 => None,
