@@ -343,20 +343,20 @@ pub fn read_partition(
     topic: &str,
     partition: i32,
     from: Offset,
-    each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
-    read_range(o, topic, partition, from, None, each)
+    read_range(o, topic, partition, from, None, |m| each(m.offset(), m.key(), m.payload()))
 }
 
 /// [`read_partition`], stopping before offset `end` when given (the
-/// records at and past it are not passed to `each`).
+/// records at and past it are not passed to `each`), `each` given the message.
 pub fn read_range(
     o: &ScaleOptions,
     topic: &str,
     partition: i32,
     from: Offset,
     end: Option<i64>,
-    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
     let mut c = o.client();
     c.set("group.id", format!("{}.restore", o.spec.group))
@@ -380,7 +380,7 @@ pub fn read_range(
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 if m.offset() < high {
-                    each(m.offset(), m.key(), m.payload())?;
+                    each(&m)?;
                 }
                 if m.offset() + 1 >= high {
                     return Ok(());

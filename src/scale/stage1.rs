@@ -134,15 +134,23 @@ impl Task {
         })
     }
 
-    /// One input message at `offset`: parsed, routed, sessionized; a refused
-    /// one is kept for the dead-letter topic if `keep_refused`.
-    fn read(&mut self, offset: i64, payload: &[u8], keep_refused: bool) {
+    /// One input message: parsed, routed, sessionized; a refused one is kept
+    /// for the dead-letter topic if `keep_refused`.
+    ///
+    /// `max_future` is measured from the message's Kafka timestamp, not the
+    /// wall clock: a replay must refuse exactly what the first read refused
+    /// (`crate::scale`, step 1), and the timestamp is in the log. It is the
+    /// producer's clock when the message was sent (or the broker's, with
+    /// `LogAppendTime`), a little before the wall clock of a live read; a
+    /// message without one falls back to the wall clock.
+    fn read(&mut self, m: &impl Message, keep_refused: bool) {
+        let (offset, payload) = (m.offset(), m.payload().unwrap_or_default());
         if self.next.is_some_and(|n| offset < n) {
             return; // read before the task's restore point
         }
         self.next = Some(offset + 1);
         self.dirty = true;
-        let now = Some(crate::clock::now_ms());
+        let now = Some(m.timestamp().to_millis().unwrap_or_else(crate::clock::now_ms));
         match self.router.route(payload, 0, now) {
             Ok(Some(_)) => self.apply_pending(),
             Ok(None) => {}
@@ -307,8 +315,8 @@ impl Stage1 {
             // Snapshots being assembled, by id: (offset, chunks).
             let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
             let mut best: Option<(i64, Vec<u8>)> = None;
-            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |_, _, payload| {
-                let Some(payload) = payload else { return Ok(()) };
+            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |m| {
+                let Some(payload) = m.payload() else { return Ok(()) };
                 let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
                 if c.offset > at || c.partition != p as u32 || best.as_ref().is_some_and(|(s, _)| c.offset < *s) {
                     return Ok(());
@@ -352,8 +360,8 @@ impl Stage1 {
             )));
         }
         let mut n = 0u64;
-        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |offset, _, payload| {
-            task.read(offset, payload.unwrap_or_default(), false);
+        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |m| {
+            task.read(m, false);
             n += 1;
             Ok(())
         })?;
@@ -568,7 +576,7 @@ fn add_since(total: &mut RouterStats, now: &RouterStats, before: &RouterStats) {
 /// a refused one is kept for the dead-letter topic if `keep_refused`.
 fn handle(tasks: &mut BTreeMap<i32, Owned>, m: &impl Message, keep_refused: bool) {
     if let Some(Owned { task, .. }) = tasks.get_mut(&m.partition()) {
-        task.read(m.offset(), m.payload().unwrap_or_default(), keep_refused);
+        task.read(m, keep_refused);
     }
 }
 
@@ -583,5 +591,39 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
             }
             Err((error, r)) => return Err(ScaleError::Produce { topic: r.topic.to_string(), error }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+
+    fn message(offset: i64, line: &str, sent_ms: i64) -> OwnedMessage {
+        let payload = Some(line.as_bytes().to_vec());
+        OwnedMessage::new(payload, None, "events".into(), Timestamp::CreateTime(sent_ms), 0, offset, None)
+    }
+
+    /// `max_future` counts from the message's timestamp, so a replay long
+    /// after the first read refuses the same events (and a wall clock that
+    /// has since passed an event's `ts` changes nothing).
+    #[test]
+    fn max_future_is_measured_from_the_message_timestamp_not_the_wall_clock() {
+        let config = Config::demo();
+        let future = config.engine.max_future_ms;
+        let ts = 1_767_225_600_000; // long before the wall clock of any run
+        let line = format!(r#"{{"ts":{ts},"tenant":"uswm","session":"s1","mp":"home_page"}}"#);
+        for (sent, refused) in [(ts - future - 1, 1), (ts - future, 0), (ts, 0)] {
+            let mut task = Task::new(&config, Names::default()).unwrap();
+            task.read(&message(0, &line, sent), false);
+            let r = &task.router.stats;
+            assert_eq!(r.events_in, 1);
+            assert_eq!(r.rejected[crate::event::Reject::TsFuture.index()], refused, "sent at {sent}");
+        }
+        // A message without a timestamp falls back to the wall clock.
+        let mut task = Task::new(&config, Names::default()).unwrap();
+        let m = OwnedMessage::new(Some(line.into_bytes()), None, "events".into(), Timestamp::NotAvailable, 0, 0, None);
+        task.read(&m, false);
+        assert_eq!(task.router.stats.rejected_total(), 0);
     }
 }
