@@ -11,6 +11,12 @@
 //! [`DeltaSums::from_deltas`] sums any list of deltas the same way (tests,
 //! and callers that hold deltas only).
 //!
+//! The builder finds a session cell's entries without hashing: per minute of
+//! the drain and per (device, login) segment, the entry of each variation in
+//! a dense vector over the catalog's variations (a drain's session regions
+//! share one minute and segment, and their cells differ in variation only);
+//! the vectors are kept and reset entry by entry after each drain.
+//!
 //! Invariant: the sums of a drain are exactly what summing its deltas gives,
 //! and each entry records which kinds had a delta (`seen`, one bit per kind,
 //! a zero delta included), since the consumers make an entry (a tenant's
@@ -90,13 +96,40 @@ impl DeltaSums {
     }
 }
 
-/// Sums being gathered: one entry per key, found by index; the maps keep
+/// No entry yet.
+const NONE: u32 = u32::MAX;
+
+/// The entry of each variation (by catalog index) for one key, or [`NONE`];
+/// as long as the largest variation seen.
+#[derive(Default)]
+struct ByVariation(Vec<u32>);
+
+impl ByVariation {
+    #[inline]
+    fn at(&mut self, variation: u32) -> &mut u32 {
+        let v = variation as usize;
+        if v >= self.0.len() {
+            self.0.resize(v + 1, NONE);
+        }
+        &mut self.0[v]
+    }
+}
+
+/// Sums being gathered: one entry per key, found by index; the indexes keep
 /// their memory from one drain to the next.
 #[derive(Default)]
 pub struct SumsBuilder {
     sums: DeltaSums,
-    sessions: AHashMap<(u32, i64), u32>,
-    segments: AHashMap<(u32, u16, u16), u32>,
+    /// The minutes of this drain's session sums, each with its entries.
+    minutes: Vec<(i64, ByVariation)>,
+    /// Indexes of minutes of earlier drains, reset, to reuse.
+    spare: Vec<ByVariation>,
+    /// Every segment seen, with this drain's entries, and where each is.
+    segments: Vec<((u16, u16), ByVariation)>,
+    segment_index: AHashMap<(u16, u16), usize>,
+    /// Where the last session cell's minute and segment are.
+    last_minute: usize,
+    last_segment: usize,
     visits: AHashMap<(u32, u16, i64), u32>,
 }
 
@@ -115,26 +148,61 @@ impl SumsBuilder {
         if assigned.is_none() && fm.is_none() {
             return;
         }
-        let next = self.sums.sessions.len() as u32;
-        let i = *self.sessions.entry((variation, minute)).or_insert(next);
-        if i == next {
+        if let Some(a) = assigned {
+            let g = self.segment((device, login));
+            let at = self.segments[g].1.at(variation);
+            if *at == NONE {
+                *at = self.sums.segments.len() as u32;
+                self.sums.segments.push(SegmentSum { variation, device, login, assigned: 0 });
+            }
+            self.sums.segments[*at as usize].assigned += a;
+        }
+        let m = self.minute(minute);
+        let at = self.minutes[m].1.at(variation);
+        if *at == NONE {
+            *at = self.sums.sessions.len() as u32;
             self.sums.sessions.push(SessionSum { variation, minute, assigned: 0, fm: 0, seen: 0 });
         }
-        let s = &mut self.sums.sessions[i as usize];
+        let s = &mut self.sums.sessions[*at as usize];
         if let Some(a) = assigned {
             s.assigned += a;
             s.seen |= SEEN_ASSIGNED;
-            let next = self.sums.segments.len() as u32;
-            let j = *self.segments.entry((variation, device, login)).or_insert(next);
-            if j == next {
-                self.sums.segments.push(SegmentSum { variation, device, login, assigned: 0 });
-            }
-            self.sums.segments[j as usize].assigned += a;
         }
         if let Some(f) = fm {
             s.fm += f;
             s.seen |= SEEN_FM;
         }
+    }
+
+    /// Where `minute`'s index is in `minutes`, added if new.
+    #[inline]
+    fn minute(&mut self, minute: i64) -> usize {
+        if self.minutes.get(self.last_minute).is_some_and(|m| m.0 == minute) {
+            return self.last_minute;
+        }
+        // A drain holds the few minutes of one interval (and late ones).
+        self.last_minute = match self.minutes.iter().position(|m| m.0 == minute) {
+            Some(i) => i,
+            None => {
+                self.minutes.push((minute, self.spare.pop().unwrap_or_default()));
+                self.minutes.len() - 1
+            }
+        };
+        self.last_minute
+    }
+
+    /// Where `segment`'s index is in `segments`, added if new.
+    #[inline]
+    fn segment(&mut self, segment: (u16, u16)) -> usize {
+        if self.segments.get(self.last_segment).is_some_and(|g| g.0 == segment) {
+            return self.last_segment;
+        }
+        let next = self.segments.len();
+        self.last_segment = *self.segment_index.entry(segment).or_insert(next);
+        if self.last_segment == next {
+            self.segments.push((segment, ByVariation::default()));
+        }
+        self.last_segment
     }
 
     /// Adds one visit cell's fm beta visits, `value.fm` and `value_sq.fm`
@@ -181,10 +249,18 @@ impl SumsBuilder {
 
     /// The sums gathered since the last take; the builder is empty again.
     pub fn take(&mut self) -> DeltaSums {
-        self.sessions.clear();
-        self.segments.clear();
+        let sums = std::mem::take(&mut self.sums);
+        for s in &sums.sessions {
+            let m = self.minute(s.minute);
+            *self.minutes[m].1.at(s.variation) = NONE;
+        }
+        for g in &sums.segments {
+            let i = self.segment((g.device, g.login));
+            *self.segments[i].1.at(g.variation) = NONE;
+        }
+        self.spare.extend(self.minutes.drain(..).map(|(_, index)| index));
         self.visits.clear();
-        std::mem::take(&mut self.sums)
+        sums
     }
 }
 
@@ -219,5 +295,40 @@ mod tests {
         let want =
             VisitSum { variation: 3, mp: 7, minute: 0, beta: 1, value, value_sq: 0, seen: SEEN_BETA | SEEN_VALUE };
         assert_eq!(sums.visits, [want], "over devices, exact beyond i64; other kinds ignored");
+    }
+
+    #[test]
+    fn a_builder_starts_every_drain_afresh_whatever_the_last_one_held() {
+        let d = |kind, v, device, login, minute, delta| Delta {
+            key: SeriesKey::new(kind, v, NO_MP, device, login),
+            minute,
+            delta,
+        };
+        let first = [
+            d(MetricKind::SessionAssigned, 9, 0, 1, 0, 2),
+            d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 1),
+            d(MetricKind::SessionFm, 2, 1, 1, 0, 1),
+        ];
+        // The same keys again and new ones: new minutes, segments, variations.
+        let second = [
+            d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 4),
+            d(MetricKind::SessionFm, 700, 1, 1, 120_000, 1),
+            d(MetricKind::SessionAssigned, 9, 0, 1, 120_000, 3),
+            d(MetricKind::SessionAssigned, 9, 2, 0, 0, 1),
+            d(MetricKind::SessionAssigned, 2, 1, 1, 0, 1),
+        ];
+        let mut b = SumsBuilder::default();
+        for round in 0..3 {
+            for delta in &first {
+                b.add_delta(delta);
+            }
+            assert_eq!(b.take(), DeltaSums::from_deltas(&first), "round {round}");
+            for delta in &second {
+                b.add_delta(delta);
+            }
+            assert_eq!(b.take(), DeltaSums::from_deltas(&second), "round {round}");
+        }
+        assert_eq!(DeltaSums::from_deltas(&second).sessions.len(), 5);
+        assert_eq!(DeltaSums::from_deltas(&second).segments.len(), 3);
     }
 }
