@@ -11,11 +11,12 @@
 //! [`DeltaSums::from_deltas`] sums any list of deltas the same way (tests,
 //! and callers that hold deltas only).
 //!
-//! The builder finds a session cell's entries without hashing: per minute of
-//! the drain and per (device, login) segment, the entry of each variation in
-//! a dense vector over the catalog's variations (a drain's session regions
-//! share one minute and segment, and their cells differ in variation only);
-//! the vectors are kept and reset entry by entry after each drain.
+//! The builder finds a cell's entries without hashing it: per minute, per
+//! (device, login) segment and per (mp, minute) of the drain, the entry of
+//! each variation in a dense vector over the catalog's variations (the cells
+//! of a region share its minute, segment and mp, and differ in variation
+//! only: one map lookup per region at most); the vectors are kept and reset
+//! entry by entry after each drain (~4 bytes × variations × keys of a drain).
 //!
 //! Invariant: the sums of a drain are exactly what summing its deltas gives,
 //! and each entry records which kinds had a delta (`seen`, one bit per kind,
@@ -115,22 +116,58 @@ impl ByVariation {
     }
 }
 
+/// Entry numbers by (key, variation): per key of a drain (a minute, a
+/// segment, an (mp, minute)) a dense index by variation, found through the
+/// last key used, else a map. Emptied after each drain, its indexes kept.
+struct Entries<K> {
+    keys: Vec<(K, ByVariation)>,
+    index: AHashMap<K, usize>,
+    last: usize,
+}
+
+impl<K> Default for Entries<K> {
+    fn default() -> Self {
+        Entries { keys: Vec::new(), index: AHashMap::new(), last: 0 }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Entries<K> {
+    /// The entry of `(key, variation)`, [`NONE`] if it has none yet; a new
+    /// key takes an index from `spare`.
+    #[inline]
+    fn at(&mut self, key: K, variation: u32, spare: &mut Vec<ByVariation>) -> &mut u32 {
+        if self.keys.get(self.last).is_none_or(|k| k.0 != key) {
+            let next = self.keys.len();
+            self.last = *self.index.entry(key).or_insert(next);
+            if self.last == next {
+                self.keys.push((key, spare.pop().unwrap_or_default()));
+            }
+        }
+        self.keys[self.last].1.at(variation)
+    }
+
+    /// Forgets every entry (`made`: each one's key and variation) and key;
+    /// the indexes, all [`NONE`] again, go to `spare`.
+    fn clear(&mut self, made: impl Iterator<Item = (K, u32)>, spare: &mut Vec<ByVariation>) {
+        for (key, variation) in made {
+            *self.at(key, variation, spare) = NONE;
+        }
+        spare.extend(self.keys.drain(..).map(|(_, index)| index));
+        self.index.clear();
+    }
+}
+
 /// Sums being gathered: one entry per key, found by index; the indexes keep
 /// their memory from one drain to the next.
 #[derive(Default)]
 pub struct SumsBuilder {
     sums: DeltaSums,
-    /// The minutes of this drain's session sums, each with its entries.
-    minutes: Vec<(i64, ByVariation)>,
-    /// Indexes of minutes of earlier drains, reset, to reuse.
+    /// By minute, by (device, login) segment, by (mp, minute).
+    sessions: Entries<i64>,
+    segments: Entries<(u16, u16)>,
+    visits: Entries<(u16, i64)>,
+    /// Indexes of earlier drains' keys, all [`NONE`], to reuse.
     spare: Vec<ByVariation>,
-    /// Every segment seen, with this drain's entries, and where each is.
-    segments: Vec<((u16, u16), ByVariation)>,
-    segment_index: AHashMap<(u16, u16), usize>,
-    /// Where the last session cell's minute and segment are.
-    last_minute: usize,
-    last_segment: usize,
-    visits: AHashMap<(u32, u16, i64), u32>,
 }
 
 impl SumsBuilder {
@@ -149,16 +186,14 @@ impl SumsBuilder {
             return;
         }
         if let Some(a) = assigned {
-            let g = self.segment((device, login));
-            let at = self.segments[g].1.at(variation);
+            let at = self.segments.at((device, login), variation, &mut self.spare);
             if *at == NONE {
                 *at = self.sums.segments.len() as u32;
                 self.sums.segments.push(SegmentSum { variation, device, login, assigned: 0 });
             }
             self.sums.segments[*at as usize].assigned += a;
         }
-        let m = self.minute(minute);
-        let at = self.minutes[m].1.at(variation);
+        let at = self.sessions.at(minute, variation, &mut self.spare);
         if *at == NONE {
             *at = self.sums.sessions.len() as u32;
             self.sums.sessions.push(SessionSum { variation, minute, assigned: 0, fm: 0, seen: 0 });
@@ -174,37 +209,6 @@ impl SumsBuilder {
         }
     }
 
-    /// Where `minute`'s index is in `minutes`, added if new.
-    #[inline]
-    fn minute(&mut self, minute: i64) -> usize {
-        if self.minutes.get(self.last_minute).is_some_and(|m| m.0 == minute) {
-            return self.last_minute;
-        }
-        // A drain holds the few minutes of one interval (and late ones).
-        self.last_minute = match self.minutes.iter().position(|m| m.0 == minute) {
-            Some(i) => i,
-            None => {
-                self.minutes.push((minute, self.spare.pop().unwrap_or_default()));
-                self.minutes.len() - 1
-            }
-        };
-        self.last_minute
-    }
-
-    /// Where `segment`'s index is in `segments`, added if new.
-    #[inline]
-    fn segment(&mut self, segment: (u16, u16)) -> usize {
-        if self.segments.get(self.last_segment).is_some_and(|g| g.0 == segment) {
-            return self.last_segment;
-        }
-        let next = self.segments.len();
-        self.last_segment = *self.segment_index.entry(segment).or_insert(next);
-        if self.last_segment == next {
-            self.segments.push((segment, ByVariation::default()));
-        }
-        self.last_segment
-    }
-
     /// Adds one visit cell's fm beta visits, `value.fm` and `value_sq.fm`
     /// deltas (`None`: that kind had none).
     #[inline]
@@ -212,12 +216,12 @@ impl SumsBuilder {
         if deltas.iter().all(Option::is_none) {
             return;
         }
-        let next = self.sums.visits.len() as u32;
-        let i = *self.visits.entry((variation, mp, minute)).or_insert(next);
-        if i == next {
+        let at = self.visits.at((mp, minute), variation, &mut self.spare);
+        if *at == NONE {
+            *at = self.sums.visits.len() as u32;
             self.sums.visits.push(VisitSum { variation, mp, minute, beta: 0, value: 0, value_sq: 0, seen: 0 });
         }
-        let s = &mut self.sums.visits[i as usize];
+        let s = &mut self.sums.visits[*at as usize];
         let [beta, value, value_sq] = deltas;
         if let Some(b) = beta {
             s.beta += b;
@@ -250,16 +254,10 @@ impl SumsBuilder {
     /// The sums gathered since the last take; the builder is empty again.
     pub fn take(&mut self) -> DeltaSums {
         let sums = std::mem::take(&mut self.sums);
-        for s in &sums.sessions {
-            let m = self.minute(s.minute);
-            *self.minutes[m].1.at(s.variation) = NONE;
-        }
-        for g in &sums.segments {
-            let i = self.segment((g.device, g.login));
-            *self.segments[i].1.at(g.variation) = NONE;
-        }
-        self.spare.extend(self.minutes.drain(..).map(|(_, index)| index));
-        self.visits.clear();
+        let spare = &mut self.spare;
+        self.sessions.clear(sums.sessions.iter().map(|s| (s.minute, s.variation)), spare);
+        self.segments.clear(sums.segments.iter().map(|g| ((g.device, g.login), g.variation)), spare);
+        self.visits.clear(sums.visits.iter().map(|s| ((s.mp, s.minute), s.variation)), spare);
         sums
     }
 }
@@ -304,18 +302,24 @@ mod tests {
             minute,
             delta,
         };
+        let visit = |kind, v, mp, minute, delta| Delta { key: SeriesKey::new(kind, v, mp, 1, 1), minute, delta };
         let first = [
             d(MetricKind::SessionAssigned, 9, 0, 1, 0, 2),
             d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 1),
             d(MetricKind::SessionFm, 2, 1, 1, 0, 1),
+            visit(MetricKind::ValueFm, 2, 4, 0, 7),
+            visit(MetricKind::VisitFmBeta, 9, 4, 0, 1),
         ];
-        // The same keys again and new ones: new minutes, segments, variations.
+        // The same keys again and new ones: new minutes, segments, mps, variations.
         let second = [
             d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 4),
             d(MetricKind::SessionFm, 700, 1, 1, 120_000, 1),
             d(MetricKind::SessionAssigned, 9, 0, 1, 120_000, 3),
             d(MetricKind::SessionAssigned, 9, 2, 0, 0, 1),
             d(MetricKind::SessionAssigned, 2, 1, 1, 0, 1),
+            visit(MetricKind::ValueSqFm, 2, 4, 0, 5),
+            visit(MetricKind::VisitFmBeta, 2, 5, 0, 1),
+            visit(MetricKind::ValueFm, 9, 4, 60_000, 3),
         ];
         let mut b = SumsBuilder::default();
         for round in 0..3 {
@@ -330,5 +334,6 @@ mod tests {
         }
         assert_eq!(DeltaSums::from_deltas(&second).sessions.len(), 5);
         assert_eq!(DeltaSums::from_deltas(&second).segments.len(), 3);
+        assert_eq!(DeltaSums::from_deltas(&second).visits.len(), 3);
     }
 }
