@@ -291,7 +291,7 @@ impl ExperimentHealth {
             };
             let now = row.experiments[x];
             let others_now = tenant_now - now[0];
-            for kind in 0..2 {
+            for (kind, &now) in now.iter().enumerate() {
                 let history: Vec<i64> = history
                     .iter()
                     .flatten()
@@ -302,7 +302,7 @@ impl ExperimentHealth {
                 self.stalled[x][kind] = history.len() >= STALL_MIN_HISTORY
                     && mean >= STALL_MIN_RATE
                     && others_now > 0
-                    && (now[kind] as f64) * self.stall_factor < mean;
+                    && (now as f64) * self.stall_factor < mean;
             }
         }
     }
@@ -317,7 +317,9 @@ impl ExperimentHealth {
         let mut segments: Vec<&Segment> = self.segments.iter().collect();
         segments.sort_by_key(|g| g.key);
         for (x, exp) in self.catalog.experiments.iter().enumerate() {
-            let of = |by_variation: &[i64]| -> Vec<i64> { exp.variations.iter().map(|&v| by_variation[v as usize]).collect() };
+            let of = |by_variation: &[i64]| -> Vec<i64> {
+                exp.variations.iter().map(|&v| by_variation[v as usize]).collect()
+            };
             let overall = of(&self.assigned);
             let assigned: i64 = overall.iter().sum();
             if (assigned == 0 && self.conflicts[x] == 0) || !exp.active {
