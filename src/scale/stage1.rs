@@ -262,23 +262,32 @@ impl Stage1 {
     /// Drops every task after a revoke; builds a task for every assigned
     /// partition that has none.
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
-        for p in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")? {
+        let todo = super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")?;
+        // The partitions restore side by side: the consumer is not polled
+        // meanwhile, and a rebalance waits for it (a restore is mostly
+        // waiting on the broker).
+        let this = &*self;
+        let built = super::in_parallel(&todo, |p| {
             let started = Instant::now();
             // Fence the previous owner first: its open transaction ends (and
             // with it the hold on read_committed readers), its commits fail
             // from now on, and the committed offset read next is final.
-            let producer = super::transactional_producer(&self.o, &format!("{}.s1-{p}", self.o.spec.group))?;
-            let (task, snapshot, replayed) = self.restore(p)?;
+            let producer = super::transactional_producer(&this.o, &format!("{}.s1-{p}", this.o.spec.group))?;
+            let (task, snapshot, replayed) = this.restore(p)?;
+            Ok::<_, ScaleError>((Owned { task, producer }, snapshot, replayed, started.elapsed()))
+        });
+        for (p, built) in built {
+            let (owned, snapshot, replayed, took) = built?;
             tracing::info!(
                 "stage 1: partition {}/{p} assigned, restored at offset {:?} in {} ms (snapshot at {snapshot:?}, \
                  {replayed} messages replayed)",
                 self.o.spec.topic,
-                task.next,
-                started.elapsed().as_millis()
+                owned.task.next,
+                took.as_millis()
             );
             self.stats.restores += 1;
             self.stats.replayed += replayed;
-            self.tasks.insert(p, Owned { task, producer });
+            self.tasks.insert(p, owned);
         }
         Ok(())
     }
@@ -425,7 +434,7 @@ impl Stage1 {
                 None => {}
             }
         }
-        self.consumer.unsubscribe();
+        super::leave(&self.consumer, &self.o, "stage 1");
         Ok(self.stats)
     }
 
