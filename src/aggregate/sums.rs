@@ -11,6 +11,13 @@
 //! [`DeltaSums::from_deltas`] sums any list of deltas the same way (tests,
 //! and callers that hold deltas only).
 //!
+//! The builder finds a cell's entries without hashing it: per minute, per
+//! (device, login) segment and per (mp, minute) of the drain, the entry of
+//! each variation in a dense vector over the catalog's variations (the cells
+//! of a region share its minute, segment and mp, and differ in variation
+//! only: one map lookup per region at most); the vectors are kept and reset
+//! entry by entry after each drain (~4 bytes × variations × keys of a drain).
+//!
 //! Invariant: the sums of a drain are exactly what summing its deltas gives,
 //! and each entry records which kinds had a delta (`seen`, one bit per kind,
 //! a zero delta included), since the consumers make an entry (a tenant's
@@ -90,14 +97,77 @@ impl DeltaSums {
     }
 }
 
-/// Sums being gathered: one entry per key, found by index; the maps keep
+/// No entry yet.
+const NONE: u32 = u32::MAX;
+
+/// The entry of each variation (by catalog index) for one key, or [`NONE`];
+/// as long as the largest variation seen.
+#[derive(Default)]
+struct ByVariation(Vec<u32>);
+
+impl ByVariation {
+    #[inline]
+    fn at(&mut self, variation: u32) -> &mut u32 {
+        let v = variation as usize;
+        if v >= self.0.len() {
+            self.0.resize(v + 1, NONE);
+        }
+        &mut self.0[v]
+    }
+}
+
+/// Entry numbers by (key, variation): per key of a drain (a minute, a
+/// segment, an (mp, minute)) a dense index by variation, found through the
+/// last key used, else a map. Emptied after each drain, its indexes kept.
+struct Entries<K> {
+    keys: Vec<(K, ByVariation)>,
+    index: AHashMap<K, usize>,
+    last: usize,
+}
+
+impl<K> Default for Entries<K> {
+    fn default() -> Self {
+        Entries { keys: Vec::new(), index: AHashMap::new(), last: 0 }
+    }
+}
+
+impl<K: Copy + Eq + std::hash::Hash> Entries<K> {
+    /// The entry of `(key, variation)`, [`NONE`] if it has none yet; a new
+    /// key takes an index from `spare`.
+    #[inline]
+    fn at(&mut self, key: K, variation: u32, spare: &mut Vec<ByVariation>) -> &mut u32 {
+        if self.keys.get(self.last).is_none_or(|k| k.0 != key) {
+            let next = self.keys.len();
+            self.last = *self.index.entry(key).or_insert(next);
+            if self.last == next {
+                self.keys.push((key, spare.pop().unwrap_or_default()));
+            }
+        }
+        self.keys[self.last].1.at(variation)
+    }
+
+    /// Forgets every entry (`made`: each one's key and variation) and key;
+    /// the indexes, all [`NONE`] again, go to `spare`.
+    fn clear(&mut self, made: impl Iterator<Item = (K, u32)>, spare: &mut Vec<ByVariation>) {
+        for (key, variation) in made {
+            *self.at(key, variation, spare) = NONE;
+        }
+        spare.extend(self.keys.drain(..).map(|(_, index)| index));
+        self.index.clear();
+    }
+}
+
+/// Sums being gathered: one entry per key, found by index; the indexes keep
 /// their memory from one drain to the next.
 #[derive(Default)]
 pub struct SumsBuilder {
     sums: DeltaSums,
-    sessions: AHashMap<(u32, i64), u32>,
-    segments: AHashMap<(u32, u16, u16), u32>,
-    visits: AHashMap<(u32, u16, i64), u32>,
+    /// By minute, by (device, login) segment, by (mp, minute).
+    sessions: Entries<i64>,
+    segments: Entries<(u16, u16)>,
+    visits: Entries<(u16, i64)>,
+    /// Indexes of earlier drains' keys, all [`NONE`], to reuse.
+    spare: Vec<ByVariation>,
 }
 
 impl SumsBuilder {
@@ -115,21 +185,23 @@ impl SumsBuilder {
         if assigned.is_none() && fm.is_none() {
             return;
         }
-        let next = self.sums.sessions.len() as u32;
-        let i = *self.sessions.entry((variation, minute)).or_insert(next);
-        if i == next {
+        if let Some(a) = assigned {
+            let at = self.segments.at((device, login), variation, &mut self.spare);
+            if *at == NONE {
+                *at = self.sums.segments.len() as u32;
+                self.sums.segments.push(SegmentSum { variation, device, login, assigned: 0 });
+            }
+            self.sums.segments[*at as usize].assigned += a;
+        }
+        let at = self.sessions.at(minute, variation, &mut self.spare);
+        if *at == NONE {
+            *at = self.sums.sessions.len() as u32;
             self.sums.sessions.push(SessionSum { variation, minute, assigned: 0, fm: 0, seen: 0 });
         }
-        let s = &mut self.sums.sessions[i as usize];
+        let s = &mut self.sums.sessions[*at as usize];
         if let Some(a) = assigned {
             s.assigned += a;
             s.seen |= SEEN_ASSIGNED;
-            let next = self.sums.segments.len() as u32;
-            let j = *self.segments.entry((variation, device, login)).or_insert(next);
-            if j == next {
-                self.sums.segments.push(SegmentSum { variation, device, login, assigned: 0 });
-            }
-            self.sums.segments[j as usize].assigned += a;
         }
         if let Some(f) = fm {
             s.fm += f;
@@ -144,12 +216,12 @@ impl SumsBuilder {
         if deltas.iter().all(Option::is_none) {
             return;
         }
-        let next = self.sums.visits.len() as u32;
-        let i = *self.visits.entry((variation, mp, minute)).or_insert(next);
-        if i == next {
+        let at = self.visits.at((mp, minute), variation, &mut self.spare);
+        if *at == NONE {
+            *at = self.sums.visits.len() as u32;
             self.sums.visits.push(VisitSum { variation, mp, minute, beta: 0, value: 0, value_sq: 0, seen: 0 });
         }
-        let s = &mut self.sums.visits[i as usize];
+        let s = &mut self.sums.visits[*at as usize];
         let [beta, value, value_sq] = deltas;
         if let Some(b) = beta {
             s.beta += b;
@@ -181,10 +253,12 @@ impl SumsBuilder {
 
     /// The sums gathered since the last take; the builder is empty again.
     pub fn take(&mut self) -> DeltaSums {
-        self.sessions.clear();
-        self.segments.clear();
-        self.visits.clear();
-        std::mem::take(&mut self.sums)
+        let sums = std::mem::take(&mut self.sums);
+        let spare = &mut self.spare;
+        self.sessions.clear(sums.sessions.iter().map(|s| (s.minute, s.variation)), spare);
+        self.segments.clear(sums.segments.iter().map(|g| ((g.device, g.login), g.variation)), spare);
+        self.visits.clear(sums.visits.iter().map(|s| ((s.mp, s.minute), s.variation)), spare);
+        sums
     }
 }
 
@@ -219,5 +293,47 @@ mod tests {
         let want =
             VisitSum { variation: 3, mp: 7, minute: 0, beta: 1, value, value_sq: 0, seen: SEEN_BETA | SEEN_VALUE };
         assert_eq!(sums.visits, [want], "over devices, exact beyond i64; other kinds ignored");
+    }
+
+    #[test]
+    fn a_builder_starts_every_drain_afresh_whatever_the_last_one_held() {
+        let d = |kind, v, device, login, minute, delta| Delta {
+            key: SeriesKey::new(kind, v, NO_MP, device, login),
+            minute,
+            delta,
+        };
+        let visit = |kind, v, mp, minute, delta| Delta { key: SeriesKey::new(kind, v, mp, 1, 1), minute, delta };
+        let first = [
+            d(MetricKind::SessionAssigned, 9, 0, 1, 0, 2),
+            d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 1),
+            d(MetricKind::SessionFm, 2, 1, 1, 0, 1),
+            visit(MetricKind::ValueFm, 2, 4, 0, 7),
+            visit(MetricKind::VisitFmBeta, 9, 4, 0, 1),
+        ];
+        // The same keys again and new ones: new minutes, segments, mps, variations.
+        let second = [
+            d(MetricKind::SessionAssigned, 2, 1, 1, 60_000, 4),
+            d(MetricKind::SessionFm, 700, 1, 1, 120_000, 1),
+            d(MetricKind::SessionAssigned, 9, 0, 1, 120_000, 3),
+            d(MetricKind::SessionAssigned, 9, 2, 0, 0, 1),
+            d(MetricKind::SessionAssigned, 2, 1, 1, 0, 1),
+            visit(MetricKind::ValueSqFm, 2, 4, 0, 5),
+            visit(MetricKind::VisitFmBeta, 2, 5, 0, 1),
+            visit(MetricKind::ValueFm, 9, 4, 60_000, 3),
+        ];
+        let mut b = SumsBuilder::default();
+        for round in 0..3 {
+            for delta in &first {
+                b.add_delta(delta);
+            }
+            assert_eq!(b.take(), DeltaSums::from_deltas(&first), "round {round}");
+            for delta in &second {
+                b.add_delta(delta);
+            }
+            assert_eq!(b.take(), DeltaSums::from_deltas(&second), "round {round}");
+        }
+        assert_eq!(DeltaSums::from_deltas(&second).sessions.len(), 5);
+        assert_eq!(DeltaSums::from_deltas(&second).segments.len(), 3);
+        assert_eq!(DeltaSums::from_deltas(&second).visits.len(), 3);
     }
 }

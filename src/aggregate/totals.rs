@@ -23,7 +23,7 @@
 use ahash::AHashMap;
 use std::collections::BTreeMap;
 
-use super::{Delta, SeriesKey};
+use super::{prefetch, Delta, SeriesKey};
 
 /// One upsert: the absolute total of a point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,20 +81,6 @@ const FIRST_SLOTS: usize = 1024;
 
 /// How many deltas ahead [`Totals::apply`] prefetches a slot.
 const AHEAD: usize = 16;
-
-/// Asks for the cache line of `p` (a hint: no effect on results).
-#[inline(always)]
-fn prefetch<T>(p: &T) {
-    // SAFETY: the intrinsic only needs SSE, which this build enables (the
-    // cfg); a prefetch never faults and reads nothing back, and `p` is a
-    // valid reference anyway.
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast())
-    };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-    let _ = p;
-}
 
 /// Where `key` starts probing in a table of `slots` (a power of two).
 #[inline]

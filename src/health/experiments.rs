@@ -34,7 +34,16 @@
 //!
 //! The counts are cumulative in this process: a restart (even from a
 //! checkpoint) starts them again.
+//!
+//! Layout (the writer adds every report's sums, tens of thousands per flush
+//! on sparse traffic): sums by variation are dense vectors over the
+//! catalog's variations, one per (device, login) segment for the segments'
+//! assignments, and the stall figures one row per minute, indexed by
+//! experiment and tenant. A report's sums, in a shard's drain order (a
+//! segment's and a minute's variations together), thus land in a few small
+//! arrays; what the points need per experiment is gathered at a trigger.
 
+use ahash::AHashMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -54,22 +63,34 @@ const STALL_MIN_HISTORY: usize = 3;
 /// A stall needs a recent mean of at least this many sessions per minute.
 const STALL_MIN_RATE: f64 = 5.0;
 
-/// Sessions per variation slot of one experiment, overall and per segment,
-/// and the sequential SRM monitor of each (`None`: overall), made at its
-/// first look.
-#[derive(Debug, Default, Clone)]
-struct Split {
-    overall: Vec<i64>,
-    segments: BTreeMap<(u16, u16), Vec<i64>>,
-    monitors: BTreeMap<Option<(u16, u16)>, SrmMonitor>,
+/// `session.assigned` of one (device, login) segment, by variation (index
+/// into the catalog's variations), over every minute.
+#[derive(Debug, Clone)]
+struct Segment {
+    key: (u16, u16),
+    assigned: Vec<i64>,
+}
+
+/// One minute's sessions for the stall judgement: per experiment
+/// `[assigned, fm]` over its variations and tags; per tenant the assigned
+/// sessions of all its experiments, `None` until a `session.assigned` delta
+/// of the tenant arrived (a tenant without one has no traffic that minute).
+#[derive(Debug, Clone)]
+struct MinuteRow {
+    experiments: Vec<[i64; 2]>,
+    tenants: Vec<Option<i64>>,
+}
+
+impl MinuteRow {
+    fn new(catalog: &Catalog) -> MinuteRow {
+        MinuteRow { experiments: vec![[0; 2]; catalog.experiments.len()], tenants: vec![None; catalog.tenants.len()] }
+    }
 }
 
 /// Running sums of one experiment for the lift comparisons, by variation
 /// slot, over every minute and tag.
 #[derive(Debug, Default, Clone)]
 struct LiftSums {
-    /// `session.fm.v`.
-    fm: Vec<i64>,
     /// Per mp id.
     mps: BTreeMap<u16, MpSums>,
 }
@@ -115,13 +136,21 @@ pub fn lift_arms(fm: &[i64], beta: &[i64], value: &[i128], value_sq: &[i128]) ->
 
 pub struct ExperimentHealth {
     catalog: Arc<Catalog>,
-    splits: Vec<Split>,
+    /// Per variation (catalog index): `session.assigned` and `session.fm`,
+    /// over every minute and tag.
+    assigned: Vec<i64>,
+    fm: Vec<i64>,
+    /// Every (device, login) segment seen, in the order first seen, and
+    /// where each is.
+    segments: Vec<Segment>,
+    segment_index: AHashMap<(u16, u16), usize>,
+    /// Per experiment: the sequential SRM monitor of each segment (`None`:
+    /// overall), made at its first look.
+    monitors: Vec<BTreeMap<Option<(u16, u16)>, SrmMonitor>>,
     lifts: Vec<LiftSums>,
     conflicts: Vec<u64>,
-    /// Per experiment and minute: `[assigned, fm]` sessions.
-    minutes: Vec<BTreeMap<i64, [i64; 2]>>,
-    /// Per tenant and minute: assigned sessions over all its experiments.
-    tenant_minutes: Vec<BTreeMap<i64, i64>>,
+    /// The minutes not yet judged and the history they are judged against.
+    minutes: BTreeMap<i64, MinuteRow>,
     /// Minutes before this have been judged for stalls.
     judged_before: i64,
     stalled: Vec<[bool; 2]>,
@@ -131,22 +160,16 @@ pub struct ExperimentHealth {
 impl ExperimentHealth {
     pub fn new(catalog: Arc<Catalog>) -> ExperimentHealth {
         let n = catalog.experiments.len();
-        let splits = catalog
-            .experiments
-            .iter()
-            .map(|x| Split { overall: vec![0; x.variations.len()], ..Split::default() })
-            .collect();
-        let lifts = catalog
-            .experiments
-            .iter()
-            .map(|x| LiftSums { fm: vec![0; x.variations.len()], mps: BTreeMap::new() })
-            .collect();
+        let v = catalog.variations.len();
         ExperimentHealth {
-            splits,
-            lifts,
+            assigned: vec![0; v],
+            fm: vec![0; v],
+            segments: Vec::new(),
+            segment_index: AHashMap::new(),
+            monitors: vec![BTreeMap::new(); n],
+            lifts: vec![LiftSums::default(); n],
             conflicts: vec![0; n],
-            minutes: vec![BTreeMap::new(); n],
-            tenant_minutes: vec![BTreeMap::new(); catalog.tenants.len()],
+            minutes: BTreeMap::new(),
             judged_before: i64::MIN,
             stalled: vec![[false; 2]; n],
             stall_factor: catalog.engine.stall_factor as f64,
@@ -156,13 +179,19 @@ impl ExperimentHealth {
 
     /// Uses a reloaded catalog: new experiments get empty figures.
     pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
-        let fresh = ExperimentHealth::new(catalog.clone());
-        let n = catalog.experiments.len();
-        self.splits.extend(fresh.splits.into_iter().skip(self.splits.len()));
-        self.lifts.extend(fresh.lifts.into_iter().skip(self.lifts.len()));
+        let (n, v) = (catalog.experiments.len(), catalog.variations.len());
+        self.assigned.resize(v, 0);
+        self.fm.resize(v, 0);
+        for g in &mut self.segments {
+            g.assigned.resize(v, 0);
+        }
+        self.monitors.resize(n, BTreeMap::new());
+        self.lifts.resize(n, LiftSums::default());
         self.conflicts.resize(n, 0);
-        self.minutes.resize(n, BTreeMap::new());
-        self.tenant_minutes.resize(catalog.tenants.len(), BTreeMap::new());
+        for row in self.minutes.values_mut() {
+            row.experiments.resize(n, [0; 2]);
+            row.tenants.resize(catalog.tenants.len(), None);
+        }
         self.stalled.resize(n, [false; 2]);
         self.catalog = catalog;
     }
@@ -174,28 +203,41 @@ impl ExperimentHealth {
 
     /// Takes in one shard report's sums of its deltas and new conflicts.
     pub fn observe_sums(&mut self, sums: &DeltaSums, conflicts: &[(u32, u64)]) {
+        // The sums of one minute come together: its row is found once per run.
+        let mut row: Option<(i64, &mut MinuteRow)> = None;
         for s in &sums.sessions {
             let info = &self.catalog.variations[s.variation as usize];
-            let (x, slot) = (info.experiment as usize, info.slot as usize);
-            let m = self.minutes[x].entry(s.minute).or_default();
-            m[0] += s.assigned;
-            m[1] += s.fm;
-            self.lifts[x].fm[slot] += s.fm;
+            if row.as_ref().is_none_or(|(minute, _)| *minute != s.minute) {
+                let catalog = &self.catalog;
+                row = Some((s.minute, self.minutes.entry(s.minute).or_insert_with(|| MinuteRow::new(catalog))));
+            }
+            let Some((_, m)) = row.as_mut() else { unreachable!("set just above") };
+            let e = &mut m.experiments[info.experiment as usize];
+            e[0] += s.assigned;
+            e[1] += s.fm;
+            self.fm[s.variation as usize] += s.fm;
             if s.seen & SEEN_ASSIGNED != 0 {
-                *self.tenant_minutes[info.tenant as usize].entry(s.minute).or_default() += s.assigned;
-                self.splits[x].overall[slot] += s.assigned;
+                *m.tenants[info.tenant as usize].get_or_insert(0) += s.assigned;
+                self.assigned[s.variation as usize] += s.assigned;
             }
         }
+        // Likewise a segment's: its vector is found once per run.
+        let mut at = usize::MAX;
         for g in &sums.segments {
-            let info = &self.catalog.variations[g.variation as usize];
-            let split = &mut self.splits[info.experiment as usize];
-            let n = split.overall.len();
-            split.segments.entry((g.device, g.login)).or_insert_with(|| vec![0; n])[info.slot as usize] += g.assigned;
+            let key = (g.device, g.login);
+            if self.segments.get(at).is_none_or(|s| s.key != key) {
+                let next = self.segments.len();
+                at = *self.segment_index.entry(key).or_insert(next);
+                if at == next {
+                    self.segments.push(Segment { key, assigned: vec![0; self.catalog.variations.len()] });
+                }
+            }
+            self.segments[at].assigned[g.variation as usize] += g.assigned;
         }
         for s in &sums.visits {
             let info = &self.catalog.variations[s.variation as usize];
             let lift = &mut self.lifts[info.experiment as usize];
-            let (n, slot) = (lift.fm.len(), info.slot as usize);
+            let (n, slot) = (self.catalog.experiments[info.experiment as usize].variations.len(), info.slot as usize);
             let mp = lift.mps.entry(s.mp).or_insert_with(|| MpSums::new(n));
             mp.beta[slot] += s.beta;
             mp.value[slot] += s.value;
@@ -216,52 +258,51 @@ impl ExperimentHealth {
         if final_before <= self.judged_before.max(i64::MIN + 1) {
             return;
         }
-        let mut due: Vec<i64> = self
-            .tenant_minutes
-            .iter()
-            .flat_map(|t| t.range(self.judged_before.max(i64::MIN + 1)..final_before).map(|(&m, _)| m))
+        // A minute with traffic: some tenant had a `session.assigned` delta.
+        let due: Vec<i64> = self
+            .minutes
+            .range(self.judged_before.max(i64::MIN + 1)..final_before)
+            .filter(|(_, row)| row.tenants.iter().any(Option::is_some))
+            .map(|(&m, _)| m)
             .collect();
-        due.sort_unstable();
-        due.dedup();
         for &minute in &due {
             self.judge_minute(minute);
         }
         if let Some(&last) = due.last() {
             self.judged_before = last + 1;
             let keep_from = last - STALL_HISTORY * MINUTE_MS;
-            for m in self.minutes.iter_mut() {
-                m.retain(|&k, _| k >= keep_from);
-            }
-            for m in self.tenant_minutes.iter_mut() {
-                m.retain(|&k, _| k >= keep_from);
-            }
+            self.minutes = self.minutes.split_off(&keep_from);
         }
     }
 
     fn judge_minute(&mut self, minute: i64) {
+        let Some(row) = self.minutes.get(&minute) else { return };
+        // The minutes before, newest first (`None`: no sessions at all then).
+        let history: Vec<Option<&MinuteRow>> =
+            (1..=STALL_HISTORY).map(|k| self.minutes.get(&(minute - k * MINUTE_MS))).collect();
         for (x, exp) in self.catalog.experiments.iter().enumerate() {
-            let tenant = &self.tenant_minutes[exp.tenant as usize];
             if !exp.active {
                 self.stalled[x] = [false, false]; // stopped on purpose
                 continue;
             }
-            if !tenant.contains_key(&minute) {
+            let t = exp.tenant as usize;
+            let Some(tenant_now) = row.tenants[t] else {
                 continue; // this tenant has no traffic then: nothing to judge
-            }
-            let minutes = &self.minutes[x];
-            let now = minutes.get(&minute).copied().unwrap_or([0, 0]);
-            let others_now = tenant.get(&minute).copied().unwrap_or(0) - now[0];
-            for kind in 0..2 {
-                let history: Vec<i64> = (1..=STALL_HISTORY)
-                    .map(|k| minute - k * MINUTE_MS)
-                    .filter(|m| tenant.get(m).copied().unwrap_or(0) > 0)
-                    .map(|m| minutes.get(&m).map_or(0, |c| c[kind]))
+            };
+            let now = row.experiments[x];
+            let others_now = tenant_now - now[0];
+            for (kind, &now) in now.iter().enumerate() {
+                let history: Vec<i64> = history
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.tenants[t].unwrap_or(0) > 0)
+                    .map(|r| r.experiments[x][kind])
                     .collect();
                 let mean = history.iter().sum::<i64>() as f64 / history.len().max(1) as f64;
                 self.stalled[x][kind] = history.len() >= STALL_MIN_HISTORY
                     && mean >= STALL_MIN_RATE
                     && others_now > 0
-                    && (now[kind] as f64) * self.stall_factor < mean;
+                    && (now as f64) * self.stall_factor < mean;
             }
         }
     }
@@ -272,9 +313,15 @@ impl ExperimentHealth {
         self.judge_stalls(final_before);
         let mut out = Vec::new();
         let cfg = SequentialConfig::default();
+        // Segments in key order, as the points list them.
+        let mut segments: Vec<&Segment> = self.segments.iter().collect();
+        segments.sort_by_key(|g| g.key);
         for (x, exp) in self.catalog.experiments.iter().enumerate() {
-            let split = &mut self.splits[x];
-            let assigned: i64 = split.overall.iter().sum();
+            let of = |by_variation: &[i64]| -> Vec<i64> {
+                exp.variations.iter().map(|&v| by_variation[v as usize]).collect()
+            };
+            let overall = of(&self.assigned);
+            let assigned: i64 = overall.iter().sum();
             if (assigned == 0 && self.conflicts[x] == 0) || !exp.active {
                 continue; // not seen yet, or stopped by a reload: nothing to say
             }
@@ -302,10 +349,11 @@ impl ExperimentHealth {
                 point("stall", &[("kind", name.to_string())], HealthValue::Int(stalled));
             }
             let names = &self.catalog.names;
-            let segments = std::iter::once((None, &split.overall))
-                .chain(split.segments.iter().map(|(&seg, counts)| (Some(seg), counts)));
-            for (seg, counts) in segments {
-                let Some(p) = srm_look(&mut split.monitors, seg, counts, &exp.weights) else { continue };
+            // A segment without sessions of the experiment is below the
+            // minimum: not looked at.
+            let looks = std::iter::once((None, overall)).chain(segments.iter().map(|g| (Some(g.key), of(&g.assigned))));
+            for (seg, counts) in looks {
+                let Some(p) = srm_look(&mut self.monitors[x], seg, &counts, &exp.weights) else { continue };
                 let (device, login) = match seg {
                     None => ("all".to_string(), "all".to_string()),
                     Some((d, l)) => (names.device.get(d).to_string(), names.login.get(l).to_string()),
@@ -315,10 +363,11 @@ impl ExperimentHealth {
                 point("srm_state", &seg, HealthValue::Int(srm_state(p)));
             }
             let lift = &self.lifts[x];
+            let fm = of(&self.fm);
             let variation_id = |slot: usize| self.catalog.variations[exp.variations[slot] as usize].id.to_string();
             for (&mp, sums) in &lift.mps {
                 let mp_name = names.mp.get(mp).to_string();
-                let arms = lift_arms(&lift.fm, &sums.beta, &sums.value, &sums.value_sq);
+                let arms = lift_arms(&fm, &sums.beta, &sums.value, &sums.value_sq);
                 for (metric, arms) in LIFT_METRICS.iter().zip(&arms) {
                     let tags = |slot: usize| {
                         vec![("variation", variation_id(slot)), ("mp", mp_name.clone()), ("metric", metric.to_string())]
