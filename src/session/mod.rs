@@ -418,6 +418,20 @@ impl Group {
         }
     }
 
+    /// Adds the changes `cell` to region `(tenant, mp, device, login,
+    /// minute(ts))`, as [`Group::add`] of each of them would.
+    #[inline]
+    fn add_cell(&mut self, counters: &mut MinuteCounters, region: (u16, u16, u16, u16, i64), cell: CellAdd) {
+        if region != self.region {
+            self.flush(counters);
+            self.region = region;
+        }
+        match self.cells.last_mut() {
+            Some(c) if c.variation() == cell.variation() => c.merge(&cell),
+            _ => self.cells.push(cell),
+        }
+    }
+
     fn flush(&mut self, counters: &mut MinuteCounters) {
         if !self.cells.is_empty() {
             let (tenant, mp, device, login, minute) = self.region;
@@ -433,6 +447,13 @@ impl Emit<'_> {
     #[inline]
     fn visit(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
         self.gather.visits.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// Visit-kind changes of one variation of `tenant` (which reports `mp`)
+    /// at `(mp, device, login, minute(ts))`, summed in `cell`.
+    #[inline]
+    fn visit_cell(&mut self, tenant: u16, mp: u16, device: u16, login: u16, ts: i64, cell: CellAdd) {
+        self.gather.visits.add_cell(self.counters, (tenant, mp, device, login, minute_of(ts)), cell);
     }
 
     /// A session-kind delta (`key.mp()` is [`NO_MP`]).
@@ -587,6 +608,7 @@ impl SessionTable {
             work.stats.overflow_dropped += 1;
             return;
         };
+        prefetch_visit_cells(cat, session, ev, out);
         // 1. Until an experiment's state changes, its view before the event is
         //    its view after it; a changed one snapshots its view first.
         let known = session.n_exps();
@@ -771,6 +793,24 @@ fn live_session<'s>(
             v.insert(Session::default())
         }
     }
+}
+
+/// Requests the counter cells the event's visits will most likely add to
+/// (its own region, one cell per experiment that reports its mp), so that
+/// they load while the event's changes are worked out.
+#[inline]
+fn prefetch_visit_cells(cat: Cat, session: &Session, ev: &SessionEvent, out: &mut MinuteCounters) {
+    let n = session.n_exps();
+    if n == 0 {
+        return;
+    }
+    let tenant = cat.hot.exps[session.exp(0).experiment as usize].tenant;
+    let variations = (0..n).filter_map(|i| {
+        let s = session.exp(i);
+        let x = cat.exp(s.experiment as u32);
+        (x.tenant() == tenant && x.reports(ev.mp)).then(|| x.variation(s.slot))
+    });
+    out.prefetch_cells(tenant, ev.mp, ev.device, ev.login, ev.ts, variations);
 }
 
 /// Records `ev` with the attributes and value it carries; its index, or
@@ -958,23 +998,29 @@ fn fast_in_order(
         return;
     }
     let view = session.view(s, x, cond_start);
-    let (v, mp, d, l) = (view.variation, e.mp, e.device, e.login as u16);
-    out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
+    let (mp, d, l) = (e.mp, e.device, e.login as u16);
+    // Every change lands in one cell (this variation, the event's region):
+    // summed here, handed on whole.
+    let mut cell = CellAdd::new(view.variation);
+    cell.add(MetricKind::VisitAssigned, 1);
     // In order, e is the greatest event: it is first iff no other visit of
     // its mp counts, i.e. the latest earlier visit of its mp is before the bound.
     let prior_since = |bound: i64| prior.is_some_and(|p| p >= bound);
     if !prior_since(a) {
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
+        cell.add(MetricKind::VisitAssignedBeta, 1);
     }
+    // An amount of 0 creates no point (as [`Emit::amount`]).
     let value = value as i64;
-    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
+    if value != 0 {
+        cell.add(MetricKind::ValueAssigned, value);
+    }
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
+        cell.add(MetricKind::VisitFm, 1);
         if !prior_since(f) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
+            cell.add(MetricKind::VisitFmBeta, 1);
         }
         if value != 0 {
-            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
+            cell.add(MetricKind::ValueFm, value);
             let last = events.len() - 1;
             let events = Events { base: session.base, cells: events, extras: session.extras() };
             let y: i64 = events
@@ -985,9 +1031,13 @@ fn fast_in_order(
                 })
                 .map(|(_, v)| v)
                 .sum();
-            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
+            let sq = square_step(y, value);
+            if sq != 0 {
+                cell.add(MetricKind::ValueSqFm, sq);
+            }
         }
     }
+    out.visit_cell(x.tenant(), mp, d, l, ts, cell);
 }
 
 #[inline]
