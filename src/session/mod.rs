@@ -614,12 +614,11 @@ impl SessionTable {
         let known = session.n_exps();
         work.before.clear();
         work.before.resize(known, Before::Same);
-        // 2. The event's assignments, then the conditions it meets.
+        // 2. The event's assignments, then (per experiment) the conditions
+        //    it meets and 3. its deltas at >= t.
         work.assign(cat, session, assigns, idx, in_order);
-        work.meet_conditions(cat, session, ev, attrs, idx, known);
-        // 3. Deltas at >= t.
         let mut out = Emit { counters: out, gather: &mut self.gather };
-        work.emit_deltas(cat, session, ev, idx, in_order, &mut out);
+        work.qualify_and_emit(cat, session, ev, attrs, idx, in_order, known, &mut out);
         out.finish();
     }
 }
@@ -697,73 +696,72 @@ impl Work {
         self.conflicts_by_experiment[x] += 1;
     }
 
-    /// SPEC §3 Qualification, for the `known` experiments assigned before the
-    /// event at `idx` (with attributes `attrs`): it becomes the first to meet
-    /// each of their conditions that it meets earlier than the first so far.
-    fn meet_conditions(
+    /// SPEC §3 Qualification and §4 correction step 3, one experiment at a
+    /// time (what an experiment's conditions and deltas depend on is its own
+    /// state and the events). For each of the `known` experiments assigned
+    /// before the event at `idx` (with attributes `attrs`), the event becomes
+    /// the first to meet each of its conditions that it meets earlier than
+    /// the first so far; then every experiment's deltas of the event at times
+    /// `>= t`, by the cheapest path exact for how the event changed its view.
+    #[allow(clippy::too_many_arguments)]
+    fn qualify_and_emit(
         &mut self,
         cat: Cat,
         session: &mut Session,
         ev: &SessionEvent,
         attrs: &[(u32, u32)],
         idx: u8,
+        in_order: bool,
         known: usize,
+        out: &mut Emit,
     ) {
+        let ord = Order { catalog: cat.catalog };
+        let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
         let mut cond_start = 0;
-        for i in 0..known {
-            let s = session.exp(i);
-            let x = cat.exp(s.experiment as u32);
-            for (j, c) in x.conds.iter().enumerate() {
-                if !c.tags_match(ev.mp, ev.device, ev.login) {
-                    continue;
-                }
-                let first = session.first_met(cond_start + j);
-                if (first == NONE || off < session.event(first as usize).off)
-                    && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
-                {
-                    self.snapshot(i, || session.view(&s, x, cond_start));
-                    session.set_first_met(cond_start + j, idx);
-                }
-            }
-            cond_start += x.n_conds();
-        }
-    }
-
-    /// SPEC §4 correction, step 3: for each experiment, the deltas of the
-    /// event at `idx` at times `>= t`, by the cheapest path exact for how the
-    /// event changed that experiment's view.
-    fn emit_deltas(&self, cat: Cat, session: &Session, ev: &SessionEvent, idx: u8, in_order: bool, out: &mut Emit) {
-        let ord = Order { catalog: cat.catalog };
-        let cells = session.event_cells();
-        let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
-        let extras = session.extras();
-        let events = Events { base: session.base, cells, extras };
-        let before_events = Events { base: session.base, cells: &cells[..idx as usize], extras };
-        let mut cond_start = 0;
-        for (i, before) in self.before.iter().enumerate() {
+        for i in 0..self.before.len() {
             let s = session.exp(i);
             let x = cat.exp(s.experiment as u32);
             let cs = cond_start;
             cond_start += x.n_conds();
-            match *before {
+            if i < known {
+                for (j, c) in x.conds.iter().enumerate() {
+                    if !c.tags_match(ev.mp, ev.device, ev.login) {
+                        continue;
+                    }
+                    // In order, the event is later than any that met it.
+                    let first = session.first_met(cs + j);
+                    if (first == NONE || (!in_order && off < session.event(first as usize).off))
+                        && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
+                    {
+                        self.snapshot(i, || session.view(&s, x, cs));
+                        session.set_first_met(cs + j, idx);
+                    }
+                }
+            }
+            let session = &*session;
+            let cells = session.event_cells();
+            let extras = session.extras();
+            let events = || Events { base: session.base, cells, extras };
+            let before_events = || Events { base: session.base, cells: &cells[..idx as usize], extras };
+            match self.before[i] {
                 Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::Same => {
                     let view = session.view(&s, x, cs);
                     let e = EvRec::from_cell(cells[idx as usize]);
-                    same_view_out_of_order(&ord, x, view, &before_events, e, ev.value as i64, out);
+                    same_view_out_of_order(&ord, x, view, &before_events(), e, ev.value as i64, out);
                 }
                 Before::Was(b) => {
                     let after = session.view(&s, x, cs);
                     if in_order && b == after {
                         fast_in_order(x, session, &s, cs, prior, ev.value, out);
                     } else {
-                        emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
-                        emit_from(&ord, x, after, &events, ev.ts, 1, out);
+                        emit_from(&ord, x, b, &before_events(), ev.ts, -1, out);
+                        emit_from(&ord, x, after, &events(), ev.ts, 1, out);
                     }
                 }
-                Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events, ev.ts, 1, out),
+                Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events(), ev.ts, 1, out),
             }
         }
     }
