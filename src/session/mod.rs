@@ -276,17 +276,16 @@ fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: 
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.session(x.tenant(), SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
+        let mut cell = CellAdd::new(v);
+        cell.add(MetricKind::SessionAssigned, sign);
+        out.session_cell(x.tenant(), a, cell);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.session(
-                    x.tenant(),
-                    SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
-                    first.ts,
-                    sign,
-                );
+                let mut cell = CellAdd::new(v);
+                cell.add(MetricKind::SessionFm, sign);
+                out.session_cell(x.tenant(), first, cell);
             }
         }
     }
@@ -298,25 +297,31 @@ fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: 
         if !x.reports(e.mp) {
             continue;
         }
-        let (mp, d, l) = (e.mp, e.device, e.login as u16);
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
+        // The event's changes share its region and this variation: one cell.
+        let mut cell = CellAdd::new(v);
+        cell.add(MetricKind::VisitAssigned, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
+            cell.add(MetricKind::VisitAssignedBeta, sign);
         }
+        // An amount of 0 creates no point (as [`Emit::amount`]).
         let value = events.value(i);
-        out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, sign * value);
+        if value != 0 {
+            cell.add(MetricKind::ValueAssigned, sign * value);
+        }
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
+            cell.add(MetricKind::VisitFm, sign);
             if events.is_first_visit(ord, i, f) {
-                out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
+                cell.add(MetricKind::VisitFmBeta, sign);
             }
             if value != 0 {
-                out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, sign * value);
-                let y = events.value_before(ord, i, f);
-                let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l);
-                out.amount(x.tenant(), key, ts, sign * square_step(y, value));
+                cell.add(MetricKind::ValueFm, sign * value);
+                let sq = sign * square_step(events.value_before(ord, i, f), value);
+                if sq != 0 {
+                    cell.add(MetricKind::ValueSqFm, sq);
+                }
             }
         }
+        out.visit_cell(x.tenant(), e.mp, e.device, e.login as u16, ts, cell);
     }
 }
 
@@ -454,6 +459,13 @@ impl Emit<'_> {
     #[inline]
     fn visit_cell(&mut self, tenant: u16, mp: u16, device: u16, login: u16, ts: i64, cell: CellAdd) {
         self.gather.visits.add_cell(self.counters, (tenant, mp, device, login, minute_of(ts)), cell);
+    }
+
+    /// Session-kind changes of one variation of `tenant`, located at the event `at`.
+    #[inline]
+    fn session_cell(&mut self, tenant: u16, at: OrderKey, cell: CellAdd) {
+        let region = (tenant, NO_MP, at.device, at.login, minute_of(at.ts));
+        self.gather.sessions.add_cell(self.counters, region, cell);
     }
 
     /// A session-kind delta (`key.mp()` is [`NO_MP`]).
@@ -653,11 +665,13 @@ impl Work {
         let catalog = cat.catalog;
         let ord = Order { catalog };
         let key = session.key(idx);
+        // The event's experiments are unique: one it adds is never found again.
+        let known = session.n_exps();
         let mut cursor = 0;
         for &(experiment, variation) in assigns {
             let x = cat.exp(experiment);
             let slot = x.hot.slot_of(variation);
-            let found = find_experiment(session, cursor, experiment);
+            let found = find_experiment(session, known, cursor, experiment);
             if found.is_none() && held_by_older_version(cat, session, experiment) {
                 continue;
             }
@@ -741,15 +755,13 @@ impl Work {
                 }
             }
             let session = &*session;
-            let cells = session.event_cells();
-            let extras = session.extras();
-            let events = || Events { base: session.base, cells, extras };
-            let before_events = || Events { base: session.base, cells: &cells[..idx as usize], extras };
+            let events = || Events { base: session.base, cells: session.event_cells(), extras: session.extras() };
+            let before_events = || Events { cells: &session.event_cells()[..idx as usize], ..events() };
             match self.before[i] {
                 Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::Same => {
                     let view = session.view(&s, x, cs);
-                    let e = EvRec::from_cell(cells[idx as usize]);
+                    let e = session.event(idx as usize);
                     same_view_out_of_order(&ord, x, view, &before_events(), e, ev.value as i64, out);
                 }
                 Before::Was(b) => {
@@ -833,14 +845,15 @@ fn keep_event(
     Some(idx)
 }
 
-/// The position of `experiment` among the session's experiments. Producers
-/// repeat assignments in the same order, so position `hint` is tried first.
+/// The position of `experiment` among the session's first `known`
+/// experiments. Producers repeat assignments in the same order, so position
+/// `hint` is tried first.
 #[inline]
-fn find_experiment(session: &Session, hint: usize, experiment: u32) -> Option<usize> {
-    if hint < session.n_exps() && session.exp(hint).experiment as u32 == experiment {
+fn find_experiment(session: &Session, known: usize, hint: usize, experiment: u32) -> Option<usize> {
+    if hint < known && session.exp(hint).experiment as u32 == experiment {
         Some(hint)
     } else {
-        (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
+        (0..known).find(|&i| session.exp(i).experiment as u32 == experiment)
     }
 }
 
