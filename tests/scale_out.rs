@@ -212,6 +212,30 @@ fn an_open_transaction_a_dead_owner_left_is_ended_by_the_next_owner() {
     drop(dead);
 }
 
+/// An instance stopped while its groups are still joining (here by
+/// `--duration`, before its first assignment) must not leave them stuck: on
+/// Tansu 0.6.0 a member that leaves mid-join leaves the other members
+/// without an assignment for good, so a stopping instance waits for the
+/// join to end first. The next instance reaches the reference.
+#[test]
+fn an_instance_stopped_mid_join_leaves_its_groups_usable() {
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(26, 3_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    let mut first = instance_with(&dir, &broker, &kairos, ("g5", "a"), "", "off", &["--duration", "1s"]);
+    assert!(first.run.wait().status.success(), "{}", first.log());
+    let log = first.log();
+    for stage in ["stage 1", "stage 2"] {
+        let waited = format!("{stage}: waiting for the group's rebalance to end before leaving");
+        assert!(log.contains(&waited), "{stage} stopped mid-join: {log}");
+    }
+    let mut run = instance(&dir, &broker, &kairos, "g5", "b");
+    wait_for(&kairos, &expected, &config.engine.dc, 60, &[&run]);
+    run.stop();
+}
+
 /// The file sink in scale-out mode: one instance's stage 2 owns every point,
 /// so its file is the whole output (metric points and health points); the
 /// instance ends by itself at `--duration`, its log one JSON object a line.

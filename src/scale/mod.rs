@@ -79,7 +79,7 @@ pub enum ScaleError {
     #[error("{what}: {error}")]
     Broker { what: String, error: rdkafka::error::KafkaError },
     /// A step of a stage's transaction failed (or the producer was fenced);
-    /// `of` names a stage-2 task's delta partition.
+    /// `of` names the task's partition (input for stage 1, delta for stage 2).
     #[error("stage {stage} transaction{of} ({step}): {error}")]
     Transaction { stage: u8, of: String, step: &'static str, error: rdkafka::error::KafkaError },
     #[error("stage {0}: no consumer group metadata")]
@@ -280,6 +280,49 @@ pub(crate) fn unowned_assigned<T>(
     *seen = now;
     let assignment = consumer.assignment().map_err(ScaleError::broker(format!("{stage} assignment")))?;
     Ok(assignment.elements().iter().map(|e| e.partition()).filter(|p| !tasks.contains_key(p)).collect())
+}
+
+/// Leaves a stage's group, once any rebalance in progress has ended (at most
+/// twice the session timeout, 30 s at most): a member that leaves while its
+/// group is rebalancing — revoked and not yet assigned again, or before its
+/// first assignment — leaves the group stuck on Tansu 0.6.0, whose other
+/// members then never get an assignment (the three-instance test's zombie,
+/// stopped just after it woke, found it; a probe with bare consumers
+/// confirmed it). Messages polled meanwhile are not read: nothing past the
+/// committed offsets is, once a stage stops.
+pub fn leave(consumer: &BaseConsumer<Rebalances>, o: &ScaleOptions, stage: &str) {
+    let ctx = consumer.context();
+    let joining = || ctx.assigned.load(Relaxed) <= ctx.revoked.load(Relaxed);
+    if joining() {
+        let limit = (o.session_timeout() * 2).min(Duration::from_secs(30));
+        tracing::info!("{stage}: waiting for the group's rebalance to end before leaving (at most {limit:?})");
+        let deadline = Instant::now() + limit;
+        while joining() && Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+    }
+    consumer.unsubscribe();
+}
+
+/// Partitions a stage restores at once (each opens a producer and a reader
+/// or two on the broker).
+const RESTORE_PARALLEL: usize = 8;
+
+/// `f(p)` for every partition in `partitions`, [`RESTORE_PARALLEL`] at a
+/// time on scoped threads; the results in the order of `partitions`. A
+/// panicking `f` panics the caller (and so stops the stage loudly).
+pub(crate) fn in_parallel<T: Send>(partitions: &[i32], f: impl Fn(i32) -> T + Sync) -> Vec<(i32, T)> {
+    let mut out = Vec::with_capacity(partitions.len());
+    for chunk in partitions.chunks(RESTORE_PARALLEL) {
+        std::thread::scope(|s| {
+            let f = &f;
+            let running: Vec<_> = chunk.iter().map(|&p| (p, s.spawn(move || f(p)))).collect();
+            for (p, h) in running {
+                out.push((p, h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+            }
+        });
+    }
+    out
 }
 
 /// A group member of a stage: eager assignment (every rebalance hands all
