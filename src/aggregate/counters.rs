@@ -79,6 +79,20 @@ fn region_key(tenant: u16, mp: u16, device: u16, login: u16) -> u64 {
     (tenant as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64
 }
 
+/// Asks for the cache line of `p` (a hint: no effect on results).
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: &T) {
+    // SAFETY: the intrinsic only needs SSE, which this build enables (the
+    // cfg); a prefetch never faults and reads nothing back, and `p` is a
+    // valid reference anyway.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast())
+    };
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
+    let _ = p;
+}
+
 /// `variation` of a free cell.
 const FREE: u32 = u32::MAX;
 
@@ -128,6 +142,16 @@ impl CellAdd {
         let o = offset(kind);
         self.kinds |= 1 << o;
         self.counts[o] += delta;
+    }
+
+    /// Adds the changes of `other` (the same variation's).
+    #[inline]
+    pub fn merge(&mut self, other: &CellAdd) {
+        debug_assert_eq!(self.variation, other.variation);
+        self.kinds |= other.kinds;
+        for (c, d) in self.counts.iter_mut().zip(&other.counts) {
+            *c += d;
+        }
     }
 }
 
@@ -337,6 +361,38 @@ impl MinuteCounters {
     pub fn add_visit(&mut self, key: SeriesKey, _slot: VisitSlot, ts: i64, delta: i64) {
         let tenant = self.catalog.variations[key.variation() as usize].tenant;
         self.add(tenant, key, minute_of(ts), delta);
+    }
+
+    /// Requests the lines where the cells of `variations` start probing in
+    /// the region `(tenant, mp, device, login, minute(ts))`, if it exists,
+    /// and remembers that region as the last one used. The session code calls
+    /// it as an event starts, so that the lines arrive while it works out the
+    /// event's changes (a hint: no effect on results, nothing is created).
+    #[inline]
+    pub fn prefetch_cells(
+        &mut self,
+        tenant: u16,
+        mp: u16,
+        device: u16,
+        login: u16,
+        ts: i64,
+        variations: impl Iterator<Item = u32>,
+    ) {
+        let (rkey, minute) = (region_key(tenant, mp, device, login), minute_of(ts));
+        let i = match self.last {
+            Some((k, m, i)) if k == rkey && m == minute => i,
+            _ => match self.index.get(&(rkey, minute)) {
+                Some(&i) => {
+                    self.last = Some((rkey, minute, i));
+                    i
+                }
+                None => return,
+            },
+        };
+        let cells = &self.regions[i as usize].cells;
+        for v in variations {
+            prefetch(&cells[home(v, cells.len())]);
+        }
     }
 
     /// Adds one event's changes `cells` (variations of `tenant`, each at most

@@ -276,17 +276,16 @@ fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: 
     let v = view.variation;
     let a = view.assigned_at;
     if a.ts >= from {
-        out.session(x.tenant(), SeriesKey::new(MetricKind::SessionAssigned, v, NO_MP, a.device, a.login), a.ts, sign);
+        let mut cell = CellAdd::new(v);
+        cell.add(MetricKind::SessionAssigned, sign);
+        out.session_cell(x.tenant(), a, cell);
     }
     if let Some(f) = view.fm_at {
         if let Some(first) = events.first_from(ord, f) {
             if first.ts >= from {
-                out.session(
-                    x.tenant(),
-                    SeriesKey::new(MetricKind::SessionFm, v, NO_MP, first.device, first.login),
-                    first.ts,
-                    sign,
-                );
+                let mut cell = CellAdd::new(v);
+                cell.add(MetricKind::SessionFm, sign);
+                out.session_cell(x.tenant(), first, cell);
             }
         }
     }
@@ -298,25 +297,31 @@ fn emit_from(ord: &Order, x: Exp, view: View, events: &Events, from: i64, sign: 
         if !x.reports(e.mp) {
             continue;
         }
-        let (mp, d, l) = (e.mp, e.device, e.login as u16);
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, sign);
+        // The event's changes share its region and this variation: one cell.
+        let mut cell = CellAdd::new(v);
+        cell.add(MetricKind::VisitAssigned, sign);
         if events.is_first_visit(ord, i, a.ts) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, sign);
+            cell.add(MetricKind::VisitAssignedBeta, sign);
         }
+        // An amount of 0 creates no point (as [`Emit::amount`]).
         let value = events.value(i);
-        out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, sign * value);
+        if value != 0 {
+            cell.add(MetricKind::ValueAssigned, sign * value);
+        }
         if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, sign);
+            cell.add(MetricKind::VisitFm, sign);
             if events.is_first_visit(ord, i, f) {
-                out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, sign);
+                cell.add(MetricKind::VisitFmBeta, sign);
             }
             if value != 0 {
-                out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, sign * value);
-                let y = events.value_before(ord, i, f);
-                let key = SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l);
-                out.amount(x.tenant(), key, ts, sign * square_step(y, value));
+                cell.add(MetricKind::ValueFm, sign * value);
+                let sq = sign * square_step(events.value_before(ord, i, f), value);
+                if sq != 0 {
+                    cell.add(MetricKind::ValueSqFm, sq);
+                }
             }
         }
+        out.visit_cell(x.tenant(), e.mp, e.device, e.login as u16, ts, cell);
     }
 }
 
@@ -418,6 +423,20 @@ impl Group {
         }
     }
 
+    /// Adds the changes `cell` to region `(tenant, mp, device, login,
+    /// minute(ts))`, as [`Group::add`] of each of them would.
+    #[inline]
+    fn add_cell(&mut self, counters: &mut MinuteCounters, region: (u16, u16, u16, u16, i64), cell: CellAdd) {
+        if region != self.region {
+            self.flush(counters);
+            self.region = region;
+        }
+        match self.cells.last_mut() {
+            Some(c) if c.variation() == cell.variation() => c.merge(&cell),
+            _ => self.cells.push(cell),
+        }
+    }
+
     fn flush(&mut self, counters: &mut MinuteCounters) {
         if !self.cells.is_empty() {
             let (tenant, mp, device, login, minute) = self.region;
@@ -433,6 +452,20 @@ impl Emit<'_> {
     #[inline]
     fn visit(&mut self, tenant: u16, key: SeriesKey, ts: i64, delta: i64) {
         self.gather.visits.add(self.counters, tenant, key, ts, delta);
+    }
+
+    /// Visit-kind changes of one variation of `tenant` (which reports `mp`)
+    /// at `(mp, device, login, minute(ts))`, summed in `cell`.
+    #[inline]
+    fn visit_cell(&mut self, tenant: u16, mp: u16, device: u16, login: u16, ts: i64, cell: CellAdd) {
+        self.gather.visits.add_cell(self.counters, (tenant, mp, device, login, minute_of(ts)), cell);
+    }
+
+    /// Session-kind changes of one variation of `tenant`, located at the event `at`.
+    #[inline]
+    fn session_cell(&mut self, tenant: u16, at: OrderKey, cell: CellAdd) {
+        let region = (tenant, NO_MP, at.device, at.login, minute_of(at.ts));
+        self.gather.sessions.add_cell(self.counters, region, cell);
     }
 
     /// A session-kind delta (`key.mp()` is [`NO_MP`]).
@@ -587,17 +620,17 @@ impl SessionTable {
             work.stats.overflow_dropped += 1;
             return;
         };
+        prefetch_visit_cells(cat, session, ev, out);
         // 1. Until an experiment's state changes, its view before the event is
         //    its view after it; a changed one snapshots its view first.
         let known = session.n_exps();
         work.before.clear();
         work.before.resize(known, Before::Same);
-        // 2. The event's assignments, then the conditions it meets.
+        // 2. The event's assignments, then (per experiment) the conditions
+        //    it meets and 3. its deltas at >= t.
         work.assign(cat, session, assigns, idx, in_order);
-        work.meet_conditions(cat, session, ev, attrs, idx, known);
-        // 3. Deltas at >= t.
         let mut out = Emit { counters: out, gather: &mut self.gather };
-        work.emit_deltas(cat, session, ev, idx, in_order, &mut out);
+        work.qualify_and_emit(cat, session, ev, attrs, idx, in_order, known, &mut out);
         out.finish();
     }
 }
@@ -632,11 +665,13 @@ impl Work {
         let catalog = cat.catalog;
         let ord = Order { catalog };
         let key = session.key(idx);
+        // The event's experiments are unique: one it adds is never found again.
+        let known = session.n_exps();
         let mut cursor = 0;
         for &(experiment, variation) in assigns {
             let x = cat.exp(experiment);
             let slot = x.hot.slot_of(variation);
-            let found = find_experiment(session, cursor, experiment);
+            let found = find_experiment(session, known, cursor, experiment);
             if found.is_none() && held_by_older_version(cat, session, experiment) {
                 continue;
             }
@@ -675,73 +710,70 @@ impl Work {
         self.conflicts_by_experiment[x] += 1;
     }
 
-    /// SPEC §3 Qualification, for the `known` experiments assigned before the
-    /// event at `idx` (with attributes `attrs`): it becomes the first to meet
-    /// each of their conditions that it meets earlier than the first so far.
-    fn meet_conditions(
+    /// SPEC §3 Qualification and §4 correction step 3, one experiment at a
+    /// time (what an experiment's conditions and deltas depend on is its own
+    /// state and the events). For each of the `known` experiments assigned
+    /// before the event at `idx` (with attributes `attrs`), the event becomes
+    /// the first to meet each of its conditions that it meets earlier than
+    /// the first so far; then every experiment's deltas of the event at times
+    /// `>= t`, by the cheapest path exact for how the event changed its view.
+    #[allow(clippy::too_many_arguments)]
+    fn qualify_and_emit(
         &mut self,
         cat: Cat,
         session: &mut Session,
         ev: &SessionEvent,
         attrs: &[(u32, u32)],
         idx: u8,
+        in_order: bool,
         known: usize,
+        out: &mut Emit,
     ) {
+        let ord = Order { catalog: cat.catalog };
+        let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
         let mut cond_start = 0;
-        for i in 0..known {
-            let s = session.exp(i);
-            let x = cat.exp(s.experiment as u32);
-            for (j, c) in x.conds.iter().enumerate() {
-                if !c.tags_match(ev.mp, ev.device, ev.login) {
-                    continue;
-                }
-                let first = session.first_met(cond_start + j);
-                if (first == NONE || off < session.event(first as usize).off)
-                    && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
-                {
-                    self.snapshot(i, || session.view(&s, x, cond_start));
-                    session.set_first_met(cond_start + j, idx);
-                }
-            }
-            cond_start += x.n_conds();
-        }
-    }
-
-    /// SPEC §4 correction, step 3: for each experiment, the deltas of the
-    /// event at `idx` at times `>= t`, by the cheapest path exact for how the
-    /// event changed that experiment's view.
-    fn emit_deltas(&self, cat: Cat, session: &Session, ev: &SessionEvent, idx: u8, in_order: bool, out: &mut Emit) {
-        let ord = Order { catalog: cat.catalog };
-        let cells = session.event_cells();
-        let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
-        let extras = session.extras();
-        let events = Events { base: session.base, cells, extras };
-        let before_events = Events { base: session.base, cells: &cells[..idx as usize], extras };
-        let mut cond_start = 0;
-        for (i, before) in self.before.iter().enumerate() {
+        for i in 0..self.before.len() {
             let s = session.exp(i);
             let x = cat.exp(s.experiment as u32);
             let cs = cond_start;
             cond_start += x.n_conds();
-            match *before {
+            if i < known {
+                for (j, c) in x.conds.iter().enumerate() {
+                    if !c.tags_match(ev.mp, ev.device, ev.login) {
+                        continue;
+                    }
+                    // In order, the event is later than any that met it.
+                    let first = session.first_met(cs + j);
+                    if (first == NONE || (!in_order && off < session.event(first as usize).off))
+                        && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
+                    {
+                        self.snapshot(i, || session.view(&s, x, cs));
+                        session.set_first_met(cs + j, idx);
+                    }
+                }
+            }
+            let session = &*session;
+            let events = || Events { base: session.base, cells: session.event_cells(), extras: session.extras() };
+            let before_events = || Events { cells: &session.event_cells()[..idx as usize], ..events() };
+            match self.before[i] {
                 Before::Same if in_order => fast_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::Same => {
                     let view = session.view(&s, x, cs);
-                    let e = EvRec::from_cell(cells[idx as usize]);
-                    same_view_out_of_order(&ord, x, view, &before_events, e, ev.value as i64, out);
+                    let e = session.event(idx as usize);
+                    same_view_out_of_order(&ord, x, view, &before_events(), e, ev.value as i64, out);
                 }
                 Before::Was(b) => {
                     let after = session.view(&s, x, cs);
                     if in_order && b == after {
                         fast_in_order(x, session, &s, cs, prior, ev.value, out);
                     } else {
-                        emit_from(&ord, x, b, &before_events, ev.ts, -1, out);
-                        emit_from(&ord, x, after, &events, ev.ts, 1, out);
+                        emit_from(&ord, x, b, &before_events(), ev.ts, -1, out);
+                        emit_from(&ord, x, after, &events(), ev.ts, 1, out);
                     }
                 }
-                Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events, ev.ts, 1, out),
+                Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events(), ev.ts, 1, out),
             }
         }
     }
@@ -773,6 +805,24 @@ fn live_session<'s>(
     }
 }
 
+/// Requests the counter cells the event's visits will most likely add to
+/// (its own region, one cell per experiment that reports its mp), so that
+/// they load while the event's changes are worked out.
+#[inline]
+fn prefetch_visit_cells(cat: Cat, session: &Session, ev: &SessionEvent, out: &mut MinuteCounters) {
+    let n = session.n_exps();
+    if n == 0 {
+        return;
+    }
+    let tenant = cat.hot.exps[session.exp(0).experiment as usize].tenant;
+    let variations = (0..n).filter_map(|i| {
+        let s = session.exp(i);
+        let x = cat.exp(s.experiment as u32);
+        (x.tenant() == tenant && x.reports(ev.mp)).then(|| x.variation(s.slot))
+    });
+    out.prefetch_cells(tenant, ev.mp, ev.device, ev.login, ev.ts, variations);
+}
+
 /// Records `ev` with the attributes and value it carries; its index, or
 /// `None` if it does not fit (the session holds [`MAX_EVENTS_PER_SESSION`]
 /// events already, or a tag id or the time span is beyond the layout).
@@ -795,14 +845,15 @@ fn keep_event(
     Some(idx)
 }
 
-/// The position of `experiment` among the session's experiments. Producers
-/// repeat assignments in the same order, so position `hint` is tried first.
+/// The position of `experiment` among the session's first `known`
+/// experiments. Producers repeat assignments in the same order, so position
+/// `hint` is tried first.
 #[inline]
-fn find_experiment(session: &Session, hint: usize, experiment: u32) -> Option<usize> {
-    if hint < session.n_exps() && session.exp(hint).experiment as u32 == experiment {
+fn find_experiment(session: &Session, known: usize, hint: usize, experiment: u32) -> Option<usize> {
+    if hint < known && session.exp(hint).experiment as u32 == experiment {
         Some(hint)
     } else {
-        (0..session.n_exps()).find(|&i| session.exp(i).experiment as u32 == experiment)
+        (0..known).find(|&i| session.exp(i).experiment as u32 == experiment)
     }
 }
 
@@ -958,23 +1009,29 @@ fn fast_in_order(
         return;
     }
     let view = session.view(s, x, cond_start);
-    let (v, mp, d, l) = (view.variation, e.mp, e.device, e.login as u16);
-    out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssigned, v, mp, d, l), ts, 1);
+    let (mp, d, l) = (e.mp, e.device, e.login as u16);
+    // Every change lands in one cell (this variation, the event's region):
+    // summed here, handed on whole.
+    let mut cell = CellAdd::new(view.variation);
+    cell.add(MetricKind::VisitAssigned, 1);
     // In order, e is the greatest event: it is first iff no other visit of
     // its mp counts, i.e. the latest earlier visit of its mp is before the bound.
     let prior_since = |bound: i64| prior.is_some_and(|p| p >= bound);
     if !prior_since(a) {
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitAssignedBeta, v, mp, d, l), ts, 1);
+        cell.add(MetricKind::VisitAssignedBeta, 1);
     }
+    // An amount of 0 creates no point (as [`Emit::amount`]).
     let value = value as i64;
-    out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueAssigned, v, mp, d, l), ts, value);
+    if value != 0 {
+        cell.add(MetricKind::ValueAssigned, value);
+    }
     if let Some(f) = view.fm_at.filter(|&f| ts >= f) {
-        out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFm, v, mp, d, l), ts, 1);
+        cell.add(MetricKind::VisitFm, 1);
         if !prior_since(f) {
-            out.visit(x.tenant(), SeriesKey::new(MetricKind::VisitFmBeta, v, mp, d, l), ts, 1);
+            cell.add(MetricKind::VisitFmBeta, 1);
         }
         if value != 0 {
-            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueFm, v, mp, d, l), ts, value);
+            cell.add(MetricKind::ValueFm, value);
             let last = events.len() - 1;
             let events = Events { base: session.base, cells: events, extras: session.extras() };
             let y: i64 = events
@@ -985,9 +1042,13 @@ fn fast_in_order(
                 })
                 .map(|(_, v)| v)
                 .sum();
-            out.amount(x.tenant(), SeriesKey::new(MetricKind::ValueSqFm, v, mp, d, l), ts, square_step(y, value));
+            let sq = square_step(y, value);
+            if sq != 0 {
+                cell.add(MetricKind::ValueSqFm, sq);
+            }
         }
     }
+    out.visit_cell(x.tenant(), mp, d, l, ts, cell);
 }
 
 #[inline]
