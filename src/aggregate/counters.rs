@@ -79,20 +79,6 @@ fn region_key(tenant: u16, mp: u16, device: u16, login: u16) -> u64 {
     (tenant as u64) << 40 | (mp as u64) << 24 | (device as u64) << 12 | login as u64
 }
 
-/// Asks for the cache line of `p` (a hint: no effect on results).
-#[inline(always)]
-pub(crate) fn prefetch<T>(p: &T) {
-    // SAFETY: the intrinsic only needs SSE, which this build enables (the
-    // cfg); a prefetch never faults and reads nothing back, and `p` is a
-    // valid reference anyway.
-    #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((p as *const T).cast())
-    };
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-    let _ = p;
-}
-
 /// `variation` of a free cell.
 const FREE: u32 = u32::MAX;
 
