@@ -169,6 +169,73 @@ fn one_scale_out_instance_writes_the_single_instance_totals() {
     }
 }
 
+/// An instance SIGKILLed mid-trigger leaves its stage-1 transaction open, and
+/// a `read_committed` reader stops at its first record until it ends (Tansu
+/// never times it out; Kafka after `transaction.timeout.ms`). The next owner
+/// of the input partition must end it as it takes the partition over. Here
+/// the open transaction is a test producer's under the `transactional.id` of
+/// partition 0's stage-1 task, holding every delta partition (with a record
+/// stage 2 reads as a harmless mark), before the instance starts: stage 2
+/// reaches the reference only if the instance ended it.
+#[test]
+fn an_open_transaction_a_dead_owner_left_is_ended_by_the_next_owner() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    // A first short run creates the group's topics.
+    let mut first = instance_with(&dir, &broker, &kairos, ("g4", "a"), "", "off", &["--duration", "10s"]);
+    assert!(first.run.wait().status.success(), "{}", first.log());
+    let dead: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("transactional.id", "g4.s1-0")
+        .create()
+        .unwrap();
+    dead.init_transactions(Duration::from_secs(30)).unwrap();
+    let partitions = dead.client().fetch_metadata(Some("g4.deltas"), Duration::from_secs(10)).unwrap().topics()[0]
+        .partitions()
+        .len();
+    assert!(partitions > 0);
+    let mark = expmon::scale::wire::DeltaRecord { partition: 0, offset: 0, watermark: i64::MIN, entries: Vec::new() };
+    let bytes = mark.encode();
+    dead.begin_transaction().unwrap();
+    for d in 0..partitions as i32 {
+        dead.send(BaseRecord::<[u8], [u8]>::to("g4.deltas").partition(d).payload(&bytes[..])).unwrap();
+    }
+    dead.flush(Duration::from_secs(10)).unwrap();
+    // Left open: never committed nor aborted while the instance runs.
+    let lines = dir.events(25, 5_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    let mut run = instance(&dir, &broker, &kairos, "g4", "b");
+    wait_for(&kairos, &expected, &config.engine.dc, 90, &[&run]);
+    run.stop();
+    drop(dead);
+}
+
+/// An instance stopped while its groups are still joining (here by
+/// `--duration`, before its first assignment) must not leave them stuck: on
+/// Tansu 0.6.0 a member that leaves mid-join leaves the other members
+/// without an assignment for good, so a stopping instance waits for the
+/// join to end first. The next instance reaches the reference.
+#[test]
+fn an_instance_stopped_mid_join_leaves_its_groups_usable() {
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(26, 3_000);
+    dir.produce(&broker, "events", &lines);
+    let config = dir.config();
+    let expected = reference(&config, &lines);
+    let mut first = instance_with(&dir, &broker, &kairos, ("g5", "a"), "", "off", &["--duration", "1s"]);
+    assert!(first.run.wait().status.success(), "{}", first.log());
+    let log = first.log();
+    for stage in ["stage 1", "stage 2"] {
+        let waited = format!("{stage}: waiting for the group's rebalance to end before leaving");
+        assert!(log.contains(&waited), "{stage} stopped mid-join: {log}");
+    }
+    let mut run = instance(&dir, &broker, &kairos, "g5", "b");
+    wait_for(&kairos, &expected, &config.engine.dc, 60, &[&run]);
+    run.stop();
+}
+
 /// The file sink in scale-out mode: one instance's stage 2 owns every point,
 /// so its file is the whole output (metric points and health points); the
 /// instance ends by itself at `--duration`, its log one JSON object a line.

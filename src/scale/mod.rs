@@ -39,10 +39,12 @@
 //!    entries are tombstoned one trigger after their last write reached the
 //!    sink, so a restore from the changelog rewrites every point whose final
 //!    value may not have arrived.
-//! 6. Fencing: a stage-2 task's producer has `transactional.id =
-//!    <group>.s2-<partition>` (per task, the pre-KIP-447 way); the new owner's
-//!    `init_transactions` fences the old one, whose commit then fails, so it
-//!    never writes the sink again. A stage-2 task also skips its sink write
+//! 6. Fencing: a task's producer has `transactional.id =
+//!    <group>.s1-<input partition>` (stage 1) or `<group>.s2-<delta
+//!    partition>` (stage 2): per task, the pre-KIP-447 way. The new owner's
+//!    `init_transactions` fences the old one, whose commit then fails (so a
+//!    stage-2 zombie never writes the sink again), and ends its open
+//!    transaction, which would hold `read_committed` readers until it ends. A stage-2 task also skips its sink write
 //!    (and stops) when its commit returned after the session timeout or
 //!    later: the process may have been paused and replaced meanwhile.
 //! 7. Snapshots every N triggers: a complete snapshot at offset `s` is the
@@ -157,7 +159,7 @@ pub struct ScaleOptions {
     /// A stage-1 task writes its snapshot every this many triggers (and a
     /// restore replays the input since the last one).
     pub snapshot_every: u32,
-    /// This instance's name (its stage-1 `transactional.id`).
+    /// This instance's name (the `instance` tag of its health points).
     pub instance: String,
     pub trigger: Duration,
     pub stop: Arc<AtomicBool>,
@@ -280,6 +282,49 @@ pub(crate) fn unowned_assigned<T>(
     Ok(assignment.elements().iter().map(|e| e.partition()).filter(|p| !tasks.contains_key(p)).collect())
 }
 
+/// Leaves a stage's group, once any rebalance in progress has ended (at most
+/// twice the session timeout, 30 s at most): a member that leaves while its
+/// group is rebalancing — revoked and not yet assigned again, or before its
+/// first assignment — leaves the group stuck on Tansu 0.6.0, whose other
+/// members then never get an assignment (the three-instance test's zombie,
+/// stopped just after it woke, found it; a probe with bare consumers
+/// confirmed it). Messages polled meanwhile are not read: nothing past the
+/// committed offsets is, once a stage stops.
+pub fn leave(consumer: &BaseConsumer<Rebalances>, o: &ScaleOptions, stage: &str) {
+    let ctx = consumer.context();
+    let joining = || ctx.assigned.load(Relaxed) <= ctx.revoked.load(Relaxed);
+    if joining() {
+        let limit = (o.session_timeout() * 2).min(Duration::from_secs(30));
+        tracing::info!("{stage}: waiting for the group's rebalance to end before leaving (at most {limit:?})");
+        let deadline = Instant::now() + limit;
+        while joining() && Instant::now() < deadline {
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+    }
+    consumer.unsubscribe();
+}
+
+/// Partitions a stage restores at once (each opens a producer and a reader
+/// or two on the broker).
+const RESTORE_PARALLEL: usize = 8;
+
+/// `f(p)` for every partition in `partitions`, [`RESTORE_PARALLEL`] at a
+/// time on scoped threads; the results in the order of `partitions`. A
+/// panicking `f` panics the caller (and so stops the stage loudly).
+pub(crate) fn in_parallel<T: Send>(partitions: &[i32], f: impl Fn(i32) -> T + Sync) -> Vec<(i32, T)> {
+    let mut out = Vec::with_capacity(partitions.len());
+    for chunk in partitions.chunks(RESTORE_PARALLEL) {
+        std::thread::scope(|s| {
+            let f = &f;
+            let running: Vec<_> = chunk.iter().map(|&p| (p, s.spawn(move || f(p)))).collect();
+            for (p, h) in running {
+                out.push((p, h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))));
+            }
+        });
+    }
+    out
+}
+
 /// A group member of a stage: eager assignment (every rebalance hands all
 /// tasks back, and each task is rebuilt from Kafka), offsets committed only
 /// through transactions.
@@ -341,20 +386,20 @@ pub fn read_partition(
     topic: &str,
     partition: i32,
     from: Offset,
-    each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
-    read_range(o, topic, partition, from, None, each)
+    read_range(o, topic, partition, from, None, |m| each(m.offset(), m.key(), m.payload()))
 }
 
 /// [`read_partition`], stopping before offset `end` when given (the
-/// records at and past it are not passed to `each`).
+/// records at and past it are not passed to `each`), `each` given the message.
 pub fn read_range(
     o: &ScaleOptions,
     topic: &str,
     partition: i32,
     from: Offset,
     end: Option<i64>,
-    mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
     let mut c = o.client();
     c.set("group.id", format!("{}.restore", o.spec.group))
@@ -378,7 +423,7 @@ pub fn read_range(
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 if m.offset() < high {
-                    each(m.offset(), m.key(), m.payload())?;
+                    each(&m)?;
                 }
                 if m.offset() + 1 >= high {
                     return Ok(());

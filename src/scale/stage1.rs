@@ -4,17 +4,27 @@
 //! a `SessionTable` and `MinuteCounters` (sessionize, correct), and a
 //! `Totals` of the partition's absolute contribution to each open point.
 //!
-//! At every trigger one transaction (transactional.id `<group>.s1-<instance>`)
-//! carries, for every task: a [`DeltaRecord`] to each delta partition (the
-//! contributions that changed or were touched, and the watermark mark) and
-//! the task's input offset; every `snapshot_every` triggers (and at a fresh
-//! task's first, after a restore that replayed, and when stopping) also a
-//! snapshot of the task's state at that offset to `<group>.state`. A task
-//! is built when its partition is assigned: from the newest snapshot at or
-//! before the group's committed offset, then the input from the snapshot to
-//! that offset replayed without publishing (`crate::scale`, step 7); or
-//! empty. Every rebalance (eager) drops every task; nothing uncommitted
-//! survives it.
+//! At every trigger each task that read input commits one transaction on its
+//! own producer (transactional.id `<group>.s1-<partition>`), carrying a
+//! [`DeltaRecord`] to each delta partition (the contributions that changed or
+//! were touched, and the watermark mark) and the task's input offset; every
+//! `snapshot_every` triggers (and at a fresh task's first, after a restore
+//! that replayed, and when stopping) also a snapshot of the task's state at
+//! that offset to `<group>.state`. A task is built when its partition is
+//! assigned: its producer first (which fences the previous owner and ends
+//! its open transaction), then from the newest snapshot at or before the
+//! group's committed offset, the input from the snapshot to that offset
+//! replayed without publishing (`crate::scale`, step 7); or empty. Every
+//! rebalance (eager) drops every task; nothing uncommitted survives it.
+//!
+//! Why a producer per task, not per instance: the open transaction of an
+//! instance killed mid-trigger holds every `read_committed` reader of the
+//! delta partitions at its first record until the coordinator aborts it —
+//! `transaction.timeout.ms` on Kafka, never on Tansu 0.6
+//! (tests/scale_out.rs found stage 2 stalled for good after a SIGKILL). The
+//! new owner of the partition ends it at once. A task whose producer was
+//! fenced (its partition moved while this instance was paused) is dropped;
+//! the rebalance this instance then sees rebuilds what it still owns.
 //!
 //! With the source option `dead_letter=T`, a message the router refuses is
 //! kept by its task until the trigger and copied to `T` in the same
@@ -63,6 +73,12 @@ pub struct Stage1Stats {
     pub tasks: u64,
     /// Input messages not read yet by this instance's tasks (every 10 s).
     pub lag: u64,
+}
+
+/// A task this instance owns: its state and its transactional producer.
+struct Owned {
+    task: Task,
+    producer: BaseProducer,
 }
 
 struct Task {
@@ -118,15 +134,23 @@ impl Task {
         })
     }
 
-    /// One input message at `offset`: parsed, routed, sessionized; a refused
-    /// one is kept for the dead-letter topic if `keep_refused`.
-    fn read(&mut self, offset: i64, payload: &[u8], keep_refused: bool) {
+    /// One input message: parsed, routed, sessionized; a refused one is kept
+    /// for the dead-letter topic if `keep_refused`.
+    ///
+    /// `max_future` is measured from the message's Kafka timestamp, not the
+    /// wall clock: a replay must refuse exactly what the first read refused
+    /// (`crate::scale`, step 1), and the timestamp is in the log. It is the
+    /// producer's clock when the message was sent (or the broker's, with
+    /// `LogAppendTime`), a little before the wall clock of a live read; a
+    /// message without one falls back to the wall clock.
+    fn read(&mut self, m: &impl Message, keep_refused: bool) {
+        let (offset, payload) = (m.offset(), m.payload().unwrap_or_default());
         if self.next.is_some_and(|n| offset < n) {
             return; // read before the task's restore point
         }
         self.next = Some(offset + 1);
         self.dirty = true;
-        let now = Some(crate::clock::now_ms());
+        let now = Some(m.timestamp().to_millis().unwrap_or_else(crate::clock::now_ms));
         match self.router.route(payload, 0, now) {
             Ok(Some(_)) => self.apply_pending(),
             Ok(None) => {}
@@ -207,9 +231,8 @@ pub struct Stage1 {
     config: Config,
     o: ScaleOptions,
     consumer: BaseConsumer<Rebalances>,
-    producer: BaseProducer,
     deltas: usize,
-    tasks: BTreeMap<i32, Task>,
+    tasks: BTreeMap<i32, Owned>,
     seen: (u64, u64),
     stats: Stage1Stats,
     /// Published after every trigger, for stage 2's health points.
@@ -224,12 +247,10 @@ impl Stage1 {
         figures: Arc<std::sync::Mutex<Stage1Stats>>,
     ) -> Result<Stage1, ScaleError> {
         let consumer = super::stage_consumer(&o, &format!("{}.s1", o.spec.group), &o.spec.topic)?;
-        let producer = super::transactional_producer(&o, &format!("{}.s1-{}", o.spec.group, o.instance))?;
         Ok(Stage1 {
             config,
             o,
             consumer,
-            producer,
             deltas,
             tasks: BTreeMap::new(),
             seen: (0, 0),
@@ -241,19 +262,32 @@ impl Stage1 {
     /// Drops every task after a revoke; builds a task for every assigned
     /// partition that has none.
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
-        for p in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")? {
+        let todo = super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 1")?;
+        // The partitions restore side by side: the consumer is not polled
+        // meanwhile, and a rebalance waits for it (a restore is mostly
+        // waiting on the broker).
+        let this = &*self;
+        let built = super::in_parallel(&todo, |p| {
             let started = Instant::now();
-            let (task, snapshot, replayed) = self.restore(p)?;
+            // Fence the previous owner first: its open transaction ends (and
+            // with it the hold on read_committed readers), its commits fail
+            // from now on, and the committed offset read next is final.
+            let producer = super::transactional_producer(&this.o, &format!("{}.s1-{p}", this.o.spec.group))?;
+            let (task, snapshot, replayed) = this.restore(p)?;
+            Ok::<_, ScaleError>((Owned { task, producer }, snapshot, replayed, started.elapsed()))
+        });
+        for (p, built) in built {
+            let (owned, snapshot, replayed, took) = built?;
             tracing::info!(
                 "stage 1: partition {}/{p} assigned, restored at offset {:?} in {} ms (snapshot at {snapshot:?}, \
                  {replayed} messages replayed)",
                 self.o.spec.topic,
-                task.next,
-                started.elapsed().as_millis()
+                owned.task.next,
+                took.as_millis()
             );
             self.stats.restores += 1;
             self.stats.replayed += replayed;
-            self.tasks.insert(p, task);
+            self.tasks.insert(p, owned);
         }
         Ok(())
     }
@@ -290,8 +324,8 @@ impl Stage1 {
             // Snapshots being assembled, by id: (offset, chunks).
             let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
             let mut best: Option<(i64, Vec<u8>)> = None;
-            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |_, _, payload| {
-                let Some(payload) = payload else { return Ok(()) };
+            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |m| {
+                let Some(payload) = m.payload() else { return Ok(()) };
                 let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
                 if c.offset > at || c.partition != p as u32 || best.as_ref().is_some_and(|(s, _)| c.offset < *s) {
                     return Ok(());
@@ -335,8 +369,8 @@ impl Stage1 {
             )));
         }
         let mut n = 0u64;
-        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |offset, _, payload| {
-            task.read(offset, payload.unwrap_or_default(), false);
+        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |m| {
+            task.read(m, false);
             n += 1;
             Ok(())
         })?;
@@ -358,7 +392,7 @@ impl Stage1 {
         loop {
             if Instant::now() >= next_status {
                 next_status = Instant::now() + super::STATUS_EVERY;
-                let tasks = self.tasks.iter().map(|(&p, t)| (p, t.next));
+                let tasks = self.tasks.iter().map(|(&p, t)| (p, t.task.next));
                 let lag = super::lag(&self.consumer, &self.o.spec.topic, tasks);
                 self.stats.lag = lag as u64;
                 let s = &self.stats;
@@ -400,7 +434,7 @@ impl Stage1 {
                 None => {}
             }
         }
-        self.consumer.unsubscribe();
+        super::leave(&self.consumer, &self.o, "stage 1");
         Ok(self.stats)
     }
 
@@ -409,62 +443,90 @@ impl Stage1 {
         (ctx.revoked.load(Relaxed), ctx.assigned.load(Relaxed)) != self.seen
     }
 
-    /// One transaction: every task's records, its input offset and, every
-    /// `snapshot_every` triggers (and when due or stopping), its snapshot.
+    /// One transaction per task that read input since the last trigger: its
+    /// records, its input offset and, every `snapshot_every` triggers (and
+    /// when due or stopping), its snapshot. A task whose producer was fenced
+    /// is dropped (another instance owns its partition now).
     fn trigger(&mut self, stopping: bool) -> Result<(), ScaleError> {
         // Tasks that read nothing since their last trigger have their offset
         // committed already (and a snapshot at or before it): an idle trigger is free.
-        if !self.tasks.values().any(|t| t.dirty) {
+        let dirty: Vec<i32> = self.tasks.iter().filter(|(_, t)| t.task.dirty).map(|(&p, _)| p).collect();
+        if dirty.is_empty() {
             return Ok(());
         }
-        let fail = |step, error| ScaleError::Transaction { stage: 1, of: String::new(), step, error };
-        self.producer.begin_transaction().map_err(|e| fail("begin", e))?;
+        let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(1))?;
+        let mut work = Work::default();
+        for p in dirty {
+            let mut owned = self.tasks.remove(&p).expect("dirty task");
+            match self.commit(p, &mut owned, &meta, stopping, &mut work) {
+                Ok(()) => {
+                    self.stats.transactions += 1;
+                    self.tasks.insert(p, owned);
+                }
+                Err(ScaleError::Transaction { error, .. }) if fenced(&error) => {
+                    tracing::warn!(
+                        "stage 1: partition {}/{p} moved to another instance (its producer was fenced: {error}); \
+                         task dropped",
+                        self.o.spec.topic
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Task `p`'s transaction of one trigger.
+    fn commit(
+        &mut self,
+        p: i32,
+        owned: &mut Owned,
+        meta: &rdkafka::consumer::ConsumerGroupMetadata,
+        stopping: bool,
+        work: &mut Work,
+    ) -> Result<(), ScaleError> {
+        let (task, producer) = (&mut owned.task, &owned.producer);
+        let of = format!(" of {}/{p}", self.o.spec.topic);
+        let fail = |step, error| ScaleError::Transaction { stage: 1, of: of.clone(), step, error };
+        task.dirty = false;
+        let wm = task.advance(&mut work.deltas, &mut work.points);
+        add_since(&mut self.stats.router, &task.router.stats, &task.counted);
+        task.counted = task.router.stats.clone();
+        let Some(next) = task.next else { return Ok(()) };
+        producer.begin_transaction().map_err(|e| fail("begin", e))?;
         let (deltas_topic, state_topic) = (self.o.topic("deltas"), self.o.topic("state"));
+        let mut records: Vec<DeltaRecord> = (0..self.deltas)
+            .map(|_| DeltaRecord { partition: p as u32, offset: next, watermark: wm, entries: Vec::new() })
+            .collect();
+        for pt in &work.points {
+            let id = PointId::of(&task.catalog, pt.key, pt.minute);
+            records[id.partition(self.deltas) as usize].entries.push((id, pt.value));
+        }
+        if let Some(topic) = &self.o.spec.dead_letter {
+            for (offset, payload, reason) in task.refused.drain(..) {
+                let (partition, offset) = (p.to_string(), offset.to_string());
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "expmon.topic", value: Some(self.o.spec.topic.as_str()) })
+                    .insert(Header { key: "expmon.partition", value: Some(partition.as_str()) })
+                    .insert(Header { key: "expmon.offset", value: Some(offset.as_str()) })
+                    .insert(Header { key: "expmon.reason", value: Some(reason.as_str()) });
+                send(producer, BaseRecord::to(topic).payload(&payload[..]).headers(headers))?;
+                self.stats.dead_lettered += 1;
+            }
+        }
+        let key = p.to_le_bytes();
+        for (d, r) in records.iter().enumerate() {
+            for bytes in r.encode_pieces(wire::CHUNK_BYTES) {
+                self.stats.delta_bytes += bytes.len() as u64;
+                self.stats.delta_records += 1;
+                let record = BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes[..]);
+                send(producer, record)?;
+            }
+        }
         let mut offsets = TopicPartitionList::new();
-        let mut points: Vec<Point> = Vec::new();
-        let mut deltas = Vec::new();
+        offsets.add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next)).map_err(|e| fail("offsets", e))?;
         let every = self.o.snapshot_every.max(1);
-        for (&p, task) in self.tasks.iter_mut().filter(|(_, t)| t.dirty) {
-            task.dirty = false;
-            let wm = task.advance(&mut deltas, &mut points);
-            add_since(&mut self.stats.router, &task.router.stats, &task.counted);
-            task.counted = task.router.stats.clone();
-            let Some(next) = task.next else { continue };
-            let mut records: Vec<DeltaRecord> = (0..self.deltas)
-                .map(|_| DeltaRecord { partition: p as u32, offset: next, watermark: wm, entries: Vec::new() })
-                .collect();
-            for pt in &points {
-                let id = PointId::of(&task.catalog, pt.key, pt.minute);
-                records[id.partition(self.deltas) as usize].entries.push((id, pt.value));
-            }
-            if let Some(topic) = &self.o.spec.dead_letter {
-                for (offset, payload, reason) in task.refused.drain(..) {
-                    let (partition, offset) = (p.to_string(), offset.to_string());
-                    let headers = OwnedHeaders::new()
-                        .insert(Header { key: "expmon.topic", value: Some(self.o.spec.topic.as_str()) })
-                        .insert(Header { key: "expmon.partition", value: Some(partition.as_str()) })
-                        .insert(Header { key: "expmon.offset", value: Some(offset.as_str()) })
-                        .insert(Header { key: "expmon.reason", value: Some(reason.as_str()) });
-                    send(&self.producer, BaseRecord::to(topic).payload(&payload[..]).headers(headers))?;
-                    self.stats.dead_lettered += 1;
-                }
-            }
-            let key = p.to_le_bytes();
-            for (d, r) in records.iter().enumerate() {
-                for bytes in r.encode_pieces(wire::CHUNK_BYTES) {
-                    self.stats.delta_bytes += bytes.len() as u64;
-                    self.stats.delta_records += 1;
-                    let record = BaseRecord::to(&deltas_topic).partition(d as i32).key(&key[..]).payload(&bytes[..]);
-                    send(&self.producer, record)?;
-                }
-            }
-            offsets
-                .add_partition_offset(&self.o.spec.topic, p, Offset::Offset(next))
-                .map_err(|e| fail("offsets", e))?;
-            if !(task.snapshot_due || stopping || task.since_snapshot + 1 >= every) {
-                task.since_snapshot += 1;
-                continue;
-            }
+        if task.snapshot_due || stopping || task.since_snapshot + 1 >= every {
             task.since_snapshot = 0;
             task.snapshot_due = false;
             let snap = task.snapshot();
@@ -473,21 +535,33 @@ impl Stage1 {
             for (i, chunk) in snap.chunks(wire::CHUNK_BYTES).chain((snap.is_empty()).then_some(&[][..])).enumerate() {
                 let bytes = wire::encode_chunk(p as u32, next, id, i as u32, count, chunk);
                 self.stats.snapshot_bytes += bytes.len() as u64;
-                send(&self.producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
+                send(producer, BaseRecord::to(&state_topic).partition(p).key(&key[..]).payload(&bytes))?;
             }
+        } else {
+            task.since_snapshot += 1;
         }
-        let meta = self.consumer.group_metadata().ok_or(ScaleError::NoGroupMetadata(1))?;
         let timeout = Duration::from_secs(30);
         // The snapshots and records reach the broker before the offsets do: a
         // broker that commits (or does not filter) the offsets of a producer
         // killed mid-transaction then still holds the snapshot they point at
         // (tests/scale_out.rs found Tansu committing such offsets).
-        self.producer.flush(timeout).map_err(|e| fail("flush", e))?;
-        self.producer.send_offsets_to_transaction(&offsets, &meta, timeout).map_err(|e| fail("offsets", e))?;
-        self.producer.commit_transaction(timeout).map_err(|e| fail("commit", e))?;
-        self.stats.transactions += 1;
-        Ok(())
+        producer.flush(timeout).map_err(|e| fail("flush", e))?;
+        producer.send_offsets_to_transaction(&offsets, meta, timeout).map_err(|e| fail("offsets", e))?;
+        producer.commit_transaction(timeout).map_err(|e| fail("commit", e))
     }
+}
+
+/// Buffers one trigger reuses across its tasks.
+#[derive(Default)]
+struct Work {
+    deltas: Vec<crate::aggregate::Delta>,
+    points: Vec<Point>,
+}
+
+/// Whether `error` says another producer took this one's `transactional.id`.
+fn fenced(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{Fenced, InvalidProducerEpoch, ProducerFenced};
+    matches!(error.rdkafka_error_code(), Some(Fenced | ProducerFenced | InvalidProducerEpoch))
 }
 
 /// Adds to `total` what `now` counted since `before` (one task's router).
@@ -509,9 +583,9 @@ fn add_since(total: &mut RouterStats, now: &RouterStats, before: &RouterStats) {
 
 /// One input message: routed by the task of its partition (none: not ours);
 /// a refused one is kept for the dead-letter topic if `keep_refused`.
-fn handle(tasks: &mut BTreeMap<i32, Task>, m: &impl Message, keep_refused: bool) {
-    if let Some(task) = tasks.get_mut(&m.partition()) {
-        task.read(m.offset(), m.payload().unwrap_or_default(), keep_refused);
+fn handle(tasks: &mut BTreeMap<i32, Owned>, m: &impl Message, keep_refused: bool) {
+    if let Some(Owned { task, .. }) = tasks.get_mut(&m.partition()) {
+        task.read(m, keep_refused);
     }
 }
 
@@ -526,5 +600,39 @@ pub(super) fn send(producer: &BaseProducer, mut record: BaseRecord<'_, [u8], [u8
             }
             Err((error, r)) => return Err(ScaleError::Produce { topic: r.topic.to_string(), error }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{OwnedMessage, Timestamp};
+
+    fn message(offset: i64, line: &str, sent_ms: i64) -> OwnedMessage {
+        let payload = Some(line.as_bytes().to_vec());
+        OwnedMessage::new(payload, None, "events".into(), Timestamp::CreateTime(sent_ms), 0, offset, None)
+    }
+
+    /// `max_future` counts from the message's timestamp, so a replay long
+    /// after the first read refuses the same events (and a wall clock that
+    /// has since passed an event's `ts` changes nothing).
+    #[test]
+    fn max_future_is_measured_from_the_message_timestamp_not_the_wall_clock() {
+        let config = Config::demo();
+        let future = config.engine.max_future_ms;
+        let ts = 1_767_225_600_000; // long before the wall clock of any run
+        let line = format!(r#"{{"ts":{ts},"tenant":"uswm","session":"s1","mp":"home_page"}}"#);
+        for (sent, refused) in [(ts - future - 1, 1), (ts - future, 0), (ts, 0)] {
+            let mut task = Task::new(&config, Names::default()).unwrap();
+            task.read(&message(0, &line, sent), false);
+            let r = &task.router.stats;
+            assert_eq!(r.events_in, 1);
+            assert_eq!(r.rejected[crate::event::Reject::TsFuture.index()], refused, "sent at {sent}");
+        }
+        // A message without a timestamp falls back to the wall clock.
+        let mut task = Task::new(&config, Names::default()).unwrap();
+        let m = OwnedMessage::new(Some(line.into_bytes()), None, "events".into(), Timestamp::NotAvailable, 0, 0, None);
+        task.read(&m, false);
+        assert_eq!(task.router.stats.rejected_total(), 0);
     }
 }

@@ -194,9 +194,17 @@ impl Stage2 {
     }
 
     fn follow_assignment(&mut self) -> Result<(), ScaleError> {
-        for d in super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 2")? {
+        let todo = super::unowned_assigned(&self.consumer, &mut self.seen, &mut self.tasks, "stage 2")?;
+        // What waits on the broker runs side by side (see stage 1); the
+        // names are resolved here, one task after the other.
+        let (o, consumer) = (&self.o, &self.consumer);
+        let read = super::in_parallel(&todo, |d| {
             let started = Instant::now();
-            let task = self.restore(d)?;
+            read_changelog(o, consumer, d).map(|r| (r, started))
+        });
+        for (d, read) in read {
+            let (changelog, started) = read?;
+            let task = self.restore(d, changelog)?;
             tracing::info!(
                 "stage 2: partition {}/{d} assigned, {} entries restored in {} ms",
                 self.o.topic("deltas"),
@@ -209,21 +217,10 @@ impl Stage2 {
         Ok(())
     }
 
-    fn restore(&mut self, d: i32) -> Result<Task, ScaleError> {
-        // Fence the previous owner first: its open transaction ends, and its
-        // commits fail from now on.
-        let producer = super::transactional_producer(&self.o, &format!("{}.s2-{d}", self.o.spec.group))?;
-        let next = super::committed(&self.consumer, &self.o.topic("deltas"), d)?;
+    /// Task `d` built from what [`read_changelog`] read.
+    fn restore(&mut self, d: i32, (producer, next, latest): Changelog) -> Result<Task, ScaleError> {
         let mut task = Task { producer, state: Contributions::new(self.inputs), next, committed: next, rewrite: true };
         let topic = self.o.topic("totals");
-        let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
-        super::read_partition(&self.o, &topic, d, Offset::Beginning, |_, key, payload| {
-            let Some(key) = key else { return Ok(()) };
-            let value =
-                payload.map(wire::decode_changelog_value).transpose().map_err(|e| e.at(format!("{topic}/{d}")))?;
-            latest.insert(key.to_vec(), value);
-            Ok(())
-        })?;
         for (key, value) in latest {
             let Some((offset, value)) = value else { continue };
             let (point, p) = wire::decode_changelog_key(&key).map_err(|e| e.at(format!("{topic}/{d}")))?;
@@ -293,7 +290,7 @@ impl Stage2 {
                 None => {}
             }
         }
-        self.consumer.unsubscribe();
+        super::leave(&self.consumer, &self.o, "stage 2");
         let report = self.sink.close()?;
         if report.undelivered > 0 {
             return Err(ScaleError::Undelivered(report.undelivered));
@@ -419,6 +416,28 @@ impl Stage2 {
         }
         Ok(())
     }
+}
+
+/// What a stage-2 task restores from: its producer, committed delta offset
+/// and the last changelog value of every key.
+type Changelog = (BaseProducer, Option<i64>, AHashMap<Vec<u8>, Option<(i64, i64)>>);
+
+/// Task `d`'s producer (initialised first: this fences the previous
+/// owner, whose open transaction ends and whose commits fail from now
+/// on), its committed delta offset, and the last changelog value of
+/// every key (`None`: a tombstone).
+fn read_changelog(o: &ScaleOptions, consumer: &BaseConsumer<Rebalances>, d: i32) -> Result<Changelog, ScaleError> {
+    let producer = super::transactional_producer(o, &format!("{}.s2-{d}", o.spec.group))?;
+    let next = super::committed(consumer, &o.topic("deltas"), d)?;
+    let topic = o.topic("totals");
+    let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
+    super::read_partition(o, &topic, d, Offset::Beginning, |_, key, payload| {
+        let Some(key) = key else { return Ok(()) };
+        let value = payload.map(wire::decode_changelog_value).transpose().map_err(|e| e.at(format!("{topic}/{d}")))?;
+        latest.insert(key.to_vec(), value);
+        Ok(())
+    })?;
+    Ok((producer, next, latest))
 }
 
 /// One delta record: applied by the task of its partition (none: not ours).
