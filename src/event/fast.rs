@@ -423,7 +423,7 @@ mod tests {
                 state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 // Long digit runs often: most bytes digits in half the rounds.
                 let pick = (state >> 33) as usize;
-                *b = if round % 2 == 0 && pick % 4 != 0 {
+                *b = if round % 2 == 0 && !pick.is_multiple_of(4) {
                     b'0' + (pick % 10) as u8
                 } else {
                     alphabet[pick % alphabet.len()]
@@ -432,7 +432,8 @@ mod tests {
             let w = u64::from_le_bytes(bytes);
             let special = bytes.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(8);
             assert_eq!(first_special(w, 0), special, "{bytes:?}");
-            let refused = bytes.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20 || c >= 0x80).unwrap_or(8);
+            let refused =
+                bytes.iter().position(|&c| c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c)).unwrap_or(8);
             assert_eq!(first_special(w, 0x80 * ONES), refused, "{bytes:?}");
             let n = bytes.iter().position(|c| !c.is_ascii_digit()).unwrap_or(8);
             let value =
