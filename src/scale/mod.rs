@@ -79,7 +79,7 @@ pub enum ScaleError {
     #[error("{what}: {error}")]
     Broker { what: String, error: rdkafka::error::KafkaError },
     /// A step of a stage's transaction failed (or the producer was fenced);
-    /// `of` names a stage-2 task's delta partition.
+    /// `of` names the task's partition (input for stage 1, delta for stage 2).
     #[error("stage {stage} transaction{of} ({step}): {error}")]
     Transaction { stage: u8, of: String, step: &'static str, error: rdkafka::error::KafkaError },
     #[error("stage {0}: no consumer group metadata")]

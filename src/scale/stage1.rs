@@ -22,9 +22,9 @@
 //! delta partitions at its first record until the coordinator aborts it —
 //! `transaction.timeout.ms` on Kafka, never on Tansu 0.6
 //! (tests/scale_out.rs found stage 2 stalled for good after a SIGKILL). The
-//! new owner of the partition ends it at once. A task whose producer was
-//! fenced (its partition moved while this instance was paused) is dropped;
-//! the rebalance this instance then sees rebuilds what it still owns.
+//! new owner of the partition ends it at once. A zombie (paused past its
+//! session timeout while its partitions moved) finds its producer fenced at
+//! its next commit and stops in one line, as on any failed transaction.
 //!
 //! With the source option `dead_letter=T`, a message the router refuses is
 //! kept by its task until the trigger and copied to `T` in the same
@@ -137,12 +137,14 @@ impl Task {
     /// One input message: parsed, routed, sessionized; a refused one is kept
     /// for the dead-letter topic if `keep_refused`.
     ///
-    /// `max_future` is measured from the message's Kafka timestamp, not the
-    /// wall clock: a replay must refuse exactly what the first read refused
-    /// (`crate::scale`, step 1), and the timestamp is in the log. It is the
-    /// producer's clock when the message was sent (or the broker's, with
-    /// `LogAppendTime`), a little before the wall clock of a live read; a
-    /// message without one falls back to the wall clock.
+    /// `max_future` is measured from the earlier of the message's Kafka
+    /// timestamp and the wall clock: a replay must refuse exactly what the
+    /// first read refused (`crate::scale`, step 1), and the timestamp is in
+    /// the log. It is the producer's clock when it sent the message (or the
+    /// broker's, with `LogAppendTime`), so before the wall clock of any read
+    /// unless the producer's clock runs ahead; then the wall clock decides, as
+    /// for a message without a timestamp or with one before 2000 (SPEC §1's
+    /// earliest `ts`: a producer that sets no real time).
     fn read(&mut self, m: &impl Message, keep_refused: bool) {
         let (offset, payload) = (m.offset(), m.payload().unwrap_or_default());
         if self.next.is_some_and(|n| offset < n) {
@@ -150,7 +152,9 @@ impl Task {
         }
         self.next = Some(offset + 1);
         self.dirty = true;
-        let now = Some(m.timestamp().to_millis().unwrap_or_else(crate::clock::now_ms));
+        let wall = crate::clock::now_ms();
+        let sent = m.timestamp().to_millis().filter(|&t| t >= crate::event::MIN_TS_MS);
+        let now = Some(sent.map_or(wall, |t| t.min(wall)));
         match self.router.route(payload, 0, now) {
             Ok(Some(_)) => self.apply_pending(),
             Ok(None) => {}
@@ -445,8 +449,10 @@ impl Stage1 {
 
     /// One transaction per task that read input since the last trigger: its
     /// records, its input offset and, every `snapshot_every` triggers (and
-    /// when due or stopping), its snapshot. A task whose producer was fenced
-    /// is dropped (another instance owns its partition now).
+    /// when due or stopping), its snapshot. A transaction that fails (a
+    /// fenced producer among the causes: the partition's new owner, or on
+    /// Kafka a transaction aborted for its timeout) stops the instance in one
+    /// line: crash-only, a restart rebuilds every task from Kafka.
     fn trigger(&mut self, stopping: bool) -> Result<(), ScaleError> {
         // Tasks that read nothing since their last trigger have their offset
         // committed already (and a snapshot at or before it): an idle trigger is free.
@@ -458,20 +464,9 @@ impl Stage1 {
         let mut work = Work::default();
         for p in dirty {
             let mut owned = self.tasks.remove(&p).expect("dirty task");
-            match self.commit(p, &mut owned, &meta, stopping, &mut work) {
-                Ok(()) => {
-                    self.stats.transactions += 1;
-                    self.tasks.insert(p, owned);
-                }
-                Err(ScaleError::Transaction { error, .. }) if fenced(&error) => {
-                    tracing::warn!(
-                        "stage 1: partition {}/{p} moved to another instance (its producer was fenced: {error}); \
-                         task dropped",
-                        self.o.spec.topic
-                    );
-                }
-                Err(e) => return Err(e),
-            }
+            self.commit(p, &mut owned, &meta, stopping, &mut work)?;
+            self.stats.transactions += 1;
+            self.tasks.insert(p, owned);
         }
         Ok(())
     }
@@ -490,8 +485,6 @@ impl Stage1 {
         let fail = |step, error| ScaleError::Transaction { stage: 1, of: of.clone(), step, error };
         task.dirty = false;
         let wm = task.advance(&mut work.deltas, &mut work.points);
-        add_since(&mut self.stats.router, &task.router.stats, &task.counted);
-        task.counted = task.router.stats.clone();
         let Some(next) = task.next else { return Ok(()) };
         producer.begin_transaction().map_err(|e| fail("begin", e))?;
         let (deltas_topic, state_topic) = (self.o.topic("deltas"), self.o.topic("state"));
@@ -547,7 +540,12 @@ impl Stage1 {
         // (tests/scale_out.rs found Tansu committing such offsets).
         producer.flush(timeout).map_err(|e| fail("flush", e))?;
         producer.send_offsets_to_transaction(&offsets, meta, timeout).map_err(|e| fail("offsets", e))?;
-        producer.commit_transaction(timeout).map_err(|e| fail("commit", e))
+        producer.commit_transaction(timeout).map_err(|e| fail("commit", e))?;
+        // Counted once committed: what a failed transaction read, its
+        // partition's next owner reads and counts again.
+        add_since(&mut self.stats.router, &task.router.stats, &task.counted);
+        task.counted = task.router.stats.clone();
+        Ok(())
     }
 }
 
@@ -556,12 +554,6 @@ impl Stage1 {
 struct Work {
     deltas: Vec<crate::aggregate::Delta>,
     points: Vec<Point>,
-}
-
-/// Whether `error` says another producer took this one's `transactional.id`.
-fn fenced(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode::{Fenced, InvalidProducerEpoch, ProducerFenced};
-    matches!(error.rdkafka_error_code(), Some(Fenced | ProducerFenced | InvalidProducerEpoch))
 }
 
 /// Adds to `total` what `now` counted since `before` (one task's router).
@@ -613,11 +605,11 @@ mod tests {
         OwnedMessage::new(payload, None, "events".into(), Timestamp::CreateTime(sent_ms), 0, offset, None)
     }
 
-    /// `max_future` counts from the message's timestamp, so a replay long
-    /// after the first read refuses the same events (and a wall clock that
-    /// has since passed an event's `ts` changes nothing).
+    /// `max_future` counts from the message's timestamp when it is the
+    /// earlier, so a replay long after the first read refuses the same events
+    /// (a wall clock that has since passed an event's `ts` changes nothing).
     #[test]
-    fn max_future_is_measured_from_the_message_timestamp_not_the_wall_clock() {
+    fn max_future_is_measured_from_the_message_timestamp_or_the_wall_clock_if_earlier() {
         let config = Config::demo();
         let future = config.engine.max_future_ms;
         let ts = 1_767_225_600_000; // long before the wall clock of any run
@@ -629,10 +621,23 @@ mod tests {
             assert_eq!(r.events_in, 1);
             assert_eq!(r.rejected[crate::event::Reject::TsFuture.index()], refused, "sent at {sent}");
         }
-        // A message without a timestamp falls back to the wall clock.
-        let mut task = Task::new(&config, Names::default()).unwrap();
-        let m = OwnedMessage::new(Some(line.into_bytes()), None, "events".into(), Timestamp::NotAvailable, 0, 0, None);
-        task.read(&m, false);
-        assert_eq!(task.router.stats.rejected_total(), 0);
+        // The wall clock decides for a message without a timestamp, one
+        // before 2000, or one from a producer clock ahead of it: an event
+        // stamped past the wall clock's bound is refused even if its message
+        // claims to be later still.
+        let wall = crate::clock::now_ms();
+        let ahead = format!(r#"{{"ts":{},"tenant":"uswm","session":"s1","mp":"home_page"}}"#, wall + 2 * future);
+        let cases = [
+            (Timestamp::NotAvailable, &line, 0),
+            (Timestamp::CreateTime(0), &line, 0),
+            (Timestamp::CreateTime(wall + 10 * future), &line, 0),
+            (Timestamp::CreateTime(wall + 10 * future), &ahead, 1),
+        ];
+        for (sent, line, refused) in cases {
+            let mut task = Task::new(&config, Names::default()).unwrap();
+            let m = OwnedMessage::new(Some(line.as_bytes().to_vec()), None, "events".into(), sent, 0, 0, None);
+            task.read(&m, false);
+            assert_eq!(task.router.stats.rejected_total(), refused, "{sent:?} {line}");
+        }
     }
 }
