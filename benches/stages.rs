@@ -6,8 +6,13 @@
 //! carries its assignments, 125 events/s of event time: few events per region
 //! and minute). Throughput is in events (or deltas, points) per second.
 //!
+//! The router's stages (`parse`, `route`) are timed in CPU time of the
+//! benchmark thread ([`ThreadCpu`]), not wall time: on a shared machine a
+//! thread that waits for a core is not slower. The other stages in wall time.
+//!
 //! Run: `cargo bench --bench stages` (add `-- --quick` for a short run).
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::sync::Arc;
 
@@ -188,8 +193,49 @@ fn bench_cells(
     });
 }
 
+/// CPU time of the calling thread, in ns (`CLOCK_THREAD_CPUTIME_ID`): time
+/// the thread spent waiting for a core is not counted, so a stage measures
+/// the same on an idle and on a loaded machine (less what another thread's
+/// use of the caches costs it).
+struct ThreadCpu;
+
+fn thread_cpu_ns() -> u64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid, writable timespec for the call's duration;
+    // the clock id is a constant the kernel always knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Values are ns, as wall time's: its formatter prints them.
+static WALL: WallTime = WallTime;
+
+impl Measurement for ThreadCpu {
+    type Intermediate = u64;
+    type Value = u64;
+    fn start(&self) -> u64 {
+        thread_cpu_ns()
+    }
+    fn end(&self, started: u64) -> u64 {
+        thread_cpu_ns() - started
+    }
+    fn add(&self, a: &u64, b: &u64) -> u64 {
+        a + b
+    }
+    fn zero(&self) -> u64 {
+        0
+    }
+    fn to_f64(&self, v: &u64) -> f64 {
+        *v as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        WALL.formatter()
+    }
+}
+
 /// Parsing alone: every line of `lines` through `parse_event`.
-fn bench_parse(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, name: &str, lines: &[Vec<u8>]) {
+fn bench_parse(g: &mut criterion::BenchmarkGroup<'_, ThreadCpu>, name: &str, lines: &[Vec<u8>]) {
     g.throughput(Throughput::Elements(lines.len() as u64));
     g.bench_function(name, |b| {
         let mut scratch = ParseScratch::default();
@@ -200,7 +246,7 @@ fn bench_parse(g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::Wal
 /// The router thread's work per line: parse, resolve, watermark, batch for
 /// four shards (full batches taken and recycled, as the drive loop does).
 fn bench_route(
-    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    g: &mut criterion::BenchmarkGroup<'_, ThreadCpu>,
     name: &str,
     catalog: &Arc<Catalog>,
     lines: &[Vec<u8>],
@@ -226,11 +272,12 @@ fn bench_route(
     });
 }
 
-fn stages(c: &mut Criterion) {
+/// The router thread's stages, in CPU time.
+fn router_stages(c: &mut Criterion<ThreadCpu>) {
     let (profile, lines) = lines_of(Profile::peak());
     let catalog = catalog(&profile);
-
     let (_, sparse_lines) = lines_of(sparse_profile());
+
     let mut g = c.benchmark_group("parse");
     bench_parse(&mut g, "parse_event", &lines);
     bench_parse(&mut g, "parse_event_sparse", &sparse_lines);
@@ -240,6 +287,12 @@ fn stages(c: &mut Criterion) {
     bench_route(&mut g, "parse_resolve_batch", &catalog, &lines);
     bench_route(&mut g, "parse_resolve_batch_sparse", &catalog, &sparse_lines);
     g.finish();
+}
+
+fn stages(c: &mut Criterion) {
+    let (profile, lines) = lines_of(Profile::peak());
+    let catalog = catalog(&profile);
+    let (_, sparse_lines) = lines_of(sparse_profile());
 
     let batches = routed(&catalog, &lines);
     let routed_events: usize = batches.iter().map(|b| b.events.len()).sum();
@@ -307,8 +360,13 @@ fn stages(c: &mut Criterion) {
 }
 
 criterion_group! {
+    name = router;
+    config = Criterion::default().with_measurement(ThreadCpu).sample_size(10);
+    targets = router_stages
+}
+criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
     targets = stages
 }
-criterion_main!(benches);
+criterion_main!(router, benches);

@@ -147,12 +147,22 @@ pub fn parse_event<'a>(
     latest_ts: Option<i64>,
     scratch: &'a mut ParseScratch,
 ) -> Result<Event<'a>, Reject> {
-    let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
     let assign = &mut scratch.assign;
     assign.clear();
-    let raw = match fast::parse_fast(text, assign) {
+    // An all-ASCII line in the fast subset needs no UTF-8 pass of its own;
+    // any other is validated, then read by the fast path (if it has non-ASCII
+    // bytes) or serde.
+    let raw = match fast::parse_fast_ascii(line, assign) {
         Some(raw) => raw,
-        None => parse_event_serde(text, assign)?,
+        None => {
+            let text = std::str::from_utf8(line).map_err(|_| Reject::NotUtf8)?;
+            assign.clear();
+            let fast = if line.is_ascii() { None } else { fast::parse_fast(text, assign) };
+            match fast {
+                Some(raw) => raw,
+                None => parse_event_serde(text, assign)?,
+            }
+        }
     };
     finish(raw, &scratch.assign, latest_ts)
 }
@@ -631,12 +641,21 @@ mod tests {
         assert_eq!(parse_event(max, Some(1_800_000_000_000), &mut scratch), Err(Reject::TsFuture));
     }
 
-    /// The fast path's contract: when it accepts, serde agrees exactly.
+    /// The fast path's contract: when it accepts, serde agrees exactly; its
+    /// reading of unchecked bytes takes an ASCII line as it would, no other.
     fn same_as_serde(line: &str) {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        if let Some(fast) = fast::parse_fast(line, &mut a) {
-            assert_eq!(Ok(fast), parse_event_serde(line, &mut b), "{line}");
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let fast = fast::parse_fast(line, &mut a);
+        if let Some(fast) = &fast {
+            assert_eq!(Ok(fast), parse_event_serde(line, &mut b).as_ref(), "{line}");
             assert_eq!(a, b, "{line}");
+        }
+        let ascii = fast::parse_fast_ascii(line.as_bytes(), &mut c);
+        if line.is_ascii() {
+            assert_eq!(ascii, fast, "{line}");
+            assert_eq!(a, c, "{line}");
+        } else {
+            assert_eq!(ascii, None, "{line}");
         }
     }
 

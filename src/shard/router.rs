@@ -106,6 +106,22 @@ impl AssignTable {
         ((variation_id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
     }
 
+    /// Asks for the cache line of `variation_id`'s home slot (a hint: no
+    /// effect on results), so that an event's ~20 probes overlap their misses.
+    #[inline(always)]
+    fn prefetch(&self, variation_id: i64) {
+        let slot = &self.slots[self.home(variation_id)];
+        // SAFETY: the intrinsic only needs SSE, which this build enables (the
+        // cfg); a prefetch never faults and reads nothing back, and `slot` is
+        // a valid reference anyway.
+        #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((slot as *const AssignSlot).cast())
+        };
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
+        let _ = slot;
+    }
+
     /// `(experiment index, variation index)` if the catalog knows this
     /// assignment; `None`: ask the catalog (an unknown one, or not held).
     #[inline]
@@ -258,6 +274,11 @@ impl Router {
             if part == self.slowest || self.counting == 0 {
                 self.recompute_watermark();
             }
+        }
+        // The event's assignment slots are asked for first: their misses
+        // overlap with each other and with the name lookups below.
+        for &(_, v) in ev.assign {
+            self.assign.prefetch(v);
         }
         let Some(tenant) = self.catalog.tenant(&ev.tenant) else {
             self.stats.unknown_tenant += 1;
