@@ -110,16 +110,7 @@ impl AssignTable {
     /// effect on results), so that an event's ~20 probes overlap their misses.
     #[inline(always)]
     fn prefetch(&self, variation_id: i64) {
-        let slot = &self.slots[self.home(variation_id)];
-        // SAFETY: the intrinsic only needs SSE, which this build enables (the
-        // cfg); a prefetch never faults and reads nothing back, and `slot` is
-        // a valid reference anyway.
-        #[cfg(all(target_arch = "x86_64", target_feature = "sse"))]
-        unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>((slot as *const AssignSlot).cast())
-        };
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "sse")))]
-        let _ = slot;
+        crate::aggregate::prefetch(&self.slots[self.home(variation_id)]);
     }
 
     /// `(experiment index, variation index)` if the catalog knows this
