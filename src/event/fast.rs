@@ -124,6 +124,38 @@ impl<'a> Scan<'a> {
         })
     }
 
+    /// The compact form of a whole `assign` member and what follows it,
+    /// `"digits":digits,` or `…}` (a key of 1 to 6 digits, a value as
+    /// [`Scan::compact_integer`] reads it), in two words: its experiment id,
+    /// its variation id and whether the object ends, with all of it
+    /// consumed; or `None` with nothing consumed (then the general steps
+    /// read the member, whatever its form).
+    #[inline]
+    fn compact_pair(&mut self) -> Option<(u64, i64, bool)> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        let w = word(self.b, self.i + 1)?;
+        let (n, id) = leading_digits(w);
+        // The key's closing quote and the colon, bytes n and n + 1 of `w`.
+        if !(1..7).contains(&n) || (w >> (8 * n)) as u16 != u16::from_le_bytes([b'"', b':']) {
+            return None;
+        }
+        let at = self.i + n + 3;
+        let v = word(self.b, at)?;
+        let (m, var) = leading_digits(v);
+        if !(1..8).contains(&m) || (m > 1 && v as u8 == b'0') {
+            return None;
+        }
+        let ends = match (v >> (8 * m)) as u8 {
+            b',' => false,
+            b'}' => true,
+            _ => return None,
+        };
+        self.i = at + m + 1;
+        Some((id, var as i64, ends))
+    }
+
     /// The compact form of a non-negative integer (1 to 7 digits, no leading
     /// zero, not followed by a fraction or an exponent), read as one word:
     /// its value, or `None` with nothing consumed (then [`Scan::opt_integer`]
@@ -263,15 +295,22 @@ impl<'a> Scan<'a> {
         let mut seen = 0u64;
         loop {
             // Real producers write `"1013":10132,` with no spaces: that form
-            // is read a word at a time, any other by the general steps.
-            let exp = match self.compact_key() {
-                Some(id) => id,
-                None => self.experiment_key()?,
-            };
-            self.eat(b':')?;
-            let var = match self.compact_integer() {
-                Some(v) => Some(v),
-                None => self.opt_integer()?,
+            // is read two words at a time, any other by the general steps
+            // (`ends`: `None` until they read what follows the member).
+            let (exp, var, ends) = match self.compact_pair() {
+                Some((exp, var, ends)) => (exp, Some(var), Some(ends)),
+                None => {
+                    let exp = match self.compact_key() {
+                        Some(id) => id,
+                        None => self.experiment_key()?,
+                    };
+                    self.eat(b':')?;
+                    let var = match self.compact_integer() {
+                        Some(v) => Some(v),
+                        None => self.opt_integer()?,
+                    };
+                    (exp, var, None)
+                }
             };
             let bit = 1u64 << (exp % 64);
             if seen & bit != 0 && exp != UNKNOWN_EXPERIMENT_ID {
@@ -286,7 +325,11 @@ impl<'a> Scan<'a> {
                 }
                 out.push((exp, v));
             }
-            if self.object_ends()? {
+            let ends = match ends {
+                Some(ends) => ends,
+                None => self.object_ends()?,
+            };
+            if ends {
                 return Some(());
             }
         }
@@ -474,14 +517,33 @@ mod tests {
             r#"{"1":10132}"#,
             r#"{"1":10}"#,
             r#"{"1":1}"#,
+            r#"{"123456":1234567,"1234567":1,"1":0,"2":12345678,"3":7}"#,
+            r#"{"5":1 ,"6":2, "7":3,"8" :4,"9": 5,"10":6 }"#,
+            r#"{"5":1,"5":2,"6":3,"5":null}"#,
         ] {
-            let line = format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{assign}}}"#);
-            let ev = parse_fast(&line, &mut out).expect(&line);
-            let mut want = Vec::new();
-            assert_eq!(Ok(ev), super::super::parse_event_serde(&line, &mut want), "{line}");
-            assert_eq!(out, want, "{line}");
+            // Last (the map's end is near the line's) and first in the line.
+            for line in [
+                format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{assign}}}"#),
+                format!(r#"{{"assign":{assign},"ts":1525356185123,"tenant":"a","session":"s","mp":"m"}}"#),
+            ] {
+                let ev = parse_fast(&line, &mut out).expect(&line);
+                let mut want = Vec::new();
+                assert_eq!(Ok(ev), super::super::parse_event_serde(&line, &mut want), "{line}");
+                assert_eq!(out, want, "{line}");
+            }
         }
-        for bad in [r#"{"1":01}"#, r#"{"1":10.5}"#, r#"{"1":1e3}"#, r#"{"1":"2"}"#, r#"{"x1":2}"#, r#"{"":2}"#] {
+        for bad in [
+            r#"{"1":01,"2":3}"#,
+            r#"{"1":1.5,"2":3}"#,
+            r#"{"1":2e1,"2":3}"#,
+            r#"{"1":2]"#,
+            r#"{"1":01}"#,
+            r#"{"1":10.5}"#,
+            r#"{"1":1e3}"#,
+            r#"{"1":"2"}"#,
+            r#"{"x1":2}"#,
+            r#"{"":2}"#,
+        ] {
             let line = format!(r#"{{"ts":1525356185123,"tenant":"a","session":"s","mp":"m","assign":{bad},"x":1}}"#);
             assert!(parse_fast(&line, &mut out).is_none(), "{line}");
         }
