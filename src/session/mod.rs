@@ -36,6 +36,7 @@ use ahash::AHashMap;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
+mod expiry;
 mod hot;
 mod state;
 
@@ -43,6 +44,7 @@ pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS}
 
 use crate::aggregate::{minute_of, CellAdd, MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment};
+use expiry::{bucket, ExpiryIndex};
 use hot::{HotCatalog, HotCond, HotExp};
 use state::{EvRec, ExpState, Extra, OrderKey, Session, NONE, VALUE_KEY};
 
@@ -493,6 +495,9 @@ impl Emit<'_> {
 /// The sessions of one shard.
 pub struct SessionTable {
     sessions: AHashMap<SessionKey, Session>,
+    /// The sessions' keys by when they can expire (a key under the bucket
+    /// of its session's greatest ts, at least).
+    expiry: ExpiryIndex,
     catalog: Arc<Catalog>,
     gap_ms: i64,
     work: Work,
@@ -513,6 +518,7 @@ impl SessionTable {
         let hot = HotCatalog::of(&catalog);
         SessionTable {
             sessions: AHashMap::new(),
+            expiry: ExpiryIndex::default(),
             catalog,
             gap_ms,
             work: Work::default(),
@@ -548,10 +554,12 @@ impl SessionTable {
     }
 
     /// Bytes held for sessions: the table's slots (key, value, control byte,
-    /// at its capacity) plus each session's heap allocations.
+    /// at its capacity), each session's heap allocations and the expiry index.
     pub fn state_bytes(&self) -> usize {
         let slot = size_of::<SessionKey>() + size_of::<Session>() + 1;
-        self.sessions.capacity() * slot + self.sessions.values().map(Session::heap_bytes).sum::<usize>()
+        self.sessions.capacity() * slot
+            + self.sessions.values().map(Session::heap_bytes).sum::<usize>()
+            + self.expiry.heap_bytes()
     }
 
     /// Loads the table slot and first state line of a session into cache.
@@ -592,16 +600,16 @@ impl SessionTable {
     /// Adds a session from bytes handed out by [`SessionTable::decode_each`].
     pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), SessionDecodeError> {
         let s = Session::decode(&mut crate::codec::Dec::new(bytes))?;
+        self.expiry.list(key, bucket(s.max_ts()));
         self.sessions.insert(key, s);
         Ok(())
     }
 
-    /// Frees every session that has expired at watermark `wm`.
+    /// Frees every session that has expired at watermark `wm` (visiting only
+    /// those the expiry index says can have).
     pub fn expire(&mut self, wm: i64) {
-        let gap = self.gap_ms;
-        let before = self.sessions.len();
-        self.sessions.retain(|_, s| !expired(s.max_ts(), gap, wm));
-        self.work.stats.evicted += (before - self.sessions.len()) as u64;
+        let freed = self.expiry.expire(&mut self.sessions, self.gap_ms, wm);
+        self.work.stats.evicted += freed as u64;
         if self.sessions.capacity() > 4 * self.sessions.len().max(1024) {
             self.sessions.shrink_to_fit();
         }
@@ -615,8 +623,14 @@ impl SessionTable {
         let cat = Cat { catalog: &self.catalog, hot: &self.hot };
         let work = &mut self.work;
         let session = live_session(&mut self.sessions, &mut work.stats, self.gap_ms, ev);
+        let listed = (session.n_events() > 0).then(|| bucket(session.max_ts()));
         let in_order = session.n_events() == 0 || ev.ts > session.max_ts();
-        let Some(idx) = keep_event(session, cat.hot, ev, assigns, attrs) else {
+        let kept = keep_event(session, cat.hot, ev, assigns, attrs);
+        // A new session, or one whose greatest ts moved to a later bucket.
+        if in_order && listed != Some(bucket(session.max_ts())) {
+            self.expiry.list(ev.key, bucket(session.max_ts()));
+        }
+        let Some(idx) = kept else {
             work.stats.overflow_dropped += 1;
             return;
         };

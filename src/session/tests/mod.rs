@@ -298,6 +298,33 @@ fn an_expired_session_keeps_its_totals_and_its_id_starts_afresh() {
 }
 
 #[test]
+fn expiry_frees_by_the_latest_event_not_where_the_session_was_listed_first() {
+    let mut h = Harness::parse(ONE);
+    let gap = h.gap_ms();
+    // Session 1 is listed at minute 0, then again at minute 30 (a later event);
+    // session 2 at minute 5 only; an out-of-order event of session 1 lists nothing.
+    h.add_all(&[ev(at(0, 0), "home").assign(1, 11), ev(at(5, 0), "item").session(2)]);
+    h.add_all(&[ev(at(30, 0), "item"), ev(at(1, 0), "item")]);
+    // Past minute 0 + gap and minute 5 + gap: only session 2 has expired.
+    h.table.expire(at(5, 0) + gap + 1);
+    assert_eq!((h.table.len(), h.table.stats().evicted), (1, 1));
+    // A watermark inside minute 30's bucket, short of the session's ts + gap: kept.
+    h.table.expire(at(30, 0) + gap);
+    assert_eq!(h.table.len(), 1);
+    h.table.expire(at(30, 0) + gap + 1);
+    assert_eq!((h.table.len(), h.table.stats().evicted), (0, 2));
+    // Its id starts afresh, and a restored table expires its sessions too.
+    h.add_all(&[ev(at(40, 0), "home")]);
+    let mut e = crate::codec::Enc::default();
+    h.table.encode(&mut e);
+    let mut back = SessionTable::new(h.catalog.clone());
+    SessionTable::decode_each(&mut crate::codec::Dec::new(&e.buf), |k, b| back.restore(k, b).unwrap()).unwrap();
+    assert_eq!(back.len(), 1);
+    back.expire(at(40, 0) + gap + 1);
+    assert_eq!(back.len(), 0);
+}
+
+#[test]
 fn a_session_keeps_at_most_254_events_and_counts_the_rest() {
     let mut h = Harness::parse(ONE);
     h.add_all(&[ev(at(0, 0), "home").assign(1, 11)]);
