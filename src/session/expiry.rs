@@ -41,9 +41,10 @@ impl ExpiryIndex {
     }
 
     /// Removes from `sessions` every session expired at watermark `wm`
-    /// (greatest ts + `gap` < `wm`); how many it removed.
-    pub fn expire(&mut self, sessions: &mut AHashMap<SessionKey, Session>, gap: i64, wm: i64) -> usize {
-        let mut freed = 0;
+    /// (greatest ts + `gap` < `wm`); how many it removed, and the sum of their
+    /// [`Session::heap_bytes`].
+    pub fn expire(&mut self, sessions: &mut AHashMap<SessionKey, Session>, gap: i64, wm: i64) -> (usize, usize) {
+        let (mut freed, mut bytes) = (0, 0);
         while let Some(mut entry) = self.buckets.first_entry() {
             let b = *entry.key();
             // Its sessions' greatest ts lie in [b·W, (b+1)·W − 1].
@@ -59,6 +60,7 @@ impl ExpiryIndex {
                     return false; // listed again in a later bucket
                 }
                 if expired(s.max_ts(), gap, wm) {
+                    bytes += s.heap_bytes();
                     o.remove();
                     freed += 1;
                     return false;
@@ -75,7 +77,7 @@ impl ExpiryIndex {
         if self.spare.len() > 4 {
             self.spare.truncate(4);
         }
-        freed
+        (freed, bytes)
     }
 
     /// Heap bytes held (bucket lists and the spare ones).

@@ -554,12 +554,12 @@ impl SessionTable {
     }
 
     /// Bytes held for sessions: the table's slots (key, value, control byte,
-    /// at its capacity), each session's heap allocations and the expiry index.
+    /// at its capacity), each session's heap allocations (a running sum, kept
+    /// by `add`, `expire` and `restore`) and the expiry index.
     pub fn state_bytes(&self) -> usize {
         let slot = size_of::<SessionKey>() + size_of::<Session>() + 1;
-        self.sessions.capacity() * slot
-            + self.sessions.values().map(Session::heap_bytes).sum::<usize>()
-            + self.expiry.heap_bytes()
+        debug_assert_eq!(self.work.heap_bytes, self.sessions.values().map(Session::heap_bytes).sum::<usize>());
+        self.sessions.capacity() * slot + self.work.heap_bytes + self.expiry.heap_bytes()
     }
 
     /// Loads the table slot and first state line of a session into cache.
@@ -601,15 +601,19 @@ impl SessionTable {
     pub fn restore(&mut self, key: SessionKey, bytes: &[u8]) -> Result<(), SessionDecodeError> {
         let s = Session::decode(&mut crate::codec::Dec::new(bytes))?;
         self.expiry.list(key, bucket(s.max_ts()));
-        self.sessions.insert(key, s);
+        self.work.heap_bytes += s.heap_bytes();
+        if let Some(old) = self.sessions.insert(key, s) {
+            self.work.heap_bytes -= old.heap_bytes();
+        }
         Ok(())
     }
 
     /// Frees every session that has expired at watermark `wm` (visiting only
     /// those the expiry index says can have).
     pub fn expire(&mut self, wm: i64) {
-        let freed = self.expiry.expire(&mut self.sessions, self.gap_ms, wm);
+        let (freed, bytes) = self.expiry.expire(&mut self.sessions, self.gap_ms, wm);
         self.work.stats.evicted += freed as u64;
+        self.work.heap_bytes -= bytes;
         if self.sessions.capacity() > 4 * self.sessions.len().max(1024) {
             self.sessions.shrink_to_fit();
         }
@@ -622,7 +626,8 @@ impl SessionTable {
         let (assigns, attrs) = (part(assigns, ev.assigns), part(attrs, ev.attrs));
         let cat = Cat { catalog: &self.catalog, hot: &self.hot };
         let work = &mut self.work;
-        let session = live_session(&mut self.sessions, &mut work.stats, self.gap_ms, ev);
+        let session = live_session(&mut self.sessions, work, self.gap_ms, ev);
+        let heap_before = session.heap_bytes();
         let listed = (session.n_events() > 0).then(|| bucket(session.max_ts()));
         let in_order = session.n_events() == 0 || ev.ts > session.max_ts();
         let kept = keep_event(session, cat.hot, ev, assigns, attrs);
@@ -632,6 +637,7 @@ impl SessionTable {
         }
         let Some(idx) = kept else {
             work.stats.overflow_dropped += 1;
+            work.heap_bytes = work.heap_bytes + session.heap_bytes() - heap_before;
             return;
         };
         prefetch_visit_cells(cat, session, ev, out);
@@ -646,6 +652,7 @@ impl SessionTable {
         let mut out = Emit { counters: out, gather: &mut self.gather };
         work.qualify_and_emit(cat, session, ev, attrs, idx, in_order, known, &mut out);
         out.finish();
+        work.heap_bytes = work.heap_bytes + session.heap_bytes() - heap_before;
     }
 }
 
@@ -654,6 +661,8 @@ impl SessionTable {
 #[derive(Default)]
 struct Work {
     stats: SessionStats,
+    /// The sum of the held sessions' [`Session::heap_bytes`].
+    heap_bytes: usize,
     /// Per experiment of the session, its view before the event.
     before: Vec<Before>,
     /// The first-met events of a newly assigned experiment's conditions.
@@ -798,14 +807,16 @@ impl Work {
 /// session's contributions stay, its state goes).
 fn live_session<'s>(
     sessions: &'s mut AHashMap<SessionKey, Session>,
-    stats: &mut SessionStats,
+    work: &mut Work,
     gap_ms: i64,
     ev: &SessionEvent,
 ) -> &'s mut Session {
+    let stats = &mut work.stats;
     match sessions.entry(ev.key) {
         std::collections::hash_map::Entry::Occupied(o) => {
             let s = o.into_mut();
             if expired(s.max_ts(), gap_ms, ev.watermark) {
+                work.heap_bytes -= s.heap_bytes();
                 *s = Session::default();
                 stats.evicted += 1;
                 stats.started += 1;

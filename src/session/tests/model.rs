@@ -296,6 +296,8 @@ proptest! {
             prop_assert_eq!(stats.started - stats.evicted, h.table.len() as u64, "step {}: started − evicted", step);
             prop_assert_eq!(stats.conflicts, model.conflicts(), "step {}: conflicts", step);
             prop_assert_eq!(stats.overflow_dropped, model.overflow, "step {}: overflow", step);
+            // Checks, in a debug build, the running sum of session heap bytes against a full pass.
+            let _ = h.table.state_bytes();
         }
     }
 }
