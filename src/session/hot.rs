@@ -1,5 +1,5 @@
 //! The catalog facts the session hot path reads, packed: one 24-byte entry
-//! per experiment and 8 bytes per condition, in two flat arrays.
+//! per experiment and 16 bytes per condition, in two flat arrays.
 //!
 //! An event touches every experiment of its session (~20), and the
 //! [`CompiledExperiment`] behind each spreads what the hot path reads over
@@ -67,43 +67,45 @@ impl HotExp {
     }
 }
 
-/// A condition's tags packed: mp, device, login and which of them (and
-/// whether attributes) constrain it.
+/// A condition's tags packed into one word as [`tag_word`] packs an event's,
+/// with a mask of the tags it names: a match is one xor, one and.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct HotCond {
-    mp: u16,
-    device: u16,
-    login: u16,
-    flags: u16,
+    /// The tags it names, as [`tag_word`]; bit [`ATTRS`] if it names attributes.
+    tags: u64,
+    /// The bits of the tags it names (never [`ATTRS`]).
+    mask: u64,
 }
 
-const ANY_MP: u16 = 1;
-const ANY_DEVICE: u16 = 2;
-const ANY_LOGIN: u16 = 4;
-const ATTRS: u16 = 8;
+/// Set in [`HotCond::tags`] of a condition naming attributes.
+const ATTRS: u64 = 1 << 48;
+
+/// An event's (mp, device, login), packed for [`HotCond::tags_match`].
+#[inline]
+pub(super) fn tag_word(mp: u16, device: u16, login: u16) -> u64 {
+    mp as u64 | (device as u64) << 16 | (login as u64) << 32
+}
 
 impl HotCond {
     fn of(c: &CompiledCondition) -> HotCond {
-        let flags = if c.mp.is_none() { ANY_MP } else { 0 }
-            | if c.device.is_none() { ANY_DEVICE } else { 0 }
-            | if c.login.is_none() { ANY_LOGIN } else { 0 }
-            | if c.attrs.is_empty() { 0 } else { ATTRS };
-        HotCond { mp: c.mp.unwrap_or(0), device: c.device.unwrap_or(0), login: c.login.unwrap_or(0), flags }
+        let named = |tag: Option<u16>, shift: u32| tag.map_or((0, 0), |t| ((t as u64) << shift, 0xFFFF << shift));
+        let (mp, device, login) = (named(c.mp, 0), named(c.device, 16), named(c.login, 32));
+        let attrs = if c.attrs.is_empty() { 0 } else { ATTRS };
+        HotCond { tags: mp.0 | device.0 | login.0 | attrs, mask: mp.1 | device.1 | login.1 }
     }
 
     /// Whether it names attributes (then the catalog's condition decides).
     #[inline]
     pub fn has_attrs(&self) -> bool {
-        self.flags & ATTRS != 0
+        self.tags & ATTRS != 0
     }
 
-    /// The tag part of [`CompiledCondition::matches`].
+    /// The tag part of [`CompiledCondition::matches`], for an event's
+    /// [`tag_word`] (without branches: which tags differ is unpredictable from
+    /// one condition to the next).
     #[inline]
-    pub fn tags_match(&self, mp: u16, device: u16, login: u16) -> bool {
-        let f = self.flags;
-        (f & ANY_MP != 0 || self.mp == mp)
-            && (f & ANY_DEVICE != 0 || self.device == device)
-            && (f & ANY_LOGIN != 0 || self.login == login)
+    pub fn tags_match(&self, event: u64) -> bool {
+        (event ^ self.tags) & self.mask == 0
     }
 }
 

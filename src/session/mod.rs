@@ -45,7 +45,7 @@ pub use state::{SessionDecodeError, MAX_EVENTS_PER_SESSION, MAX_SESSION_SPAN_MS}
 use crate::aggregate::{minute_of, CellAdd, MetricKind, MinuteCounters, SeriesKey, NO_MP};
 use crate::config::{Catalog, CompiledExperiment};
 use expiry::{bucket, ExpiryIndex};
-use hot::{HotCatalog, HotCond, HotExp};
+use hot::{tag_word, HotCatalog, HotCond, HotExp};
 use state::{EvRec, ExpState, Extra, OrderKey, Session, NONE, VALUE_KEY};
 
 /// Identity of a session: a 128-bit hash (xxh3) of the session id, seeded by
@@ -756,6 +756,7 @@ impl Work {
         let prior = if in_order { latest_visit_before(session, idx, ev.mp) } else { None };
         let lookup = |k: u32| attrs.iter().find(|a| a.0 == k).map(|a| a.1);
         let off = session.event(idx as usize).off;
+        let tags = tag_word(ev.mp, ev.device, ev.login);
         let mut cond_start = 0;
         for i in 0..self.before.len() {
             let s = session.exp(i);
@@ -764,11 +765,11 @@ impl Work {
             cond_start += x.n_conds();
             if i < known {
                 for (j, c) in x.conds.iter().enumerate() {
-                    if !c.tags_match(ev.mp, ev.device, ev.login) {
-                        continue;
-                    }
                     // In order, the event is later than any that met it.
                     let first = session.first_met(cs + j);
+                    if (in_order && first != NONE) || !c.tags_match(tags) {
+                        continue;
+                    }
                     if (first == NONE || (!in_order && off < session.event(first as usize).off))
                         && (!c.has_attrs() || x.def.conditions[j].matches(ev.mp, ev.device, ev.login, lookup))
                     {
@@ -913,7 +914,7 @@ fn first_met_so_far(session: &Session, x: Exp, out: &mut Vec<u8>) {
         for i in 0..session.n_events() {
             let e = session.event(i);
             let (mp, device, login) = (e.mp, e.device, e.login as u16);
-            if c.tags_match(mp, device, login)
+            if c.tags_match(tag_word(mp, device, login))
                 && (!c.has_attrs() || x.def.conditions[j].matches(mp, device, login, |k| session.attr_of(i, k)))
                 && (first == NONE || e.off < session.event(first as usize).off)
             {
