@@ -17,6 +17,8 @@
 #   perf/shapes.sh
 #   EVENTS=2000000 SPARSE_RATE=138 perf/shapes.sh
 #   EXPMON=/tmp/before/release/expmon perf/shapes.sh   # another build, same data
+#   RUNS=5 perf/shapes.sh    # runs per shape (default 3): the table gives the median run
+#                            # by events/s, and every run's events/s in its last column
 #   FLAME=1 perf/shapes.sh   # also one flamegraph per shape: flamegraphs/<shape>-<commit>.svg
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,7 @@ EVENTS=${EVENTS:-1000000}
 ASSIGNED_550_EVENTS=${ASSIGNED_550_EVENTS:-1980000}
 SPARSE_RATE=${SPARSE_RATE:-125}
 THREADS=${THREADS:-2}
+RUNS=${RUNS:-3}
 EXPMON=${EXPMON:-}
 sparse_1h=$((SPARSE_RATE * 3600))
 
@@ -52,8 +55,10 @@ report=$(perf_report shapes)
   perf_facts
   echo "- binary: \`$EXPMON\` ($("$EXPMON" --version))"
   echo
-  echo "| shape | events | event time | events/s | events per CPU-second | peak RSS | peak points held |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "Each shape ran $RUNS times; a row is its median run by events/s, the last column every run's events/s."
+  echo
+  echo "| shape | events | event time | events/s | events per CPU-second | peak RSS | peak points held | every run (events/s) |"
+  echo "|---|---|---|---|---|---|---|---|"
 } > "$report"
 sections=$(mktemp)
 
@@ -66,8 +71,18 @@ for s in "${shapes[@]}"; do
     $gen 2>/dev/null
   fi
   cmd="$EXPMON run --config $config --source file:$data --sink null --threads $THREADS --status false --metrics-addr off"
-  # shellcheck disable=SC2086
-  out=$(/usr/bin/time -f 'time: user %U s, sys %S s, max RSS %M KiB' $cmd 2>&1)
+  # RUNS runs; keep the median one (by events/s) and every rate.
+  runs=()
+  rates=()
+  for _ in $(seq "$RUNS"); do
+    # shellcheck disable=SC2086
+    one=$(/usr/bin/time -f 'time: user %U s, sys %S s, max RSS %M KiB' $cmd 2>&1)
+    runs+=("$(echo "$one" | grep -o '([0-9]* events/s' | tr -dc '0-9') $(printf '%s' "$one" | base64 -w0)")
+    rates+=("$(echo "$one" | grep -o '([0-9]* events/s' | tr -dc '0-9')")
+  done
+  median=$(printf '%s\n' "${runs[@]}" | sort -n | sed -n "$(((RUNS + 1) / 2))p")
+  out=$(echo "${median#* }" | base64 -d)
+  every=$(IFS=,; echo "${rates[*]}" | sed 's/,/, /g')
   rate=$(echo "$out" | grep -o '([0-9]* events/s' | tr -dc '0-9')
   cpu=$(echo "$out" | sed -n 's/^time: user \([0-9.]*\) s, sys \([0-9.]*\) s.*/\1 \2/p' | awk '{print $1 + $2}')
   per_cpu=$(awk -v n="$events" -v c="$cpu" 'BEGIN { printf "%.0f", n / c }')
@@ -78,10 +93,10 @@ for s in "${shapes[@]}"; do
   first=$(head -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n 1p | tr -dc '0-9' || true)
   last=$(tail -n 100 "$data" | grep -o '"ts":[0-9]*' | sed -n '$p' | tr -dc '0-9' || true)
   minutes=$(awk -v a="$first" -v b="$last" 'BEGIN { printf "%.1f min", (b - a) / 60000 }')
-  line="| $name | $events | $minutes | $rate | $per_cpu | $rss | $held |"
+  line="| $name | $events | $minutes | $rate | $per_cpu | $rss | $held | $every |"
   echo "$line"
   echo "$line" >> "$report"
-  perf_section "$sections" "$name: $rate events/s, $per_cpu events per CPU-second, $rss, $held points held" \
+  perf_section "$sections" "$name: $rate events/s (median of $RUNS: $every), $per_cpu events per CPU-second, $rss, $held points held" \
     "$gen; $cmd" "$out"
   if [ "${FLAME:-0}" = 1 ]; then
     # A second run of the same command under the sampler (the timed run
