@@ -327,12 +327,13 @@ impl ExperimentHealth {
             }
             let tenant = self.catalog.tenants[exp.tenant as usize].as_str();
             let tags = |extra: &[(&'static str, String)]| {
-                let mut t = vec![
+                let mut t = Vec::with_capacity(4 + extra.len());
+                t.extend([
                     ("dc", dc.to_string()),
                     ("experiment", exp.id.to_string()),
                     ("instance", instance.to_string()),
                     ("tenant", tenant.to_string()),
-                ];
+                ]);
                 t.extend(extra.iter().cloned());
                 t.sort_by_key(|(k, _)| *k);
                 t
