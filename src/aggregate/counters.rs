@@ -407,7 +407,13 @@ impl MinuteCounters {
             if self.track_touched {
                 cell.touched |= c.kinds;
             }
-            for (o, (count, &d)) in cell.counts.iter_mut().zip(&c.counts).enumerate() {
+            // Only the counters the event changed (a count whose bit is
+            // clear is 0): on sparse traffic a cell changes by one or two.
+            let mut kinds = c.kinds;
+            while kinds != 0 {
+                let o = kinds.trailing_zeros() as usize;
+                kinds &= kinds - 1;
+                let (count, d) = (&mut cell.counts[o], c.counts[o]);
                 match count.checked_add(d) {
                     Some(v) => *count = v,
                     None => {
@@ -437,7 +443,11 @@ impl MinuteCounters {
         }
         out.append(&mut self.spilled);
         if !self.regions.is_empty() {
-            let mean = self.cells().div_ceil(self.regions.len());
+            let cells = self.cells();
+            // About one delta per cell (sparse traffic changes one or two
+            // of a cell's counters): one allocation, not a doubling series.
+            out.reserve(cells + cells / 4);
+            let mean = cells.div_ceil(self.regions.len());
             self.start_cells = (mean * 2).next_power_of_two().clamp(FIRST_CELLS, MAX_START_CELLS);
         }
         let mut regions = std::mem::take(&mut self.regions);
