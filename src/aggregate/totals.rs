@@ -12,9 +12,11 @@
 //! Layout: one open-addressing table per live minute, of 32-byte slots (the
 //! key, an `i64` total, the value written, flags; the rare total beyond 64
 //! bits kept exact aside in `i128`). [`Totals::apply`] looks each delta's
-//! point up once and lists the point the first time a flush touches it, with
-//! where its slot is, so [`Totals::take_due`] writes it once, with its final
-//! value, without a second lookup, however many shards touched it. Forgetting
+//! point up once, adds the delta, and lists the point (flag [`LISTED`]) the
+//! first time a flush touches it, with where its slot is; it reads nothing
+//! else. [`Totals::take_due`] then reads each listed slot once, in the order
+//! listed (prefetched ahead), and writes its final value if due, without a
+//! second lookup, however many shards touched it. Forgetting
 //! a final minute empties its whole table, which is kept for a later minute,
 //! and a new table starts as large as the largest one: a steady stream stops
 //! growing (and rehashing) tables. On sparse traffic the tables outgrow the
@@ -40,46 +42,39 @@ pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
 /// `written` holds a value handed to the sink (else it is 0, never written).
 const WRITTEN: u8 = 1;
+/// The point is in `Totals::pending` (touched since the last flush).
+const LISTED: u8 = 2;
 /// The exact total is in the table's `wide` map; `total` is unused.
 const WIDE: u8 = 8;
 
 /// `key` of a free slot: kind bits 15, which no [`super::MetricKind`] has.
 const FREE: u64 = u64::MAX;
 
-/// One point of a minute: 32 bytes, two to a cache line. While a flush is
-/// open, `written` already holds what the flush will leave written: the
-/// clamped total (written if due; equal to the old value if not).
+/// One point of a minute: 32 bytes, two to a cache line. `written` is the
+/// value last handed to the sink (0 if never, flag [`WRITTEN`] clear).
 #[derive(Clone, Copy)]
 struct Slot {
     key: u64,
     total: i64,
     written: i64,
-    /// Its record in `Totals::pending`, if that record names this slot.
-    pending: u32,
     flags: u8,
 }
 
-const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, pending: 0, flags: 0 };
+const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, flags: 0 };
 
-/// A point touched since the last flush, with what `take_due` needs to
-/// decide, so that it reads no slot again.
+/// A point touched since the last flush: where its slot is (its key, to find
+/// it again when its table grows).
 struct Pending {
+    key: SeriesKey,
     table: u32,
     pos: u32,
-    key: SeriesKey,
-    /// Written before this flush (0 if never).
-    before: i64,
-    /// The clamped total now.
-    value: i64,
-    was_written: bool,
-    /// `value` is the total clamped.
-    clamped: bool,
 }
 
 /// Slots of a new table.
 const FIRST_SLOTS: usize = 1024;
 
-/// How many deltas ahead [`Totals::apply`] prefetches a slot.
+/// How many deltas ahead [`Totals::apply`] prefetches a slot, and how many
+/// listed points ahead [`Totals::take_due`] does.
 const AHEAD: usize = 16;
 
 /// Where `key` starts probing in a table of `slots` (a power of two).
@@ -223,10 +218,10 @@ impl Totals {
         t
     }
 
-    /// The slot of `(key, minute)`, added if new, and its record in
-    /// `pending`, added if it has none.
+    /// The slot of `(key, minute)`, added if new, listed in `pending` if it
+    /// is not yet.
     #[inline]
-    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize, usize) {
+    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize) {
         let t = self.table(minute);
         let table = &mut self.tables[t as usize];
         let before = table.len;
@@ -239,101 +234,76 @@ impl Totals {
             }
         }
         let s = &mut table.slots[pos];
-        let listed = self.pending.get(s.pending as usize).is_some_and(|p| p.table == t && p.pos == pos as u32);
-        if !listed {
-            s.pending = self.pending.len() as u32;
-            self.pending.push(Pending {
-                table: t,
-                pos: pos as u32,
-                key,
-                before: s.written,
-                value: s.written,
-                was_written: s.flags & WRITTEN != 0,
-                clamped: false,
-            });
+        if s.flags & LISTED == 0 {
+            s.flags |= LISTED;
+            self.pending.push(Pending { key, table: t, pos: pos as u32 });
         }
-        (t, pos, s.pending as usize)
+        (t, pos)
     }
 
     /// Adds `deltas` to their points. The tables are larger than the caches
     /// on sparse traffic, so each delta's slot is prefetched [`AHEAD`] deltas
-    /// before its turn (from its home position, in the table of the minute
-    /// being applied), and its `pending` record half as far ahead, once the
-    /// slot is in cache.
+    /// before its turn (from its home position, and the slot after it, which
+    /// a probe reads next and may be on the next cache line, in the table of
+    /// the minute being applied).
     pub fn apply(&mut self, deltas: &[Delta]) {
         for (i, d) in deltas.iter().enumerate() {
             if let Some(next) = deltas.get(i + AHEAD) {
                 self.prefetch_slot(next);
             }
-            if let Some(next) = deltas.get(i + AHEAD / 2) {
-                self.prefetch_pending(next);
-            }
-            let (t, pos, p) = self.touch(d.key, d.minute);
+            let (t, pos) = self.touch(d.key, d.minute);
             let table = &mut self.tables[t as usize];
             let s = &mut table.slots[pos];
-            let (value, clamped) = match s.total.checked_add(d.delta) {
-                Some(v) if s.flags & WIDE == 0 => {
-                    s.total = v;
-                    (v, false)
-                }
+            match s.total.checked_add(d.delta) {
+                Some(v) if s.flags & WIDE == 0 => s.total = v,
                 _ => {
-                    let exact = table.wide.entry(s.key).or_insert(s.total as i128);
-                    *exact += d.delta as i128;
+                    *table.wide.entry(s.key).or_insert(s.total as i128) += d.delta as i128;
                     s.flags |= WIDE;
-                    (clamp(*exact), clamp(*exact) as i128 != *exact)
                 }
-            };
-            s.written = value;
-            if value != 0 || self.rewrite_touched {
-                // Due at this flush unless it ends where it was; `take_due`
-                // takes the flag back from a never-written point that ends
-                // at 0.
-                s.flags |= WRITTEN;
             }
-            let rec = &mut self.pending[p];
-            rec.value = value;
-            rec.clamped = clamped;
         }
-    }
-
-    /// The home slot of `d` if its minute's table is the last one used.
-    #[inline]
-    fn home_slot(&self, d: &Delta) -> Option<&Slot> {
-        let (m, t) = self.last?;
-        let slots = &self.tables[t as usize].slots;
-        (m == d.minute && !slots.is_empty()).then(|| &slots[home(d.key.0, slots.len())])
     }
 
     #[inline]
     fn prefetch_slot(&self, d: &Delta) {
-        if let Some(s) = self.home_slot(d) {
-            prefetch(s);
-        }
-    }
-
-    /// The `pending` record that `d`'s slot names (listed or stale: which
-    /// one `touch` reads), if the slot is at its home position.
-    #[inline]
-    fn prefetch_pending(&self, d: &Delta) {
-        if let Some(s) = self.home_slot(d).filter(|s| s.key == d.key.0) {
-            if let Some(p) = self.pending.get(s.pending as usize) {
-                prefetch(p);
-            }
+        let Some((m, t)) = self.last else { return };
+        let slots = &self.tables[t as usize].slots;
+        if m == d.minute && !slots.is_empty() {
+            let h = home(d.key.0, slots.len());
+            prefetch(&slots[h]);
+            prefetch(&slots[(h + 1) & (slots.len() - 1)]);
         }
     }
 
     /// Moves every due point into `out` (marking it written), then forgets the
-    /// points of minutes before `final_before`.
+    /// points of minutes before `final_before`. A listed point is due when
+    /// its clamped total differs from what was written (0 if never), or, if
+    /// `rewrite_touched`, always.
     pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
-        for p in self.pending.drain(..) {
+        for i in 0..self.pending.len() {
+            if let Some(next) = self.pending.get(i + AHEAD) {
+                if let Some(s) = self.tables[next.table as usize].slots.get(next.pos as usize) {
+                    prefetch(s);
+                }
+            }
+            let p = &self.pending[i];
             let table = &mut self.tables[p.table as usize];
-            if p.value != p.before || self.rewrite_touched {
-                self.clamped += p.clamped as u64;
-                out.push(Point { key: p.key, minute: table.minute, value: p.value });
-            } else if !p.was_written {
-                table.slots[p.pos as usize].flags &= !WRITTEN;
+            let s = &mut table.slots[p.pos as usize];
+            s.flags &= !LISTED;
+            let (value, clamped) = if s.flags & WIDE == 0 {
+                (s.total, false)
+            } else {
+                let exact = table.wide[&s.key];
+                (clamp(exact), clamp(exact) as i128 != exact)
+            };
+            if value != s.written || self.rewrite_touched {
+                s.written = value;
+                s.flags |= WRITTEN;
+                self.clamped += clamped as u64;
+                out.push(Point { key: p.key, minute: table.minute, value });
             }
         }
+        self.pending.clear();
         while let Some(first) = self.minutes.first_entry() {
             if *first.key() >= final_before {
                 break;
@@ -363,7 +333,7 @@ impl Totals {
     }
 
     /// Every held point, for a checkpoint. Call it right after `take_due`:
-    /// while a flush is open, `written` holds what the flush will leave.
+    /// while a flush is open, `written` is not yet what the flush will leave.
     pub fn export(&self) -> Vec<TotalRecord> {
         let mut out = Vec::with_capacity(self.points);
         for (&minute, &t) in &self.minutes {
