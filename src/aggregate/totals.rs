@@ -9,9 +9,11 @@
 //! the final bound are written one last time if due, then forgotten: memory
 //! follows the lateness window, not the run.
 //!
-//! Layout: one open-addressing table per live minute, of 32-byte slots (the
-//! key, an `i64` total, the value written, flags; the rare total beyond 64
-//! bits kept exact aside in `i128`). [`Totals::apply`] looks each delta's
+//! Layout: one open-addressing table per live minute, of 24-byte slots (the
+//! key, an `i64` total, the value written) and a byte of flags per slot
+//! aside (a quarter megabyte for a quarter million slots, which stays in
+//! cache); the rare total beyond 64 bits is kept exact aside in `i128`.
+//! A free slot is all zeros, so a new array is zeroed memory, not filled. [`Totals::apply`] looks each delta's
 //! point up once, adds the delta, and lists the point (flag [`LISTED`]) the
 //! first time a flush touches it, with where its slot is; it reads nothing
 //! else. [`Totals::take_due`] then reads each listed slot once, in the order
@@ -47,20 +49,18 @@ const LISTED: u8 = 2;
 /// The exact total is in the table's `wide` map; `total` is unused.
 const WIDE: u8 = 8;
 
-/// `key` of a free slot: kind bits 15, which no [`super::MetricKind`] has.
-const FREE: u64 = u64::MAX;
+/// One point of a minute, 24 bytes: `[!key, total, written]`, where
+/// `written` is the value last handed to the sink (0 if never, flag
+/// [`WRITTEN`] clear). The key is kept inverted so that a free slot is all
+/// zeros: `!0` would be kind bits 15, which no [`super::MetricKind`] has.
+/// (Plain `u64` words, so that `vec![FREE_SLOT; n]` allocates zeroed
+/// memory.)
+type Slot = [u64; 3];
 
-/// One point of a minute: 32 bytes, two to a cache line. `written` is the
-/// value last handed to the sink (0 if never, flag [`WRITTEN`] clear).
-#[derive(Clone, Copy)]
-struct Slot {
-    key: u64,
-    total: i64,
-    written: i64,
-    flags: u8,
-}
-
-const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, flags: 0 };
+const FREE_SLOT: Slot = [0; 3];
+const KEY: usize = 0;
+const TOTAL: usize = 1;
+const WRITTEN_AT: usize = 2;
 
 /// A point touched since the last flush: where its slot is (its key, to find
 /// it again when its table grows).
@@ -90,18 +90,24 @@ fn home(key: u64, slots: usize) -> usize {
 struct MinuteTable {
     minute: i64,
     slots: Vec<Slot>,
+    /// Per slot: [`WRITTEN`], [`LISTED`], [`WIDE`].
+    flags: Vec<u8>,
     len: usize,
     /// Exact totals of the slots flagged [`WIDE`].
     wide: AHashMap<u64, i128>,
 }
 
 impl MinuteTable {
+    /// An empty table of `n` slots (0 or a power of two).
+    fn with_slots(n: usize) -> MinuteTable {
+        MinuteTable { slots: vec![FREE_SLOT; n], flags: vec![0; n], ..MinuteTable::default() }
+    }
+
     fn total(&self, pos: usize) -> i128 {
-        let s = self.slots[pos];
-        if s.flags & WIDE == 0 {
-            s.total as i128
+        if self.flags[pos] & WIDE == 0 {
+            self.slots[pos][TOTAL] as i64 as i128
         } else {
-            self.wide[&s.key]
+            self.wide[&!self.slots[pos][KEY]]
         }
     }
 
@@ -113,15 +119,15 @@ impl MinuteTable {
         if grew {
             self.grow();
         }
-        let mask = self.slots.len() - 1;
+        let (mask, stored) = (self.slots.len() - 1, !key);
         let mut i = home(key, self.slots.len());
         loop {
             let s = &mut self.slots[i];
-            if s.key == key {
+            if s[KEY] == stored {
                 return (i, grew);
             }
-            if s.key == FREE {
-                s.key = key;
+            if s[KEY] == 0 {
+                s[KEY] = stored;
                 self.len += 1;
                 return (i, grew);
             }
@@ -133,7 +139,7 @@ impl MinuteTable {
     fn find(&self, key: u64) -> usize {
         let mask = self.slots.len() - 1;
         let mut i = home(key, self.slots.len());
-        while self.slots[i].key != key {
+        while self.slots[i][KEY] != !key {
             i = (i + 1) & mask;
         }
         i
@@ -143,18 +149,21 @@ impl MinuteTable {
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(FIRST_SLOTS);
         let old = std::mem::replace(&mut self.slots, vec![FREE_SLOT; n]);
-        for s in old.into_iter().filter(|s| s.key != FREE) {
-            let mut i = home(s.key, n);
-            while self.slots[i].key != FREE {
+        let old_flags = std::mem::replace(&mut self.flags, vec![0; n]);
+        for (s, f) in old.into_iter().zip(old_flags).filter(|(s, _)| s[KEY] != 0) {
+            let mut i = home(!s[KEY], n);
+            while self.slots[i][KEY] != 0 {
                 i = (i + 1) & (n - 1);
             }
             self.slots[i] = s;
+            self.flags[i] = f;
         }
     }
 
-    /// Forgets every point, keeping the array.
+    /// Forgets every point, keeping the arrays.
     fn clear(&mut self) {
         self.slots.fill(FREE_SLOT);
+        self.flags.fill(0);
         self.len = 0;
         self.wide.clear();
     }
@@ -206,8 +215,7 @@ impl Totals {
                     // As large as the largest table so far (the last minutes'
                     // size), so that a steady stream's new tables never grow.
                     let slots = self.tables.iter().map(|t| t.slots.len()).max().unwrap_or(0);
-                    let slots = if slots == 0 { Vec::new() } else { vec![FREE_SLOT; slots] };
-                    self.tables.push(MinuteTable { slots, ..MinuteTable::default() });
+                    self.tables.push(MinuteTable::with_slots(slots));
                     self.tables.len() as u32 - 1
                 });
                 self.tables[t as usize].minute = minute;
@@ -233,9 +241,9 @@ impl Totals {
                 p.pos = table.find(p.key.0) as u32;
             }
         }
-        let s = &mut table.slots[pos];
-        if s.flags & LISTED == 0 {
-            s.flags |= LISTED;
+        let f = &mut table.flags[pos];
+        if *f & LISTED == 0 {
+            *f |= LISTED;
             self.pending.push(Pending { key, table: t, pos: pos as u32 });
         }
         (t, pos)
@@ -253,12 +261,12 @@ impl Totals {
             }
             let (t, pos) = self.touch(d.key, d.minute);
             let table = &mut self.tables[t as usize];
-            let s = &mut table.slots[pos];
-            match s.total.checked_add(d.delta) {
-                Some(v) if s.flags & WIDE == 0 => s.total = v,
+            let (total, f) = (&mut table.slots[pos][TOTAL], &mut table.flags[pos]);
+            match (*total as i64).checked_add(d.delta) {
+                Some(v) if *f & WIDE == 0 => *total = v as u64,
                 _ => {
-                    *table.wide.entry(s.key).or_insert(s.total as i128) += d.delta as i128;
-                    s.flags |= WIDE;
+                    *table.wide.entry(d.key.0).or_insert(*total as i64 as i128) += d.delta as i128;
+                    *f |= WIDE;
                 }
             }
         }
@@ -267,11 +275,13 @@ impl Totals {
     #[inline]
     fn prefetch_slot(&self, d: &Delta) {
         let Some((m, t)) = self.last else { return };
-        let slots = &self.tables[t as usize].slots;
-        if m == d.minute && !slots.is_empty() {
-            let h = home(d.key.0, slots.len());
-            prefetch(&slots[h]);
-            prefetch(&slots[(h + 1) & (slots.len() - 1)]);
+        let table = &self.tables[t as usize];
+        let n = table.slots.len();
+        if m == d.minute && n > 0 {
+            let h = home(d.key.0, n);
+            prefetch(&table.slots[h]);
+            prefetch(&table.slots[(h + 1) & (n - 1)]);
+            prefetch(&table.flags[h]);
         }
     }
 
@@ -288,17 +298,17 @@ impl Totals {
             }
             let p = &self.pending[i];
             let table = &mut self.tables[p.table as usize];
-            let s = &mut table.slots[p.pos as usize];
-            s.flags &= !LISTED;
-            let (value, clamped) = if s.flags & WIDE == 0 {
-                (s.total, false)
+            let (s, f) = (&mut table.slots[p.pos as usize], &mut table.flags[p.pos as usize]);
+            *f &= !LISTED;
+            let (value, clamped) = if *f & WIDE == 0 {
+                (s[TOTAL] as i64, false)
             } else {
-                let exact = table.wide[&s.key];
+                let exact = table.wide[&p.key.0];
                 (clamp(exact), clamp(exact) as i128 != exact)
             };
-            if value != s.written || self.rewrite_touched {
-                s.written = value;
-                s.flags |= WRITTEN;
+            if value != s[WRITTEN_AT] as i64 || self.rewrite_touched {
+                s[WRITTEN_AT] = value as u64;
+                *f |= WRITTEN;
                 self.clamped += clamped as u64;
                 out.push(Point { key: p.key, minute: table.minute, value });
             }
@@ -338,9 +348,9 @@ impl Totals {
         let mut out = Vec::with_capacity(self.points);
         for (&minute, &t) in &self.minutes {
             let table = &self.tables[t as usize];
-            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s.key != FREE) {
-                let written = (s.flags & WRITTEN != 0).then_some(s.written);
-                out.push((s.key, minute, table.total(pos), written));
+            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s[KEY] != 0) {
+                let written = (table.flags[pos] & WRITTEN != 0).then_some(s[WRITTEN_AT] as i64);
+                out.push((!s[KEY], minute, table.total(pos), written));
             }
         }
         out
@@ -356,13 +366,13 @@ impl Totals {
             let before = table.len;
             let (pos, _) = table.position(key);
             totals.points += table.len - before;
-            let s = &mut table.slots[pos];
-            s.written = written.unwrap_or(0);
-            s.flags = if written.is_some() { WRITTEN } else { 0 };
+            let (s, f) = (&mut table.slots[pos], &mut table.flags[pos]);
+            s[WRITTEN_AT] = written.unwrap_or(0) as u64;
+            *f = if written.is_some() { WRITTEN } else { 0 };
             match i64::try_from(total) {
-                Ok(v) => s.total = v,
+                Ok(v) => s[TOTAL] = v as u64,
                 Err(_) => {
-                    s.flags |= WIDE;
+                    *f |= WIDE;
                     table.wide.insert(key, total);
                 }
             }
