@@ -9,12 +9,16 @@
 //! the final bound are written one last time if due, then forgotten: memory
 //! follows the lateness window, not the run.
 //!
-//! Layout: one open-addressing table per live minute, of 32-byte slots (the
-//! key, an `i64` total, the value written, flags; the rare total beyond 64
-//! bits kept exact aside in `i128`). [`Totals::apply`] looks each delta's
-//! point up once and lists the point the first time a flush touches it, with
-//! where its slot is, so [`Totals::take_due`] writes it once, with its final
-//! value, without a second lookup, however many shards touched it. Forgetting
+//! Layout: one open-addressing table per live minute, of 24-byte slots (the
+//! key, an `i64` total, the value written) and a byte of flags per slot
+//! aside (a quarter megabyte for a quarter million slots, which stays in
+//! cache); the rare total beyond 64 bits is kept exact aside in `i128`.
+//! A free slot is all zeros, so a new array is zeroed memory, not filled. [`Totals::apply`] looks each delta's
+//! point up once, adds the delta, and lists the point (flag [`LISTED`]) the
+//! first time a flush touches it, with where its slot is; it reads nothing
+//! else. [`Totals::take_due`] then reads each listed slot once, in the order
+//! listed (prefetched ahead), and writes its final value if due, without a
+//! second lookup, however many shards touched it. Forgetting
 //! a final minute empties its whole table, which is kept for a later minute,
 //! and a new table starts as large as the largest one: a steady stream stops
 //! growing (and rehashing) tables. On sparse traffic the tables outgrow the
@@ -40,46 +44,37 @@ pub type TotalRecord = (u64, i64, i128, Option<i64>);
 
 /// `written` holds a value handed to the sink (else it is 0, never written).
 const WRITTEN: u8 = 1;
+/// The point is in `Totals::pending` (touched since the last flush).
+const LISTED: u8 = 2;
 /// The exact total is in the table's `wide` map; `total` is unused.
 const WIDE: u8 = 8;
 
-/// `key` of a free slot: kind bits 15, which no [`super::MetricKind`] has.
-const FREE: u64 = u64::MAX;
+/// One point of a minute, 24 bytes: `[!key, total, written]`, where
+/// `written` is the value last handed to the sink (0 if never, flag
+/// [`WRITTEN`] clear). The key is kept inverted so that a free slot is all
+/// zeros: `!0` would be kind bits 15, which no [`super::MetricKind`] has.
+/// (Plain `u64` words, so that `vec![FREE_SLOT; n]` allocates zeroed
+/// memory.)
+type Slot = [u64; 3];
 
-/// One point of a minute: 32 bytes, two to a cache line. While a flush is
-/// open, `written` already holds what the flush will leave written: the
-/// clamped total (written if due; equal to the old value if not).
-#[derive(Clone, Copy)]
-struct Slot {
-    key: u64,
-    total: i64,
-    written: i64,
-    /// Its record in `Totals::pending`, if that record names this slot.
-    pending: u32,
-    flags: u8,
-}
+const FREE_SLOT: Slot = [0; 3];
+const KEY: usize = 0;
+const TOTAL: usize = 1;
+const WRITTEN_AT: usize = 2;
 
-const FREE_SLOT: Slot = Slot { key: FREE, total: 0, written: 0, pending: 0, flags: 0 };
-
-/// A point touched since the last flush, with what `take_due` needs to
-/// decide, so that it reads no slot again.
+/// A point touched since the last flush: where its slot is (its key, to find
+/// it again when its table grows).
 struct Pending {
+    key: SeriesKey,
     table: u32,
     pos: u32,
-    key: SeriesKey,
-    /// Written before this flush (0 if never).
-    before: i64,
-    /// The clamped total now.
-    value: i64,
-    was_written: bool,
-    /// `value` is the total clamped.
-    clamped: bool,
 }
 
 /// Slots of a new table.
 const FIRST_SLOTS: usize = 1024;
 
-/// How many deltas ahead [`Totals::apply`] prefetches a slot.
+/// How many deltas ahead [`Totals::apply`] prefetches a slot, and how many
+/// listed points ahead [`Totals::take_due`] does.
 const AHEAD: usize = 16;
 
 /// Where `key` starts probing in a table of `slots` (a power of two).
@@ -95,18 +90,24 @@ fn home(key: u64, slots: usize) -> usize {
 struct MinuteTable {
     minute: i64,
     slots: Vec<Slot>,
+    /// Per slot: [`WRITTEN`], [`LISTED`], [`WIDE`].
+    flags: Vec<u8>,
     len: usize,
     /// Exact totals of the slots flagged [`WIDE`].
     wide: AHashMap<u64, i128>,
 }
 
 impl MinuteTable {
+    /// An empty table of `n` slots (0 or a power of two).
+    fn with_slots(n: usize) -> MinuteTable {
+        MinuteTable { slots: vec![FREE_SLOT; n], flags: vec![0; n], ..MinuteTable::default() }
+    }
+
     fn total(&self, pos: usize) -> i128 {
-        let s = self.slots[pos];
-        if s.flags & WIDE == 0 {
-            s.total as i128
+        if self.flags[pos] & WIDE == 0 {
+            self.slots[pos][TOTAL] as i64 as i128
         } else {
-            self.wide[&s.key]
+            self.wide[&!self.slots[pos][KEY]]
         }
     }
 
@@ -118,15 +119,15 @@ impl MinuteTable {
         if grew {
             self.grow();
         }
-        let mask = self.slots.len() - 1;
+        let (mask, stored) = (self.slots.len() - 1, !key);
         let mut i = home(key, self.slots.len());
         loop {
             let s = &mut self.slots[i];
-            if s.key == key {
+            if s[KEY] == stored {
                 return (i, grew);
             }
-            if s.key == FREE {
-                s.key = key;
+            if s[KEY] == 0 {
+                s[KEY] = stored;
                 self.len += 1;
                 return (i, grew);
             }
@@ -138,7 +139,7 @@ impl MinuteTable {
     fn find(&self, key: u64) -> usize {
         let mask = self.slots.len() - 1;
         let mut i = home(key, self.slots.len());
-        while self.slots[i].key != key {
+        while self.slots[i][KEY] != !key {
             i = (i + 1) & mask;
         }
         i
@@ -148,18 +149,21 @@ impl MinuteTable {
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(FIRST_SLOTS);
         let old = std::mem::replace(&mut self.slots, vec![FREE_SLOT; n]);
-        for s in old.into_iter().filter(|s| s.key != FREE) {
-            let mut i = home(s.key, n);
-            while self.slots[i].key != FREE {
+        let old_flags = std::mem::replace(&mut self.flags, vec![0; n]);
+        for (s, f) in old.into_iter().zip(old_flags).filter(|(s, _)| s[KEY] != 0) {
+            let mut i = home(!s[KEY], n);
+            while self.slots[i][KEY] != 0 {
                 i = (i + 1) & (n - 1);
             }
             self.slots[i] = s;
+            self.flags[i] = f;
         }
     }
 
-    /// Forgets every point, keeping the array.
+    /// Forgets every point, keeping the arrays.
     fn clear(&mut self) {
         self.slots.fill(FREE_SLOT);
+        self.flags.fill(0);
         self.len = 0;
         self.wide.clear();
     }
@@ -211,8 +215,7 @@ impl Totals {
                     // As large as the largest table so far (the last minutes'
                     // size), so that a steady stream's new tables never grow.
                     let slots = self.tables.iter().map(|t| t.slots.len()).max().unwrap_or(0);
-                    let slots = if slots == 0 { Vec::new() } else { vec![FREE_SLOT; slots] };
-                    self.tables.push(MinuteTable { slots, ..MinuteTable::default() });
+                    self.tables.push(MinuteTable::with_slots(slots));
                     self.tables.len() as u32 - 1
                 });
                 self.tables[t as usize].minute = minute;
@@ -223,10 +226,10 @@ impl Totals {
         t
     }
 
-    /// The slot of `(key, minute)`, added if new, and its record in
-    /// `pending`, added if it has none.
+    /// The slot of `(key, minute)`, added if new, listed in `pending` if it
+    /// is not yet.
     #[inline]
-    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize, usize) {
+    fn touch(&mut self, key: SeriesKey, minute: i64) -> (u32, usize) {
         let t = self.table(minute);
         let table = &mut self.tables[t as usize];
         let before = table.len;
@@ -238,102 +241,79 @@ impl Totals {
                 p.pos = table.find(p.key.0) as u32;
             }
         }
-        let s = &mut table.slots[pos];
-        let listed = self.pending.get(s.pending as usize).is_some_and(|p| p.table == t && p.pos == pos as u32);
-        if !listed {
-            s.pending = self.pending.len() as u32;
-            self.pending.push(Pending {
-                table: t,
-                pos: pos as u32,
-                key,
-                before: s.written,
-                value: s.written,
-                was_written: s.flags & WRITTEN != 0,
-                clamped: false,
-            });
+        let f = &mut table.flags[pos];
+        if *f & LISTED == 0 {
+            *f |= LISTED;
+            self.pending.push(Pending { key, table: t, pos: pos as u32 });
         }
-        (t, pos, s.pending as usize)
+        (t, pos)
     }
 
     /// Adds `deltas` to their points. The tables are larger than the caches
     /// on sparse traffic, so each delta's slot is prefetched [`AHEAD`] deltas
-    /// before its turn (from its home position, in the table of the minute
-    /// being applied), and its `pending` record half as far ahead, once the
-    /// slot is in cache.
+    /// before its turn (from its home position, and the slot after it, which
+    /// a probe reads next and may be on the next cache line, in the table of
+    /// the minute being applied).
     pub fn apply(&mut self, deltas: &[Delta]) {
         for (i, d) in deltas.iter().enumerate() {
             if let Some(next) = deltas.get(i + AHEAD) {
                 self.prefetch_slot(next);
             }
-            if let Some(next) = deltas.get(i + AHEAD / 2) {
-                self.prefetch_pending(next);
-            }
-            let (t, pos, p) = self.touch(d.key, d.minute);
+            let (t, pos) = self.touch(d.key, d.minute);
             let table = &mut self.tables[t as usize];
-            let s = &mut table.slots[pos];
-            let (value, clamped) = match s.total.checked_add(d.delta) {
-                Some(v) if s.flags & WIDE == 0 => {
-                    s.total = v;
-                    (v, false)
-                }
+            let (total, f) = (&mut table.slots[pos][TOTAL], &mut table.flags[pos]);
+            match (*total as i64).checked_add(d.delta) {
+                Some(v) if *f & WIDE == 0 => *total = v as u64,
                 _ => {
-                    let exact = table.wide.entry(s.key).or_insert(s.total as i128);
-                    *exact += d.delta as i128;
-                    s.flags |= WIDE;
-                    (clamp(*exact), clamp(*exact) as i128 != *exact)
+                    *table.wide.entry(d.key.0).or_insert(*total as i64 as i128) += d.delta as i128;
+                    *f |= WIDE;
                 }
-            };
-            s.written = value;
-            if value != 0 || self.rewrite_touched {
-                // Due at this flush unless it ends where it was; `take_due`
-                // takes the flag back from a never-written point that ends
-                // at 0.
-                s.flags |= WRITTEN;
             }
-            let rec = &mut self.pending[p];
-            rec.value = value;
-            rec.clamped = clamped;
         }
-    }
-
-    /// The home slot of `d` if its minute's table is the last one used.
-    #[inline]
-    fn home_slot(&self, d: &Delta) -> Option<&Slot> {
-        let (m, t) = self.last?;
-        let slots = &self.tables[t as usize].slots;
-        (m == d.minute && !slots.is_empty()).then(|| &slots[home(d.key.0, slots.len())])
     }
 
     #[inline]
     fn prefetch_slot(&self, d: &Delta) {
-        if let Some(s) = self.home_slot(d) {
-            prefetch(s);
-        }
-    }
-
-    /// The `pending` record that `d`'s slot names (listed or stale: which
-    /// one `touch` reads), if the slot is at its home position.
-    #[inline]
-    fn prefetch_pending(&self, d: &Delta) {
-        if let Some(s) = self.home_slot(d).filter(|s| s.key == d.key.0) {
-            if let Some(p) = self.pending.get(s.pending as usize) {
-                prefetch(p);
-            }
+        let Some((m, t)) = self.last else { return };
+        let table = &self.tables[t as usize];
+        let n = table.slots.len();
+        if m == d.minute && n > 0 {
+            let h = home(d.key.0, n);
+            prefetch(&table.slots[h]);
+            prefetch(&table.slots[(h + 1) & (n - 1)]);
+            prefetch(&table.flags[h]);
         }
     }
 
     /// Moves every due point into `out` (marking it written), then forgets the
-    /// points of minutes before `final_before`.
+    /// points of minutes before `final_before`. A listed point is due when
+    /// its clamped total differs from what was written (0 if never), or, if
+    /// `rewrite_touched`, always.
     pub fn take_due(&mut self, final_before: i64, out: &mut Vec<Point>) {
-        for p in self.pending.drain(..) {
+        for i in 0..self.pending.len() {
+            if let Some(next) = self.pending.get(i + AHEAD) {
+                if let Some(s) = self.tables[next.table as usize].slots.get(next.pos as usize) {
+                    prefetch(s);
+                }
+            }
+            let p = &self.pending[i];
             let table = &mut self.tables[p.table as usize];
-            if p.value != p.before || self.rewrite_touched {
-                self.clamped += p.clamped as u64;
-                out.push(Point { key: p.key, minute: table.minute, value: p.value });
-            } else if !p.was_written {
-                table.slots[p.pos as usize].flags &= !WRITTEN;
+            let (s, f) = (&mut table.slots[p.pos as usize], &mut table.flags[p.pos as usize]);
+            *f &= !LISTED;
+            let (value, clamped) = if *f & WIDE == 0 {
+                (s[TOTAL] as i64, false)
+            } else {
+                let exact = table.wide[&p.key.0];
+                (clamp(exact), clamp(exact) as i128 != exact)
+            };
+            if value != s[WRITTEN_AT] as i64 || self.rewrite_touched {
+                s[WRITTEN_AT] = value as u64;
+                *f |= WRITTEN;
+                self.clamped += clamped as u64;
+                out.push(Point { key: p.key, minute: table.minute, value });
             }
         }
+        self.pending.clear();
         while let Some(first) = self.minutes.first_entry() {
             if *first.key() >= final_before {
                 break;
@@ -363,14 +343,14 @@ impl Totals {
     }
 
     /// Every held point, for a checkpoint. Call it right after `take_due`:
-    /// while a flush is open, `written` holds what the flush will leave.
+    /// while a flush is open, `written` is not yet what the flush will leave.
     pub fn export(&self) -> Vec<TotalRecord> {
         let mut out = Vec::with_capacity(self.points);
         for (&minute, &t) in &self.minutes {
             let table = &self.tables[t as usize];
-            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s.key != FREE) {
-                let written = (s.flags & WRITTEN != 0).then_some(s.written);
-                out.push((s.key, minute, table.total(pos), written));
+            for (pos, s) in table.slots.iter().enumerate().filter(|(_, s)| s[KEY] != 0) {
+                let written = (table.flags[pos] & WRITTEN != 0).then_some(s[WRITTEN_AT] as i64);
+                out.push((!s[KEY], minute, table.total(pos), written));
             }
         }
         out
@@ -386,13 +366,13 @@ impl Totals {
             let before = table.len;
             let (pos, _) = table.position(key);
             totals.points += table.len - before;
-            let s = &mut table.slots[pos];
-            s.written = written.unwrap_or(0);
-            s.flags = if written.is_some() { WRITTEN } else { 0 };
+            let (s, f) = (&mut table.slots[pos], &mut table.flags[pos]);
+            s[WRITTEN_AT] = written.unwrap_or(0) as u64;
+            *f = if written.is_some() { WRITTEN } else { 0 };
             match i64::try_from(total) {
-                Ok(v) => s.total = v,
+                Ok(v) => s[TOTAL] = v as u64,
                 Err(_) => {
-                    s.flags |= WIDE;
+                    *f |= WIDE;
                     table.wide.insert(key, total);
                 }
             }
