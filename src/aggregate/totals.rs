@@ -200,14 +200,20 @@ impl Totals {
         Totals::default()
     }
 
-    /// The table of `minute`, taken from the free ones if new.
-    #[inline]
+    /// The table of `minute`, taken from the free ones if new. Deltas come
+    /// minute by minute: the last one's table, else [`Totals::other_table`]
+    /// (kept out of line, so that this check inlines into every delta's
+    /// lookup).
+    #[inline(always)]
     fn table(&mut self, minute: i64) -> u32 {
-        if let Some((m, t)) = self.last {
-            if m == minute {
-                return t;
-            }
+        match self.last {
+            Some((m, t)) if m == minute => t,
+            _ => self.other_table(minute),
         }
+    }
+
+    #[inline(never)]
+    fn other_table(&mut self, minute: i64) -> u32 {
         let t = match self.minutes.entry(minute) {
             std::collections::btree_map::Entry::Occupied(o) => *o.get(),
             std::collections::btree_map::Entry::Vacant(v) => {
