@@ -12,17 +12,18 @@
 //! Layout: one open-addressing table per live minute, of 24-byte slots (the
 //! key, an `i64` total, the value written) and a byte of flags per slot
 //! aside (a quarter megabyte for a quarter million slots, which stays in
-//! cache); the rare total beyond 64 bits is kept exact aside in `i128`.
-//! A free slot is all zeros, so a new array is zeroed memory, not filled. [`Totals::apply`] looks each delta's
-//! point up once, adds the delta, and lists the point (flag [`LISTED`]) the
-//! first time a flush touches it, with where its slot is; it reads nothing
-//! else. [`Totals::take_due`] then reads each listed slot once, in the order
-//! listed (prefetched ahead), and writes its final value if due, without a
-//! second lookup, however many shards touched it. Forgetting
-//! a final minute empties its whole table, which is kept for a later minute,
-//! and a new table starts as large as the largest one: a steady stream stops
-//! growing (and rehashing) tables. On sparse traffic the tables outgrow the
-//! caches; [`Totals::apply`] prefetches each delta's slot ahead of its turn.
+//! cache); the rare total beyond 64 bits is kept exact aside in `i128`. A
+//! free slot is all zeros, so a new array is zeroed memory, not filled.
+//! [`Totals::apply`] looks each delta's point up once, adds the delta, and
+//! lists the point (flag [`LISTED`]) the first time a flush touches it, with
+//! where its slot is; it reads nothing else. [`Totals::take_due`] then reads
+//! each listed slot once, in the order listed (prefetched ahead), and writes
+//! its final value if due, without a second lookup, however many shards
+//! touched it. Forgetting a final minute empties its whole table, which is
+//! kept for a later minute, and a new table starts as large as the largest
+//! one: a steady stream stops growing (and rehashing) tables. On sparse
+//! traffic the tables outgrow the caches; [`Totals::apply`] prefetches each
+//! delta's slot ahead of its turn.
 
 use ahash::AHashMap;
 use std::collections::BTreeMap;
