@@ -212,6 +212,58 @@ fn an_open_transaction_a_dead_owner_left_is_ended_by_the_next_owner() {
     drop(dead);
 }
 
+/// A transaction left open on the internal topics hides nothing a restore
+/// needs. Here a foreign producer's, open for the whole second run (in the
+/// three-instance test, a fenced owner's, until the broker ended it): Tansu
+/// 0.6.0 answers 0 for the end of such a partition under `read_committed`,
+/// and a restore that read to that end found no snapshot (stage 1 stopped:
+/// "no snapshot at or before that offset") or no entries (stage 2).
+#[test]
+fn a_restore_reads_past_a_transaction_left_open_on_the_internal_topics() {
+    use expmon::scale::wire;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let (broker, dir, kairos) = (Broker::start(), Expmon::with_demo_config(), KairosServer::start());
+    let lines = dir.events(27, 6_000);
+    let config = dir.config();
+    let dc = &config.engine.dc;
+    dir.produce(&broker, "events", &lines[..3_000]);
+    let mut first = instance(&dir, &broker, &kairos, "g7", "a");
+    wait_for(&kairos, &reference(&config, &lines[..3_000]), dc, 60, &[&first]);
+    first.stop();
+    let open: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.addr())
+        .set("transactional.id", "g7.someone-else")
+        .create()
+        .unwrap();
+    open.init_transactions(Duration::from_secs(30)).unwrap();
+    let partitions = |topic: &str| {
+        let metadata = open.client().fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+        metadata.topics()[0].partitions().len() as i32
+    };
+    let (states, totals) = (partitions("g7.state"), partitions("g7.totals"));
+    assert!(states > 0 && totals > 0);
+    open.begin_transaction().unwrap();
+    for p in 0..states {
+        // A lone chunk past every committed offset: a restore skips it.
+        let chunk = wire::encode_chunk(p as u32, i64::MAX, 7, 0, 1, b"");
+        open.send(BaseRecord::<[u8], [u8]>::to("g7.state").partition(p).payload(&chunk[..])).unwrap();
+    }
+    for d in 0..totals {
+        // Partition 0's mark at the oldest offset: older than any kept.
+        let (key, value) = (wire::changelog_key(None, 0), wire::changelog_value(i64::MIN + 1, i64::MIN));
+        open.send(BaseRecord::to("g7.totals").partition(d).key(&key[..]).payload(&value[..])).unwrap();
+    }
+    open.flush(Duration::from_secs(10)).unwrap();
+    dir.produce(&broker, "events", &lines[3_000..]);
+    let mut second = instance(&dir, &broker, &kairos, "g7", "b");
+    wait_for(&kairos, &reference(&config, &lines), dc, 90, &[&second]);
+    let log = second.stop();
+    assert_eq!(log.matches("restored at offset Some(").count() as i32, states, "{log}");
+    let restored_entries = log.lines().filter(|l| l.contains("stage 2: partition") && !l.contains(", 0 entries"));
+    assert!(restored_entries.count() > 0, "{log}");
+    drop(open);
+}
+
 /// An instance stopped while its groups are still joining (here by
 /// `--duration`, before its first assignment) must not leave them stuck: on
 /// Tansu 0.6.0 a member that leaves mid-join leaves the other members

@@ -86,8 +86,8 @@ pub enum ScaleError {
     NoGroupMetadata(u8),
     #[error("producing a record to {topic}: {error}")]
     Produce { topic: String, error: rdkafka::error::KafkaError },
-    #[error("reading {topic}/{partition} to offset {end} took over 60 s")]
-    ReadTimeout { topic: String, partition: i32, end: i64 },
+    #[error("reading {topic}/{partition} to {} took over 60 s", end.map_or("its end".to_string(), |e| format!("offset {e}")))]
+    ReadTimeout { topic: String, partition: i32, end: Option<i64> },
     /// Bytes of an internal topic that end early or hold a bad count.
     #[error(transparent)]
     Decode(#[from] crate::codec::DecodeError),
@@ -379,16 +379,47 @@ pub fn ensure_topics(o: &ScaleOptions) -> Result<(usize, usize), ScaleError> {
     Ok((deltas, input))
 }
 
-/// Reads partition `partition` of `topic` from `from` to its end, calling
-/// `each(offset, key, payload)` (payload `None`: a tombstone).
+/// What a restore reads of a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// Committed records, to the last stable offset: the input (a replay
+    /// reads what stage 1's consumer read) and `<group>.totals` (a stage-2
+    /// task's changelog; its previous owner's open transaction, just fenced,
+    /// holds nothing it needs).
+    Committed,
+    /// Every record, to the high watermark: `<group>.state`. Any complete
+    /// snapshot there is a true state at its offset, whoever wrote it and
+    /// whatever became of its transaction (step 7 above), so an open
+    /// transaction on the partition must not hide one.
+    Everything,
+}
+
+/// A consumer outside any group that reads partitions by offset.
+pub fn reader(o: &ScaleOptions, isolation: Isolation) -> Result<BaseConsumer, ScaleError> {
+    let mut c = o.client();
+    let level = match isolation {
+        Isolation::Committed => "read_committed",
+        Isolation::Everything => "read_uncommitted",
+    };
+    c.set("group.id", format!("{}.restore", o.spec.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", level);
+    c.create().map_err(|e| o.spec.client_error(&o.base, "kafka reader", e).into())
+}
+
+/// Reads partition `partition` of `topic` from `from` to its end (as seen
+/// under `isolation`), calling `each(offset, key, payload)` (payload `None`:
+/// a tombstone).
 pub fn read_partition(
     o: &ScaleOptions,
     topic: &str,
     partition: i32,
     from: Offset,
+    isolation: Isolation,
     mut each: impl FnMut(i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
-    read_range(o, topic, partition, from, None, |m| each(m.offset(), m.key(), m.payload()))
+    read_range(o, topic, partition, from, None, isolation, |m| each(m.offset(), m.key(), m.payload()))
 }
 
 /// [`read_partition`], stopping before offset `end` when given (the
@@ -399,21 +430,13 @@ pub fn read_range(
     partition: i32,
     from: Offset,
     end: Option<i64>,
+    isolation: Isolation,
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), ScaleError>,
 ) -> Result<(), ScaleError> {
-    let mut c = o.client();
-    c.set("group.id", format!("{}.restore", o.spec.group))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed");
-    let reader: BaseConsumer = c.create().map_err(|e| o.spec.client_error(&o.base, "kafka reader", e))?;
-    let (low, high) = reader
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .map_err(ScaleError::broker(format!("reading the end of {topic}/{partition}")))?;
-    let high = end.map_or(high, |e| e.min(high));
-    if high <= low || matches!(from, Offset::Offset(f) if f >= high) {
-        return Ok(());
-    }
+    let reader = reader(o, isolation)?;
+    // To the end of file, not to an end asked for first: under
+    // `read_committed` Tansu 0.6.0 answers 0 for the end of a partition a
+    // transaction is open on, while its fetches stop at the right place.
     let mut tpl = TopicPartitionList::new();
     let reading = || format!("reading {topic}/{partition}");
     tpl.add_partition_offset(topic, partition, from).map_err(ScaleError::broker(reading()))?;
@@ -422,10 +445,11 @@ pub fn read_range(
     loop {
         match reader.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                if m.offset() < high {
-                    each(&m)?;
+                if end.is_some_and(|e| m.offset() >= e) {
+                    return Ok(());
                 }
-                if m.offset() + 1 >= high {
+                each(&m)?;
+                if end.is_some_and(|e| m.offset() + 1 >= e) {
                     return Ok(());
                 }
             }
@@ -434,7 +458,7 @@ pub fn read_range(
             None => {}
         }
         if Instant::now() > deadline {
-            return Err(ScaleError::ReadTimeout { topic: topic.to_string(), partition, end: high });
+            return Err(ScaleError::ReadTimeout { topic: topic.to_string(), partition, end });
         }
     }
 }

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, DeltaRecord, PointId};
 use super::ScaleError;
-use super::{Rebalances, ScaleOptions};
+use super::{Isolation, Rebalances, ScaleOptions};
 use crate::aggregate::{MinuteCounters, Point, Totals};
 use crate::checkpoint::RouterState;
 use crate::codec::{Dec, Enc};
@@ -319,16 +319,18 @@ impl Stage1 {
     fn find_snapshot(&self, p: i32, at: i64) -> Result<(i64, Vec<u8>), ScaleError> {
         let topic = self.o.topic("state");
         // The one wanted is among the last ones written: look there first.
+        // Read under `Everything`: an open transaction on the partition must
+        // not hide a snapshot (`Isolation`).
+        let reader = super::reader(&self.o, Isolation::Everything)?;
         for back in [64, i64::MAX] {
-            let (low, high) = self
-                .consumer
+            let (low, high) = reader
                 .fetch_watermarks(&topic, p, Duration::from_secs(10))
                 .map_err(ScaleError::broker(format!("reading the end of {topic}/{p}")))?;
             let from = high.saturating_sub(back).max(low);
             // Snapshots being assembled, by id: (offset, chunks).
             let mut partial: ahash::AHashMap<u64, (i64, Chunks)> = ahash::AHashMap::new();
             let mut best: Option<(i64, Vec<u8>)> = None;
-            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, |m| {
+            super::read_range(&self.o, &topic, p, Offset::Offset(from), None, Isolation::Everything, |m| {
                 let Some(payload) = m.payload() else { return Ok(()) };
                 let c = wire::decode_chunk(payload).map_err(|e| e.at(format!("{topic}/{p}")))?;
                 if c.offset > at || c.partition != p as u32 || best.as_ref().is_some_and(|(s, _)| c.offset < *s) {
@@ -373,7 +375,7 @@ impl Stage1 {
             )));
         }
         let mut n = 0u64;
-        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), |m| {
+        super::read_range(&self.o, topic, p, Offset::Offset(from), Some(to), Isolation::Committed, |m| {
             task.read(m, false);
             n += 1;
             Ok(())

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use super::wire::{self, DeltaRecord, PointId};
 use super::ScaleError;
-use super::{Rebalances, ScaleOptions};
+use super::{Isolation, Rebalances, ScaleOptions};
 use crate::aggregate::{Delta, MetricKind, Namer, Point, SeriesKey, Totals, NO_MP};
 use crate::config::Catalog;
 use crate::names::{Interner, NameKind};
@@ -431,7 +431,7 @@ fn read_changelog(o: &ScaleOptions, consumer: &BaseConsumer<Rebalances>, d: i32)
     let next = super::committed(consumer, &o.topic("deltas"), d)?;
     let topic = o.topic("totals");
     let mut latest: AHashMap<Vec<u8>, Option<(i64, i64)>> = AHashMap::new();
-    super::read_partition(o, &topic, d, Offset::Beginning, |_, key, payload| {
+    super::read_partition(o, &topic, d, Offset::Beginning, Isolation::Committed, |_, key, payload| {
         let Some(key) = key else { return Ok(()) };
         let value = payload.map(wire::decode_changelog_value).transpose().map_err(|e| e.at(format!("{topic}/{d}")))?;
         latest.insert(key.to_vec(), value);
