@@ -86,7 +86,7 @@ fn home(key: u64, slots: usize) -> usize {
 }
 
 /// The points of one minute: open addressing with linear probing over a
-/// power-of-two array, at most half full.
+/// power-of-two array, at most three quarters full.
 #[derive(Default)]
 struct MinuteTable {
     minute: i64,
@@ -116,7 +116,7 @@ impl MinuteTable {
     /// `true` if the table grew, which moves every slot.
     #[inline]
     fn position(&mut self, key: u64) -> (usize, bool) {
-        let grew = (self.len + 1) * 2 > self.slots.len();
+        let grew = (self.len + 1) * 4 > self.slots.len() * 3;
         if grew {
             self.grow();
         }
