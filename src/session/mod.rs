@@ -665,7 +665,9 @@ struct Work {
     heap_bytes: usize,
     /// Per experiment of the session, its view before the event.
     before: Vec<Before>,
-    /// The first-met events of a newly assigned experiment's conditions.
+    /// The experiments an event assigns first, and their conditions'
+    /// first-met events, added to the session together.
+    new_exps: Vec<ExpState>,
     first_met: Vec<u8>,
     /// Sessions that became conflicting since the last drain, per experiment.
     conflicts_by_experiment: Vec<u32>,
@@ -691,11 +693,13 @@ impl Work {
         // The event's experiments are unique: one it adds is never found again.
         let known = session.n_exps();
         let mut cursor = 0;
+        self.new_exps.clear();
+        self.first_met.clear();
         for &(experiment, variation) in assigns {
             let x = cat.exp(experiment);
             let slot = x.hot.slot_of(variation);
             let found = find_experiment(session, known, cursor, experiment);
-            if found.is_none() && held_by_older_version(cat, session, experiment) {
+            if found.is_none() && held_by_older_version(cat, session, &self.new_exps, experiment) {
                 continue;
             }
             match found {
@@ -715,12 +719,17 @@ impl Work {
                 }
                 None => {
                     first_met_so_far(session, x, &mut self.first_met);
-                    let s = ExpState { experiment: experiment as u16, slot, assigned: idx, conflict: false };
-                    session.push_exp(s, &self.first_met);
+                    self.new_exps.push(ExpState {
+                        experiment: experiment as u16,
+                        slot,
+                        assigned: idx,
+                        conflict: false,
+                    });
                     self.before.push(Before::New);
                 }
             }
         }
+        session.push_exps(&self.new_exps, &self.first_met);
     }
 
     /// Counts a session that became conflicting for `experiment`.
@@ -797,6 +806,7 @@ impl Work {
                         emit_from(&ord, x, after, &events(), ev.ts, 1, out);
                     }
                 }
+                Before::New if in_order => assigned_in_order(x, session, &s, cs, prior, ev.value, out),
                 Before::New => emit_from(&ord, x, session.view(&s, x, cs), &events(), ev.ts, 1, out),
             }
         }
@@ -884,10 +894,12 @@ fn find_experiment(session: &Session, known: usize, hint: usize, experiment: u32
 }
 
 /// After a reload changed an experiment, a session already holding its older
-/// version stays with that version: an assignment to the new one is ignored.
-fn held_by_older_version(cat: Cat, session: &Session, experiment: u32) -> bool {
+/// version (or about to add it, `adding`) stays with that version: an
+/// assignment to the new one is ignored.
+fn held_by_older_version(cat: Cat, session: &Session, adding: &[ExpState], experiment: u32) -> bool {
+    let same = |s: ExpState| cat.catalog.same_experiment(s.experiment as u32, experiment);
     cat.hot.exps[experiment as usize].supersedes
-        && (0..session.n_exps()).any(|i| cat.catalog.same_experiment(session.exp(i).experiment as u32, experiment))
+        && ((0..session.n_exps()).any(|i| same(session.exp(i))) || adding.iter().any(|&s| same(s)))
 }
 
 /// Whether the event at `key`, assigning `variation`, takes experiment `x`
@@ -906,9 +918,9 @@ fn assignment_wins(ord: &Order, key: OrderKey, variation: u32, session: &Session
 
 /// For an experiment assigned only now: the first of the session's events
 /// that meets each of its conditions ([`NONE`] if none does yet), so that
-/// conditions met before the assignment count (SPEC §3 Qualification).
+/// conditions met before the assignment count (SPEC §3 Qualification),
+/// appended to `out`.
 fn first_met_so_far(session: &Session, x: Exp, out: &mut Vec<u8>) {
-    out.clear();
     for (j, c) in x.conds.iter().enumerate() {
         let mut first = NONE;
         for i in 0..session.n_events() {
@@ -1075,6 +1087,34 @@ fn fast_in_order(
         }
     }
     out.visit_cell(x.tenant(), mp, d, l, ts, cell);
+}
+
+/// Deltas of an event later than every other event of its session, for an
+/// experiment it assigns first (as a session's first event does): the
+/// assignment is at the event, so nothing of the experiment was located at
+/// `>= t` before, and F, if its conditions are all met, is the event's ts.
+/// Then `session.assigned` and `session.fm` are at the event, and its visits
+/// are those of [`fast_in_order`] (any earlier visit of its mp is before the
+/// assignment, and no other value of its mp is at `>= F`).
+#[inline]
+fn assigned_in_order(
+    x: Exp,
+    session: &Session,
+    s: &ExpState,
+    cond_start: usize,
+    prior: Option<i64>,
+    value: i32,
+    out: &mut Emit,
+) {
+    let view = session.view(s, x, cond_start);
+    debug_assert_eq!(view.assigned_at.ts, session.max_ts());
+    let mut cell = CellAdd::new(view.variation);
+    cell.add(MetricKind::SessionAssigned, 1);
+    if view.fm_at.is_some() {
+        cell.add(MetricKind::SessionFm, 1);
+    }
+    out.session_cell(x.tenant(), view.assigned_at, cell);
+    fast_in_order(x, session, s, cond_start, prior, value, out);
 }
 
 #[inline]

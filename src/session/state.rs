@@ -10,8 +10,8 @@
 //!
 //! One allocation means one cache miss to reach everything a session holds
 //! after its table slot, and no per-vector headers or slack. Experiments and
-//! condition bytes are inserted before the events (a short memmove, only when
-//! an experiment is first assigned); events are appended.
+//! condition bytes are inserted before the events (one short memmove for all
+//! the experiments an event assigns first); events are appended.
 //!
 //! What few events carry goes in a second, boxed list of `(event, key, value)`
 //! entries, 12 bytes each, allocated only for a session that has any: the
@@ -323,23 +323,35 @@ impl Session {
         }
     }
 
-    /// Adds an experiment with its conditions' first-met events (which go
-    /// after those of the experiments added before it).
-    pub fn push_exp(&mut self, s: ExpState, first_met: &[u8]) {
-        self.grow(1 + cond_cells(first_met.len() + 8));
-        let i = self.n_exps as usize;
-        if i.is_multiple_of(2) {
-            self.cells.insert(exp_cells(i), 0);
+    /// Adds experiments `exps`, the first-met events of their conditions in
+    /// `first_met` (each one's after those of the ones before it, and after
+    /// those of the experiments already held): one move of the condition
+    /// bytes and the events, however many experiments an event assigns.
+    pub fn push_exps(&mut self, exps: &[ExpState], first_met: &[u8]) {
+        if exps.is_empty() {
+            return;
         }
-        self.n_exps += 1;
-        self.set_exp(i, s);
-        let old = cond_cells(self.n_conds as usize);
-        let new = cond_cells(self.n_conds as usize + first_met.len());
-        let at = exp_cells(self.n_exps as usize) + old;
-        self.cells.splice(at..at, std::iter::repeat_n(0, new - old));
-        for &e in first_met {
-            self.n_conds += 1;
-            self.set_first_met(self.n_conds as usize - 1, e);
+        let (n0, c0) = (self.n_exps as usize, self.n_conds as usize);
+        let (n1, c1) = (n0 + exps.len(), c0 + first_met.len());
+        let (old_e, old_c) = (exp_cells(n0), cond_cells(c0));
+        let (new_e, new_c) = (exp_cells(n1), cond_cells(c1));
+        let added = new_e + new_c - old_e - old_c;
+        self.grow(added);
+        let len = self.cells.len();
+        self.cells.resize(len + added, 0);
+        // The events, then the condition bytes, move right (the events
+        // first, since the condition bytes move into where they were).
+        self.cells.copy_within(old_e + old_c..len, new_e + new_c);
+        self.cells.copy_within(old_e..old_e + old_c, new_e);
+        self.cells[old_e..new_e].fill(0);
+        self.cells[new_e + old_c..new_e + new_c].fill(0);
+        self.n_exps = n1 as u16;
+        for (k, &x) in exps.iter().enumerate() {
+            self.set_exp(n0 + k, x);
+        }
+        self.n_conds = c1 as u16;
+        for (k, &e) in first_met.iter().enumerate() {
+            self.set_first_met(c0 + k, e);
         }
     }
 
@@ -406,7 +418,7 @@ mod tests {
         s.push_event(1_000, 5, 1, 2);
         let x = ExpState { experiment: 9, slot: 1, assigned: 0, conflict: false };
         for i in 0..11u16 {
-            s.push_exp(ExpState { experiment: i, ..x }, &[0, NONE]);
+            s.push_exps(&[ExpState { experiment: i, ..x }], &[0, NONE]);
         }
         s.push_event(2_000, 6, 1, 2);
         assert_eq!(s.n_exps(), 11);
@@ -425,5 +437,38 @@ mod tests {
         assert_eq!(s.exp(4), ExpState { experiment: 4, slot: 3, assigned: 1, conflict: true });
         assert_eq!(s.exp(5).experiment, 5);
         assert_eq!(s.event(0).mp, 5);
+    }
+
+    #[test]
+    fn experiments_added_in_groups_keep_every_experiment_condition_and_event() {
+        let x = |i: u16| ExpState { experiment: i, slot: (i % 3) as u8, assigned: (i % 2) as u8, conflict: i == 4 };
+        // Condition counts that cross cell boundaries at odd places.
+        let conds = |i: u16| -> Vec<u8> { (0..(i * 5 % 7) as u8).map(|j| if j % 3 == 0 { NONE } else { j }).collect() };
+        for groups in [vec![9], vec![1; 9], vec![1, 8], vec![2, 1, 6], vec![3, 3, 3], vec![6, 0, 3]] {
+            let mut s = Session::default();
+            s.push_event(1_000, 5, 1, 2);
+            s.push_event(2_000, 6, 3, 1);
+            let mut next = 0u16;
+            for n in &groups {
+                let part: Vec<u16> = (next..next + *n as u16).collect();
+                next += *n as u16;
+                let exps: Vec<_> = part.iter().map(|&i| x(i)).collect();
+                let met: Vec<_> = part.iter().flat_map(|&i| conds(i)).collect();
+                s.push_exps(&exps, &met);
+                s.push_event(3_000 + next as i64, 7, 0, 0);
+            }
+            let all_conds: Vec<u8> = (0..9).flat_map(conds).collect();
+            assert_eq!(s.n_exps(), 9, "{groups:?}");
+            assert_eq!(s.n_conds as usize, all_conds.len(), "{groups:?}");
+            assert_eq!(s.cells.len(), exp_cells(9) + cond_cells(all_conds.len()) + 2 + groups.len());
+            for i in 0..9 {
+                assert_eq!(s.exp(i as usize), x(i), "{groups:?}");
+            }
+            for (j, &e) in all_conds.iter().enumerate() {
+                assert_eq!(s.first_met(j), e, "{groups:?} condition {j}");
+            }
+            assert_eq!((s.event(0).mp, s.event(1).mp, s.event(2).mp), (5, 6, 7));
+            assert_eq!(s.ts(1), 2_000);
+        }
     }
 }
