@@ -6,9 +6,17 @@ perf_commit() {
   echo "$(git rev-parse --short HEAD)$(git diff --quiet || echo "-dirty")"
 }
 
-# A fresh report folder perf/runs/DATE-COMMIT[-SUFFIX]; prints its README path.
+# A fresh report folder perf/runs/DATE-COMMIT[-SUFFIX][-N]; prints its README path.
 perf_report() {
-  local dir="perf/runs/$(date -u +%Y-%m-%d)-$(perf_commit)${1:+-$1}"
+  local base dir n=2
+  base="perf/runs/$(date -u +%Y-%m-%d)-$(perf_commit)${1:+-$1}"
+  dir=$base
+  # Another run on the same day and commit (another binary, or again) gets
+  # a folder of its own: -2, -3, … rather than overwriting the first.
+  while [ -e "$dir/README.md" ]; do
+    dir="$base-$n"
+    n=$((n + 1))
+  done
   mkdir -p "$dir"
   echo "$dir/README.md"
 }
